@@ -1,0 +1,46 @@
+# confpy: `make demo` shows it working, `make test` proves it. Both set up what they need.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
+
+.PHONY: all venv nginx lua test lint typecheck unit demo bench clean
+
+all: test
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# nginx from Debian, installed only when it is missing.
+nginx:
+	@if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then \
+		echo "installing nginx-light with apt-get"; \
+		$(APT) update -qq && $(APT) install -y -qq nginx-light >/dev/null; \
+	fi
+
+lint: venv
+	$(BIN)/ruff check confpy tests bench
+
+typecheck: venv
+	$(BIN)/mypy confpy
+
+unit: venv nginx
+	PATH="$$PATH:/usr/sbin" $(BIN)/pytest -q
+
+test: venv nginx lint typecheck unit
+
+demo: venv nginx
+	PATH="$$PATH:/usr/sbin" $(BIN)/confpy demo
+
+bench: venv nginx
+	@command -v wrk >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq wrk >/dev/null; }
+	PATH="$$PATH:/usr/sbin" $(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,1 @@
+"""Applying: installing rendered files safely, checking and reloading nginx."""

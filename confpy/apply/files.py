@@ -1,0 +1,183 @@
+"""Files on disk: atomic replacement, per-destination locks, and the remembered-members state.
+
+A destination is only ever replaced by rename(2) of a fully written, fsynced temporary file in
+the same folder, so a crash at any moment leaves either the complete old or the complete new file.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import stat
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from threading import Event
+
+from confpy.errors import InstallError, LockError
+from confpy.render.environment import Memory
+from confpy.render.values import ServiceInstance
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODE = 0o644
+
+
+def read_bytes(path: Path) -> bytes | None:
+    """The file's bytes, or None when it does not exist."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise InstallError(f"{path}: cannot read the current file: {exc.strerror}") from None
+
+
+def _explain(path: Path, exc: OSError) -> str:
+    if exc.errno == errno.ENOENT:
+        return f"{path}: the folder {path.parent} does not exist; create it or fix the destination"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{path}: the folder {path.parent} is not writable by this user ({exc.strerror})"
+    if exc.errno == errno.ENOSPC:
+        return f"{path}: no space left on the device; the previous file is intact"
+    if exc.errno == errno.EDQUOT:
+        return f"{path}: disk quota exceeded; the previous file is intact"
+    return f"{path}: cannot write ({exc.strerror}); the previous file is intact"
+
+
+def current_mode(path: Path) -> int | None:
+    """The permission bits of an existing file, or None."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return None
+
+
+def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Replace `path` with `data` by rename; on any error the old file is left as it was.
+
+    The temporary file lives in the destination's folder (rename is atomic only within one file
+    system), is fsynced before the rename, and the folder is fsynced after it so the rename
+    itself survives a power cut.
+    """
+    final_mode = mode if mode is not None else (current_mode(path) or DEFAULT_MODE)
+    tmp_name: str | None = None
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".confpy-tmp", dir=path.parent)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fchmod(fd, final_mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp_name, path)
+        tmp_name = None
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise InstallError(_explain(path, exc)) from None
+    finally:
+        if tmp_name is not None:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
+
+
+def remove_file(path: Path) -> None:
+    """Remove a file we installed (used to roll back a destination that did not exist before)."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise InstallError(f"{path}: cannot remove the rejected file: {exc.strerror}") from None
+
+
+def lock_path_for(destination: Path) -> Path:
+    return destination.parent / f".{destination.name}.confpy.lock"
+
+
+@contextmanager
+def destination_lock(destination: Path, timeout: float, stop: Event | None = None) -> Iterator[None]:
+    """Hold an exclusive flock for `destination`; wait up to `timeout` seconds, then LockError.
+
+    The lock file records the holder's PID so the error can name it.
+    """
+    path = lock_path_for(destination)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise InstallError(_explain(path, exc)) from None
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
+                    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                    raise LockError(
+                        f"{destination}: another confpy process (pid {holder}) is writing this destination; "
+                        f"waited {timeout:g}s for its lock {path}"
+                    ) from None
+                # flock has no timeout; poll at a modest pace while another process holds it.
+                if stop is not None:
+                    stop.wait(0.05)
+                else:
+                    time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+class StateStore:
+    """The remembered members of each template's services (`on_empty = "keep"`), one JSON file each."""
+
+    def __init__(self, state_dir: Path | None) -> None:
+        self.state_dir = state_dir
+
+    def path_for(self, destination: Path) -> Path:
+        if self.state_dir is None:
+            return destination.parent / f".{destination.name}.confpy-state.json"
+        flat = str(destination).strip("/").replace("/", "_")
+        return self.state_dir / f"{flat}.json"
+
+    def load(self, destination: Path) -> Memory:
+        """Read the remembered members; a missing file is empty, a corrupt one is reported and ignored."""
+        path = self.path_for(destination)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            members = {
+                str(key): tuple(ServiceInstance.from_json(item) for item in items) for key, items in raw["members"].items()
+            }
+        except FileNotFoundError:
+            return Memory()
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("state file %s is unreadable or corrupt (%s); ignoring it, it will be rewritten", path, exc)
+            return Memory()
+        return Memory(members=members)
+
+    def save(self, destination: Path, memory: Memory) -> None:
+        """Write the remembered members atomically."""
+        path = self.path_for(destination)
+        payload = {
+            "version": 1,
+            "destination": str(destination),
+            "members": {key: [i.to_json() for i in items] for key, items in sorted(memory.members.items())},
+        }
+        atomic_write(path, (json.dumps(payload, indent=1, sort_keys=True) + "\n").encode(), 0o644)

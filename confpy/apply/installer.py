@@ -1,0 +1,83 @@
+"""Installing a cycle's rendered files as one transaction: write, check once, reload once.
+
+Either every changed destination ends up holding its new, nginx-validated bytes and nginx is
+reloaded once, or every one of them is restored to its exact previous bytes and nginx is left
+alone. The live file holds an unvalidated candidate only while `nginx -t` runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from confpy.apply.files import atomic_write, current_mode, remove_file
+from confpy.apply.nginx import NginxChecker, NginxReloader, ReloadOutcome
+from confpy.config import TemplateConfig
+from confpy.errors import CheckError, ConfpyError, InstallError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Change:
+    """A destination whose rendered bytes differ from what is on disk."""
+
+    template: TemplateConfig
+    new: bytes
+    old: bytes | None
+
+    @property
+    def destination(self) -> Path:
+        return self.template.destination
+
+
+@dataclass(frozen=True)
+class ApplyReport:
+    """What one transaction installed and how nginx was reloaded."""
+
+    installed: tuple[Path, ...]
+    reload: ReloadOutcome
+
+
+def backup_path(destination: Path) -> Path:
+    return destination.with_name(destination.name + ".bak")
+
+
+class Installer:
+    """Installs changes atomically, validates with nginx, rolls back or reloads."""
+
+    def __init__(self, checker: NginxChecker, reloader: NginxReloader) -> None:
+        self.checker = checker
+        self.reloader = reloader
+
+    def apply(self, changes: Sequence[Change]) -> ApplyReport:
+        """Install `changes`, run the check once, reload once; roll everything back on failure."""
+        written: list[tuple[Change, int | None]] = []
+        try:
+            for change in changes:
+                old_mode = current_mode(change.destination)
+                if change.template.backup and change.old is not None:
+                    atomic_write(backup_path(change.destination), change.old, old_mode)
+                atomic_write(change.destination, change.new, change.template.mode)
+                written.append((change, old_mode))
+            self.checker.check()
+        except (InstallError, CheckError) as exc:
+            self._rollback(written, exc)
+            raise
+        return ApplyReport(tuple(c.destination for c, _ in written), self.reloader.reload())
+
+    def _rollback(self, written: Sequence[tuple[Change, int | None]], cause: ConfpyError) -> None:
+        failures = []
+        for change, old_mode in reversed(written):
+            try:
+                if change.old is None:
+                    remove_file(change.destination)
+                else:
+                    atomic_write(change.destination, change.old, old_mode)
+                log.warning("restored %s to its previous contents (%s)", change.destination, type(cause).__name__)
+            except InstallError as exc:
+                failures.append(str(exc))
+        if failures:
+            raise InstallError(f"{cause}; AND restoring the previous files failed: {'; '.join(failures)}") from None

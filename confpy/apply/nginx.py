@@ -1,0 +1,176 @@
+"""nginx itself: checking a configuration, finding the master process, reloading it.
+
+Commands run as argument lists (never through a shell), with timeouts, so a hung `nginx -t`
+cannot hang confpy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from confpy.config import NginxConfig
+from confpy.errors import CheckError, ReloadError
+
+log = logging.getLogger(__name__)
+
+
+def _run(cmd: Sequence[str], timeout: float, what: str, error: type[CheckError] | type[ReloadError]) -> str:
+    label = " ".join(cmd)
+    try:
+        proc = subprocess.run(list(cmd), capture_output=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise error(f"{what} `{label}`: command {cmd[0]!r} not found; install nginx or fix [nginx] {what}") from None
+    except PermissionError:
+        raise error(f"{what} `{label}`: {cmd[0]!r} is not executable by this user") from None
+    except subprocess.TimeoutExpired:
+        raise error(f"{what} `{label}` did not finish within {timeout:g}s and was killed") from None
+    output = (proc.stderr + proc.stdout).decode("utf-8", "replace")
+    if proc.returncode != 0:
+        raise error(f"{what} `{label}` failed (exit {proc.returncode}): {summarize_nginx_output(output)}")
+    return output
+
+
+def summarize_nginx_output(output: str) -> str:
+    """nginx's own complaint, on one line: its [emerg]/[alert] lines, else its last line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    important = [line for line in lines if "[emerg]" in line or "[alert]" in line or "[crit]" in line]
+    chosen = important or lines[-2:]
+    return " | ".join(chosen) if chosen else "no output"
+
+
+class NginxChecker:
+    """Runs `check_cmd` (`nginx -t`) over the whole configuration."""
+
+    def __init__(self, config: NginxConfig) -> None:
+        self.cmd = config.check_cmd
+        self.timeout = config.check_timeout
+
+    def check(self) -> None:
+        """Raise CheckError with nginx's message unless the configuration is valid."""
+        _run(self.cmd, self.timeout, "check_cmd", CheckError)
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    """What a reload did: `reloaded`, or skipped with the reason."""
+
+    reloaded: bool
+    detail: str
+
+
+def read_master_pid(pid_file: Path) -> int | None:
+    """The PID in nginx's pid file, or None when there is no file (nginx is not running)."""
+    try:
+        text = pid_file.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ReloadError(f"{pid_file}: cannot read nginx's pid file: {exc.strerror}") from None
+    if not text:
+        return None  # `nginx -t` leaves an empty pid file behind when nginx is not running
+    if not text.isdigit():
+        raise ReloadError(f"{pid_file}: does not hold a PID ({text[:40]!r}); check [nginx] pid_file")
+    return int(text)
+
+
+def nginx_master(pid_file: Path) -> psutil.Process | None:
+    """The live nginx master named by `pid_file`; None when nginx is not running (no file, stale PID).
+
+    Raises ReloadError when the PID belongs to something that is not an nginx master, so confpy
+    never signals an unrelated process that inherited a stale PID.
+    """
+    pid = read_master_pid(pid_file)
+    if pid is None:
+        return None
+    try:
+        proc = psutil.Process(pid)
+        name = proc.name()
+        cmdline = " ".join(proc.cmdline())
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+    except psutil.NoSuchProcess:
+        return None
+    except psutil.AccessDenied:
+        raise ReloadError(f"{pid_file}: not allowed to inspect PID {pid}; run confpy as the user that runs nginx (or root)") from None
+    if "nginx" not in name and "nginx" not in cmdline:
+        raise ReloadError(f"{pid_file}: PID {pid} is {name!r}, not nginx; refusing to signal it (stale pid file?)")
+    if "master process" not in cmdline:
+        raise ReloadError(f"{pid_file}: PID {pid} is an nginx process but not the master ({cmdline[:80]!r}); check [nginx] pid_file")
+    return proc
+
+
+def workers_started_before(master: psutil.Process, timestamp: float) -> bool:
+    """True when any running worker of `master` started before `timestamp` (a file's mtime).
+
+    Such workers cannot have read the file as it is now, so nginx serves a stale configuration.
+    Process start times are rounded to clock ticks, hence the small allowance.
+    """
+    try:
+        starts = [process_start_time(child) for child in master.children()]
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    return any(start < timestamp - 0.02 for start in starts)
+
+
+def process_start_time(proc: psutil.Process) -> float:
+    """A process's start as Unix time, to a clock tick.
+
+    psutil's create_time() adds the start tick to the boot time from /proc/stat, which is whole
+    seconds, so it can be off by up to a second; a file written a moment before nginx started
+    would look newer than nginx. Boot time derived from /proc/uptime is precise to 10 ms.
+    """
+    try:
+        with open(f"/proc/{proc.pid}/stat", encoding="ascii") as stat_file:
+            fields = stat_file.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime", encoding="ascii") as uptime_file:
+            uptime = float(uptime_file.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return float(proc.create_time())
+    ticks = os.sysconf("SC_CLK_TCK")
+    # Field 22 of /proc/PID/stat (starttime) is the 20th after the ")" that closes the command name.
+    return time.time() - uptime + int(fields[19]) / ticks
+
+
+class NginxReloader:
+    """Reloads nginx with `reload_cmd`, or `reload_signal` to the master named in `pid_file`."""
+
+    def __init__(self, config: NginxConfig) -> None:
+        self.config = config
+
+    def reload(self) -> ReloadOutcome:
+        """Reload nginx; skip (with the reason) when it is not running; ReloadError on failure."""
+        if self.config.reload_cmd:
+            _run(self.config.reload_cmd, self.config.reload_timeout, "reload_cmd", ReloadError)
+            return ReloadOutcome(True, f"ran {' '.join(self.config.reload_cmd)}")
+        master = nginx_master(self.config.pid_file)
+        if master is None:
+            return ReloadOutcome(False, f"nginx is not running (no live master in {self.config.pid_file})")
+        try:
+            os.kill(master.pid, self.config.reload_signal)
+        except ProcessLookupError:
+            return ReloadOutcome(False, f"nginx master {master.pid} exited before it could be signalled")
+        except PermissionError:
+            raise ReloadError(f"not allowed to signal nginx master {master.pid}; run confpy as root or nginx's user") from None
+        return ReloadOutcome(True, f"sent {signal.Signals(self.config.reload_signal).name} to nginx master {master.pid}")
+
+    def is_stale(self, destinations: Sequence[Path]) -> bool:
+        """True when nginx runs with workers older than the newest destination file."""
+        if self.config.reload_cmd and not self.config.pid_file.exists():
+            return False
+        try:
+            master = nginx_master(self.config.pid_file)
+        except ReloadError:
+            return False
+        if master is None:
+            return False
+        mtimes = [p.stat().st_mtime for p in destinations if p.exists()]
+        return bool(mtimes) and workers_started_before(master, max(mtimes))

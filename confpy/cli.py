@@ -1,0 +1,121 @@
+"""The command line: a thin shell over the pipeline, the daemon and the admin commands.
+
+Exit codes: 0 success, 1 the sync (or command) failed, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from confpy import __version__
+from confpy.config import DEFAULT_CONFIG_PATH, Config, load_config
+from confpy.errors import ConfigError, ConfpyError
+
+log = logging.getLogger("confpy")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def config_path(arg: str | None, environ: Mapping[str, str]) -> Path:
+    """`-c FILE`, else $CONFPY_CONFIG, else /etc/confpy/confpy.toml."""
+    return Path(arg or environ.get("CONFPY_CONFIG") or DEFAULT_CONFIG_PATH)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    # requests/urllib3 log every connection at DEBUG; operators want confpy's own lines.
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+    logging.getLogger("watchdog").setLevel(logging.WARNING)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="confpy",
+        description="Keep nginx upstreams in step with the services registered in Consul.",
+    )
+    parser.add_argument("-c", "--config", metavar="FILE", help="configuration file (default: $CONFPY_CONFIG, else /etc/confpy/confpy.toml)")
+    parser.add_argument("--once", action="store_true", help="sync once and exit (default: run as a daemon)")
+    parser.add_argument("--dry-run", action="store_true", help="with --once: print a diff per template, write and reload nothing")
+    parser.add_argument(
+        "--log-level", default="info", type=str.lower, choices=["debug", "info", "warning", "error"], help="log verbosity (default: info)"
+    )
+    parser.add_argument("--version", action="version", version=f"confpy {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    dev = sub.add_parser("dev-consul", help="run the in-memory, Consul-compatible development agent")
+    dev.add_argument("--http-addr", default="127.0.0.1:8500", help="address to serve the HTTP API on (port 0: any free port)")
+    dev.add_argument("--node", default="", help="node name (default: this host's name)")
+
+    from confpy import admin
+
+    admin.add_parser(sub)
+
+    demo = sub.add_parser("demo", help="run the end-to-end demo on loopback (dev-consul, backends, nginx, confpy)")
+    demo.add_argument("--keep-running", action="store_true", help="leave everything up and print what to try by hand")
+    return parser
+
+
+def _load(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
+    return load_config(config_path(args.config, environ), environ)
+
+
+def run_main_job(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """`confpy [--once] [--dry-run]`: the sync, once or as a daemon."""
+    from confpy.consul.client import ConsulClient
+    from confpy.pipeline import SyncEngine
+
+    if args.dry_run and not args.once:
+        raise ConfigError("--dry-run works with --once only (the daemon always applies)")
+    config = _load(args, environ)
+    if not args.once:
+        from confpy.runner import run_daemon
+
+        return run_daemon(config, config_path(args.config, environ), environ)
+    engine = SyncEngine(config)
+    report = engine.sync_once(ConsulClient(config.consul), dry_run=args.dry_run)
+    if args.dry_run:
+        for template in config.templates:
+            diff = report.diffs.get(template.destination)
+            sys.stdout.write(diff if diff else f"{template.destination}: no change\n")
+        return EXIT_OK
+    if not report.changed:
+        log.info("no change: %s", ", ".join(str(p) for p in report.unchanged))
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Entry point of the `confpy` console script."""
+    environ = os.environ if environ is None else environ
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        if args.command == "dev-consul":
+            from confpy.devconsul.server import serve
+
+            return serve(args.http_addr, args.node)
+        if args.command == "upstream":
+            from confpy import admin
+
+            return admin.run(args, environ)
+        if args.command == "demo":
+            from confpy.demo import run_demo
+
+            return run_demo(keep_running=args.keep_running)
+        return run_main_job(args, environ)
+    except ConfpyError as exc:
+        print(f"confpy: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return EXIT_FAILED

@@ -1,0 +1,381 @@
+"""The configuration file: TOML in, frozen dataclasses out.
+
+Every check names the file, the table and the key, and says what to fix. Unknown keys are errors
+(a typo must never silently fall back to a default on a production gateway).
+"""
+
+from __future__ import annotations
+
+import difflib
+import shlex
+import signal
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from confpy.durations import parse_go_duration
+from confpy.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/confpy/confpy.toml")
+DEFAULT_CONSUL_ADDRESS = "http://127.0.0.1:8500"
+
+OnEmpty = Literal["keep", "render"]
+NginxMode = Literal["reload", "live"]
+
+
+@dataclass(frozen=True)
+class ConsulConfig:
+    """How to reach Consul and how to behave towards it."""
+
+    address: str = DEFAULT_CONSUL_ADDRESS
+    token: str = ""
+    datacenter: str = ""
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    verify: bool = True
+    wait: float = 60.0
+    timeout: float = 10.0
+    max_backoff: float = 60.0
+    max_response_bytes: int = 32 * 1024 * 1024
+
+    @property
+    def scheme(self) -> str:
+        return urlsplit(self.address).scheme
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.address).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        parsed = urlsplit(self.address)
+        return parsed.port or (443 if parsed.scheme == "https" else 8500)
+
+
+@dataclass(frozen=True)
+class WaitConfig:
+    """Quiescence: render after `min` of calm, but never later than `max` after the first change."""
+
+    min: float = 0.1
+    max: float = 1.0
+
+
+@dataclass(frozen=True)
+class NginxConfig:
+    """How to check and reload nginx."""
+
+    pid_file: Path = Path("/run/nginx.pid")
+    check_cmd: tuple[str, ...] = ("nginx", "-t")
+    reload_cmd: tuple[str, ...] = ()
+    reload_signal: signal.Signals = signal.SIGHUP
+    check_timeout: float = 30.0
+    reload_timeout: float = 30.0
+    mode: NginxMode = "reload"
+    live_listen: str = "127.0.0.1:9119"
+
+
+@dataclass(frozen=True)
+class TemplateConfig:
+    """One `[[template]]`: a Jinja2 source rendered to an nginx include file."""
+
+    source: Path
+    destination: Path
+    mode: int | None = None
+    backup: bool = True
+    on_empty: OnEmpty = "keep"
+    wait: WaitConfig | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.destination)
+
+
+@dataclass(frozen=True)
+class StatusConfig:
+    """The opt-in HTTP status endpoint."""
+
+    listen: str = ""
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """Where remembered members (`on_empty = "keep"`) are stored; empty: beside each destination."""
+
+    dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration."""
+
+    path: Path
+    consul: ConsulConfig
+    nginx: NginxConfig
+    wait: WaitConfig
+    templates: tuple[TemplateConfig, ...]
+    state: StateConfig = field(default_factory=StateConfig)
+    status: StatusConfig = field(default_factory=StatusConfig)
+
+    def wait_for(self, template: TemplateConfig) -> WaitConfig:
+        """The quiescence that applies to `template`: its own, else the global one."""
+        return template.wait or self.wait
+
+
+# --- a small schema checker -----------------------------------------------------------------
+
+Parser = Callable[[Any, str], Any]
+
+
+class _Where:
+    """Formats 'FILE: [table] key' prefixes for messages."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def key(self, table: str, key: str) -> str:
+        return f"{self.path}: [{table}] {key}" if table else f"{self.path}: {key}"
+
+
+def _check_keys(where: _Where, table: str, data: Mapping[str, Any], known: set[str]) -> None:
+    for key in data:
+        if key not in known:
+            hint = difflib.get_close_matches(key, sorted(known), n=1)
+            suggestion = f"; did you mean {hint[0]!r}?" if hint else f"; known keys: {', '.join(sorted(known))}"
+            raise ConfigError(f"{where.key(table, key)}: unknown key{suggestion}")
+
+
+def _expect(kind: type | tuple[type, ...], name: str) -> Parser:
+    def parse(value: Any, label: str) -> Any:
+        # bool is a subclass of int in Python, but `port = true` is a mistake, not a number.
+        if isinstance(value, bool) and kind is int:
+            raise ConfigError(f"{label}: expected {name}, got {value!r}")
+        if not isinstance(value, kind):
+            raise ConfigError(f"{label}: expected {name}, got {type(value).__name__} {value!r}")
+        return value
+
+    return parse
+
+
+_str = _expect(str, "a string")
+_bool = _expect(bool, "true or false")
+_int = _expect(int, "an integer")
+
+
+def _duration(value: Any, label: str) -> float:
+    text = _str(value, label)
+    try:
+        seconds = parse_go_duration(text)
+    except ValueError:
+        raise ConfigError(f'{label}: invalid duration {text!r}; write a number with a unit, e.g. "250ms", "5s", "1m"') from None
+    if seconds < 0:
+        raise ConfigError(f"{label}: duration {text!r} must not be negative")
+    return seconds
+
+
+def _command(value: Any, label: str) -> tuple[str, ...]:
+    text = _str(value, label)
+    try:
+        return tuple(shlex.split(text))
+    except ValueError as exc:
+        raise ConfigError(f"{label}: cannot split {text!r} into arguments ({exc}); check its quotes") from None
+
+
+def _signal(value: Any, label: str) -> signal.Signals:
+    text = _str(value, label).upper()
+    name = text if text.startswith("SIG") else f"SIG{text}"
+    try:
+        return signal.Signals[name]
+    except KeyError:
+        raise ConfigError(f"{label}: unknown signal {value!r}; use a name such as \"SIGHUP\"") from None
+
+
+def _file_mode(value: Any, label: str) -> int:
+    text = _str(value, label)
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise ConfigError(f'{label}: {text!r} is not an octal file mode; write it like "0644"') from None
+    if not 0 <= mode <= 0o7777:
+        raise ConfigError(f'{label}: {text!r} is out of range for a file mode; write it like "0644"')
+    return mode
+
+
+def _choice(*choices: str) -> Parser:
+    def parse(value: Any, label: str) -> str:
+        text: str = _str(value, label)
+        if text not in choices:
+            raise ConfigError(f"{label}: {text!r} is not one of {', '.join(repr(c) for c in choices)}")
+        return text
+
+    return parse
+
+
+def _listen(value: Any, label: str) -> str:
+    text: str = _str(value, label)
+    if text:
+        try:
+            split_host_port(text)
+        except ValueError as exc:
+            raise ConfigError(f"{label}: {exc}") from None
+    return text
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """Split "127.0.0.1:9118" or "[::1]:9118" into host and port; ValueError when malformed."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r} is not HOST:PORT (e.g. \"127.0.0.1:9118\")")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. \"[::1]:9118\"")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r}: port {port_text!r} is not a number from 0 to 65535")
+    return host, int(port_text)
+
+
+def _parse_table(
+    where: _Where, table: str, data: Any, spec: Mapping[str, Parser]
+) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where.path}: [{table}] must be a table, got {type(data).__name__}")
+    _check_keys(where, table, data, set(spec))
+    return {key: spec[key](value, where.key(table, key)) for key, value in data.items()}
+
+
+_CONSUL_SPEC: dict[str, Parser] = {
+    "address": _str,
+    "token": _str,
+    "datacenter": _str,
+    "ca_file": _str,
+    "cert_file": _str,
+    "key_file": _str,
+    "verify": _bool,
+    "wait": _duration,
+    "timeout": _duration,
+    "max_backoff": _duration,
+    "max_response_bytes": _int,
+}
+_NGINX_SPEC: dict[str, Parser] = {
+    "pid_file": _str,
+    "check_cmd": _command,
+    "reload_cmd": _command,
+    "reload_signal": _signal,
+    "check_timeout": _duration,
+    "reload_timeout": _duration,
+    "mode": _choice("reload", "live"),
+    "live_listen": _listen,
+}
+_WAIT_SPEC: dict[str, Parser] = {"min": _duration, "max": _duration}
+_TEMPLATE_SPEC: dict[str, Parser] = {
+    "source": _str,
+    "destination": _str,
+    "mode": _file_mode,
+    "backup": _bool,
+    "on_empty": _choice("keep", "render"),
+    "wait": lambda value, label: value,  # checked as a table below
+}
+
+
+def consul_from_env(environ: Mapping[str, str], base: ConsulConfig | None = None) -> ConsulConfig:
+    """Fill what the file left empty from CONSUL_HTTP_ADDR and CONSUL_HTTP_TOKEN."""
+    base = base or ConsulConfig()
+    address = base.address
+    if address == DEFAULT_CONSUL_ADDRESS and environ.get("CONSUL_HTTP_ADDR"):
+        address = environ["CONSUL_HTTP_ADDR"]
+    token = base.token or environ.get("CONSUL_HTTP_TOKEN", "")
+    return _with_checked_address(ConsulConfig(**{**base.__dict__, "address": address, "token": token}))
+
+
+def _with_checked_address(consul: ConsulConfig) -> ConsulConfig:
+    address = consul.address if "://" in consul.address else f"http://{consul.address}"
+    parsed = urlsplit(address)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(f"Consul address {consul.address!r} is not http(s)://HOST:PORT")
+    try:
+        _ = parsed.port
+    except ValueError:
+        raise ConfigError(f"Consul address {consul.address!r} has an invalid port") from None
+    return ConsulConfig(**{**consul.__dict__, "address": address})
+
+
+def _wait(where: _Where, table: str, data: Any, base: WaitConfig) -> WaitConfig:
+    values = _parse_table(where, table, data, _WAIT_SPEC)
+    wait = WaitConfig(min=values.get("min", base.min), max=values.get("max", base.max))
+    if wait.max < wait.min:
+        raise ConfigError(f"{where.key(table, 'max')}: max ({wait.max:g}s) must not be less than min ({wait.min:g}s)")
+    return wait
+
+
+def _resolve(base: Path, text: str) -> Path:
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
+    """Parse configuration text; `path` locates relative paths and names the file in errors."""
+    where = _Where(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    _check_keys(where, "", data, {"consul", "nginx", "wait", "template", "state", "status"})
+    folder = path.resolve().parent
+
+    consul = ConsulConfig(**_parse_table(where, "consul", data.get("consul", {}), _CONSUL_SPEC))
+    if consul.max_response_bytes <= 0:
+        raise ConfigError(f"{where.key('consul', 'max_response_bytes')}: must be a positive number of bytes")
+    try:
+        consul = consul_from_env(environ, consul)
+    except ConfigError as exc:
+        raise ConfigError(f"{where.key('consul', 'address')}: {exc}") from None
+
+    nginx_values = _parse_table(where, "nginx", data.get("nginx", {}), _NGINX_SPEC)
+    if "pid_file" in nginx_values:
+        nginx_values["pid_file"] = _resolve(folder, nginx_values["pid_file"])
+    nginx = NginxConfig(**nginx_values)
+    if not nginx.check_cmd:
+        raise ConfigError(
+            f"{where.key('nginx', 'check_cmd')}: must not be empty; confpy never installs a configuration nginx has not checked"
+        )
+
+    wait = _wait(where, "wait", data.get("wait", {}), WaitConfig())
+    raw_templates = data.get("template", [])
+    if not isinstance(raw_templates, list) or not raw_templates:
+        raise ConfigError(f"{path}: no [[template]] table; add at least one with source and destination")
+    templates = []
+    for number, raw in enumerate(raw_templates, start=1):
+        table = f"template #{number}"
+        values = _parse_table(where, table, raw, _TEMPLATE_SPEC)
+        for required in ("source", "destination"):
+            if not values.get(required):
+                raise ConfigError(f"{where.key(table, required)}: missing; every [[template]] needs source and destination")
+        if "wait" in values:
+            values["wait"] = _wait(where, f"{table}.wait", values["wait"], wait)
+        values["source"] = _resolve(folder, values["source"])
+        values["destination"] = _resolve(folder, values["destination"])
+        templates.append(TemplateConfig(**values))
+    destinations = [t.destination for t in templates]
+    for dest in destinations:
+        if destinations.count(dest) > 1:
+            raise ConfigError(f"{path}: two [[template]] tables write the same destination {dest}")
+
+    state_values = _parse_table(where, "state", data.get("state", {}), {"dir": _str})
+    state = StateConfig(dir=_resolve(folder, state_values["dir"]) if state_values.get("dir") else None)
+    status = StatusConfig(**_parse_table(where, "status", data.get("status", {}), {"listen": _listen}))
+    return Config(path=path, consul=consul, nginx=nginx, wait=wait, templates=tuple(templates), state=state, status=status)
+
+
+def load_config(path: Path, environ: Mapping[str, str]) -> Config:
+    """Read and check the configuration file at `path`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found; pass -c FILE or set CONFPY_CONFIG") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the configuration file: {exc}") from None
+    return parse_config(text, path, environ)

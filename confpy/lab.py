@@ -1,0 +1,346 @@
+"""A loopback lab: dev-consul, nginx under a temporary prefix, backends and confpy, as real processes.
+
+The demo, the tests and the benchmarks all build the same small world with these classes, on
+127.0.0.1 only. Every wait here is bounded in time.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port that was free a moment ago."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def nginx_binary() -> str:
+    """The nginx executable (Debian puts it in /usr/sbin, outside many users' PATH)."""
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin:/usr/local/openresty/nginx/sbin")
+    if not found:
+        raise FileNotFoundError("nginx is not installed; run `make nginx` (apt-get install nginx-light)")
+    return found
+
+
+def wait_until(predicate: Any, timeout: float, interval: float = 0.02) -> bool:
+    """Poll `predicate` until true or `timeout` passes (for tests and the demo only)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+class DevConsulProcess:
+    """`confpy dev-consul` as a subprocess on a free port."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.port = port
+        self.proc: subprocess.Popen[str] | None = None
+        self.url = ""
+
+    def start(self, timeout: float = 15.0) -> DevConsulProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "confpy", "dev-consul", "--http-addr", f"{LOOPBACK}:{self.port}"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        assert self.proc.stdout is not None
+        ready = threading.Event()
+        line: list[str] = []
+
+        def read() -> None:
+            assert self.proc is not None and self.proc.stdout is not None
+            line.append(self.proc.stdout.readline())
+            ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(timeout) or "http://" not in line[0]:
+            self.stop()
+            raise RuntimeError(f"dev-consul did not start: {line!r}")
+        self.url = line[0].split(" on ", 1)[1].split()[0]
+        self.port = int(self.url.rsplit(":", 1)[1])
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+class ConsulAPI:
+    """A few Consul HTTP calls over urllib, for tests, the demo and benchmarks."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def request(self, method: str, path: str, body: Any = None, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+        data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - loopback test URL
+                return resp.status, dict(resp.headers), resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers), exc.read()
+
+    def register(self, name: str, port: int, *, id: str | None = None, address: str = LOOPBACK,
+                 tags: Sequence[str] = ("nginx",), **extra: Any) -> None:
+        body = {"Name": name, "ID": id or f"{name}-{port}", "Address": address, "Port": port, "Tags": list(tags), **extra}
+        code, _, text = self.request("PUT", "/v1/agent/service/register", body)
+        if code != 200:
+            raise RuntimeError(f"register failed: {code} {text!r}")
+
+    def deregister(self, service_id: str) -> None:
+        self.request("PUT", f"/v1/agent/service/deregister/{service_id}")
+
+    def health(self, name: str, query: str = "passing") -> tuple[int, list[dict[str, Any]]]:
+        code, headers, body = self.request("GET", f"/v1/health/service/{name}?{query}")
+        return int(headers.get("X-Consul-Index", "0")), json.loads(body)
+
+
+class _BackendHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: BackendServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        body = (self.server.body + "\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class BackendServer(ThreadingHTTPServer):
+    """A tiny HTTP app server answering its name ("App server 1") on every path."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, body: str, port: int = 0, host: str = LOOPBACK) -> None:
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.body = body
+        super().__init__((host, port), _BackendHandler)
+        self.port = int(self.server_address[1])
+        self.host = host
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> BackendServer:
+        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class NginxInstance:
+    """nginx under a temporary prefix, proxying one loopback port to an upstream."""
+
+    def __init__(self, prefix: Path, upstream: str = "web", port: int | None = None, extra_http: str = "", workers: int = 1) -> None:
+        self.prefix = prefix
+        self.upstream = upstream
+        self.port = port or free_port()
+        self.binary = nginx_binary()
+        self.conf_d = prefix / "conf" / "conf.d"
+        self.pid_file = prefix / "nginx.pid"
+        self.error_log = prefix / "logs" / "error.log"
+        for sub in ("conf/conf.d", "logs", "tmp"):
+            (prefix / sub).mkdir(parents=True, exist_ok=True)
+        (prefix / "conf" / "nginx.conf").write_text(f"""
+worker_processes {workers};
+pid {self.pid_file};
+error_log {self.error_log} notice;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/tmp/body;
+    proxy_temp_path {prefix}/tmp/proxy;
+    include {self.conf_d}/*.conf;
+    {extra_http}
+    server {{
+        listen {LOOPBACK}:{self.port};
+        location / {{
+            proxy_pass http://{upstream};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_connect_timeout 1s;
+            proxy_next_upstream error timeout;
+        }}
+    }}
+}}
+""")
+
+    @property
+    def destination(self) -> Path:
+        return self.conf_d / "upstreams.conf"
+
+    @property
+    def check_cmd(self) -> str:
+        return f"{self.binary} -t -q -p {self.prefix} -c {self.prefix}/conf/nginx.conf"
+
+    def start(self) -> NginxInstance:
+        subprocess.run([self.binary, "-p", str(self.prefix), "-c", f"{self.prefix}/conf/nginx.conf"], check=True, capture_output=True, timeout=30)
+        if not wait_until(lambda: self.master_pid() is not None and self.workers(), 10):
+            raise RuntimeError(f"nginx did not start: {self.error_log.read_text() if self.error_log.exists() else ''}")
+        return self
+
+    def master_pid(self) -> int | None:
+        try:
+            text = self.pid_file.read_text().strip()
+        except FileNotFoundError:
+            return None
+        return int(text) if text.isdigit() else None
+
+    def workers(self) -> list[int]:
+        import psutil
+
+        pid = self.master_pid()
+        if pid is None:
+            return []
+        try:
+            return sorted(c.pid for c in psutil.Process(pid).children() if "worker" in " ".join(c.cmdline()))
+        except psutil.NoSuchProcess:
+            return []
+
+    def reload_count(self) -> int:
+        """How many reloads nginx logged ("... reconfiguring")."""
+        if not self.error_log.exists():
+            return 0
+        text = self.error_log.read_text(errors="replace")
+        return sum(1 for line in text.splitlines() if line.endswith("] reconfiguring") or line.endswith(": reconfiguring"))
+
+    def stop(self) -> None:
+        pid = self.master_pid()
+        if pid is None:
+            return
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        wait_until(lambda: not _alive(pid), 10)
+
+    def get(self, path: str = "/", timeout: float = 5.0) -> tuple[int, str]:
+        conn = http.client.HTTPConnection(LOOPBACK, self.port, timeout=timeout)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            return resp.status, resp.read().decode("utf-8", "replace").strip()
+        finally:
+            conn.close()
+
+    def bodies(self, count: int) -> list[str]:
+        """The bodies of `count` sequential requests through the gateway (errors as 'HTTP nnn')."""
+        out = []
+        for _ in range(count):
+            try:
+                status, body = self.get()
+            except OSError as exc:
+                out.append(f"error {exc}")
+                continue
+            out.append(body if status == 200 else f"HTTP {status}")
+        return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def write_config(path: Path, consul_url: str, nginx: NginxInstance, template: Path, *, extra: str = "",
+                 wait_min: str = "0s", wait_max: str = "1s", consul_wait: str = "60s", status: str = "") -> Path:
+    """A confpy.toml for the lab."""
+    status_table = f'\n[status]\nlisten = "{status}"\n' if status else ""
+    path.write_text(f"""
+[consul]
+address = "{consul_url}"
+wait = "{consul_wait}"
+max_backoff = "2s"
+timeout = "2s"
+
+[nginx]
+pid_file = "{nginx.pid_file}"
+check_cmd = "{nginx.check_cmd}"
+check_timeout = "10s"
+
+[wait]
+min = "{wait_min}"
+max = "{wait_max}"
+{status_table}
+[[template]]
+source = "{template}"
+destination = "{nginx.destination}"
+{extra}
+""")
+    return path
+
+
+class ConfpyProcess:
+    """The confpy daemon (or any confpy command) as a subprocess."""
+
+    def __init__(self, config: Path, args: Sequence[str] = (), env: Mapping[str, str] | None = None, log: Path | None = None) -> None:
+        self.config = config
+        self.args = list(args)
+        self.env = {**os.environ, **(env or {})}
+        self.log = log or config.with_suffix(".log")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ConfpyProcess:
+        self._log_file = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "confpy", "-c", str(self.config), *self.args],
+            stdout=self._log_file, stderr=subprocess.STDOUT, env=self.env,
+        )
+        return self
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log_file.close()
+        return self.proc.returncode

@@ -1,0 +1,33 @@
+"""Prometheus metrics, one registry per runner (no process-wide globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    """The `confpy_*` metrics served on /metrics."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.renders = Counter("confpy_renders", "Template renders that produced output", ["template"], registry=r)
+        self.render_errors = Counter("confpy_render_errors", "Template renders that failed", ["template"], registry=r)
+        self.reloads = Counter("confpy_reloads", "nginx reloads performed", registry=r)
+        self.check_failures = Counter("confpy_check_failures", "nginx configuration checks that failed (rolled back)", registry=r)
+        self.install_failures = Counter("confpy_install_failures", "Installs or reloads that failed", registry=r)
+        self.consul_errors = Counter("confpy_consul_errors", "Failed Consul requests", registry=r)
+        self.consul_up = Gauge("confpy_consul_up", "1 when the last Consul request succeeded", registry=r)
+        self.last_sync = Gauge("confpy_last_successful_sync_timestamp_seconds", "Unix time of the last successful sync", registry=r)
+        self.invalid_instances = Gauge(
+            "confpy_invalid_instances", "Instances left out of the render because they are invalid", ["service"], registry=r
+        )
+        self.change_to_reload = Histogram(
+            "confpy_change_to_reload_seconds",
+            "Time from a change seen in Consul to nginx reloaded with it",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=r,
+        )
+
+    def render_text(self) -> bytes:
+        return generate_latest(self.registry)

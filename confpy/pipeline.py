@@ -1,0 +1,165 @@
+"""The sync pipeline shared by `--once` and the daemon: render, compare, install, check, reload.
+
+Read top to bottom it is the steps of one sync: fetch what the templates need, render every
+template, compare with the bytes on disk, and install the changed ones as one transaction.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from confpy.apply.files import StateStore, destination_lock, read_bytes
+from confpy.apply.installer import ApplyReport, Change, Installer
+from confpy.apply.nginx import NginxChecker, NginxReloader
+from confpy.config import Config, TemplateConfig
+from confpy.consul.client import ConsulClient
+from confpy.consul.dependencies import AnyDependency
+from confpy.errors import RenderError
+from confpy.render.environment import DataSource, Memory, RenderResult, TemplateRenderer
+from confpy.render.values import HealthView
+
+log = logging.getLogger(__name__)
+
+# A template may discover new dependencies from the data of earlier ones (e.g. services() then
+# service(name) for each name): each round fetches what the previous render found missing.
+MAX_RESOLVE_ROUNDS = 10
+FETCH_THREADS = 8
+LOCK_TIMEOUT = 10.0
+
+
+@dataclass
+class SyncReport:
+    """What one sync did."""
+
+    changed: list[Path] = field(default_factory=list)
+    unchanged: list[Path] = field(default_factory=list)
+    diffs: dict[Path, str] = field(default_factory=dict)
+    apply: ApplyReport | None = None
+    indexes: dict[AnyDependency, int] = field(default_factory=dict)
+
+
+def unified_diff(path: Path, old: bytes | None, new: bytes) -> str:
+    """A unified diff between the file on disk and the candidate, for `--dry-run`."""
+    old_lines = (old or b"").decode("utf-8", "replace").splitlines(keepends=True)
+    new_lines = new.decode("utf-8", "replace").splitlines(keepends=True)
+    label_old = str(path) if old is not None else "/dev/null"
+    return "".join(difflib.unified_diff(old_lines, new_lines, fromfile=label_old, tofile=str(path)))
+
+
+class SyncEngine:
+    """Everything a sync needs, built once from the configuration."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.renderers = {t.destination: TemplateRenderer(t) for t in config.templates}
+        self.state = StateStore(config.state.dir)
+        self.installer = Installer(NginxChecker(config.nginx), NginxReloader(config.nginx))
+
+    @property
+    def templates(self) -> Sequence[TemplateConfig]:
+        return self.config.templates
+
+    def render(self, template: TemplateConfig, data: DataSource, memory: Memory) -> RenderResult:
+        """Render one template (RenderError names file:line)."""
+        return self.renderers[template.destination].render(data, memory)
+
+    def fetch_all(self, client: ConsulClient, deps: Iterable[AnyDependency], data: DataSource) -> dict[AnyDependency, int]:
+        """Fetch each dependency once (no blocking), a few in parallel; store values in `data`."""
+        deps = list(deps)
+        indexes: dict[AnyDependency, int] = {}
+        with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, max(1, len(deps)))) as pool:
+            for dep, (index, value) in zip(deps, pool.map(lambda d: d.fetch(client, 0, None), deps), strict=True):
+                data.set(dep, value)
+                indexes[dep] = index
+                if isinstance(value, HealthView):
+                    for rejected in value.rejected:
+                        log.warning("left out of the render: %s", rejected)
+        return indexes
+
+    def resolve(self, client: ConsulClient, data: DataSource, memories: dict[Path, Memory]) -> tuple[list[RenderResult], dict[AnyDependency, int]]:
+        """Render every template, fetching what they call until all renders are complete."""
+        indexes: dict[AnyDependency, int] = {}
+        for _ in range(MAX_RESOLVE_ROUNDS):
+            results = [self.render(t, data, memories[t.destination]) for t in self.templates]
+            missing = set().union(*(r.missing for r in results))
+            if not missing:
+                return results, indexes
+            indexes.update(self.fetch_all(client, missing, data))
+        raise RenderError(
+            f"templates still asked for new data after {MAX_RESOLVE_ROUNDS} rounds of fetching; "
+            "does a template derive service names from data without end?"
+        )
+
+    @contextmanager
+    def locked(self, destinations: Iterable[Path], timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+        """Hold the locks of `destinations` (in a fixed order, so two processes cannot deadlock)."""
+        with ExitStack() as stack:
+            for dest in sorted(set(destinations)):
+                stack.enter_context(destination_lock(dest, timeout))
+            yield
+
+    def changes(self, results: Sequence[RenderResult]) -> tuple[list[Change], list[Path]]:
+        """Split complete renders into changed destinations and unchanged ones."""
+        changes: list[Change] = []
+        unchanged: list[Path] = []
+        for result in results:
+            assert result.content is not None
+            old = read_bytes(result.template.destination)
+            if old == result.content:
+                unchanged.append(result.template.destination)
+            else:
+                changes.append(Change(result.template, result.content, old))
+        return changes, unchanged
+
+    def install(self, results: Sequence[RenderResult], memories: dict[Path, Memory], reason: str) -> SyncReport:
+        """Install what changed as one transaction, then remember the members (caller holds the locks)."""
+        report = SyncReport()
+        changes, report.unchanged = self.changes(results)
+        for path in report.unchanged:
+            log.debug("%s: rendered bytes equal the installed file; nothing to do", path)
+        if changes:
+            started = time.monotonic()
+            report.apply = self.installer.apply(changes)
+            report.changed = [c.destination for c in changes]
+            took = (time.monotonic() - started) * 1000
+            for change in changes:
+                log.info("installed %s (%d bytes; %s)", change.destination, len(change.new), reason)
+            if report.apply.reload.reloaded:
+                log.info("reloaded nginx: %s (%.0f ms after install began)", report.apply.reload.detail, took)
+            else:
+                log.warning("files installed, reload skipped: %s", report.apply.reload.detail)
+        for result in results:
+            dest = result.template.destination
+            for dep in result.kept:
+                log.warning("%s: %s has no passing instance; keeping its last known members (on_empty = keep)", dest, dep)
+            if result.memory.members != memories[dest].members:
+                self.state.save(dest, result.memory)
+                memories[dest] = result.memory
+        return report
+
+    def load_memories(self) -> dict[Path, Memory]:
+        return {t.destination: self.state.load(t.destination) for t in self.templates}
+
+    def sync_once(self, client: ConsulClient, dry_run: bool = False) -> SyncReport:
+        """The whole one-shot sync; with `dry_run`, only diffs are computed."""
+        data = DataSource()
+        memories = self.load_memories()
+        results, indexes = self.resolve(client, data, memories)
+        if dry_run:
+            report = SyncReport(indexes=indexes)
+            changes, report.unchanged = self.changes(results)
+            for change in changes:
+                report.changed.append(change.destination)
+                report.diffs[change.destination] = unified_diff(change.destination, change.old, change.new)
+            return report
+        with self.locked(t.destination for t in self.templates):
+            report = self.install(results, memories, "one-shot sync")
+        report.indexes = indexes
+        return report

@@ -1,0 +1,302 @@
+"""The Jinja2 environment: template functions, nginx-safe output and file:line errors.
+
+Templates pull their data by calling `service()` and `services()`; each call records a dependency,
+so the set of queries confpy runs (and watches) is exactly what the templates use. Every value a
+template prints passes `finalize`, the single choke point that refuses anything able to break out
+of an nginx directive, unless the template quoted it on purpose with `| nginx_quote`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import jinja2
+
+from confpy import __version__
+from confpy.config import TemplateConfig
+from confpy.consul.dependencies import AnyDependency, CatalogServices, ServiceHealth
+from confpy.errors import RenderError, UnsafeValueError
+from confpy.render.values import HealthView, ServiceInstance
+
+# What may stand unquoted inside an nginx directive: printable ASCII without whitespace, the
+# directive terminator, block braces, quotes, comments, variables or escapes.
+_UNSAFE_CHAR = re.compile(r"[^\x21-\x7e]|[;{}\"'#$\\]")
+_UPSTREAM_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_NOT_UPSTREAM_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def _describe_char(char: str) -> str:
+    names = {" ": "a space", "\t": "a tab", "\n": "a newline", "\r": "a carriage return", ";": "';'", "{": "'{'", "}": "'}'"}
+    if char in names:
+        return names[char]
+    if ord(char) < 0x20 or ord(char) == 0x7F:
+        return f"control character U+{ord(char):04X}"
+    if ord(char) > 0x7E:
+        return f"non-ASCII character U+{ord(char):04X}"
+    return repr(char)
+
+
+def _preview(value: str) -> str:
+    return repr(value if len(value) <= 60 else value[:60] + "...")
+
+
+class NginxQuoted(str):
+    """A string already quoted for nginx by `nginx_quote`; finalize lets it through."""
+
+
+def nginx_quote(value: Any) -> NginxQuoted:
+    """Quote a value as one nginx string argument: `"..."` with `\\` and `"` escaped.
+
+    Control characters (newlines included) and `$` (nginx would expand it as a variable) are
+    refused: there is no way to write them safely in every directive.
+    """
+    text = str(value)
+    for char in text:
+        if ord(char) < 0x20 or ord(char) == 0x7F or char == "$":
+            origin = getattr(value, "origin", "value")
+            raise UnsafeValueError(f"{origin} {_preview(text)} contains {_describe_char(char)}, which nginx_quote cannot write safely")
+    return NginxQuoted('"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"')
+
+
+def nginx_safe(value: Any) -> Any:
+    """Jinja2 `finalize`: let numbers and quoted strings through, refuse unsafe text."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (int, float, NginxQuoted)):
+        return value
+    if value is None:
+        raise UnsafeValueError("a template printed None (an empty value); use a default or an `if`")
+    text = value if isinstance(value, str) else str(value)
+    bad = _UNSAFE_CHAR.search(text)
+    if bad:
+        origin = getattr(value, "origin", "a value")
+        raise UnsafeValueError(
+            f"{origin} {_preview(text)} contains {_describe_char(bad.group())}, which could break out of an nginx "
+            "directive; it was refused (quote it on purpose with | nginx_quote)"
+        )
+    return value
+
+
+def upstream_name_for(service: str) -> str:
+    """The nginx upstream name for a service (documented in docs/templates.md).
+
+    A name made of letters, digits, `_`, `-` and `.` is kept as it is. Any other name has each
+    run of other characters replaced by `_` and gets `_` plus 8 hex digits of its SHA-1 appended,
+    so two different services never share an upstream by accident.
+    """
+    if _UPSTREAM_NAME.match(service):
+        return service
+    mapped = _NOT_UPSTREAM_CHARS.sub("_", service).strip("_.-")
+    if not mapped:
+        raise UnsafeValueError(
+            f"service name {_preview(service)} maps to no valid nginx upstream name (it needs a letter or digit); rename the service"
+        )
+    digest = hashlib.sha1(service.encode("utf-8", "surrogatepass"), usedforsecurity=False).hexdigest()[:8]
+    return f"{mapped[:100]}_{digest}"
+
+
+@dataclass
+class Memory:
+    """Last known members of each service a template used, for `on_empty = "keep"`."""
+
+    members: dict[str, tuple[ServiceInstance, ...]] = field(default_factory=dict)
+
+
+def memory_key(dep: ServiceHealth) -> str:
+    return f"{dep.service}|{dep.tag or ''}"
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    """The outcome of rendering one template against what confpy knows of Consul."""
+
+    template: TemplateConfig
+    content: bytes | None
+    dependencies: frozenset[AnyDependency]
+    missing: frozenset[AnyDependency]
+    memory: Memory
+    kept: tuple[str, ...] = ()
+
+    @property
+    def complete(self) -> bool:
+        """True when every dependency had data, so `content` is the real output."""
+        return not self.missing and self.content is not None
+
+
+class DataSource:
+    """What a render reads: the latest value of each dependency (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._values: dict[AnyDependency, object] = {}
+        self._lock = threading.Lock()
+
+    def get(self, dep: AnyDependency) -> tuple[bool, object]:
+        with self._lock:
+            if dep in self._values:
+                return True, self._values[dep]
+            return False, None
+
+    def set(self, dep: AnyDependency, value: object) -> bool:
+        """Store a value; return True if it differs from the previous one."""
+        with self._lock:
+            changed = dep not in self._values or self._values[dep] != value
+            self._values[dep] = value
+            return changed
+
+    def forget(self, dep: AnyDependency) -> None:
+        with self._lock:
+            self._values.pop(dep, None)
+
+    def snapshot(self) -> dict[AnyDependency, object]:
+        with self._lock:
+            return dict(self._values)
+
+
+class _RenderContext:
+    """The functions one render hands to its template, recording what it asked for."""
+
+    def __init__(self, data: DataSource, template: TemplateConfig, remembered: Memory) -> None:
+        self.data = data
+        self.template = template
+        self.remembered = remembered
+        self.dependencies: set[AnyDependency] = set()
+        self.missing: set[AnyDependency] = set()
+        self.memory = Memory()
+        self.kept: list[str] = []
+        self.upstreams: dict[str, str] = {}
+
+    def service(self, name: Any, tag: Any = None) -> list[ServiceInstance]:
+        if not isinstance(name, str) or not name:
+            raise RenderError(f"service() needs a service name (a non-empty string), got {name!r}")
+        if tag is not None and not isinstance(tag, str):
+            raise RenderError(f"service({name!r}, tag=...) needs a string tag, got {tag!r}")
+        dep = ServiceHealth(str(name), str(tag) if tag is not None else None)
+        self.dependencies.add(dep)
+        found, value = self.data.get(dep)
+        if not found:
+            self.missing.add(dep)
+            return []
+        assert isinstance(value, HealthView)
+        key = memory_key(dep)
+        if value.instances:
+            self.memory.members[key] = value.instances
+            return list(value.instances)
+        if self.template.on_empty == "keep" and self.remembered.members.get(key):
+            kept = self.remembered.members[key]
+            self.memory.members[key] = kept
+            self.kept.append(dep.describe())
+            return list(kept)
+        return []
+
+    def services(self, tag: Any = None) -> list[str]:
+        if tag is not None and not isinstance(tag, str):
+            raise RenderError(f"services(tag=...) needs a string tag, got {tag!r}")
+        dep = CatalogServices(str(tag) if tag is not None else None)
+        self.dependencies.add(dep)
+        found, value = self.data.get(dep)
+        if not found:
+            self.missing.add(dep)
+            return []
+        assert isinstance(value, tuple)
+        return list(value)
+
+    def upstream_name(self, service: Any) -> str:
+        name = upstream_name_for(str(service))
+        other = self.upstreams.setdefault(name, str(service))
+        if other != str(service):
+            raise UnsafeValueError(f"services {other!r} and {str(service)!r} both map to upstream {name!r}; rename one of them")
+        return name
+
+
+@jinja2.pass_context
+def _upstream_name_filter(context: jinja2.runtime.Context, service: Any) -> str:
+    render: _RenderContext = context["__confpy__"]
+    return render.upstream_name(service)
+
+
+def _template_line(tb: TracebackType | None, source: Path) -> int | None:
+    """The last line of `source` in a (Jinja2-rewritten) traceback."""
+    line = None
+    filename = str(source)
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == filename:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+class TemplateRenderer:
+    """Renders one `[[template]]` source; reloads it when the file changes on disk."""
+
+    def __init__(self, template: TemplateConfig, extra_globals: Mapping[str, Any] | None = None) -> None:
+        self.template = template
+        self.env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(str(template.source.parent)),
+            undefined=jinja2.StrictUndefined,
+            finalize=nginx_safe,
+            autoescape=False,  # noqa: S701 - output is nginx config, not HTML; finalize guards it
+            keep_trailing_newline=True,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            auto_reload=True,
+        )
+        self.env.filters["nginx_quote"] = nginx_quote
+        self.env.filters["upstream_name"] = _upstream_name_filter
+        self.env.globals["confpy"] = {"version": __version__, **(extra_globals or {})}
+
+    def _where(self, line: int | None) -> str:
+        return f"{self.template.source}:{line}" if line else str(self.template.source)
+
+    def load(self) -> jinja2.Template:
+        """Compile the source (cached until it changes); RenderError names file:line."""
+        try:
+            return self.env.get_template(self.template.source.name)
+        except jinja2.TemplateSyntaxError as exc:
+            raise RenderError(f"{self._where(exc.lineno)}: template syntax error: {exc.message}") from None
+        except jinja2.TemplateNotFound:
+            raise RenderError(f"{self.template.source}: template not found; check [[template]] source") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RenderError(f"{self.template.source}: cannot read the template: {exc}") from None
+
+    def render(self, data: DataSource, remembered: Memory) -> RenderResult:
+        """Render against `data`; incomplete (content None) while a dependency has no data yet."""
+        compiled = self.load()
+        ctx = _RenderContext(data, self.template, remembered)
+        functions: dict[str, Callable[..., Any]] = {
+            "service": ctx.service,
+            "services": ctx.services,
+            "upstream_name": ctx.upstream_name,
+        }
+        try:
+            text = compiled.render(__confpy__=ctx, **functions)
+        except RenderError as exc:
+            line = _template_line(exc.__traceback__, self.template.source)
+            raise type(exc)(f"{self._where(line)}: {exc.message}") from None
+        except jinja2.TemplateSyntaxError as exc:
+            raise RenderError(f"{exc.filename or self.template.source}:{exc.lineno}: template syntax error: {exc.message}") from None
+        except jinja2.UndefinedError as exc:
+            line = _template_line(exc.__traceback__, self.template.source)
+            raise RenderError(f"{self._where(line)}: {exc.message}") from None
+        except jinja2.TemplateError as exc:
+            line = _template_line(exc.__traceback__, self.template.source)
+            raise RenderError(f"{self._where(line)}: {exc}") from None
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError) as exc:
+            line = _template_line(exc.__traceback__, self.template.source)
+            raise RenderError(f"{self._where(line)}: {type(exc).__name__}: {exc}") from None
+        content = None if ctx.missing else text.encode("utf-8")
+        return RenderResult(
+            template=self.template,
+            content=content,
+            dependencies=frozenset(ctx.dependencies),
+            missing=frozenset(ctx.missing),
+            memory=ctx.memory,
+            kept=tuple(ctx.kept),
+        )
+

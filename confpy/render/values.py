@@ -1,0 +1,232 @@
+"""The values templates receive, validated once as they arrive from Consul.
+
+An instance whose address, port, weight or nginx meta would be unusable is rejected here, with a
+reason naming the service and the instance, so a template never sees it and one bad registration
+never stops the rest of the gateway from updating.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class RegistryStr(str):
+    """A string that came from the registry, remembering where, so a refusal can name it."""
+
+    origin: str
+
+    def __new__(cls, value: str, origin: str) -> RegistryStr:
+        obj = super().__new__(cls, value)
+        obj.origin = origin
+        return obj
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RegistryStr, (str(self), self.origin))
+
+
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_NGINX_TIME = re.compile(r"^[0-9]{1,9}(?:ms|s|m|h|d|w|M|y)?$")
+
+
+def is_hostname(text: str) -> bool:
+    """RFC 1123 host name: dot-separated labels of letters, digits and inner hyphens."""
+    if not text or len(text) > 253:
+        return False
+    labels = text[:-1].split(".") if text.endswith(".") else text.split(".")
+    return all(_HOST_LABEL.match(label) for label in labels)
+
+
+def normalize_address(text: str) -> str:
+    """Return the address if it is IPv4, IPv6 or an RFC 1123 host name; raise ValueError otherwise."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        if is_hostname(text):
+            return text
+        raise ValueError(f"address {text[:80]!r} is neither an IP address nor a valid host name") from None
+    if ip.is_unspecified:
+        raise ValueError(f"address {text!r} is unspecified (0.0.0.0 or ::) and cannot be connected to")
+    return str(ip)
+
+
+def format_endpoint(address: str, port: int) -> str:
+    """`address:port`, with IPv6 addresses in brackets as nginx needs them."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+@dataclass(frozen=True)
+class ServiceInstance:
+    """One passing instance of a service, as a template sees it."""
+
+    name: str
+    id: str
+    node: str
+    address: str
+    port: int
+    tags: tuple[str, ...] = ()
+    meta: Mapping[str, str] = field(default_factory=dict)
+    weight: int = 1
+    max_fails: int | None = None
+    fail_timeout: str | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """`address:port`, IPv6 bracketed: `[2001:db8::1]:8080`."""
+        return format_endpoint(self.address, self.port)
+
+    def sort_key(self) -> tuple[str, str, str, int]:
+        return (self.node, self.id, self.address, self.port)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "id": self.id,
+            "node": self.node,
+            "address": self.address,
+            "port": self.port,
+            "tags": list(self.tags),
+            "meta": dict(self.meta),
+            "weight": self.weight,
+            "max_fails": self.max_fails,
+            "fail_timeout": self.fail_timeout,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ServiceInstance:
+        """Rebuild an instance remembered in a state file; raise ValueError when it is not one."""
+        entry = {
+            "Node": {"Node": data["node"], "Address": ""},
+            "Service": {
+                "Service": data["name"],
+                "ID": data["id"],
+                "Address": data["address"],
+                "Port": data["port"],
+                "Tags": data.get("tags", []),
+                "Meta": {
+                    **dict(data.get("meta", {})),
+                },
+                "Weights": {"Passing": data.get("weight", 1), "Warning": 1},
+            },
+        }
+        return instance_from_health_entry(entry)
+
+
+@dataclass(frozen=True)
+class RejectedInstance:
+    """An instance left out of the render, and why."""
+
+    service: str
+    id: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"service {self.service!r} instance {self.id!r}: {self.reason}"
+
+
+def _str_field(data: Mapping[str, Any], key: str, default: str = "") -> str:
+    value = data.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise ValueError(f"{key} is {type(value).__name__}, not a string")
+    return value
+
+
+def instance_from_health_entry(entry: Mapping[str, Any]) -> ServiceInstance:
+    """Turn one `/v1/health/service` entry into a validated instance; ValueError says why not."""
+    node = entry.get("Node") or {}
+    service = entry.get("Service") or {}
+    if not isinstance(node, Mapping) or not isinstance(service, Mapping):
+        raise ValueError("entry has no Node or Service object")
+    name = _str_field(service, "Service")
+    sid = _str_field(service, "ID") or name
+    where = f"service {name!r} instance {sid!r}"
+    raw_address = _str_field(service, "Address") or _str_field(node, "Address")
+    if not raw_address:
+        raise ValueError("neither Service.Address nor Node.Address is set")
+    address = normalize_address(raw_address)
+    port = service.get("Port")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ValueError(f"port {port!r} is not from 1 to 65535")
+    weights = service.get("Weights") or {}
+    weight = weights.get("Passing", 1) if isinstance(weights, Mapping) else None
+    if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
+        raise ValueError(f"weight {weight!r} is not a positive integer")
+    raw_tags = service.get("Tags") or []
+    raw_meta = service.get("Meta") or {}
+    if not isinstance(raw_tags, list) or not all(isinstance(t, str) for t in raw_tags):
+        raise ValueError("Tags is not a list of strings")
+    if not isinstance(raw_meta, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw_meta.items()):
+        raise ValueError("Meta is not a map of strings")
+    tags = tuple(sorted(RegistryStr(t, f"tag of {where}") for t in raw_tags))
+    meta: dict[str, str] = {RegistryStr(k, f"meta key of {where}"): RegistryStr(v, f"meta {k!r} of {where}") for k, v in sorted(raw_meta.items())}
+    max_fails: int | None = None
+    if "max_fails" in raw_meta:
+        text = raw_meta["max_fails"]
+        if not text.isascii() or not text.isdigit() or len(text) > 6:
+            raise ValueError(f"meta max_fails {text[:40]!r} is not a non-negative integer")
+        max_fails = int(text)
+    fail_timeout: str | None = None
+    if "fail_timeout" in raw_meta:
+        text = raw_meta["fail_timeout"]
+        if not _NGINX_TIME.match(text):
+            raise ValueError(f"meta fail_timeout {text[:40]!r} is not an nginx time such as 10s")
+        fail_timeout = text
+    return ServiceInstance(
+        name=RegistryStr(name, f"name of {where}"),
+        id=RegistryStr(sid, f"ID of {where}"),
+        node=RegistryStr(_str_field(node, "Node"), f"node of {where}"),
+        address=address,
+        port=port,
+        tags=tags,
+        meta=meta,
+        weight=weight,
+        max_fails=max_fails,
+        fail_timeout=fail_timeout,
+    )
+
+
+@dataclass(frozen=True)
+class HealthView:
+    """The passing instances of one service (sorted), and the ones rejected as unusable."""
+
+    instances: tuple[ServiceInstance, ...]
+    rejected: tuple[RejectedInstance, ...] = ()
+
+
+def health_view_from_entries(service_name: str, entries: Any) -> HealthView:
+    """Validate a whole `/v1/health/service` answer; raise ValueError if it is not a list of entries."""
+    if not isinstance(entries, list):
+        raise ValueError(f"expected a JSON list for service {service_name!r}, got {type(entries).__name__}")
+    instances: list[ServiceInstance] = []
+    rejected: list[RejectedInstance] = []
+    for entry in entries:
+        if not isinstance(entry, Mapping):
+            rejected.append(RejectedInstance(service_name, "?", "entry is not a JSON object"))
+            continue
+        try:
+            instances.append(instance_from_health_entry(entry))
+        except ValueError as exc:
+            service = entry.get("Service") if isinstance(entry.get("Service"), Mapping) else {}
+            sid = service.get("ID") if isinstance(service, Mapping) else None
+            rejected.append(RejectedInstance(service_name, str(sid)[:80] if sid else "?", str(exc)))
+    instances.sort(key=ServiceInstance.sort_key)
+    return HealthView(tuple(instances), tuple(rejected))
+
+
+def catalog_names(services: Any, tag: str | None) -> tuple[str, ...]:
+    """Sorted service names from `/v1/catalog/services`, without `consul`, carrying `tag` if given."""
+    if not isinstance(services, Mapping):
+        raise ValueError(f"expected a JSON object of services, got {type(services).__name__}")
+    names = []
+    for name, tags in services.items():
+        if name == "consul" or not isinstance(name, str):
+            continue
+        if tag is not None and (not isinstance(tags, list) or tag not in tags):
+            continue
+        names.append(RegistryStr(name, f"service name {name[:80]!r}"))
+    return tuple(sorted(names))
