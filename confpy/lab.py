@@ -105,7 +105,7 @@ class ConsulAPI:
 
     def request(self, method: str, path: str, body: Any = None, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
         data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req = urllib.request.Request(self.url + path, data=data, method=method)  # noqa: S310 - loopback test URL
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - loopback test URL
                 return resp.status, dict(resp.headers), resp.read()
@@ -123,7 +123,7 @@ class ConsulAPI:
         self.request("PUT", f"/v1/agent/service/deregister/{service_id}")
 
     def health(self, name: str, query: str = "passing") -> tuple[int, list[dict[str, Any]]]:
-        code, headers, body = self.request("GET", f"/v1/health/service/{name}?{query}")
+        _, headers, body = self.request("GET", f"/v1/health/service/{name}?{query}")
         return int(headers.get("X-Consul-Index", "0")), json.loads(body)
 
 
@@ -178,7 +178,7 @@ class NginxInstance:
         self.conf_d = prefix / "conf" / "conf.d"
         self.pid_file = prefix / "nginx.pid"
         self.error_log = prefix / "logs" / "error.log"
-        for sub in ("conf/conf.d", "logs", "tmp"):
+        for sub in ("conf/conf.d", "logs", "temp"):
             (prefix / sub).mkdir(parents=True, exist_ok=True)
         (prefix / "conf" / "nginx.conf").write_text(f"""
 worker_processes {workers};
@@ -187,8 +187,8 @@ error_log {self.error_log} notice;
 events {{ worker_connections 1024; }}
 http {{
     access_log off;
-    client_body_temp_path {prefix}/tmp/body;
-    proxy_temp_path {prefix}/tmp/proxy;
+    client_body_temp_path {prefix}/temp/body;
+    proxy_temp_path {prefix}/temp/proxy;
     include {self.conf_d}/*.conf;
     {extra_http}
     server {{

@@ -1,0 +1,97 @@
+"""Shared fixtures: dev-consul (or a real agent), nginx under a temp prefix, backends, confpy runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from confpy.lab import BackendServer, ConsulAPI, DevConsulProcess, NginxInstance, write_config
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_TEMPLATE = ROOT / "templates" / "nginx-upstreams.conf.j2"
+REAL_CONSUL = os.environ.get("CONFPY_TEST_CONSUL", "")
+
+dev_consul_only = pytest.mark.skipif(bool(REAL_CONSUL), reason="needs dev-consul internals (restart, kill, fake clock)")
+
+
+@dataclass
+class ConsulUnderTest:
+    """The agent a test talks to: dev-consul started for the test, or the real one in CONFPY_TEST_CONSUL."""
+
+    url: str
+    api: ConsulAPI
+    process: DevConsulProcess | None
+
+    @property
+    def is_real(self) -> bool:
+        return self.process is None
+
+
+def _clean_real_agent(api: ConsulAPI) -> None:
+    _, _, body = api.request("GET", "/v1/agent/services")
+    for service_id in json.loads(body or b"{}"):
+        api.deregister(service_id)
+    api.request("DELETE", "/v1/kv/confpy-test/?recurse")
+
+
+@pytest.fixture
+def consul() -> Iterator[ConsulUnderTest]:
+    if REAL_CONSUL:
+        api = ConsulAPI(REAL_CONSUL)
+        _clean_real_agent(api)
+        yield ConsulUnderTest(REAL_CONSUL, api, None)
+        _clean_real_agent(api)
+        return
+    proc = DevConsulProcess().start()
+    try:
+        yield ConsulUnderTest(proc.url, ConsulAPI(proc.url), proc)
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def nginx(tmp_path: Path) -> Iterator[NginxInstance]:
+    instance = NginxInstance(tmp_path / "nginx")
+    try:
+        yield instance
+    finally:
+        instance.stop()
+
+
+@pytest.fixture
+def backends() -> Iterator[list[BackendServer]]:
+    """Three running app servers answering "App server 1/2/3"."""
+    servers = [BackendServer(f"App server {n}").start() for n in (1, 2, 3)]
+    try:
+        yield servers
+    finally:
+        for server in servers:
+            try:
+                server.stop()
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, consul: ConsulUnderTest, nginx: NginxInstance) -> Path:
+    return write_config(tmp_path / "confpy.toml", consul.url, nginx, SHIPPED_TEMPLATE)
+
+
+def run_confpy(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "confpy", *args],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, check=False,
+    )
+
+
+def register_backends(api: ConsulAPI, servers: list[BackendServer], name: str = "web", **extra: object) -> None:
+    for number, server in enumerate(servers, start=1):
+        api.register(name, server.port, id=f"{name}-{number}", **extra)

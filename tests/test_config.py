@@ -1,0 +1,142 @@
+"""Configuration: the contract keys, defaults, environment fallbacks and one-line errors."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from confpy.config import load_config, parse_config
+from confpy.durations import format_go_duration, parse_go_duration
+from confpy.errors import ConfigError
+
+MINIMAL = """
+[[template]]
+source = "t.j2"
+destination = "/etc/nginx/conf.d/upstreams.conf"
+"""
+
+
+def parse(text: str, env: dict[str, str] | None = None, path: Path = Path("/etc/confpy/confpy.toml")):
+    return parse_config(text, path, env or {})
+
+
+def test_defaults_follow_the_contract() -> None:
+    config = parse(MINIMAL)
+    assert config.consul.address == "http://127.0.0.1:8500"
+    assert config.consul.wait == 60.0
+    assert config.consul.max_backoff == 60.0
+    assert config.nginx.pid_file == Path("/run/nginx.pid")
+    assert config.nginx.check_cmd == ("nginx", "-t")
+    assert config.nginx.reload_cmd == ()
+    assert config.nginx.reload_signal == signal.SIGHUP
+    assert config.nginx.mode == "reload"
+    template = config.templates[0]
+    assert template.source == Path("/etc/confpy/t.j2")  # relative to the config file's folder
+    assert template.backup is True and template.on_empty == "keep" and template.mode is None
+
+
+def test_full_contract_parses() -> None:
+    config = parse("""
+[consul]
+address = "https://consul.internal:8501"
+token = "s3cret"
+datacenter = "dc2"
+ca_file = "/etc/ssl/ca.pem"
+cert_file = "/etc/ssl/c.pem"
+key_file = "/etc/ssl/k.pem"
+verify = false
+wait = "90s"
+max_backoff = "30s"
+
+[nginx]
+pid_file = "/var/run/nginx.pid"
+check_cmd = "/usr/sbin/nginx -t -c '/etc/nginx/my conf.conf'"
+reload_cmd = "systemctl reload nginx"
+reload_signal = "SIGUSR2"
+
+[wait]
+min = "250ms"
+max = "2m"
+
+[[template]]
+source = "/srv/a.j2"
+destination = "/etc/nginx/conf.d/a.conf"
+mode = "0640"
+backup = false
+on_empty = "render"
+wait = { min = "0s", max = "1s" }
+
+[[template]]
+source = "b.j2"
+destination = "/etc/nginx/conf.d/b.conf"
+""")
+    assert config.consul.scheme == "https" and config.consul.host == "consul.internal" and config.consul.port == 8501
+    assert config.nginx.check_cmd == ("/usr/sbin/nginx", "-t", "-c", "/etc/nginx/my conf.conf")
+    assert config.nginx.reload_cmd == ("systemctl", "reload", "nginx")
+    assert config.nginx.reload_signal == signal.SIGUSR2
+    assert config.wait.min == 0.25 and config.wait.max == 120
+    a, b = config.templates
+    assert a.mode == 0o640 and a.backup is False and a.on_empty == "render"
+    assert config.wait_for(a).max == 1.0 and config.wait_for(b).max == 120
+
+
+def test_environment_fills_address_and_token_but_the_file_wins() -> None:
+    env = {"CONSUL_HTTP_ADDR": "127.0.0.1:9500", "CONSUL_HTTP_TOKEN": "from-env"}
+    config = parse(MINIMAL, env)
+    assert config.consul.address == "http://127.0.0.1:9500" and config.consul.token == "from-env"
+    config = parse('[consul]\naddress = "http://10.1.1.1:8500"\ntoken = "from-file"\n' + MINIMAL, env)
+    assert config.consul.address == "http://10.1.1.1:8500" and config.consul.token == "from-file"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[consul\naddress = 1", "not valid TOML"),
+        ('[consul]\nadress = "x"\n' + MINIMAL, "[consul] adress: unknown key; did you mean 'address'?"),
+        ('colour = "blue"\n' + MINIMAL, "colour: unknown key"),
+        ("[consul]\nwait = 60\n" + MINIMAL, "[consul] wait: expected a string, got int 60"),
+        ('[consul]\nwait = "60"\n' + MINIMAL, '[consul] wait: invalid duration \'60\'; write a number with a unit, e.g. "250ms", "5s", "1m"'),
+        ('[consul]\nverify = "yes"\n' + MINIMAL, "[consul] verify: expected true or false"),
+        ('[nginx]\nreload_signal = "SIGNOPE"\n' + MINIMAL, "[nginx] reload_signal: unknown signal 'SIGNOPE'"),
+        ('[nginx]\ncheck_cmd = ""\n' + MINIMAL, "never installs a configuration nginx has not checked"),
+        ('[nginx]\ncheck_cmd = "nginx -t \'unclosed"\n' + MINIMAL, "check its quotes"),
+        ('[wait]\nmin = "5s"\nmax = "1s"\n' + MINIMAL, "max (1s) must not be less than min (5s)"),
+        ("", "no [[template]] table"),
+        ('[[template]]\nsource = "a"\n', "[template #1] destination: missing"),
+        ('[[template]]\nsource = "a"\ndestination = "b"\nmode = "rw"\n', "is not an octal file mode"),
+        ('[[template]]\nsource = "a"\ndestination = "b"\non_empty = "drop"\n', "'drop' is not one of 'keep', 'render'"),
+        ('[[template]]\nsource = "a"\ndestination = "b"\n[[template]]\nsource = "c"\ndestination = "b"\n', "write the same destination"),
+        ('[status]\nlisten = "9118"\n' + MINIMAL, "[status] listen: '9118' is not HOST:PORT"),
+        ('[consul]\naddress = "ftp://x"\n' + MINIMAL, "is not http(s)://HOST:PORT"),
+    ],
+)
+def test_bad_config_is_one_clear_line(text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(text)
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+    assert message.startswith("/etc/confpy/confpy.toml")
+    assert info.value.exit_code == 2
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="configuration file not found; pass -c FILE or set CONFPY_CONFIG"):
+        load_config(tmp_path / "nope.toml", {})
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("0", 0.0), ("250ms", 0.25), ("1m30s", 90.0), ("1.5h", 5400.0), ("10us", 1e-5)])
+def test_go_durations(text: str, seconds: float) -> None:
+    assert parse_go_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "5", "5x", "ms", "1s2", "--1s"])
+def test_bad_go_durations(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_go_duration(text)
+
+
+def test_wait_formatting() -> None:
+    assert format_go_duration(60) == "60s" and format_go_duration(0.25) == "250ms"

@@ -1,0 +1,186 @@
+"""Rendering: template functions, sorting, IPv6, address fallback, nginx-safe output, errors with file:line."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from confpy.config import TemplateConfig
+from confpy.consul.dependencies import CatalogServices, ServiceHealth
+from confpy.errors import RenderError, UnsafeValueError
+from confpy.render.environment import DataSource, Memory, TemplateRenderer, nginx_quote, upstream_name_for
+from confpy.render.values import health_view_from_entries
+
+from .conftest import SHIPPED_TEMPLATE
+
+
+def entry(sid: str, port: int, address: str = "127.0.0.1", *, name: str = "web", node: str = "n1", node_address: str = "10.0.0.9",
+          tags: list[str] | None = None, meta: dict[str, str] | None = None, weight: Any = 1) -> dict[str, Any]:
+    return {
+        "Node": {"Node": node, "Address": node_address},
+        "Service": {"ID": sid, "Service": name, "Address": address, "Port": port, "Tags": tags if tags is not None else ["nginx"],
+                    "Meta": meta or {}, "Weights": {"Passing": weight, "Warning": 1}},
+        "Checks": [],
+    }
+
+
+def data_for(services: dict[str, list[dict[str, Any]]], tag: str | None = "nginx") -> DataSource:
+    data = DataSource()
+    data.set(CatalogServices(tag), tuple(sorted(services)))
+    for name, entries in services.items():
+        data.set(ServiceHealth(name, tag), health_view_from_entries(name, entries))
+    return data
+
+
+def renderer(tmp_path: Path, text: str | None = None, on_empty: str = "keep") -> TemplateRenderer:
+    source = SHIPPED_TEMPLATE
+    if text is not None:
+        source = tmp_path / "t.conf.j2"
+        source.write_text(text)
+    return TemplateRenderer(TemplateConfig(source=source, destination=tmp_path / "out.conf", on_empty=on_empty))  # type: ignore[arg-type]
+
+
+def render(r: TemplateRenderer, data: DataSource, memory: Memory | None = None) -> str:
+    result = r.render(data, memory or Memory())
+    assert result.complete
+    assert result.content is not None
+    return result.content.decode()
+
+
+def test_shipped_template_renders_upstreams_sorted_and_stable(tmp_path: Path) -> None:
+    entries = [entry("web-b", 8082), entry("web-a", 8081, meta={"max_fails": "3", "fail_timeout": "10s"}), entry("web-c", 8083, weight=5)]
+    r = renderer(tmp_path)
+    first = render(r, data_for({"web": entries}))
+    assert "upstream web {" in first and "zone web 64k;" in first and "keepalive 16;" in first
+    lines = [line.strip() for line in first.splitlines() if line.strip().startswith("server ")]
+    assert lines == [
+        "server 127.0.0.1:8081 weight=1 max_fails=3 fail_timeout=10s;",
+        "server 127.0.0.1:8082 weight=1;",
+        "server 127.0.0.1:8083 weight=5;",
+    ]
+    for _ in range(5):
+        random.shuffle(entries)
+        assert render(r, data_for({"web": entries})) == first  # order from Consul never changes the bytes
+
+
+def test_ipv6_is_bracketed_and_empty_address_falls_back_to_the_node(tmp_path: Path) -> None:
+    out = render(renderer(tmp_path), data_for({"web": [entry("a", 80, "2001:db8::1"), entry("b", 81, "", node_address="10.1.2.3")]}))
+    assert "server [2001:db8::1]:80 weight=1;" in out
+    assert "server 10.1.2.3:81 weight=1;" in out
+
+
+def test_instance_fields(tmp_path: Path) -> None:
+    text = "{% for i in service('web') %}{{ i.name }} {{ i.id }} {{ i.node }} {{ i.address }} {{ i.port }} {{ i.endpoint }} {{ i.weight }} "\
+           "{{ i.tags | join(',') }} {{ i.meta.zone }}\n{% endfor %}"
+    data = DataSource()
+    data.set(ServiceHealth("web"), health_view_from_entries("web", [entry("w1", 80, tags=["b", "a"], meta={"zone": "eu"}, weight=3)]))
+    assert render(renderer(tmp_path, text), data) == "web w1 n1 127.0.0.1 80 127.0.0.1:80 3 a,b eu\n"
+
+
+def test_services_lists_catalog_without_consul_and_filters_by_tag(tmp_path: Path) -> None:
+    data = DataSource()
+    data.set(CatalogServices(None), ())
+    from confpy.render.values import catalog_names
+
+    catalog = {"consul": [], "web": ["nginx"], "api": ["nginx", "v2"], "db": []}
+    assert catalog_names(catalog, None) == ("api", "db", "web")
+    assert catalog_names(catalog, "nginx") == ("api", "web")
+
+
+def test_invalid_instances_are_left_out_with_reasons() -> None:
+    view = health_view_from_entries("web", [
+        entry("ok", 80),
+        entry("bad-port", 0),
+        entry("bad-port2", 70000),
+        entry("bad-address", 80, "10.0.0.1:80; } server { listen 80; } #"),
+        entry("any", 80, "0.0.0.0"),
+        entry("bad-weight", 80, weight=0),
+        entry("bad-meta", 80, meta={"max_fails": "3; evil"}),
+    ])
+    assert [i.id for i in view.instances] == ["ok"]
+    reasons = {r.id: r.reason for r in view.rejected}
+    assert "not from 1 to 65535" in reasons["bad-port"] and "not from 1 to 65535" in reasons["bad-port2"]
+    assert "neither an IP address nor a valid host name" in reasons["bad-address"]
+    assert "unspecified" in reasons["any"]
+    assert "not a positive integer" in reasons["bad-weight"]
+    assert "max_fails" in reasons["bad-meta"]
+    assert "service 'web' instance 'bad-port'" in str(view.rejected[0])
+
+
+def test_finalize_refuses_values_that_break_out_and_names_the_origin(tmp_path: Path) -> None:
+    text = "upstream web {\n{% for i in service('web') %}\n  server {{ i.endpoint }}; # {{ i.meta.note }}\n{% endfor %}\n}\n"
+    data = DataSource()
+    data.set(ServiceHealth("web"), health_view_from_entries("web", [entry("w1", 80, meta={"note": "x;\n} server { listen 81; }"})]))
+    with pytest.raises(UnsafeValueError) as info:
+        renderer(tmp_path, text).render(data, Memory())
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 't.conf.j2'}:3:")
+    assert "meta 'note' of service 'web' instance 'w1'" in message and "nginx_quote" in message
+
+
+@pytest.mark.parametrize("value", ["a b", "a;b", "{", "}", '"', "'", "#", "$x", "a\\b", "a\tb", "\x00", "é"])
+def test_each_unsafe_character_is_refused(tmp_path: Path, value: str) -> None:
+    env = renderer(tmp_path, "x").env
+    with pytest.raises(UnsafeValueError, match="could break out of an nginx directive"):
+        env.from_string("server {{ v }};").render(v=value)
+
+
+def test_numbers_and_quoted_values_pass(tmp_path: Path) -> None:
+    env = renderer(tmp_path, "x").env
+    assert env.from_string("{{ n }} {{ s | nginx_quote }}").render(n=42, s='say "hi" \\ ok;{}#') == '42 "say \\"hi\\" \\\\ ok;{}#"'
+    with pytest.raises(UnsafeValueError, match="newline"):
+        nginx_quote("a\nb")
+    with pytest.raises(UnsafeValueError, match=r"'\$'"):
+        nginx_quote("$host")
+
+
+def test_upstream_name_mapping() -> None:
+    assert upstream_name_for("web") == "web"
+    assert upstream_name_for("api.v2_x-1") == "api.v2_x-1"
+    mapped = upstream_name_for("my service")
+    assert mapped.startswith("my_service_") and len(mapped) == len("my_service_") + 8
+    assert upstream_name_for("my service") == mapped  # deterministic
+    assert upstream_name_for("my/service") != mapped  # different names never share an upstream
+    with pytest.raises(UnsafeValueError, match="maps to no valid nginx upstream name"):
+        upstream_name_for("{};")
+
+
+def test_syntax_error_and_undefined_name_report_file_and_line(tmp_path: Path) -> None:
+    with pytest.raises(RenderError, match=r"t\.conf\.j2:2: template syntax error"):
+        renderer(tmp_path, "ok\n{% for x in %}\n").render(DataSource(), Memory())
+    with pytest.raises(RenderError, match=r"t\.conf\.j2:3: 'nope' is undefined"):
+        renderer(tmp_path, "a\nb\n{{ nope }}\n").render(DataSource(), Memory())
+    with pytest.raises(RenderError, match="template not found"):
+        TemplateRenderer(TemplateConfig(source=tmp_path / "missing.j2", destination=tmp_path / "o")).render(DataSource(), Memory())
+
+
+def test_missing_data_makes_an_incomplete_render_that_names_its_dependencies(tmp_path: Path) -> None:
+    result = renderer(tmp_path).render(DataSource(), Memory())
+    assert not result.complete and result.missing == {CatalogServices("nginx")}
+    data = DataSource()
+    data.set(CatalogServices("nginx"), ("web",))
+    result = renderer(tmp_path).render(data, Memory())
+    assert result.missing == {ServiceHealth("web", "nginx")}
+
+
+def test_on_empty_keep_uses_remembered_members_and_render_gets_a_valid_placeholder(tmp_path: Path) -> None:
+    full = data_for({"web": [entry("a", 8081)]})
+    first = renderer(tmp_path).render(full, Memory())
+    empty = data_for({"web": []})
+    kept = renderer(tmp_path).render(empty, first.memory)
+    assert kept.content == first.content and kept.kept == ("service(web, tag=nginx)",)
+    rendered_empty = renderer(tmp_path, on_empty="render").render(empty, first.memory)
+    assert rendered_empty.content is not None
+    assert b"server 127.0.0.1:9 down;" in rendered_empty.content and b"8081" not in rendered_empty.content
+
+
+def test_collision_between_mapped_names_is_refused(tmp_path: Path) -> None:
+    taken = upstream_name_for("a b")
+    ok = "{{ 'a b' | upstream_name }} {{ 'a b' | upstream_name }}"
+    assert render(renderer(tmp_path, ok), DataSource()) == f"{taken} {taken}"
+    clash = "{{ 'a b' | upstream_name }} {{ '" + taken + "' | upstream_name }}"
+    with pytest.raises(UnsafeValueError, match="both map to upstream"):
+        renderer(tmp_path, clash).render(DataSource(), Memory())
