@@ -1,0 +1,303 @@
+"""Conformance of `confpy dev-consul` with Consul's HTTP API, through py-consul and raw HTTP.
+
+With CONFPY_TEST_CONSUL=http://host:port the same tests run against a real agent; only those
+that need dev-consul's internals (a fake clock) are skipped there.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from typing import Any
+
+import consul as pyconsul
+import pytest
+
+from confpy.devconsul.register import RegisterError, decode_service
+from confpy.devconsul.state import CRITICAL, AgentState
+from confpy.lab import BackendServer, ConsulAPI, wait_until
+
+from .conftest import ConsulUnderTest, dev_consul_only
+
+
+def client(c: ConsulUnderTest) -> pyconsul.Consul:
+    host, port = c.url.rsplit("//", 1)[1].rsplit(":", 1)
+    return pyconsul.Consul(host=host, port=int(port))
+
+
+def passing_ids(api: ConsulAPI, name: str, query: str = "passing") -> list[str]:
+    return sorted(e["Service"]["ID"] for e in api.health(name, query)[1])
+
+
+def blocking_get(api: ConsulAPI, path: str, index: int, wait: str, out: dict[str, Any]) -> None:
+    started = time.monotonic()
+    code, headers, body = api.request("GET", f"{path}{'&' if '?' in path else '?'}index={index}&wait={wait}", timeout=30)
+    out.update(code=code, index=int(headers.get("X-Consul-Index", "0")), body=json.loads(body or b"null"),
+               took=time.monotonic() - started, returned=time.monotonic())
+
+
+def test_register_and_read_through_py_consul(consul: ConsulUnderTest) -> None:
+    c = client(consul)
+    c.agent.service.register("web", service_id="web-1", address="127.0.0.1", port=8081, tags=["nginx"], meta={"zone": "a"},
+                             weights={"passing": 3, "warning": 1})
+    index, entries = c.health.service("web", passing=True)
+    assert int(index) >= 1
+    [entry] = entries
+    assert set(entry) == {"Node", "Service", "Checks"}
+    for key in ("ID", "Node", "Address", "Datacenter", "TaggedAddresses", "Meta", "CreateIndex", "ModifyIndex"):
+        assert key in entry["Node"]
+    service = entry["Service"]
+    assert (service["ID"], service["Service"], service["Port"], service["Tags"], service["Meta"]) == ("web-1", "web", 8081, ["nginx"], {"zone": "a"})
+    assert service["Weights"] == {"Passing": 3, "Warning": 1}
+    for key in ("Address", "TaggedAddresses", "EnableTagOverride", "CreateIndex", "ModifyIndex"):
+        assert key in service
+    check_keys = {"CheckID", "Name", "Status", "Notes", "Output", "ServiceID", "ServiceName", "ServiceTags", "Type", "CreateIndex", "ModifyIndex"}
+    assert all(check_keys <= set(check) for check in entry["Checks"])
+    assert [ch["CheckID"] for ch in entry["Checks"]] == ["serfHealth"]
+    _, services = c.catalog.services()
+    assert services["web"] == ["nginx"] and "consul" in services
+    _, nodes = c.catalog.service("web")
+    assert nodes[0]["ServiceID"] == "web-1" and nodes[0]["ServicePort"] == 8081 and nodes[0]["ServiceWeights"] == {"Passing": 3, "Warning": 1}
+
+
+def test_blocking_query_returns_on_a_relevant_change_only(consul: ConsulUnderTest) -> None:
+    api = consul.api
+    api.register("web", 8081, id="web-1")
+    api.register("api", 9001, id="api-1")
+    index, _ = api.health("web")
+    # A change to another service must not wake a watcher of web: it times out with the same index.
+    unrelated: dict[str, Any] = {}
+    t = threading.Thread(target=blocking_get, args=(api, "/v1/health/service/web?passing", index, "1s", unrelated))
+    t.start()
+    time.sleep(0.2)
+    api.register("api", 9002, id="api-2")
+    t.join(10)
+    assert unrelated["code"] == 200 and unrelated["index"] == index and unrelated["took"] >= 0.9
+    # A change to web wakes it at once (well before its 10 s wait).
+    relevant: dict[str, Any] = {}
+    t = threading.Thread(target=blocking_get, args=(api, "/v1/health/service/web?passing", index, "10s", relevant))
+    t.start()
+    time.sleep(0.2)
+    changed_at = time.monotonic()
+    api.register("web", 8082, id="web-2")
+    t.join(15)
+    latency = relevant["returned"] - changed_at
+    assert relevant["index"] > index and len(relevant["body"]) == 2
+    assert latency < 2.0, f"blocking query returned {latency:.3f}s after the change"
+
+
+def test_timeout_returns_same_body_and_index_and_index_is_never_zero(consul: ConsulUnderTest) -> None:
+    api = consul.api
+    index, body = api.health("ghost")
+    assert index >= 1 and body == []
+    out: dict[str, Any] = {}
+    blocking_get(api, "/v1/health/service/ghost", index, "500ms", out)
+    assert out["index"] == index and out["body"] == [] and 0.45 <= out["took"] < 5
+    code, headers, _ = api.request("GET", "/v1/catalog/services?index=0")
+    assert code == 200 and int(headers["X-Consul-Index"]) >= 1
+    assert headers["X-Consul-KnownLeader"] == "true" and "X-Consul-LastContact" in headers
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "text"),
+    [
+        ("/v1/health/service/web?index=1&wait=zz", 400, "Invalid wait time"),
+        ("/v1/health/service/web?index=abc", 400, "Invalid index"),
+        ("/v1/health/service/web?passing=maybe", 400, "Invalid value for ?passing"),
+        ("/v1/health/service/", 400, "Missing service name"),
+        ("/v1/catalog/services?stale&consistent", 400, "Cannot specify ?stale with ?consistent, conflicting semantics."),
+    ],
+)
+def test_query_parameter_errors(consul: ConsulUnderTest, path: str, status: int, text: str) -> None:
+    code, _, body = consul.api.request("GET", path)
+    assert (code, body.decode().strip()) == (status, text)
+
+
+@pytest.mark.parametrize("value", ["", "1", "t", "TRUE", "true", "True"])
+def test_passing_accepts_go_parsebool_truths(consul: ConsulUnderTest, value: str) -> None:
+    consul.api.register("web", 8081, id="web-ok")
+    consul.api.register("web", 8082, id="web-bad", Check={"TTL": "60s"})  # critical until it passes
+    assert passing_ids(consul.api, "web", f"passing={value}" if value else "passing") == ["web-ok"]
+    assert passing_ids(consul.api, "web", "passing=false") == ["web-bad", "web-ok"]
+
+
+def test_passing_drops_warning_maintenance_and_tag_filters_all_must_match(consul: ConsulUnderTest) -> None:
+    api = consul.api
+    api.register("web", 8081, id="w1", tags=["nginx", "v1"], Check={"TTL": "60s", "Status": "passing"})
+    api.register("web", 8082, id="w2", tags=["nginx", "v2"], Check={"TTL": "60s", "Status": "passing"})
+    api.register("web", 8083, id="w3", tags=["nginx"])
+    assert passing_ids(api, "web") == ["w1", "w2", "w3"]
+    assert passing_ids(api, "web", "passing&tag=nginx&tag=v2") == ["w2"]
+    api.request("PUT", "/v1/agent/check/warn/service:w1?note=slow")
+    assert passing_ids(api, "web") == ["w2", "w3"]
+    code, _, _ = api.request("PUT", "/v1/agent/service/maintenance/w2?enable=true")
+    assert code == 200
+    assert passing_ids(api, "web") == ["w3"]
+    [entry] = [e for e in api.health("web", "")[1] if e["Service"]["ID"] == "w2"]
+    maint = [c for c in entry["Checks"] if c["CheckID"] == "_service_maintenance:w2"][0]
+    assert maint["Status"] == "critical" and maint["Name"] == "Service Maintenance Mode"
+    assert maint["Notes"].startswith("Maintenance mode is enabled for this service, but no reason was provided.")
+    api.request("PUT", "/v1/agent/service/maintenance/w2?enable=false")
+    api.request("PUT", "/v1/agent/check/pass/service:w1")
+    assert passing_ids(api, "web") == ["w1", "w2", "w3"]
+    c = client(consul)
+    c.agent.service.maintenance("w3", "true", reason="deploying")  # py-consul's own form
+    [entry] = [e for e in api.health("web", "")[1] if e["Service"]["ID"] == "w3"]
+    assert [ch["Notes"] for ch in entry["Checks"] if ch["CheckID"] == "_service_maintenance:w3"] == ["deploying"]
+
+
+def test_maintenance_errors(consul: ConsulUnderTest) -> None:
+    api = consul.api
+    api.register("web", 8081, id="w1")
+    assert api.request("PUT", "/v1/agent/service/maintenance/w1")[::2] == (400, b"Missing value for enable")
+    assert api.request("PUT", "/v1/agent/service/maintenance/w1?enable=x")[::2] == (400, b'Invalid value for enable: "x"')
+    code, _, body = api.request("PUT", "/v1/agent/service/maintenance/nope?enable=true")
+    assert code == 404 and body.decode().startswith('No service registered with ID "nope"')
+
+
+def test_register_decoding_rules(consul: ConsulUnderTest) -> None:
+    api = consul.api
+    # Keys in any case, snake_case, and the consul CLI's explicit nulls.
+    body = {"name": "web", "PORT": 8081, "address": "127.0.0.1", "enable_tag_override": True, "Check": None, "Checks": None,
+            "Meta": {"Mixed_Case": "kept"}}
+    assert api.request("PUT", "/v1/agent/service/register", body)[0] == 200
+    [entry] = api.health("web", "")[1]
+    assert entry["Service"]["ID"] == "web" and entry["Service"]["EnableTagOverride"] is True
+    assert entry["Service"]["Meta"] == {"Mixed_Case": "kept"}
+    # Checks: default IDs and names, critical until told otherwise.
+    api.register("api", 9000, id="api-1", Checks=[{"TTL": "30s"}, {"TTL": "30s", "Status": "passing"}])
+    [entry] = api.health("api", "")[1]
+    checks = {c["CheckID"]: c for c in entry["Checks"] if c["ServiceID"]}
+    assert set(checks) == {"service:api-1:1", "service:api-1:2"}
+    assert checks["service:api-1:1"]["Status"] == "critical" and checks["service:api-1:2"]["Status"] == "passing"
+    assert checks["service:api-1:1"]["Name"] == "Service 'api' check"
+    api.register("one", 9001, id="one-1", Check={"TTL": "30s"})
+    assert [c["CheckID"] for c in api.health("one", "")[1][0]["Checks"] if c["ServiceID"]] == ["service:one-1"]
+    # Re-registering an ID replaces it.
+    api.register("one", 9002, id="one-1")
+    assert [e["Service"]["Port"] for e in api.health("one", "")[1]] == [9002]
+    # Deregistering an unknown ID is a 200, as in Consul.
+    assert api.request("PUT", "/v1/agent/service/deregister/never-was")[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "text"),
+    [
+        ({"Port": 80}, "Missing service name"),
+        ({"Name": "web", "Port": "80"}, "Request decode failed: json: cannot unmarshal string into Go struct field ServiceDefinition.Port of type int"),
+        ({"Name": "web", "Tags": "nginx"}, "Request decode failed: json: cannot unmarshal string into Go struct field ServiceDefinition.Tags"),
+        ({"Name": "web", "Address": "0.0.0.0"}, "Invalid service address"),
+        ({"Name": "web", "Address": "::"}, "Invalid service address"),
+        ({"Name": "web", "Weights": {"Passing": 0, "Warning": 1}}, "Invalid Weights: Passing must be greater than 0"),
+        ({"Name": "web", "Meta": {"consul-x": "1"}}, "Invalid Service Meta: Key prefix 'consul-' is reserved for internal use"),
+        ({"Name": "web", "Meta": {"a b": "1"}}, "Invalid Service Meta: Key contains invalid characters"),
+        ({"Name": "web", "Meta": {"k": "v" * 513}}, "Invalid Service Meta: Value is too long (limit: 512 characters)"),
+        ({"Name": "web", "Meta": {f"k{i}": "v" for i in range(65)}}, "Invalid Service Meta: Node metadata cannot contain more than 64 key/value pairs"),
+        ({"Name": "web", "Check": {"HTTP": "http://127.0.0.1/"}}, "Invalid check: Interval must be > 0"),
+        ({"Name": "web", "Check": {"TTL": "10s", "Interval": "10s"}}, "Invalid check: Interval and TTL cannot both be specified"),
+        ({"Name": "web", "Check": {"TTL": "10s", "Status": "up"}}, "Status for checks must 'passing', 'warning', 'critical'"),
+    ],
+)
+def test_register_errors_use_consul_texts(consul: ConsulUnderTest, body: dict[str, Any], text: str) -> None:
+    code, _, answer = consul.api.request("PUT", "/v1/agent/service/register", body)
+    assert code == 400
+    assert answer.decode().startswith(text)
+
+
+def test_register_rejects_bad_json(consul: ConsulUnderTest) -> None:
+    code, _, answer = consul.api.request("PUT", "/v1/agent/service/register", b"{not json")
+    assert code == 400 and answer.decode().startswith("Request decode failed")
+
+
+def test_ttl_updates_and_errors(consul: ConsulUnderTest) -> None:
+    api = consul.api
+    api.register("web", 8081, id="w1", Check={"TTL": "30s"})
+    api.register("web", 8082, id="w2", Check={"TCP": "127.0.0.1:1", "Interval": "10s"})
+    assert api.request("PUT", "/v1/agent/check/pass/service:w1?note=all%20good")[0] == 200
+    [check] = [c for e in api.health("web", "")[1] for c in e["Checks"] if c["CheckID"] == "service:w1"]
+    assert check["Status"] == "passing" and check["Output"] == "all good"
+    assert api.request("PUT", "/v1/agent/check/update/service:w1", {"Status": "warning", "Output": "slow"})[0] == 200
+    [check] = [c for e in api.health("web", "")[1] for c in e["Checks"] if c["CheckID"] == "service:w1"]
+    assert (check["Status"], check["Output"]) == ("warning", "slow")
+    for target in ("service:w2", "nope"):
+        code, _, body = api.request("PUT", f"/v1/agent/check/fail/{target}")
+        assert (code, body.decode()) == (500, f'CheckID "{target}" does not have associated TTL')
+
+
+def test_ttl_expiry_turns_critical(consul: ConsulUnderTest) -> None:
+    api = consul.api
+    api.register("web", 8081, id="w1", Check={"TTL": "1s", "Status": "passing"})
+    assert passing_ids(api, "web") == ["w1"]
+    assert wait_until(lambda: passing_ids(api, "web") == [], 10, interval=0.1)
+    [check] = [c for e in api.health("web", "")[1] for c in e["Checks"] if c["CheckID"] == "service:w1"]
+    assert check["Status"] == "critical" and "TTL expired" in check["Output"]
+
+
+def test_http_and_tcp_checks_follow_the_backend(consul: ConsulUnderTest) -> None:
+    backend = BackendServer("App").start()
+    port = backend.port
+    api = consul.api
+    api.register("web", port, id="tcp", Check={"TCP": f"127.0.0.1:{port}", "Interval": "1s", "Timeout": "1s"})
+    api.register("web", port, id="http", Check={"HTTP": f"http://127.0.0.1:{port}/health", "Interval": "1s", "Timeout": "1s"})
+    assert wait_until(lambda: passing_ids(api, "web") == ["http", "tcp"], 10, interval=0.1)
+    [check] = [c for e in api.health("web", "")[1] for c in e["Checks"] if c["CheckID"] == "service:http"]
+    assert check["Output"].startswith(f"HTTP GET http://127.0.0.1:{port}/health: 200 OK Output: App")
+    backend.stop()
+    assert wait_until(lambda: passing_ids(api, "web") == [], 10, interval=0.1)
+
+
+def test_kv(consul: ConsulUnderTest) -> None:
+    api = consul.api
+    code, headers, _ = api.request("GET", "/v1/kv/confpy-test/missing")
+    assert code == 404 and int(headers["X-Consul-Index"]) >= 1
+    assert api.request("PUT", "/v1/kv/confpy-test/a?flags=42", b"hello")[2] == b"true"
+    assert api.request("PUT", "/v1/kv/confpy-test/dir/b", b"x")[2] == b"true"
+    _, _, body = api.request("GET", "/v1/kv/confpy-test/a")
+    [item] = json.loads(body)
+    assert item["Key"] == "confpy-test/a" and base64.b64decode(item["Value"]) == b"hello" and item["Flags"] == 42
+    assert api.request("GET", "/v1/kv/confpy-test/a?raw")[2] == b"hello"
+    assert json.loads(api.request("GET", "/v1/kv/confpy-test/?keys&separator=/")[2]) == ["confpy-test/a", "confpy-test/dir/"]
+    assert len(json.loads(api.request("GET", "/v1/kv/confpy-test/?recurse")[2])) == 2
+    assert api.request("PUT", "/v1/kv/confpy-test/a?cas=0", b"no")[2] == b"false"
+    assert api.request("PUT", f"/v1/kv/confpy-test/a?cas={item['ModifyIndex']}", b"yes")[2] == b"true"
+    assert api.request("DELETE", "/v1/kv/confpy-test/?recurse")[2] == b"true"
+    assert api.request("GET", "/v1/kv/confpy-test/a")[0] == 404
+
+
+def test_status_and_self(consul: ConsulUnderTest) -> None:
+    code, _, body = consul.api.request("GET", "/v1/status/leader")
+    assert code == 200 and ":" in json.loads(body)
+    code, _, body = consul.api.request("GET", "/v1/agent/self")
+    assert code == 200 and "Datacenter" in json.loads(body)["Config"]
+
+
+@dev_consul_only
+def test_deregister_critical_service_after_has_a_one_minute_floor() -> None:
+    now = [1000.0]
+    state = AgentState("n1", clock=lambda: now[0])
+    service, checks = decode_service({"Name": "web", "ID": "w1", "Check": {"TTL": "10s", "DeregisterCriticalServiceAfter": "5s"}})
+    assert checks[0]["deregister_after"] == 60.0
+    state.register(service, checks)
+    assert state.checks["service:w1"].status == CRITICAL
+    now[0] += 59
+    assert state.reap_critical() == [] and "w1" in state.services
+    now[0] += 2
+    assert state.reap_critical() == ["w1"] and "w1" not in state.services and "service:w1" not in state.checks
+
+
+@dev_consul_only
+def test_unsupported_check_kinds_are_refused_clearly() -> None:
+    with pytest.raises(RegisterError, match="supports TTL, HTTP and TCP checks, not grpc"):
+        decode_service({"Name": "web", "Check": {"GRPC": "127.0.0.1:1", "Interval": "1s"}})
+
+
+@dev_consul_only
+def test_dev_consul_exits_cleanly_on_sigterm() -> None:
+    from confpy.lab import DevConsulProcess
+
+    proc = DevConsulProcess().start()
+    assert proc.proc is not None
+    proc.stop()
+    assert proc.proc.returncode == 0
