@@ -136,7 +136,7 @@ def test_passing_drops_warning_maintenance_and_tag_filters_all_must_match(consul
     assert code == 200
     assert passing_ids(api, "web") == ["w3"]
     [entry] = [e for e in api.health("web", "")[1] if e["Service"]["ID"] == "w2"]
-    maint = [c for c in entry["Checks"] if c["CheckID"] == "_service_maintenance:w2"][0]
+    maint = next(c for c in entry["Checks"] if c["CheckID"] == "_service_maintenance:w2")
     assert maint["Status"] == "critical" and maint["Name"] == "Service Maintenance Mode"
     assert maint["Notes"].startswith("Maintenance mode is enabled for this service, but no reason was provided.")
     api.request("PUT", "/v1/agent/service/maintenance/w2?enable=false")
