@@ -25,7 +25,7 @@ nginx:
 	fi
 
 lint: venv
-	$(BIN)/ruff check confpy tests bench
+	$(BIN)/ruff check confpy tests $(wildcard bench)
 
 typecheck: venv
 	$(BIN)/mypy confpy

@@ -124,6 +124,13 @@ class SyncEngine:
         changes, report.unchanged = self.changes(results)
         for path in report.unchanged:
             log.debug("%s: rendered bytes equal the installed file; nothing to do", path)
+        if not changes:
+            destinations = [r.template.destination for r in results]
+            if self.installer.reloader.is_stale(destinations):
+                outcome = self.installer.reloader.reload()
+                report.apply = ApplyReport((), outcome)
+                log.info("nginx's workers are older than %s; reloaded once so it serves the current file (%s)",
+                         ", ".join(map(str, destinations)), outcome.detail)
         if changes:
             started = time.monotonic()
             report.apply = self.installer.apply(changes)
@@ -137,6 +144,8 @@ class SyncEngine:
                 log.warning("files installed, reload skipped: %s", report.apply.reload.detail)
         for result in results:
             dest = result.template.destination
+            for warning in result.warnings:
+                log.warning("%s: %s", dest, warning)
             for dep in result.kept:
                 log.warning("%s: %s has no passing instance; keeping its last known members (on_empty = keep)", dest, dep)
             if result.memory.members != memories[dest].members:

@@ -344,11 +344,6 @@ class Runner:
         if complete:
             self._apply(complete, "start-up sync", {})
         self._sync_watchers(indexes)
-        destinations = [t.destination for t in self.config.templates]
-        if self.last_sync_ok and self.engine.installer.reloader.is_stale(destinations):
-            outcome = self.engine.installer.reloader.reload()
-            log.info("nginx's workers are older than %s; reloaded once so it serves the current file (%s)",
-                     ", ".join(map(str, destinations)), outcome.detail)
 
     # --- the loop ----------------------------------------------------------------------------
 

@@ -54,7 +54,7 @@ def test_shipped_template_renders_upstreams_sorted_and_stable(tmp_path: Path) ->
     entries = [entry("web-b", 8082), entry("web-a", 8081, meta={"max_fails": "3", "fail_timeout": "10s"}), entry("web-c", 8083, weight=5)]
     r = renderer(tmp_path)
     first = render(r, data_for({"web": entries}))
-    assert "upstream web {" in first and "zone web 64k;" in first and "keepalive 16;" in first
+    assert "upstream web {" in first and "zone web 67k;" in first and "keepalive 16;" in first
     lines = [line.strip() for line in first.splitlines() if line.strip().startswith("server ")]
     assert lines == [
         "server 127.0.0.1:8081 weight=1 max_fails=3 fail_timeout=10s;",

@@ -39,6 +39,8 @@ def read_bytes(path: Path) -> bytes | None:
 
 
 def _explain(path: Path, exc: OSError) -> str:
+    if exc.errno == errno.ENOENT and path.parent.is_dir():
+        return f"{path}: cannot create a file in {path.parent} ({exc.strerror}); is it a writable file system?"
     if exc.errno == errno.ENOENT:
         return f"{path}: the folder {path.parent} does not exist; create it or fix the destination"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -105,6 +107,18 @@ def remove_file(path: Path) -> None:
         raise InstallError(f"{path}: cannot remove the rejected file: {exc.strerror}") from None
 
 
+def remove_leftover_temp_files(destination: Path) -> list[Path]:
+    """Remove temporary files a killed confpy left beside `destination` (call with its lock held)."""
+    removed = []
+    for leftover in destination.parent.glob(f".{destination.name}.*.confpy-tmp"):
+        try:
+            leftover.unlink()
+            removed.append(leftover)
+        except OSError:
+            pass
+    return removed
+
+
 def lock_path_for(destination: Path) -> Path:
     return destination.parent / f".{destination.name}.confpy.lock"
 
@@ -140,6 +154,8 @@ def destination_lock(destination: Path, timeout: float, stop: Event | None = Non
                     time.sleep(0.05)
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
+        for leftover in remove_leftover_temp_files(destination):
+            log.info("removed %s, left behind by an interrupted write", leftover)
         yield
     finally:
         os.close(fd)

@@ -7,12 +7,26 @@ template sees. Two templates that call `service("web")` share one dependency and
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from confpy.consul.client import ConsulClient
 from confpy.errors import ConsulBadResponse
-from confpy.render.values import HealthView, catalog_names, health_view_from_entries
+from confpy.render.values import HealthView, catalog_names, health_view_from_entries, without_unresolvable
+
+
+def host_resolves(host: str) -> bool:
+    """True when the system resolver knows `host` (as nginx will need it to)."""
+    try:
+        return bool(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM))
+    except (OSError, UnicodeError):
+        return False
+
+
+def health_view(service: str, entries: Any) -> HealthView:
+    """A `/v1/health/service` answer as templates see it: validated, sorted, resolvable."""
+    return without_unresolvable(health_view_from_entries(service, entries), host_resolves)
 
 
 class Dependency(Protocol):
@@ -40,7 +54,7 @@ class ServiceHealth:
     def fetch(self, client: ConsulClient, index: int, wait: float | None) -> tuple[int, HealthView]:
         new_index, entries = client.health_service(self.service, tag=self.tag, passing=True, index=index, wait=wait)
         try:
-            return new_index, health_view_from_entries(self.service, entries)
+            return new_index, health_view(self.service, entries)
         except ValueError as exc:
             raise ConsulBadResponse(f"Consul's answer for service {self.service!r} has an unexpected shape: {exc}") from None
 

@@ -123,6 +123,7 @@ class RenderResult:
     missing: frozenset[AnyDependency]
     memory: Memory
     kept: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
 
     @property
     def complete(self) -> bool:
@@ -170,6 +171,7 @@ class _RenderContext:
         self.missing: set[AnyDependency] = set()
         self.memory = Memory()
         self.kept: list[str] = []
+        self.warnings: list[str] = []
         self.upstreams: dict[str, str] = {}
 
     def service(self, name: Any, tag: Any = None) -> list[ServiceInstance]:
@@ -207,12 +209,26 @@ class _RenderContext:
         assert isinstance(value, tuple)
         return list(value)
 
+    def upstream_mappable(self, service: Any) -> bool:
+        try:
+            upstream_name_for(str(service))
+        except UnsafeValueError as exc:
+            self.warnings.append(f"skipped: {exc}")
+            return False
+        return True
+
     def upstream_name(self, service: Any) -> str:
         name = upstream_name_for(str(service))
         other = self.upstreams.setdefault(name, str(service))
         if other != str(service):
             raise UnsafeValueError(f"services {other!r} and {str(service)!r} both map to upstream {name!r}; rename one of them")
         return name
+
+
+@jinja2.pass_context
+def _upstream_mappable_test(context: jinja2.runtime.Context, service: Any) -> bool:
+    render: _RenderContext = context["__confpy__"]
+    return render.upstream_mappable(service)
 
 
 @jinja2.pass_context
@@ -249,6 +265,7 @@ class TemplateRenderer:
         )
         self.env.filters["nginx_quote"] = nginx_quote
         self.env.filters["upstream_name"] = _upstream_name_filter
+        self.env.tests["upstream_mappable"] = _upstream_mappable_test
         self.env.globals["confpy"] = {"version": __version__, **(extra_globals or {})}
 
     def _where(self, line: int | None) -> str:
@@ -298,5 +315,6 @@ class TemplateRenderer:
             missing=frozenset(ctx.missing),
             memory=ctx.memory,
             kept=tuple(ctx.kept),
+            warnings=tuple(dict.fromkeys(ctx.warnings)),
         )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,8 @@ def is_hostname(text: str) -> bool:
     if not text or len(text) > 253:
         return False
     labels = text[:-1].split(".") if text.endswith(".") else text.split(".")
+    if all(label.isdigit() for label in labels):
+        return False  # looks like a dotted IPv4 address that is not one (e.g. 256.1.1.1)
     return all(_HOST_LABEL.match(label) for label in labels)
 
 
@@ -48,6 +50,8 @@ def normalize_address(text: str) -> str:
         if is_hostname(text):
             return text
         raise ValueError(f"address {text[:80]!r} is neither an IP address nor a valid host name") from None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
+        raise ValueError(f"address {text!r} has an IPv6 zone (%{ip.scope_id}), which nginx does not accept")
     if ip.is_unspecified:
         raise ValueError(f"address {text!r} is unspecified (0.0.0.0 or ::) and cannot be connected to")
     return str(ip)
@@ -216,6 +220,22 @@ def health_view_from_entries(service_name: str, entries: Any) -> HealthView:
             rejected.append(RejectedInstance(service_name, str(sid)[:80] if sid else "?", str(exc)))
     instances.sort(key=ServiceInstance.sort_key)
     return HealthView(tuple(instances), tuple(rejected))
+
+
+def without_unresolvable(view: HealthView, resolves: Callable[[str], bool]) -> HealthView:
+    """Move instances whose host name does not resolve to `rejected`.
+
+    nginx resolves upstream host names when it loads its configuration and refuses the whole
+    configuration if one does not resolve; one such registration must not block every update.
+    """
+    kept: list[ServiceInstance] = []
+    rejected = list(view.rejected)
+    for instance in view.instances:
+        if is_hostname(instance.address) and not resolves(instance.address):
+            rejected.append(RejectedInstance(instance.name, instance.id, f"host name {instance.address!r} does not resolve"))
+        else:
+            kept.append(instance)
+    return HealthView(tuple(kept), tuple(rejected))
 
 
 def catalog_names(services: Any, tag: str | None) -> tuple[str, ...]:
