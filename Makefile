@@ -17,11 +17,13 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 venv: $(VENV)/.installed
 
-# nginx from Debian, installed only when it is missing.
+# nginx from Debian, with the Lua module live mode uses, installed only when something is missing.
+NGINX_PACKAGES := nginx-light libnginx-mod-http-lua lua-resty-core lua-cjson
 nginx:
-	@if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then \
-		echo "installing nginx-light with apt-get"; \
-		$(APT) update -qq && $(APT) install -y -qq nginx-light >/dev/null; \
+	@missing=$$(for p in $(NGINX_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ] && ! { [ -x /usr/sbin/nginx ] && [ "$$missing" = "nginx-light" ]; }; then \
+		echo "installing with apt-get: $$missing"; \
+		$(APT) update -qq && $(APT) install -y -qq $$missing >/dev/null; \
 	fi
 
 lint: venv

@@ -88,6 +88,9 @@ def run_main_job(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         for template in config.templates:
             diff = report.diffs.get(template.destination)
             sys.stdout.write(diff if diff else f"{template.destination}: no change\n")
+        for path, diff in report.diffs.items():
+            if path not in {t.destination for t in config.templates}:
+                sys.stdout.write(diff)
         return EXIT_OK
     if not report.changed:
         log.info("no change: %s", ", ".join(str(p) for p in report.unchanged))

@@ -24,6 +24,14 @@ from pathlib import Path
 from typing import Any
 
 LOOPBACK = "127.0.0.1"
+LUA_MODULES_DIR = "/usr/lib/nginx/modules"
+LUA_MODULES = ("ndk_http_module.so", "ngx_http_lua_module.so")
+
+
+def lua_available() -> bool:
+    """Debian's Lua module for nginx (libnginx-mod-http-lua) with lua-resty-core and lua-cjson."""
+    return all(Path(LUA_MODULES_DIR, name).exists() for name in LUA_MODULES) and Path("/usr/share/lua/5.1/ngx/balancer.lua").exists() \
+        and any(Path(p, "cjson.so").exists() for p in ("/usr/lib/x86_64-linux-gnu/lua/5.1", "/usr/lib/aarch64-linux-gnu/lua/5.1", "/usr/local/lib/lua/5.1"))
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -170,7 +178,8 @@ class BackendServer(ThreadingHTTPServer):
 class NginxInstance:
     """nginx under a temporary prefix, proxying one loopback port to an upstream."""
 
-    def __init__(self, prefix: Path, upstream: str = "web", port: int | None = None, extra_http: str = "", workers: int = 1) -> None:
+    def __init__(self, prefix: Path, upstream: str = "web", port: int | None = None, extra_http: str = "", workers: int = 1,
+                 lua: bool = False) -> None:
         self.prefix = prefix
         self.upstream = upstream
         self.port = port or free_port()
@@ -180,8 +189,9 @@ class NginxInstance:
         self.error_log = prefix / "logs" / "error.log"
         for sub in ("conf/conf.d", "logs", "temp"):
             (prefix / sub).mkdir(parents=True, exist_ok=True)
+        modules = "".join(f"load_module {LUA_MODULES_DIR}/{name};\n" for name in LUA_MODULES) if lua else ""
         (prefix / "conf" / "nginx.conf").write_text(f"""
-worker_processes {workers};
+{modules}worker_processes {workers};
 pid {self.pid_file};
 error_log {self.error_log} notice;
 events {{ worker_connections 1024; }}
@@ -199,6 +209,13 @@ http {{
             proxy_set_header Connection "";
             proxy_connect_timeout 1s;
             proxy_next_upstream error timeout;
+        }}
+        # /u/NAME/... goes to upstream NAME, found by name at request time (tests of new upstreams)
+        location ~ ^/u/(?<up>[A-Za-z0-9_.-]+)/ {{
+            proxy_pass http://$up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_connect_timeout 1s;
         }}
     }}
 }}
@@ -253,6 +270,11 @@ http {{
             return
         wait_until(lambda: not _alive(pid), 10)
 
+    def restart(self) -> None:
+        """Stop nginx completely and start it again (a restart, not a reload)."""
+        self.stop()
+        self.start()
+
     def get(self, path: str = "/", timeout: float = 5.0) -> tuple[int, str]:
         conn = http.client.HTTPConnection(LOOPBACK, self.port, timeout=timeout)
         try:
@@ -284,7 +306,7 @@ def _alive(pid: int) -> bool:
 
 
 def write_config(path: Path, consul_url: str, nginx: NginxInstance, template: Path, *, extra: str = "",
-                 wait_min: str = "0s", wait_max: str = "1s", consul_wait: str = "60s", status: str = "") -> Path:
+                 wait_min: str = "0s", wait_max: str = "1s", consul_wait: str = "60s", status: str = "", nginx_extra: str = "") -> Path:
     """A confpy.toml for the lab."""
     status_table = f'\n[status]\nlisten = "{status}"\n' if status else ""
     path.write_text(f"""
@@ -298,6 +320,7 @@ timeout = "2s"
 pid_file = "{nginx.pid_file}"
 check_cmd = "{nginx.check_cmd}"
 check_timeout = "10s"
+{nginx_extra}
 
 [wait]
 min = "{wait_min}"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from confpy.apply.files import StateStore, destination_lock, read_bytes
 from confpy.apply.installer import ApplyReport, Change, Installer
+from confpy.apply.live import LiveSync, LiveUpstream, lua_dir
 from confpy.apply.nginx import NginxChecker, NginxReloader
 from confpy.config import Config, TemplateConfig
 from confpy.consul.client import ConsulClient
@@ -43,6 +44,7 @@ class SyncReport:
     diffs: dict[Path, str] = field(default_factory=dict)
     apply: ApplyReport | None = None
     indexes: dict[AnyDependency, int] = field(default_factory=dict)
+    pushed: list[str] = field(default_factory=list)
 
 
 def unified_diff(path: Path, old: bytes | None, new: bytes) -> str:
@@ -58,9 +60,19 @@ class SyncEngine:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.renderers = {t.destination: TemplateRenderer(t) for t in config.templates}
         self.state = StateStore(config.state.dir)
+        self.renderers = {
+            t.destination: TemplateRenderer(t, {
+                "mode": config.nginx.mode,
+                "lua_dir": str(lua_dir()),
+                "live_listen": config.nginx.live_listen,
+                "live_state_file": str(self.state.live_path_for(t.destination)),
+            })
+            for t in config.templates
+        }
         self.installer = Installer(NginxChecker(config.nginx), NginxReloader(config.nginx))
+        self.live = LiveSync(config, self.state) if config.nginx.mode == "live" else None
+        self.wanted_live: dict[str, LiveUpstream] = {}
 
     @property
     def templates(self) -> Sequence[TemplateConfig]:
@@ -68,7 +80,10 @@ class SyncEngine:
 
     def render(self, template: TemplateConfig, data: DataSource, memory: Memory) -> RenderResult:
         """Render one template (RenderError names file:line)."""
-        return self.renderers[template.destination].render(data, memory)
+        result = self.renderers[template.destination].render(data, memory)
+        if result.live and self.live is None:
+            raise RenderError(f"{template.source}: the template calls live_upstream() but [nginx] mode is \"reload\"; set mode = \"live\"")
+        return result
 
     def fetch_all(self, client: ConsulClient, deps: Iterable[AnyDependency], data: DataSource) -> dict[AnyDependency, int]:
         """Fetch each dependency once (no blocking), a few in parallel; store values in `data`."""
@@ -121,6 +136,10 @@ class SyncEngine:
     def install(self, results: Sequence[RenderResult], memories: dict[Path, Memory], reason: str) -> SyncReport:
         """Install what changed as one transaction, then remember the members (caller holds the locks)."""
         report = SyncReport()
+        if self.live is not None:
+            # The state file first: a reload below, or any later restart, starts from these members.
+            self.live.save(results)
+            self.wanted_live = self.live.desired(results)
         changes, report.unchanged = self.changes(results)
         for path in report.unchanged:
             log.debug("%s: rendered bytes equal the installed file; nothing to do", path)
@@ -151,7 +170,17 @@ class SyncEngine:
             if result.memory.members != memories[dest].members:
                 self.state.save(dest, result.memory)
                 memories[dest] = result.memory
+        report.pushed = self.push_live()
         return report
+
+    def push_live(self) -> list[str]:
+        """Live mode: push the wanted members to nginx (skipped while nginx is not running)."""
+        if self.live is None or not self.wanted_live:
+            return []
+        if not self.installer.reloader.running():
+            log.warning("live members not pushed: nginx is not running (it will load them from the state file)")
+            return []
+        return self.live.push(self.wanted_live)
 
     def load_memories(self) -> dict[Path, Memory]:
         return {t.destination: self.state.load(t.destination) for t in self.templates}
@@ -167,6 +196,13 @@ class SyncEngine:
             for change in changes:
                 report.changed.append(change.destination)
                 report.diffs[change.destination] = unified_diff(change.destination, change.old, change.new)
+            if self.live is not None:
+                for result in results:
+                    if result.live:
+                        path = self.live.state_path(result.template.destination)
+                        new, old = self.live.state_bytes(result), read_bytes(path)
+                        if new != old:
+                            report.diffs[path] = unified_diff(path, old, new)
             return report
         with self.locked(t.destination for t in self.templates):
             report = self.install(results, memories, "one-shot sync")

@@ -26,6 +26,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from confpy.apply.files import read_bytes
+from confpy.apply.live import LivePushError
 from confpy.config import Config, TemplateConfig, load_config
 from confpy.consul.client import ConsulClient
 from confpy.consul.dependencies import AnyDependency
@@ -41,6 +42,8 @@ from confpy.systemd import SystemdNotifier
 log = logging.getLogger(__name__)
 
 MAX_STARTUP_ROUNDS = 10
+# Live mode: how often to look (locally, with psutil) for an nginx that reloaded or restarted.
+LIVE_CHECK_INTERVAL = 5.0
 
 
 @dataclass
@@ -117,6 +120,11 @@ class Runner:
         self.observer: Any = None
         self.last_sync_ok = False
         self.last_sync_error = "no sync yet"
+        self.live_error = ""
+        self.live_backoff = INITIAL_BACKOFF
+        self.live_retry_at: float | None = None
+        self.live_check_at: float | None = None
+        self.nginx_generation: tuple[int, ...] = ()
         self._lock = threading.Lock()
         self._configure(config)
 
@@ -179,6 +187,8 @@ class Runner:
             return False, f"Consul unreachable: {self.health.last_error}"
         if not self.last_sync_ok:
             return False, f"last sync failed: {self.last_sync_error}"
+        if self.live_error:
+            return False, f"live push failing: {self.live_error}"
         return True, "ok"
 
     def status_report(self) -> dict[str, Any]:
@@ -215,6 +225,11 @@ class Runner:
             "last_sync_error": "" if self.last_sync_ok else self.last_sync_error,
             "templates": templates,
             "services": services,
+            "live": {
+                "mode": self.config.nginx.mode,
+                "last_error": self.live_error,
+                "upstreams": {name: up.to_json() for name, up in self.engine.wanted_live.items()},
+            },
         }
 
     # --- watching --------------------------------------------------------------------------
@@ -263,6 +278,10 @@ class Runner:
     def _apply(self, results: list[RenderResult], reason: str, first_change: dict[Path, float]) -> bool:
         try:
             report = self.engine.install(results, self.memories, reason)
+        except LivePushError as exc:
+            self._live_failed(exc)
+            self.last_sync_ok = True  # files are installed; only the push is pending
+            return False
         except CheckError as exc:
             self.metrics.check_failures.inc()
             self._sync_failed(results, exc)
@@ -287,9 +306,49 @@ class Runner:
                 if path in first_change:
                     self.metrics.change_to_reload.observe(done - first_change[path])
         self.last_sync_ok = True
+        self._live_ok(report.pushed)
         self.metrics.last_sync.set(now)
         self.notifier.notify(f"STATUS=in sync; last change installed {time.strftime('%H:%M:%S')}" if report.changed else "STATUS=in sync")
         return True
+
+    def _live_ok(self, pushed: list[str]) -> None:
+        self.metrics.live_pushes.inc(len(pushed))
+        if self.live_error:
+            log.info("live push works again")
+        self.live_error = ""
+        self.live_backoff = INITIAL_BACKOFF
+        self.live_retry_at = None
+        self.nginx_generation = self.engine.installer.reloader.worker_pids()
+
+    def _live_failed(self, exc: LivePushError) -> None:
+        self.metrics.live_push_failures.inc()
+        if not self.live_error:
+            log.error("live push failed, nginx keeps its current members; retrying with backoff: %s", exc)
+        self.live_error = str(exc)
+        self.live_retry_at = time.monotonic() + self.live_backoff
+        self.live_backoff = min(self.live_backoff * 2, self.config.consul.max_backoff)
+
+    def _live_push(self, reason: str) -> None:
+        """Retry a failed push, or re-check after nginx reloaded or restarted."""
+        try:
+            pushed = self.engine.push_live()
+        except LivePushError as exc:
+            self._live_failed(exc)
+            return
+        if pushed:
+            log.info("re-pushed live members (%s): %s", reason, ", ".join(pushed))
+        self._live_ok(pushed)
+
+    def _live_timers(self, now: float) -> None:
+        if self.config.nginx.mode != "live":
+            return
+        if self.live_retry_at is not None and now >= self.live_retry_at:
+            self._live_push("retry after a failed push")
+        if self.live_check_at is None or now >= self.live_check_at:
+            self.live_check_at = now + LIVE_CHECK_INTERVAL
+            generation = self.engine.installer.reloader.worker_pids()
+            if generation and generation != self.nginx_generation:
+                self._live_push("nginx has new workers")
 
     def _sync_failed(self, results: list[RenderResult], exc: ConfpyError) -> None:
         self.last_sync_ok = False
@@ -397,8 +456,7 @@ class Runner:
 
     def _next_timeout(self, next_ping: float | None) -> float | None:
         deadlines = [s.pending.deadline for s in self.templates.values() if s.pending]
-        if next_ping is not None:
-            deadlines.append(next_ping)
+        deadlines += [t for t in (next_ping, self.live_retry_at, self.live_check_at) if t is not None]
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - time.monotonic())
@@ -432,6 +490,7 @@ class Runner:
                 if due:
                     reasons = sorted(set().union(*(s.pending.reasons for s in due if s.pending)))
                     self._cycle(due, "; ".join(reasons)[:300])
+                self._live_timers(time.monotonic())
                 if next_ping is not None and interval and time.monotonic() >= next_ping:
                     self.notifier.notify("WATCHDOG=1")
                     next_ping = time.monotonic() + interval

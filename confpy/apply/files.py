@@ -173,6 +173,13 @@ class StateStore:
         flat = str(destination).strip("/").replace("/", "_")
         return self.state_dir / f"{flat}.json"
 
+    def live_path_for(self, destination: Path) -> Path:
+        """The live-mode member state file that nginx loads at start and reload."""
+        if self.state_dir is None:
+            return destination.parent / f".{destination.name}.live.json"
+        flat = str(destination).strip("/").replace("/", "_")
+        return self.state_dir / f"{flat}.live.json"
+
     def load(self, destination: Path) -> Memory:
         """Read the remembered members; a missing file is empty, a corrupt one is reported and ignored."""
         path = self.path_for(destination)

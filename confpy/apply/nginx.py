@@ -162,6 +162,21 @@ class NginxReloader:
             raise ReloadError(f"not allowed to signal nginx master {master.pid}; run confpy as root or nginx's user") from None
         return ReloadOutcome(True, f"sent {signal.Signals(self.config.reload_signal).name} to nginx master {master.pid}")
 
+    def worker_pids(self) -> tuple[int, ...]:
+        """The PIDs of nginx's current workers (they change when nginx reloads or restarts)."""
+        try:
+            master = nginx_master(self.config.pid_file)
+            return tuple(sorted(child.pid for child in master.children())) if master else ()
+        except (ReloadError, psutil.NoSuchProcess, psutil.AccessDenied):
+            return ()
+
+    def running(self) -> bool:
+        """True when the pid file names a live nginx master."""
+        try:
+            return nginx_master(self.config.pid_file) is not None
+        except ReloadError:
+            return False
+
     def is_stale(self, destinations: Sequence[Path]) -> bool:
         """True when nginx runs with workers older than the newest destination file."""
         if self.config.reload_cmd and not self.config.pid_file.exists():

@@ -124,6 +124,7 @@ class RenderResult:
     memory: Memory
     kept: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    live: Mapping[str, tuple[ServiceInstance, ...]] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -172,6 +173,7 @@ class _RenderContext:
         self.memory = Memory()
         self.kept: list[str] = []
         self.warnings: list[str] = []
+        self.live: dict[str, tuple[ServiceInstance, ...]] = {}
         self.upstreams: dict[str, str] = {}
 
     def service(self, name: Any, tag: Any = None) -> list[ServiceInstance]:
@@ -208,6 +210,13 @@ class _RenderContext:
             return []
         assert isinstance(value, tuple)
         return list(value)
+
+    def live_upstream(self, service: Any, instances: Any) -> str:
+        """Live mode: name the upstream and hand its members to the pusher instead of the file."""
+        name = self.upstream_name(service)
+        members = tuple(i for i in instances if isinstance(i, ServiceInstance))
+        self.live[name] = members
+        return name
 
     def upstream_mappable(self, service: Any) -> bool:
         try:
@@ -290,6 +299,7 @@ class TemplateRenderer:
             "service": ctx.service,
             "services": ctx.services,
             "upstream_name": ctx.upstream_name,
+            "live_upstream": ctx.live_upstream,
         }
         try:
             text = compiled.render(__confpy__=ctx, **functions)
@@ -316,5 +326,6 @@ class TemplateRenderer:
             memory=ctx.memory,
             kept=tuple(ctx.kept),
             warnings=tuple(dict.fromkeys(ctx.warnings)),
+            live=ctx.live,
         )
 

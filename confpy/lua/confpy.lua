@@ -1,0 +1,256 @@
+-- confpy live mode: upstream members live in a shared dictionary, pushed by confpy (or people)
+-- through a small admin API, and a smooth weighted round-robin balancer picks from them.
+-- Member changes need no reload. The members confpy last pushed are also in a state file that
+-- confpy writes atomically before every push; nginx loads it at start and on reload, so a
+-- restarted nginx serves the last known members before confpy says anything.
+
+local cjson = require "cjson.safe"
+local balancer = require "ngx.balancer"
+
+local _M = { _VERSION = "0.1.0" }
+
+local DICT = "confpy_upstreams"
+local MAX_TRIES = 3             -- a request tries at most this many members (connect failures)
+
+local boot_members = nil        -- read from the state file by init(), in the master
+local known = {}                -- upstream names this configuration defines
+local cache = {}                -- per worker: name -> { version, peers } (peers keep SWRR state)
+
+local function shared()
+    return ngx.shared[DICT]
+end
+
+-- Validation ---------------------------------------------------------------------------------
+
+local function valid_ipv4(host)
+    local a, b, c, d = host:match("^(%d+)%.(%d+)%.(%d+)%.(%d+)$")
+    if not a then return false end
+    for _, part in ipairs({ a, b, c, d }) do
+        if tonumber(part) > 255 then return false end
+    end
+    return true
+end
+
+local function valid_ipv6(host)
+    return host:find(":", 1, true) ~= nil and host:match("^[%x:%.]+$") ~= nil and #host <= 45
+end
+
+-- Returns a clean member list, or nil and what is wrong with it.
+local function check_members(members)
+    if type(members) ~= "table" or #members == 0 then
+        return nil, "members must be a non-empty list of {host, port, weight}"
+    end
+    local clean, seen = {}, {}
+    for i, m in ipairs(members) do
+        if type(m) ~= "table" then return nil, "member " .. i .. " is not an object" end
+        local host, port, weight = m.host, m.port, m.weight or 1
+        if type(host) ~= "string" or not (valid_ipv4(host) or valid_ipv6(host)) then
+            return nil, "member " .. i .. ": host must be an IPv4 or IPv6 address"
+        end
+        if type(port) ~= "number" or port % 1 ~= 0 or port < 1 or port > 65535 then
+            return nil, "member " .. i .. ": port must be an integer from 1 to 65535"
+        end
+        if type(weight) ~= "number" or weight % 1 ~= 0 or weight < 1 then
+            return nil, "member " .. i .. ": weight must be a positive integer"
+        end
+        local key = host .. "|" .. port
+        if seen[key] then return nil, "member " .. i .. " is listed twice" end
+        seen[key] = true
+        clean[#clean + 1] = { host = host, port = port, weight = weight }
+    end
+    return clean
+end
+
+-- Storage: "m:NAME" holds the JSON member list, "v:NAME" its version (checked on every request).
+
+local function store(name, version, members)
+    local dict = shared()
+    local ok, err = dict:set("m:" .. name, cjson.encode(members))
+    if not ok then return nil, err end
+    return dict:set("v:" .. name, version)
+end
+
+local function load(name)
+    local dict = shared()
+    local raw = dict:get("m:" .. name)
+    if not raw then return nil end
+    return dict:get("v:" .. name), cjson.decode(raw)
+end
+
+-- Phases -------------------------------------------------------------------------------------
+
+-- init_by_lua: remember the upstream names and read the rendered state (the master runs this
+-- as root before forking workers, at start and at every reload).
+function _M.init(state_file, names)
+    for _, name in ipairs(names) do known[name] = true end
+    local f = io.open(state_file, "r")
+    if not f then return end
+    local data = cjson.decode(f:read("*a") or "")
+    f:close()
+    if type(data) == "table" and type(data.upstreams) == "table" then
+        boot_members = data.upstreams
+    end
+end
+
+-- init_worker_by_lua: load the state file's members into the shared dictionary where it does
+-- not already hold that version (the dictionary survives reloads; a fresh start has it empty).
+function _M.init_worker()
+    if not boot_members then return end
+    for name, entry in pairs(boot_members) do
+        if known[name] and type(entry) == "table" then
+            local members = check_members(entry.members)
+            local version = load(name)
+            if members and version ~= entry.version then
+                store(name, tostring(entry.version), members)
+            end
+        end
+    end
+end
+
+local function peers_for(name)
+    local dict = shared()
+    local version = dict:get("v:" .. name)
+    if not version then return nil end
+    local cached = cache[name]
+    if cached and cached.version == version then return cached end
+    local members = cjson.decode(dict:get("m:" .. name) or "")
+    if type(members) ~= "table" then return nil end
+    local peers = {}
+    for i, m in ipairs(members) do
+        peers[i] = { host = m.host, port = m.port, weight = m.weight, current = 0 }
+    end
+    cached = { version = version, peers = peers }
+    cache[name] = cached
+    return cached
+end
+
+-- Smooth weighted round-robin, as nginx's own: each pick adds every peer's weight to its
+-- current weight, takes the largest, and subtracts the total from the one taken.
+local function pick(peers, tried)
+    local best, total = nil, 0
+    for i, peer in ipairs(peers) do
+        if not tried[peer.host .. "|" .. peer.port] then
+            peer.current = peer.current + peer.weight
+            total = total + peer.weight
+            if best == nil or peer.current > peers[best].current then best = i end
+        end
+    end
+    if best == nil then return nil end
+    peers[best].current = peers[best].current - total
+    return peers[best]
+end
+
+-- balancer_by_lua: choose the member for this try.
+function _M.balance(name)
+    local entry = peers_for(name)
+    if not entry or #entry.peers == 0 then
+        ngx.log(ngx.ERR, "confpy: upstream ", name, " has no members")
+        return ngx.exit(502)
+    end
+    local ctx = ngx.ctx
+    local state = ctx.confpy
+    if not state then
+        state = { tried = {} }
+        ctx.confpy = state
+        local more = math.min(#entry.peers, MAX_TRIES) - 1
+        if more > 0 then balancer.set_more_tries(more) end
+    end
+    local peer = pick(entry.peers, state.tried)
+    if not peer then return ngx.exit(502) end
+    state.tried[peer.host .. "|" .. peer.port] = true
+    -- IPv6 addresses go to nginx in brackets, as in a `server` line.
+    local host = peer.host:find(":", 1, true) and ("[" .. peer.host .. "]") or peer.host
+    local ok, err = balancer.set_current_peer(host, peer.port)
+    if not ok then
+        ngx.log(ngx.ERR, "confpy: cannot use ", peer.host, ":", peer.port, ": ", err)
+        return ngx.exit(502)
+    end
+end
+
+-- The admin API ------------------------------------------------------------------------------
+
+local function reply(status, body)
+    ngx.status = status
+    ngx.header["Content-Type"] = "application/json"
+    ngx.say(cjson.encode(body))
+    return ngx.exit(status)
+end
+
+local function describe(name)
+    local version, members = load(name)
+    return { name = name, version = version, members = members or {} }
+end
+
+local function parse_member(text)
+    local host, port = text:match("^%[([%x:%.]+)%]:(%d+)$")
+    if not host then host, port = text:match("^([%d%.]+):(%d+)$") end
+    if not host then return nil end
+    return host, tonumber(port)
+end
+
+local function manual_version(version)
+    return (version or "none") .. "+manual" .. ngx.now()
+end
+
+function _M.admin()
+    local method = ngx.req.get_method()
+    local uri = ngx.unescape_uri(ngx.var.uri)
+    if uri == "/upstreams" or uri == "/upstreams/" then
+        if method ~= "GET" then return reply(405, { error = "use GET" }) end
+        local all = {}
+        for name in pairs(known) do all[name] = describe(name) end
+        return reply(200, all)
+    end
+    local name, member = uri:match("^/upstreams/([^/]+)/members/([^/]+)$")
+    if not name then name = uri:match("^/upstreams/([^/]+)$") end
+    if not name then return reply(404, { error = "try /upstreams or /upstreams/NAME" }) end
+    if not known[name] then
+        return reply(404, { error = "no upstream " .. name .. " in nginx's configuration" })
+    end
+
+    if not member then
+        if method == "GET" then return reply(200, describe(name)) end
+        if method ~= "PUT" then return reply(405, { error = "use GET or PUT" }) end
+        ngx.req.read_body()
+        local body = cjson.decode(ngx.req.get_body_data() or "")
+        if type(body) ~= "table" then return reply(400, { error = "body must be JSON: {\"version\": ..., \"members\": [...]}" }) end
+        local members, err = check_members(body.members)
+        if not members then return reply(400, { error = err }) end
+        local version = body.version and tostring(body.version) or manual_version(nil)
+        local ok, serr = store(name, version, members)
+        if not ok then return reply(500, { error = "cannot store: " .. tostring(serr) }) end
+        return reply(200, describe(name))
+    end
+
+    local host, port = parse_member(member)
+    if not host then return reply(400, { error = "member must be IPv4:PORT or [IPv6]:PORT" }) end
+    local version, members = load(name)
+    members = members or {}
+    if method == "POST" then
+        ngx.req.read_body()
+        local body = cjson.decode(ngx.req.get_body_data() or "{}") or {}
+        local updated = {}
+        for _, m in ipairs(members) do
+            if not (m.host == host and m.port == port) then updated[#updated + 1] = m end
+        end
+        updated[#updated + 1] = { host = host, port = port, weight = body.weight or 1 }
+        local clean, err = check_members(updated)
+        if not clean then return reply(400, { error = err }) end
+        store(name, manual_version(version), clean)
+        return reply(200, describe(name))
+    elseif method == "DELETE" then
+        local kept, found = {}, false
+        for _, m in ipairs(members) do
+            if m.host == host and m.port == port then found = true else kept[#kept + 1] = m end
+        end
+        if not found then return reply(404, { error = member .. " is not a member of " .. name }) end
+        if #kept == 0 then
+            return reply(409, { error = "refusing to delete " .. member .. ": it is the last member of " .. name })
+        end
+        store(name, manual_version(version), kept)
+        return reply(200, describe(name))
+    end
+    return reply(405, { error = "use POST or DELETE" })
+end
+
+return _M
