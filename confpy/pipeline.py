@@ -133,8 +133,13 @@ class SyncEngine:
                 changes.append(Change(result.template, result.content, old))
         return changes, unchanged
 
-    def install(self, results: Sequence[RenderResult], memories: dict[Path, Memory], reason: str) -> SyncReport:
-        """Install what changed as one transaction, then remember the members (caller holds the locks)."""
+    def install(self, results: Sequence[RenderResult], memories: dict[Path, Memory], reason: str, check_stale: bool = True) -> SyncReport:
+        """Install what changed as one transaction, then remember the members (caller holds the locks).
+
+        With `check_stale`, an unchanged render still reloads nginx once when its workers are older
+        than the installed file (a confpy killed between install and reload). The daemon asks for
+        this at start-up only: right after its own reload, old workers would look stale.
+        """
         report = SyncReport()
         if self.live is not None:
             # The state file first: a reload below, or any later restart, starts from these members.
@@ -143,7 +148,7 @@ class SyncEngine:
         changes, report.unchanged = self.changes(results)
         for path in report.unchanged:
             log.debug("%s: rendered bytes equal the installed file; nothing to do", path)
-        if not changes:
+        if not changes and check_stale:
             destinations = [r.template.destination for r in results]
             if self.installer.reloader.is_stale(destinations):
                 outcome = self.installer.reloader.reload()

@@ -275,9 +275,9 @@ class Runner:
         self.metrics.renders.labels(template=str(state.config.destination)).inc()
         return result
 
-    def _apply(self, results: list[RenderResult], reason: str, first_change: dict[Path, float]) -> bool:
+    def _apply(self, results: list[RenderResult], reason: str, first_change: dict[Path, float], check_stale: bool = False) -> bool:
         try:
-            report = self.engine.install(results, self.memories, reason)
+            report = self.engine.install(results, self.memories, reason, check_stale=check_stale)
         except LivePushError as exc:
             self._live_failed(exc)
             self.last_sync_ok = True  # files are installed; only the push is pending
@@ -401,7 +401,7 @@ class Runner:
                 return  # stopping
         complete = [r for r in results if r is not None]
         if complete:
-            self._apply(complete, "start-up sync", {})
+            self._apply(complete, "start-up sync", {}, check_stale=True)
         self._sync_watchers(indexes)
 
     # --- the loop ----------------------------------------------------------------------------

@@ -115,10 +115,28 @@ def workers_started_before(master: psutil.Process, timestamp: float) -> bool:
     Process start times are rounded to clock ticks, hence the small allowance.
     """
     try:
-        starts = [process_start_time(child) for child in master.children()]
+        starts = [process_start_time(child) for child in current_workers(master)]
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
     return any(start < timestamp - 0.02 for start in starts)
+
+
+def current_workers(master: psutil.Process) -> list[psutil.Process]:
+    """The master's workers that serve the current configuration.
+
+    After a reload, old workers stay children of the master while they finish their requests
+    ("nginx: worker process is shutting down"); they must not count, or every cycle during a
+    graceful shutdown would look stale and reload again.
+    """
+    workers = []
+    for child in master.children():
+        try:
+            title = " ".join(child.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if "worker process" in title and "shutting down" not in title:
+            workers.append(child)
+    return workers
 
 
 def process_start_time(proc: psutil.Process) -> float:
@@ -166,7 +184,7 @@ class NginxReloader:
         """The PIDs of nginx's current workers (they change when nginx reloads or restarts)."""
         try:
             master = nginx_master(self.config.pid_file)
-            return tuple(sorted(child.pid for child in master.children())) if master else ()
+            return tuple(sorted(child.pid for child in current_workers(master))) if master else ()
         except (ReloadError, psutil.NoSuchProcess, psutil.AccessDenied):
             return ()
 
