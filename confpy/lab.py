@@ -139,6 +139,10 @@ class _BackendHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: BackendServer
 
+    def setup(self) -> None:
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def log_message(self, format: str, *args: Any) -> None:
         pass
 

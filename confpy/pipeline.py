@@ -172,10 +172,16 @@ class SyncEngine:
                 log.warning("%s: %s", dest, warning)
             for dep in result.kept:
                 log.warning("%s: %s has no passing instance; keeping its last known members (on_empty = keep)", dest, dep)
-            if result.memory.members != memories[dest].members:
-                self.state.save(dest, result.memory)
-                memories[dest] = result.memory
-        report.pushed = self.push_live()
+        if report.apply is not None and report.apply.reload.reloaded and self.live is not None:
+            self.live.forget()  # new workers: ask nginx what it serves before pushing
+        try:
+            report.pushed = self.push_live()
+        finally:
+            for result in results:  # after the push, off the critical path: only a restart needs these
+                dest = result.template.destination
+                if result.memory.members != memories[dest].members:
+                    self.state.save(dest, result.memory)
+                    memories[dest] = result.memory
         return report
 
     def push_live(self) -> list[str]:

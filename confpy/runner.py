@@ -112,7 +112,7 @@ class Runner:
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self.stopping = threading.Event()
         self.metrics = Metrics()
-        self.health = ConsulHealth(on_error=self._consul_error)
+        self.health = ConsulHealth(on_error=self._consul_error, on_request=self.metrics.consul_requests.inc)
         self.notifier = SystemdNotifier(environ)
         self.status_server: StatusServer | None = None
         self.watchers: dict[AnyDependency, Watcher] = {}
@@ -348,6 +348,8 @@ class Runner:
             self.live_check_at = now + LIVE_CHECK_INTERVAL
             generation = self.engine.installer.reloader.worker_pids()
             if generation and generation != self.nginx_generation:
+                if self.engine.live is not None:
+                    self.engine.live.forget()
                 self._live_push("nginx has new workers")
 
     def _sync_failed(self, results: list[RenderResult], exc: ConfpyError) -> None:

@@ -25,6 +25,10 @@ StatusFn = Callable[[], dict[str, Any]]
 class _Handler(BaseHTTPRequestHandler):
     server: StatusServer
 
+    def setup(self) -> None:
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("status: %s", format % args)
 

@@ -8,6 +8,8 @@ alone. The live file holds an unvalidated candidate only while `nginx -t` runs.
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,19 @@ def backup_path(destination: Path) -> Path:
     return destination.with_name(destination.name + ".bak")
 
 
+def keep_backup(destination: Path, old: bytes, mode: int | None) -> None:
+    """DEST.bak := the current file; a hard link where possible (no copy), else a written copy."""
+    target = backup_path(destination)
+    link = target.with_name(f".{target.name}.confpy-tmp")
+    try:
+        link.unlink(missing_ok=True)
+        os.link(destination, link)
+        os.replace(link, target)
+    except OSError:
+        link.unlink(missing_ok=True)
+        atomic_write(target, old, mode)
+
+
 class Installer:
     """Installs changes atomically, validates with nginx, rolls back or reloads."""
 
@@ -59,10 +74,12 @@ class Installer:
             for change in changes:
                 old_mode = current_mode(change.destination)
                 if change.template.backup and change.old is not None:
-                    atomic_write(backup_path(change.destination), change.old, old_mode)
+                    keep_backup(change.destination, change.old, old_mode)
                 atomic_write(change.destination, change.new, change.template.mode)
                 written.append((change, old_mode))
+            started = time.monotonic()
             self.checker.check()
+            log.debug("check_cmd passed in %.1f ms", (time.monotonic() - started) * 1000)
         except (InstallError, CheckError) as exc:
             self._rollback(written, exc)
             raise

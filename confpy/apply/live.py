@@ -113,6 +113,8 @@ class LiveSync:
         self.config = config
         self.state = state
         self.admin = LiveAdmin(config.nginx.live_listen)
+        # What nginx is known to serve; None after a failure or when nginx may have restarted.
+        self.known: dict[str, str | None] | None = None
 
     def state_path(self, destination: Path) -> Path:
         return self.state.live_path_for(destination)
@@ -142,17 +144,28 @@ class LiveSync:
             if read_bytes(path) != data:
                 atomic_write(path, data, 0o644)
 
+    def forget(self) -> None:
+        """nginx reloaded or restarted: ask it what it serves before the next push."""
+        self.known = None
+
     def push(self, wanted: Mapping[str, LiveUpstream]) -> list[str]:
         """Push every upstream whose version in nginx differs; return the names pushed."""
         if not wanted:
             return []
-        current = self.admin.versions()
+        if self.known is None or any(name not in self.known for name in wanted):
+            self.known = self.admin.versions()
+        current = self.known
         pushed = []
-        for name, upstream in sorted(wanted.items()):
-            if name not in current:
-                continue  # not in nginx's configuration yet: it arrives with the reload, members from the state file
-            if current[name] != upstream.version:
-                self.admin.put(name, upstream)
-                pushed.append(name)
-                log.info("pushed %d members to upstream %s (version %s) without a reload", len(upstream.members), name, upstream.version)
+        try:
+            for name, upstream in sorted(wanted.items()):
+                if name not in current:
+                    continue  # not in nginx's configuration yet: it arrives with the reload, members from the state file
+                if current[name] != upstream.version:
+                    self.admin.put(name, upstream)
+                    current[name] = upstream.version
+                    pushed.append(name)
+                    log.info("pushed %d members to upstream %s (version %s) without a reload", len(upstream.members), name, upstream.version)
+        except LivePushError:
+            self.known = None
+            raise
         return pushed

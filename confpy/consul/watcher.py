@@ -37,11 +37,12 @@ def next_index(last: int, new: int) -> int:
 class ConsulHealth:
     """Shared view of Consul's reachability: logs state changes (down since / back after), not every retry."""
 
-    def __init__(self, on_error: Callable[[ConsulError], None] | None = None) -> None:
+    def __init__(self, on_error: Callable[[ConsulError], None] | None = None, on_request: Callable[[], None] | None = None) -> None:
         self._lock = threading.Lock()
         self.down_since: float | None = None
         self.last_error: str = ""
         self._on_error = on_error
+        self.on_request = on_request
 
     @property
     def reachable(self) -> bool:
@@ -118,6 +119,8 @@ class Watcher:
         if delay > 0:
             self.stopped.wait(delay)
         self._last_query = time.monotonic()
+        if self.health.on_request is not None:
+            self.health.on_request()
         try:
             result = self.dep.fetch(self.client, self.index, self.settings.wait)
         except ConsulError as exc:

@@ -1,0 +1,417 @@
+"""confpy's benchmarks: each prints its figures and the command line that produced them.
+
+    python bench/run.py [propagation|churn|coalescing|scale|all] [--changes N] [--seconds S]
+
+Everything runs on 127.0.0.1: dev-consul, nginx (backends are nginx `return 200` servers, so the
+backends are never the bottleneck), confpy as a real daemon. Loops are bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from confpy.lab import (  # noqa: E402
+    ConfpyProcess,
+    ConsulAPI,
+    DevConsulProcess,
+    NginxInstance,
+    free_port,
+    lua_available,
+    wait_until,
+    write_config,
+)
+
+RELOAD_TEMPLATE = ROOT / "templates" / "nginx-upstreams.conf.j2"
+LIVE_TEMPLATE = ROOT / "templates" / "nginx-upstreams-live.conf.j2"
+
+
+def header(title: str) -> None:
+    print(f"\n=== {title}")
+    print(f"command: {' '.join([sys.executable, *sys.argv])}")
+    print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+          f"{platform.platform()}; nginx {nginx_version()}; {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+
+
+def nginx_version() -> str:
+    proc = subprocess.run([shutil.which("nginx") or "/usr/sbin/nginx", "-v"], capture_output=True, text=True, check=False)
+    return proc.stderr.strip().split("/")[-1]
+
+
+def percentiles(values: list[float]) -> tuple[float, float, float]:
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+    return pick(0.50), pick(0.95), pick(0.99)
+
+
+def fmt_ms(values: list[float]) -> str:
+    p50, p95, p99 = percentiles(values)
+    return f"p50 {p50 * 1000:6.1f} ms  p95 {p95 * 1000:6.1f} ms  p99 {p99 * 1000:6.1f} ms  (n={len(values)})"
+
+
+class World:
+    """dev-consul, nginx with static backends, and (optionally) the confpy daemon."""
+
+    def __init__(self, tmp: Path, backends: int = 4, live: bool = False, wait_min: str = "0s", wait_max: str = "1s",
+                 workers: int = 2) -> None:
+        self.consul = DevConsulProcess().start()
+        self.api = ConsulAPI(self.consul.url)
+        self.ports = [free_port() for _ in range(backends)]
+        static = "\n".join(
+            f'server {{ listen 127.0.0.1:{p}; access_log off; location / {{ return 200 "App server {n}\\n"; }} }}'
+            for n, p in enumerate(self.ports, start=1)
+        )
+        self.nginx = NginxInstance(tmp / "nginx", extra_http=static, workers=workers, lua=live)
+        self.admin_port = free_port()
+        self.status_port = free_port()
+        extra = f'mode = "live"\nlive_listen = "127.0.0.1:{self.admin_port}"' if live else ""
+        self.config = write_config(tmp / "confpy.toml", self.consul.url, self.nginx, LIVE_TEMPLATE if live else RELOAD_TEMPLATE,
+                                   wait_min=wait_min, wait_max=wait_max, status=f"127.0.0.1:{self.status_port}", nginx_extra=extra)
+        self.confpy: ConfpyProcess | None = None
+
+    def register(self, n: int, name: str = "web") -> None:
+        self.api.register(name, self.ports[n - 1], id=f"{name}-{n}")
+
+    def deregister(self, n: int, name: str = "web") -> None:
+        self.api.deregister(f"{name}-{n}")
+
+    def start(self, timeout: float = 60) -> None:
+        self.confpy = ConfpyProcess(self.config).start()
+        if not wait_until(lambda: self.nginx.destination.exists(), timeout):
+            raise RuntimeError(self.confpy.output())
+        self.nginx.start()
+
+    def metric(self, name: str) -> float:
+        conn = http.client.HTTPConnection("127.0.0.1", self.status_port, timeout=10)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        return 0.0
+
+    def stop(self) -> None:
+        if self.confpy is not None:
+            self.confpy.stop()
+        self.nginx.stop()
+        self.consul.stop()
+
+
+def first_seen(port: int, body: str, timeout: float = 10.0) -> float:
+    """Poll through nginx (new connection per request) until `body` answers; return when."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        try:
+            conn.request("GET", "/")
+            if conn.getresponse().read().decode().strip() == body:
+                return time.monotonic()
+        except (OSError, http.client.HTTPException):
+            pass
+        finally:
+            conn.close()
+    raise RuntimeError(f"{body!r} never answered within {timeout}s")
+
+
+def gone(port: int, body: str, timeout: float = 10.0) -> None:
+    """Wait until a round of requests no longer reaches `body` (the member is out)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen = []
+        for _ in range(6):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            try:
+                conn.request("GET", "/")
+                seen.append(conn.getresponse().read().decode().strip())
+            except (OSError, http.client.HTTPException):
+                seen.append("error")
+            finally:
+                conn.close()
+        if body not in seen:
+            return
+    raise RuntimeError(f"{body!r} still answers after {timeout}s")
+
+
+def add_remove_changes(world: World, changes: int, add: Callable[[int], None], remove: Callable[[int], None]) -> list[float]:
+    """Add member 2 or 3 beside member 1 and time it until it serves; remove it again (untimed)."""
+    latencies = []
+    for i in range(changes):
+        new = 2 + i % 2
+        started = time.monotonic()
+        add(new)
+        latencies.append(first_seen(world.nginx.port, f"App server {new}") - started)
+        # nginx's master sleeps 100 ms after starting new workers before it retires the old ones;
+        # a change inside that window is not what this measures, so let each reload finish.
+        time.sleep(0.15)
+        remove(new)
+        gone(world.nginx.port, f"App server {new}")
+        time.sleep(0.15)
+    return latencies
+
+
+def by_hand_limit(world: World, changes: int, variants: dict[int, bytes]) -> list[float]:
+    """The physical limit: the same file change applied by hand (write, nginx -t, SIGHUP)."""
+    check = world.nginx.check_cmd.split()
+
+    def install(data: bytes) -> None:
+        tmp = world.nginx.destination.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        os.rename(tmp, world.nginx.destination)
+        subprocess.run(check, check=True, capture_output=True)
+        pid = world.nginx.master_pid()
+        assert pid is not None
+        os.kill(pid, signal.SIGHUP)
+        sent.append(pid)
+
+    sent: list[int] = []
+    try:
+        return add_remove_changes(world, changes, lambda n: install(variants[n]), lambda n: install(variants[1]))
+    except RuntimeError:
+        tail = world.nginx.error_log.read_text(errors="replace").splitlines()[-25:]
+        log_text = world.nginx.error_log.read_text(errors="replace")
+        print(f"  by hand: sent {len(sent)} SIGHUPs to {set(sent)}; nginx logged {log_text.count('signal 1 (SIGHUP)')}; file servers:",
+              [line.strip() for line in world.nginx.destination.read_text().splitlines() if "server " in line])
+        print("  by hand: a reload did not take effect; nginx's error log ends with:\n    " + "\n    ".join(tail))
+        raise
+
+
+def bench_propagation(changes: int) -> None:
+    header(f"1. Propagation: Consul write -> first request served by the new member ({changes} changes, wait.min = 0)")
+    modes = ["reload"] + (["live"] if lua_available() else [])
+    results: dict[str, list[float]] = {}
+    limit: list[float] = []
+    for mode in modes:
+        with tempfile.TemporaryDirectory() as tmp:
+            world = World(Path(tmp), live=mode == "live")
+            try:
+                world.register(1)
+                world.start()
+                first_seen(world.nginx.port, "App server 1")
+                variants = {1: world.nginx.destination.read_bytes()}
+
+                def add(n: int, w: World = world) -> None:
+                    w.register(n)
+
+                def remove(n: int, w: World = world) -> None:
+                    w.deregister(n)
+
+                results[mode] = add_remove_changes(world, changes, add, remove)
+                if mode == "reload":
+                    for n in (2, 3):  # the files confpy rendered, to install by hand
+                        world.register(n)
+                        first_seen(world.nginx.port, f"App server {n}")
+                        variants[n] = world.nginx.destination.read_bytes()
+                        world.deregister(n)
+                        gone(world.nginx.port, f"App server {n}")
+                    if world.confpy is not None:
+                        world.confpy.stop()
+                        world.confpy = None
+                    limit = by_hand_limit(world, changes, variants)
+            finally:
+                world.stop()
+    print(f"  by hand (write + nginx -t + SIGHUP): {fmt_ms(limit)}")
+    for mode, values in results.items():
+        print(f"  confpy {mode:<6} mode:                {fmt_ms(values)}")
+    base = percentiles(limit)
+    for mode, values in results.items():
+        mine = percentiles(values)
+        print(f"  ratio confpy {mode} / by hand: p50 {mine[0] / base[0]:.2f}x  p95 {mine[1] / base[1]:.2f}x  p99 {mine[2] / base[2]:.2f}x")
+    print("  targets: reload p50 within 1.3x of by hand, p99 under 100 ms")
+
+
+WRK_LINE = re.compile(r"Requests/sec:\s+([\d.]+)")
+
+
+def run_wrk(port: int, seconds: int) -> dict[str, float]:
+    wrk = shutil.which("wrk")
+    if not wrk:
+        raise RuntimeError("wrk is not installed (make bench installs it)")
+    proc = subprocess.run([wrk, "-t2", "-c16", f"-d{seconds}s", "--timeout", "5s", f"http://127.0.0.1:{port}/"],
+                          capture_output=True, text=True, timeout=seconds + 60, check=False)
+    out = proc.stdout
+    total = int(re.search(r"(\d+) requests in", out).group(1)) if re.search(r"(\d+) requests in", out) else 0
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "requests": total,
+        "rps": float(WRK_LINE.search(out).group(1)) if WRK_LINE.search(out) else 0.0,
+        "socket_errors": sum(int(g) for g in sock.groups()) if sock else 0,
+        "non2xx": int(non2xx.group(1)) if non2xx else 0,
+    }
+
+
+def nginx_footprint(nginx: NginxInstance) -> tuple[int, float]:
+    pid = nginx.master_pid()
+    if pid is None:
+        return 0, 0.0
+    master = psutil.Process(pid)
+    procs = [master, *master.children()]
+    return len(procs) - 1, sum(p.memory_info().rss for p in procs) / 2**20
+
+
+def bench_churn(seconds: int) -> None:
+    header(f"2. Errors under churn: wrk -t2 -c16 -d{seconds}s while the registry changes every 250 ms")
+    rows = []
+    modes = ["reload"] + (["live"] if lua_available() else [])
+    for mode in modes + ["by hand"]:
+        with tempfile.TemporaryDirectory() as tmp:
+            world = World(Path(tmp), live=mode == "live")
+            try:
+                for n in (1, 2, 3):
+                    world.register(n)
+                world.start()
+                first_seen(world.nginx.port, "App server 3")
+                if mode == "by hand" and world.confpy is not None:
+                    world.confpy.stop()
+                    world.confpy = None
+                reloads_before = world.nginx.reload_count()
+                result: dict[str, float] = {}
+                import threading
+
+                load = threading.Thread(target=lambda w=world: result.update(run_wrk(w.nginx.port, seconds)))
+                load.start()
+                time.sleep(0.5)
+                end = time.monotonic() + seconds - 1
+                changes = 0
+                while time.monotonic() < end and changes < seconds * 4 + 10:
+                    if mode == "by hand":
+                        pid = world.nginx.master_pid()
+                        if pid:
+                            os.kill(pid, signal.SIGHUP)
+                    elif changes % 2 == 0:
+                        world.register(4)
+                    else:
+                        world.deregister(4)
+                    changes += 1
+                    time.sleep(0.25)
+                load.join(seconds + 120)
+                workers, rss = nginx_footprint(world.nginx)
+                rows.append((mode, changes, world.nginx.reload_count() - reloads_before, result, workers, rss))
+            finally:
+                world.stop()
+    print(f"  {'mode':<8} {'changes':>7} {'reloads':>7} {'requests':>9} {'req/s':>8} {'non-2xx':>7} {'sock err':>8} {'workers':>7} {'nginx RSS':>9}")
+    for mode, changes, reloads, r, workers, rss in rows:
+        print(f"  {mode:<8} {changes:>7} {reloads:>7} {int(r.get('requests', 0)):>9} {r.get('rps', 0):>8.0f} {int(r.get('non2xx', 0)):>7} "
+              f"{int(r.get('socket_errors', 0)):>8} {workers:>7} {rss:>7.1f}MB")
+    errors = {mode: r.get("non2xx", 0) + r.get("socket_errors", 0) for mode, _, _, r, _, _ in rows}
+    if errors.get("by hand"):
+        print(f"  ratio of errors, confpy reload / by hand: {errors['reload'] / errors['by hand']:.2f} (target <= 1.0)")
+    else:
+        print(f"  errors: {errors} (by hand had none this run)")
+
+
+def bench_coalescing() -> None:
+    header("3. Coalescing: 500 changes in 5 s with wait.min = 200ms, wait.max = 1s")
+    with tempfile.TemporaryDirectory() as tmp:
+        world = World(Path(tmp), wait_min="200ms", wait_max="1s")
+        try:
+            world.register(1)
+            world.start()
+            first_seen(world.nginx.port, "App server 1")
+            before = world.nginx.reload_count()
+            started = time.monotonic()
+            for n in range(500):
+                world.api.register("web", 30000 + n, id=f"c-{n}", Check={"TTL": "300s", "Status": "critical"})
+                time.sleep(max(0.0, started + (n + 1) * 0.01 - time.monotonic()))
+            world.api.register("web", world.ports[1], id="web-2")
+            first_seen(world.nginx.port, "App server 2")
+            time.sleep(1.5)
+            reloads = world.nginx.reload_count() - before
+            text = world.nginx.destination.read_text()
+            correct = text.count("server 127.0.0.1:") == 2 and "30000" not in text
+            print(f"  501 changes in {time.monotonic() - started - 1.5:.1f}s -> {reloads} reloads (target <= 6); final config correct: {correct}")
+        finally:
+            world.stop()
+
+
+def bench_scale(services: int, instances: int) -> None:
+    header(f"4. Scale: {services} services x {instances} instances, one template using all of them")
+    with tempfile.TemporaryDirectory() as tmp:
+        world = World(Path(tmp), workers=1)
+        try:
+            started = time.monotonic()
+            for s in range(services):
+                for i in range(instances):
+                    world.api.register(f"svc{s:04d}", 20000 + i, id=f"svc{s:04d}-{i}")
+            print(f"  registered {services * instances} instances in {time.monotonic() - started:.1f}s")
+            started = time.monotonic()
+            world.confpy = ConfpyProcess(world.config).start()
+            if not wait_until(lambda: world.nginx.destination.exists(), 300, interval=0.05):
+                raise RuntimeError(world.confpy.output())
+            first = time.monotonic() - started
+            print(f"  daemon start to first full render installed: {first:.2f}s ({world.nginx.destination.stat().st_size / 1024:.0f} KiB)")
+            world.nginx.start()
+            assert world.confpy.proc is not None
+            proc = psutil.Process(world.confpy.proc.pid)
+            time.sleep(3)
+            req0, cpu0, t0 = world.metric("confpy_consul_requests_total"), sum(proc.cpu_times()[:2]), time.monotonic()
+            time.sleep(10)
+            req1, cpu1, t1 = world.metric("confpy_consul_requests_total"), sum(proc.cpu_times()[:2]), time.monotonic()
+            print(f"  idle: RSS {proc.memory_info().rss / 2**20:.0f} MB, threads {proc.num_threads()}, CPU {100 * (cpu1 - cpu0) / (t1 - t0):.2f}%, "
+                  f"Consul requests {(req1 - req0) / (t1 - t0):.1f}/s (wait = 60s: each of {services + 1} watches re-asks once a minute)")
+            latencies = []
+            for n in range(20):
+                reloads = world.nginx.reload_count()
+                mtime = world.nginx.destination.stat().st_mtime_ns
+                t = time.monotonic()
+                world.api.register(f"svc{n:04d}", 29999, id=f"extra-{n}")
+                wait_until(lambda m=mtime, r=reloads: world.nginx.destination.stat().st_mtime_ns != m and world.nginx.reload_count() > r, 30, 0.002)
+                latencies.append(time.monotonic() - t)
+            print(f"  one change to nginx reloaded (file installed, checked, SIGHUP logged): {fmt_ms(latencies)}")
+            limit = []
+            check = world.nginx.check_cmd.split()
+            for _ in range(5):
+                t = time.monotonic()
+                subprocess.run(check, check=True, capture_output=True)
+                limit.append(time.monotonic() - t)
+            print(f"  the nginx limit at this size (nginx -t alone): {fmt_ms(limit)}")
+            cpu0, t0 = sum(proc.cpu_times()[:2]), time.monotonic()
+            for n in range(100):
+                world.api.register(f"svc{n % services:04d}", 28000 + n, id=f"flow-{n}")
+                time.sleep(max(0.0, t0 + (n + 1) * 0.1 - time.monotonic()))
+            cpu1, t1 = sum(proc.cpu_times()[:2]), time.monotonic()
+            print(f"  10 changes/s for 10 s: confpy CPU {100 * (cpu1 - cpu0) / (t1 - t0):.1f}%, RSS {proc.memory_info().rss / 2**20:.0f} MB")
+        finally:
+            world.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", nargs="?", default="all", choices=["propagation", "churn", "coalescing", "scale", "all"])
+    parser.add_argument("--changes", type=int, default=100, help="propagation: membership changes per mode (default 100)")
+    parser.add_argument("--seconds", type=int, default=30, help="churn: seconds of load per mode (default 30)")
+    parser.add_argument("--services", type=int, default=1000)
+    parser.add_argument("--instances", type=int, default=10)
+    args = parser.parse_args()
+    if args.which in ("propagation", "all"):
+        bench_propagation(args.changes)
+    if args.which in ("churn", "all"):
+        bench_churn(args.seconds)
+    if args.which in ("coalescing", "all"):
+        bench_coalescing()
+    if args.which in ("scale", "all"):
+        bench_scale(args.services, args.instances)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
