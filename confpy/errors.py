@@ -48,7 +48,11 @@ class RenderError(ConfpyError):
 
 
 class UnsafeValueError(RenderError):
-    """A registry value would break out of an nginx directive."""
+    """A registry value would break out of an nginx directive; `value` is the refused text."""
+
+    def __init__(self, message: str, value: str | None = None) -> None:
+        super().__init__(message)
+        self.value = value
 
 
 class InstallError(ConfpyError):

@@ -261,8 +261,10 @@ class Runner:
     # --- rendering and applying ------------------------------------------------------------
 
     def _render(self, state: TemplateState) -> RenderResult | None:
+        started = time.monotonic()
         try:
             result = self.engine.render(state.config, self.data, self.memories[state.config.destination])
+            log.debug("rendered %s in %.1f ms", state.config.destination, (time.monotonic() - started) * 1000)
         except RenderError as exc:
             state.last_error = str(exc)
             self.metrics.render_errors.labels(template=str(state.config.destination)).inc()

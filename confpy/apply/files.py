@@ -166,6 +166,9 @@ class StateStore:
 
     def __init__(self, state_dir: Path | None) -> None:
         self.state_dir = state_dir
+        # Each service's members as JSON, reused while the member tuple is the same object: a
+        # change to one service of a thousand re-encodes one service, not the whole catalog.
+        self._encoded: dict[str, tuple[tuple[ServiceInstance, ...], str]] = {}
 
     def path_for(self, destination: Path) -> Path:
         if self.state_dir is None:
@@ -198,9 +201,12 @@ class StateStore:
     def save(self, destination: Path, memory: Memory) -> None:
         """Write the remembered members atomically."""
         path = self.path_for(destination)
-        payload = {
-            "version": 1,
-            "destination": str(destination),
-            "members": {key: [i.to_json() for i in items] for key, items in sorted(memory.members.items())},
-        }
-        atomic_write(path, (json.dumps(payload, indent=1, sort_keys=True) + "\n").encode(), 0o644)
+        parts = []
+        for key, items in sorted(memory.members.items()):
+            cached = self._encoded.get(key)
+            if cached is None or cached[0] is not items:
+                cached = (items, json.dumps([i.to_json() for i in items], sort_keys=True, separators=(",", ":")))
+                self._encoded[key] = cached
+            parts.append(f"{json.dumps(key)}:{cached[1]}")
+        text = f'{{"destination":{json.dumps(str(destination))},"members":{{{",".join(parts)}}},"version":1}}\n'
+        atomic_write(path, text.encode(), 0o644)

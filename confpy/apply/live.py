@@ -132,7 +132,7 @@ class LiveSync:
 
     def state_bytes(self, result: RenderResult) -> bytes:
         upstreams = {name: live_upstream(instances).to_json() for name, instances in sorted(result.live.items()) if instances}
-        return (json.dumps({"version": 1, "upstreams": upstreams}, indent=1, sort_keys=True) + "\n").encode()
+        return (json.dumps({"version": 1, "upstreams": upstreams}, sort_keys=True, separators=(",", ":")) + "\n").encode()
 
     def save(self, results: Sequence[RenderResult]) -> None:
         """Write each live template's state file (atomically) when its members changed."""

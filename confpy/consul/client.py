@@ -39,6 +39,12 @@ class _CappedHTTPClient(consul.std.HTTPClient):  # type: ignore[misc]
     def __init__(self, *args: Any, max_bytes: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_bytes = max_bytes
+        # One long poll per watched dependency, all through this session: keep a connection for
+        # each (connections are opened lazily) instead of urllib3's default pool of 10, which
+        # would open and discard a connection per query on a large catalog.
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=4096)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
 
     def get(self, callback: Any, path: str, params: Any = None, headers: Any = None, raw: bool = False) -> Any:
         uri = self.uri(path, params)

@@ -166,7 +166,7 @@ class Handler(BaseHTTPRequestHandler):
             raise HTTPError(400, "Failed to create evaluator for expression: confpy dev-consul does not support ?filter")
         tags = query.all("tag")
         new_index, data = state.blocking(
-            lambda: state.health_index(name), lambda: state.services_table_index,
+            f"health:{name}", lambda: state.health_index(name), lambda: state.services_table_index,
             lambda: state.health_service(name, tags, passing), index, wait,
         )
         self._json(200, data, new_index, query.has("pretty"))
@@ -174,7 +174,7 @@ class Handler(BaseHTTPRequestHandler):
     def catalog_services(self, state: AgentState, rest: str, query: Query) -> None:
         index, wait = blocking_params(query)
         new_index, data = state.blocking(
-            lambda: state.view_index.get("catalog", 0), lambda: state.services_table_index, state.catalog_services, index, wait
+            "catalog", lambda: state.view_index.get("catalog", 0), lambda: state.services_table_index, state.catalog_services, index, wait
         )
         self._json(200, data, new_index, query.has("pretty"))
 
@@ -184,7 +184,7 @@ class Handler(BaseHTTPRequestHandler):
         index, wait = blocking_params(query)
         tags = query.all("tag")
         new_index, data = state.blocking(
-            lambda: state.view_index.get(f"catalog:{name}", 0), lambda: state.services_table_index,
+            f"catalog:{name}", lambda: state.view_index.get(f"catalog:{name}", 0), lambda: state.services_table_index,
             lambda: state.catalog_service(name, tags), index, wait,
         )
         self._json(200, data, new_index, query.has("pretty"))
@@ -296,7 +296,8 @@ class Handler(BaseHTTPRequestHandler):
         index, wait = blocking_params(query)
         prefix = query.has("recurse") or query.has("keys")
         new_index, entries = state.blocking(
-            lambda: state.kv_index(key, prefix), lambda: state.kv_table_index, lambda: state.kv_entries(key, prefix), index, wait
+            f"kvp:{key}" if prefix else f"kv:{key}", lambda: state.kv_index(key, prefix), lambda: state.kv_table_index,
+            lambda: state.kv_entries(key, prefix), index, wait
         )
         if not entries:
             self._send(404, b"", "text/plain; charset=utf-8", {"X-Consul-Index": str(new_index), "X-Consul-KnownLeader": "true", "X-Consul-LastContact": "0"})

@@ -92,7 +92,11 @@ class AgentState:
         self.datacenter = datacenter
         self.address = address
         self.clock = clock
-        self.cond = threading.Condition(threading.RLock())
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)
+        # One condition per view, over the same lock: a write wakes only the readers of the views
+        # it changed (as Consul's per-watch channels do), not every blocked query.
+        self.view_conds: dict[str, threading.Condition] = {}
         self.index = 10
         self.closing = False
         self.services: dict[str, ServiceEntry] = {}
@@ -119,7 +123,17 @@ class AgentState:
     def _touch(self, index: int, views: Iterable[str]) -> None:
         for view in views:
             self.view_index[view] = index
-        self.cond.notify_all()
+            self._wake(view)
+
+    def _wake(self, view: str) -> None:
+        cond = self.view_conds.get(view)
+        if cond is not None:
+            cond.notify_all()
+
+    def _wake_kv(self, key: str) -> None:
+        for view, cond in self.view_conds.items():
+            if view == f"kv:{key}" or (view.startswith("kvp:") and key.startswith(view[4:])):
+                cond.notify_all()
 
     def _service_views(self, name: str) -> list[str]:
         return [f"health:{name}", f"catalog:{name}"]
@@ -128,13 +142,18 @@ class AgentState:
         """Wake every blocked reader so the server can shut down at once."""
         with self.cond:
             self.closing = True
-            self.cond.notify_all()
+            for cond in self.view_conds.values():
+                cond.notify_all()
 
-    def blocking(self, view_index: Callable[[], int], table_index: Callable[[], int], body: Callable[[], Any], index: int, wait: float) -> tuple[int, Any]:
+    def blocking(self, view: str, view_index: Callable[[], int], table_index: Callable[[], int], body: Callable[[], Any],
+                 index: int, wait: float) -> tuple[int, Any]:
         """Answer at once when `index` is 0 or the view moved past it; else wait up to wait + jitter."""
         wait = min(wait, MAX_WAIT)
         deadline = self.clock() + wait + random.uniform(0, wait / 16)
         with self.cond:
+            cond = self.view_conds.get(view)
+            if cond is None:
+                cond = self.view_conds[view] = threading.Condition(self.lock)
             while True:
                 current = view_index()
                 if index == 0 or current > index or self.closing:
@@ -142,7 +161,7 @@ class AgentState:
                 remaining = deadline - self.clock()
                 if remaining <= 0:
                     break
-                self.cond.wait(remaining)
+                cond.wait(remaining)
             reported = current if current > 0 else table_index()
             return max(reported, 1), body()
 
@@ -429,7 +448,7 @@ class AgentState:
             self.kv[key] = KVEntry(key, value, flags, existing.create_index if existing else index, index)
             self.kv_tombstones.pop(key, None)
             self.kv_table_index = index
-            self.cond.notify_all()
+            self._wake_kv(key)
             return True
 
     def kv_delete(self, key: str, recurse: bool, cas: int | None) -> bool:
@@ -443,8 +462,8 @@ class AgentState:
             for k in keys:
                 if self.kv.pop(k, None) is not None:
                     self.kv_tombstones[k] = index
+                    self._wake_kv(k)
             self.kv_table_index = index
-            self.cond.notify_all()
             return True
 
     def kv_entries(self, key: str, prefix: bool) -> list[KVEntry]:

@@ -23,7 +23,7 @@ from confpy import __version__
 from confpy.config import TemplateConfig
 from confpy.consul.dependencies import AnyDependency, CatalogServices, ServiceHealth
 from confpy.errors import RenderError, UnsafeValueError
-from confpy.render.values import HealthView, ServiceInstance
+from confpy.render.values import HealthView, SafeStr, ServiceInstance
 
 # What may stand unquoted inside an nginx directive: printable ASCII without whitespace, the
 # directive terminator, block braces, quotes, comments, variables or escapes.
@@ -60,13 +60,15 @@ def nginx_quote(value: Any) -> NginxQuoted:
     text = str(value)
     for char in text:
         if ord(char) < 0x20 or ord(char) == 0x7F or char == "$":
-            origin = getattr(value, "origin", "value")
-            raise UnsafeValueError(f"{origin} {_preview(text)} contains {_describe_char(char)}, which nginx_quote cannot write safely")
+            raise UnsafeValueError(f"value {_preview(text)} contains {_describe_char(char)}, which nginx_quote cannot write safely", text)
     return NginxQuoted('"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"')
 
 
 def nginx_safe(value: Any) -> Any:
     """Jinja2 `finalize`: let numbers and quoted strings through, refuse unsafe text."""
+    kind = type(value)
+    if kind is int or kind is SafeStr or kind is NginxQuoted:
+        return value  # the common cases first: this runs for every value of every render
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, (int, float, NginxQuoted)):
@@ -76,10 +78,10 @@ def nginx_safe(value: Any) -> Any:
     text = value if isinstance(value, str) else str(value)
     bad = _UNSAFE_CHAR.search(text)
     if bad:
-        origin = getattr(value, "origin", "a value")
         raise UnsafeValueError(
-            f"{origin} {_preview(text)} contains {_describe_char(bad.group())}, which could break out of an nginx "
-            "directive; it was refused (quote it on purpose with | nginx_quote)"
+            f"value {_preview(text)} contains {_describe_char(bad.group())}, which could break out of an nginx "
+            "directive; it was refused (quote it on purpose with | nginx_quote)",
+            text,
         )
     return value
 
@@ -92,14 +94,14 @@ def upstream_name_for(service: str) -> str:
     so two different services never share an upstream by accident.
     """
     if _UPSTREAM_NAME.match(service):
-        return service
+        return SafeStr(service)
     mapped = _NOT_UPSTREAM_CHARS.sub("_", service).strip("_.-")
     if not mapped:
         raise UnsafeValueError(
             f"service name {_preview(service)} maps to no valid nginx upstream name (it needs a letter or digit); rename the service"
         )
     digest = hashlib.sha1(service.encode("utf-8", "surrogatepass"), usedforsecurity=False).hexdigest()[:8]
-    return f"{mapped[:100]}_{digest}"
+    return SafeStr(f"{mapped[:100]}_{digest}")
 
 
 @dataclass
@@ -175,6 +177,19 @@ class _RenderContext:
         self.warnings: list[str] = []
         self.live: dict[str, tuple[ServiceInstance, ...]] = {}
         self.upstreams: dict[str, str] = {}
+        self.handed: list[tuple[ServiceInstance, ...]] = []
+        self.names: list[tuple[str, ...]] = []
+
+    def origin_of(self, value: str) -> str | None:
+        """Which registry field a refused value came from (searched only when refusing)."""
+        for instances in self.handed:
+            for instance in instances:
+                label = instance.field_named(value)
+                if label is not None:
+                    return f"{label} of service {instance.name!r} instance {instance.id!r}"
+        if any(value in names for names in self.names):
+            return f"service name {value[:80]!r}"
+        return None
 
     def service(self, name: Any, tag: Any = None) -> list[ServiceInstance]:
         if not isinstance(name, str) or not name:
@@ -191,10 +206,12 @@ class _RenderContext:
         key = memory_key(dep)
         if value.instances:
             self.memory.members[key] = value.instances
+            self.handed.append(value.instances)
             return list(value.instances)
         if self.template.on_empty == "keep" and self.remembered.members.get(key):
             kept = self.remembered.members[key]
             self.memory.members[key] = kept
+            self.handed.append(kept)
             self.kept.append(dep.describe())
             return list(kept)
         return []
@@ -209,6 +226,7 @@ class _RenderContext:
             self.missing.add(dep)
             return []
         assert isinstance(value, tuple)
+        self.names.append(value)
         return list(value)
 
     def live_upstream(self, service: Any, instances: Any) -> str:
@@ -303,6 +321,11 @@ class TemplateRenderer:
         }
         try:
             text = compiled.render(__confpy__=ctx, **functions)
+        except UnsafeValueError as exc:
+            line = _template_line(exc.__traceback__, self.template.source)
+            origin = ctx.origin_of(exc.value) if exc.value is not None else None
+            prefix = f"{origin}: " if origin else ""
+            raise UnsafeValueError(f"{self._where(line)}: {prefix}{exc.message}", exc.value) from None
         except RenderError as exc:
             line = _template_line(exc.__traceback__, self.template.source)
             raise type(exc)(f"{self._where(line)}: {exc.message}") from None

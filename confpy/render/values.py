@@ -11,22 +11,8 @@ import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
-
-
-class RegistryStr(str):
-    """A string that came from the registry, remembering where, so a refusal can name it."""
-
-    origin: str
-
-    def __new__(cls, value: str, origin: str) -> RegistryStr:
-        obj = super().__new__(cls, value)
-        obj.origin = origin
-        return obj
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (RegistryStr, (str(self), self.origin))
-
 
 _HOST_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _NGINX_TIME = re.compile(r"^[0-9]{1,9}(?:ms|s|m|h|d|w|M|y)?$")
@@ -57,14 +43,24 @@ def normalize_address(text: str) -> str:
     return str(ip)
 
 
-def format_endpoint(address: str, port: int) -> str:
+class SafeStr(str):
+    """Text built only from validated parts (addresses, ports, mapped names): nginx-safe by construction."""
+
+
+def format_endpoint(address: str, port: int) -> SafeStr:
     """`address:port`, with IPv6 addresses in brackets as nginx needs them."""
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    return SafeStr(f"[{address}]:{port}" if ":" in address else f"{address}:{port}")
 
 
-@dataclass(frozen=True)
+EMPTY_META: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceInstance:
-    """One passing instance of a service, as a template sees it."""
+    """One passing instance of a service, as a template sees it.
+
+    Slots and shared strings keep a large catalog small (about 1 KB per instance).
+    """
 
     name: str
     id: str
@@ -72,15 +68,25 @@ class ServiceInstance:
     address: str
     port: int
     tags: tuple[str, ...] = ()
-    meta: Mapping[str, str] = field(default_factory=dict)
+    meta: Mapping[str, str] = field(default_factory=lambda: EMPTY_META)
     weight: int = 1
     max_fails: int | None = None
     fail_timeout: str | None = None
 
     @property
-    def endpoint(self) -> str:
+    def endpoint(self) -> SafeStr:
         """`address:port`, IPv6 bracketed: `[2001:db8::1]:8080`."""
         return format_endpoint(self.address, self.port)
+
+    @property
+    def server(self) -> SafeStr:
+        """The arguments of an nginx `server` line: `endpoint weight=N [max_fails=N] [fail_timeout=T]`."""
+        text = f"{self.endpoint} weight={self.weight}"
+        if self.max_fails is not None:
+            text += f" max_fails={self.max_fails}"
+        if self.fail_timeout:
+            text += f" fail_timeout={self.fail_timeout}"
+        return SafeStr(text)
 
     def sort_key(self) -> tuple[str, str, str, int]:
         return (self.node, self.id, self.address, self.port)
@@ -118,6 +124,20 @@ class ServiceInstance:
         }
         return instance_from_health_entry(entry)
 
+    def field_named(self, value: object) -> str | None:
+        """Which of this instance's registry fields holds `value` (for error messages)."""
+        for label, candidate in (("name", self.name), ("ID", self.id), ("node", self.node)):
+            if candidate == value:
+                return label
+        if value in self.tags:
+            return "tag"
+        for key, meta_value in self.meta.items():
+            if value == meta_value:
+                return f"meta {key!r}"
+            if value == key:
+                return "meta key"
+        return None
+
 
 @dataclass(frozen=True)
 class RejectedInstance:
@@ -140,15 +160,25 @@ def _str_field(data: Mapping[str, Any], key: str, default: str = "") -> str:
     return value
 
 
-def instance_from_health_entry(entry: Mapping[str, Any]) -> ServiceInstance:
+class _Shared:
+    """Reuses equal strings and tuples within one answer (node names, tag lists repeat)."""
+
+    def __init__(self) -> None:
+        self.values: dict[Any, Any] = {}
+
+    def __call__(self, value: Any) -> Any:
+        return self.values.setdefault(value, value)
+
+
+def instance_from_health_entry(entry: Mapping[str, Any], shared: _Shared | None = None) -> ServiceInstance:
     """Turn one `/v1/health/service` entry into a validated instance; ValueError says why not."""
+    share = shared or _Shared()
     node = entry.get("Node") or {}
     service = entry.get("Service") or {}
     if not isinstance(node, Mapping) or not isinstance(service, Mapping):
         raise ValueError("entry has no Node or Service object")
     name = _str_field(service, "Service")
     sid = _str_field(service, "ID") or name
-    where = f"service {name!r} instance {sid!r}"
     raw_address = _str_field(service, "Address") or _str_field(node, "Address")
     if not raw_address:
         raise ValueError("neither Service.Address nor Node.Address is set")
@@ -166,8 +196,8 @@ def instance_from_health_entry(entry: Mapping[str, Any]) -> ServiceInstance:
         raise ValueError("Tags is not a list of strings")
     if not isinstance(raw_meta, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw_meta.items()):
         raise ValueError("Meta is not a map of strings")
-    tags = tuple(sorted(RegistryStr(t, f"tag of {where}") for t in raw_tags))
-    meta: dict[str, str] = {RegistryStr(k, f"meta key of {where}"): RegistryStr(v, f"meta {k!r} of {where}") for k, v in sorted(raw_meta.items())}
+    tags = share(tuple(sorted(raw_tags)))
+    meta = MappingProxyType(dict(sorted(raw_meta.items()))) if raw_meta else EMPTY_META
     max_fails: int | None = None
     if "max_fails" in raw_meta:
         text = raw_meta["max_fails"]
@@ -181,10 +211,10 @@ def instance_from_health_entry(entry: Mapping[str, Any]) -> ServiceInstance:
             raise ValueError(f"meta fail_timeout {text[:40]!r} is not an nginx time such as 10s")
         fail_timeout = text
     return ServiceInstance(
-        name=RegistryStr(name, f"name of {where}"),
-        id=RegistryStr(sid, f"ID of {where}"),
-        node=RegistryStr(_str_field(node, "Node"), f"node of {where}"),
-        address=address,
+        name=share(name),
+        id=sid,
+        node=share(_str_field(node, "Node")),
+        address=share(SafeStr(address)),
         port=port,
         tags=tags,
         meta=meta,
@@ -208,12 +238,13 @@ def health_view_from_entries(service_name: str, entries: Any) -> HealthView:
         raise ValueError(f"expected a JSON list for service {service_name!r}, got {type(entries).__name__}")
     instances: list[ServiceInstance] = []
     rejected: list[RejectedInstance] = []
+    shared = _Shared()
     for entry in entries:
         if not isinstance(entry, Mapping):
             rejected.append(RejectedInstance(service_name, "?", "entry is not a JSON object"))
             continue
         try:
-            instances.append(instance_from_health_entry(entry))
+            instances.append(instance_from_health_entry(entry, shared))
         except ValueError as exc:
             service = entry.get("Service") if isinstance(entry.get("Service"), Mapping) else {}
             sid = service.get("ID") if isinstance(service, Mapping) else None
@@ -248,5 +279,5 @@ def catalog_names(services: Any, tag: str | None) -> tuple[str, ...]:
             continue
         if tag is not None and (not isinstance(tags, list) or tag not in tags):
             continue
-        names.append(RegistryStr(name, f"service name {name[:80]!r}"))
+        names.append(name)
     return tuple(sorted(names))
