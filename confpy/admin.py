@@ -101,12 +101,38 @@ def add_parser(sub: Any) -> None:
             p.add_argument("--reason", default="drained with confpy upstream drain", help="maintenance reason")
 
 
-def _consul_config(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[ConsulConfig, list[Path]]:
+@dataclass(frozen=True)
+class AdminContext:
+    """What the commands know: Consul's settings, and where nginx's members can be seen."""
+
+    consul: ConsulConfig
+    destinations: tuple[Path, ...] = ()
+    live_listen: str | None = None
+
+
+def _context(args: argparse.Namespace, environ: Mapping[str, str]) -> AdminContext:
     path_text = getattr(args, "config", None) or environ.get("CONFPY_CONFIG")
     if path_text:
         config = load_config(Path(path_text), environ)
-        return config.consul, [t.destination for t in config.templates]
-    return consul_from_env(environ), []
+        live = config.nginx.live_listen if config.nginx.mode == "live" else None
+        return AdminContext(config.consul, tuple(t.destination for t in config.templates), live)
+    return AdminContext(consul_from_env(environ))
+
+
+def nginx_members(context: AdminContext) -> dict[str, set[str]] | None:
+    """The members nginx serves per upstream: from the admin API in live mode, else the rendered files."""
+    if context.live_listen:
+        from confpy.apply.live import LiveAdmin, LivePushError
+
+        try:
+            data = LiveAdmin(context.live_listen).upstreams()
+        except LivePushError:
+            return None
+        return {
+            name: {format_endpoint(m["host"], int(m["port"])) for m in entry.get("members") or [] if isinstance(m, dict)}
+            for name, entry in data.items() if isinstance(entry, dict)
+        }
+    return rendered_members(list(context.destinations))
 
 
 @dataclass(frozen=True)
@@ -177,13 +203,13 @@ def _find(instances: list[InstanceStatus], service: str, endpoint: Endpoint) -> 
     raise ConfpyError(f"service {service!r} has no instance at {endpoint.text} (it has: {known})")
 
 
-def cmd_list(client: ConsulClient, args: argparse.Namespace, destinations: list[Path]) -> int:
+def cmd_list(client: ConsulClient, args: argparse.Namespace, context: AdminContext) -> int:
     if args.service:
         names = [args.service]
     else:
         _, catalog = client.catalog_services()
         names = sorted(n for n in (catalog or {}) if n != "consul")
-    rendered = rendered_members(destinations)
+    rendered = nginx_members(context)
     report = []
     for name in names:
         instances = _instances(client, name)
@@ -264,11 +290,11 @@ def cmd_maintenance(client: ConsulClient, args: argparse.Namespace, enable: bool
 
 def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """Run one `confpy upstream ...` command."""
-    consul_config, destinations = _consul_config(args, environ)
-    client = ConsulClient(consul_config)
+    context = _context(args, environ)
+    client = ConsulClient(context.consul)
     command = args.upstream_command
     if command == "list":
-        return cmd_list(client, args, destinations)
+        return cmd_list(client, args, context)
     if command == "add":
         return cmd_add(client, args)
     if command == "del":

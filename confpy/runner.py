@@ -34,7 +34,7 @@ from confpy.consul.watcher import INITIAL_BACKOFF, ConsulHealth, Watcher, WatchS
 from confpy.errors import CheckError, ConfigError, ConfpyError, ConsulError, LockError, RenderError
 from confpy.metrics import Metrics
 from confpy.pipeline import SyncEngine
-from confpy.render.environment import RenderResult
+from confpy.render.environment import DataSource, RenderResult
 from confpy.render.values import HealthView
 from confpy.status import StatusServer
 from confpy.systemd import SystemdNotifier
@@ -135,8 +135,6 @@ class Runner:
         self.engine = SyncEngine(config)
         self.client = ConsulClient(config.consul)
         self.settings = WatchSettings(wait=config.consul.wait, max_backoff=config.consul.max_backoff)
-        from confpy.render.environment import DataSource
-
         self.data = DataSource()
         self.memories = self.engine.load_memories()
         self.templates = {t.destination: TemplateState(t, checksum=installed_checksum(t.destination)) for t in config.templates}

@@ -281,3 +281,21 @@ def test_a_failed_push_is_retried_and_reported(tmp_path: Path, consul: ConsulUnd
         assert resp.status == 503 and "live push failing" in resp.read().decode()
     finally:
         lab.stop()
+
+
+def test_upstream_list_reads_live_members_from_nginx(lab: LiveLab) -> None:
+    from .conftest import run_confpy
+
+    for n in (1, 2):
+        lab.register(n)
+    lab.start()
+    assert lab.settles({1, 2})
+    status, _ = lab.admin("DELETE", f"/upstreams/web/members/127.0.0.1:{lab.ports[1]}")  # by hand, until the next push
+    assert status == 200
+    out = run_confpy("upstream", "list", "web", "--json", "-c", str(lab.config))
+    assert out.returncode == 0, out.stderr
+    [svc] = json.loads(out.stdout)
+    assert {i["endpoint"]: i["in_nginx"] for i in svc["instances"]} == {
+        f"127.0.0.1:{lab.ports[0]}": True,
+        f"127.0.0.1:{lab.ports[1]}": False,
+    }

@@ -91,12 +91,16 @@ class LiveAdmin:
         except ValueError:
             return response.status, {"error": text[:200]}
 
-    def versions(self) -> dict[str, str | None]:
-        """GET /upstreams: each upstream nginx knows, with the version it serves."""
+    def upstreams(self) -> dict[str, Any]:
+        """GET /upstreams: every upstream nginx defines, with its version and members."""
         status, data = self._request("GET", "/upstreams")
         if status != 200 or not isinstance(data, dict):
             raise LivePushError(f"live admin API at {self.listen} answered GET /upstreams with {status}: {data}")
-        return {name: (entry.get("version") if isinstance(entry, dict) else None) for name, entry in data.items()}
+        return data
+
+    def versions(self) -> dict[str, str | None]:
+        """Each upstream nginx defines, with the version it serves."""
+        return {name: (entry.get("version") if isinstance(entry, dict) else None) for name, entry in self.upstreams().items()}
 
     def put(self, name: str, upstream: LiveUpstream) -> None:
         """PUT /upstreams/NAME with the whole member list."""
