@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confpy.config import ConsulConfig, consul_from_env, load_config
+from confpy.config import ConsulConfig, consul_from_env, load_config, split_host_port
 from confpy.consul.client import ConsulClient
 from confpy.errors import ConfigError, ConfpyError
 from confpy.render.environment import upstream_name_for
@@ -40,20 +40,17 @@ class Endpoint:
 
 def parse_endpoint(text: str) -> Endpoint:
     """Parse HOST:PORT (`[v6]:port` for IPv6); ConfigError (exit 2) says what is wrong."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host:
-        raise ConfigError(f"{text!r} is not HOST:PORT, e.g. 127.0.0.1:8081 or [::1]:8081")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ConfigError(f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:8081")
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ConfigError(f"{text!r}: port {port_text!r} is not a number from 1 to 65535")
+    try:
+        host, port = split_host_port(text)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if port == 0:
+        raise ConfigError(f"{text!r}: port 0 is not a number from 1 to 65535")
     try:
         address = normalize_address(host)
     except ValueError as exc:
         raise ConfigError(f"{text!r}: {exc}") from None
-    return Endpoint(address, int(port_text))
+    return Endpoint(address, port)
 
 
 def _meta(items: list[str]) -> dict[str, str]:

@@ -228,11 +228,11 @@ def split_host_port(text: str) -> tuple[str, int]:
     """Split "127.0.0.1:9118" or "[::1]:9118" into host and port; ValueError when malformed."""
     host, sep, port_text = text.rpartition(":")
     if not sep or not host:
-        raise ValueError(f"{text!r} is not HOST:PORT (e.g. \"127.0.0.1:9118\")")
+        raise ValueError(f"{text!r} is not HOST:PORT (e.g. \"127.0.0.1:8080\")")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
-        raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. \"[::1]:9118\"")
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. \"[::1]:8080\"")
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"{text!r}: port {port_text!r} is not a number from 0 to 65535")
     return host, int(port_text)

@@ -66,7 +66,7 @@ class Demo:
         self.out(f"  gateway http://127.0.0.1:{self.nginx.port}/ answered: {' | '.join(bodies)}")
         return bodies
 
-    def expect(self, label: str, members: set[int], started: float) -> None:
+    def expect(self, label: str, members: set[int], started: float, since: str = "the command returned") -> None:
         """Wait until a whole round of requests hits exactly `members`; record how long it took."""
         expected = {f"App server {n}" for n in members}
 
@@ -78,7 +78,7 @@ class Demo:
         took = time.monotonic() - started
         self.timings.append((label, took))
         self.show_traffic()
-        self.out(f"  -> reached traffic {took * 1000:.0f} ms after {'the failure' if 'check' in label else 'the command returned'}")
+        self.out(f"  -> reached traffic {took * 1000:.0f} ms after {since}")
 
     # --- the story -----------------------------------------------------------------------------
 
@@ -143,15 +143,15 @@ class Demo:
         port = self.backends[2].port
         self.backends[2].stop()
         self.out(f"  (stopped the process listening on 127.0.0.1:{port})")
-        self.expect("server 2 failed its check", {1, 3}, started)
+        self.expect("server 2 failed its check", {1, 3}, started, since="the process stopped")
         self.out("  App server 2 comes back:")
         started = time.monotonic()
         self.backends[2] = BackendServer("App server 2", port=port).start()
-        self.expect("server 2 recovered", {1, 2, 3}, started)
+        self.expect("server 2 recovered", {1, 2, 3}, started, since="the process started again")
 
     def summary(self) -> None:
         self.out("\n== How long each change took to reach traffic (from the command's return, or the failure, to a full round of requests")
-        self.out("   served accordingly; a health-check failure waits for the next 1 s check, an added server for its first check)")
+        self.out("   served accordingly; a failing or recovering server waits for its next 1 s health check, an added one for its first)")
         for label, took in self.timings[1:]:
             self.out(f"  {label:<32} {took * 1000:7.0f} ms")
         self.out(f"  nginx reloads: {self.nginx.reload_count()} (each new configuration was checked with nginx -t first)")

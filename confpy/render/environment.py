@@ -191,16 +191,23 @@ class _RenderContext:
             return f"service name {value[:80]!r}"
         return None
 
+    def _lookup(self, dep: AnyDependency) -> object | None:
+        """Record that the template uses `dep`; its value, or None while Consul has not answered."""
+        self.dependencies.add(dep)
+        found, value = self.data.get(dep)
+        if not found:
+            self.missing.add(dep)
+            return None
+        return value
+
     def service(self, name: Any, tag: Any = None) -> list[ServiceInstance]:
         if not isinstance(name, str) or not name:
             raise RenderError(f"service() needs a service name (a non-empty string), got {name!r}")
         if tag is not None and not isinstance(tag, str):
             raise RenderError(f"service({name!r}, tag=...) needs a string tag, got {tag!r}")
         dep = ServiceHealth(str(name), str(tag) if tag is not None else None)
-        self.dependencies.add(dep)
-        found, value = self.data.get(dep)
-        if not found:
-            self.missing.add(dep)
+        value = self._lookup(dep)
+        if value is None:
             return []
         assert isinstance(value, HealthView)
         key = memory_key(dep)
@@ -220,10 +227,8 @@ class _RenderContext:
         if tag is not None and not isinstance(tag, str):
             raise RenderError(f"services(tag=...) needs a string tag, got {tag!r}")
         dep = CatalogServices(str(tag) if tag is not None else None)
-        self.dependencies.add(dep)
-        found, value = self.data.get(dep)
-        if not found:
-            self.missing.add(dep)
+        value = self._lookup(dep)
+        if value is None:
             return []
         assert isinstance(value, tuple)
         self.names.append(value)
