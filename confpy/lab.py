@@ -265,12 +265,16 @@ http {{
         return sum(1 for line in text.splitlines() if line.endswith("] reconfiguring") or line.endswith(": reconfiguring"))
 
     def stop(self) -> None:
+        import psutil
+
         pid = self.master_pid()
         if pid is None:
             return
         try:
+            if "nginx" not in psutil.Process(pid).name():
+                return  # a test wrote another PID into the pid file: never signal it
             os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
+        except (ProcessLookupError, psutil.NoSuchProcess):
             return
         wait_until(lambda: not _alive(pid), 10)
 

@@ -70,6 +70,7 @@ def test_invalid_config_is_rolled_back_and_nginx_not_reloaded(
     assert sync(good)[0] == 0
     nginx.start()
     before = nginx.destination.read_bytes()
+    mtime = nginx.destination.stat().st_mtime_ns
     workers = nginx.workers()
     bad_template = tmp_path / "bad.conf.j2"
     bad_template.write_text("upstream web {\n{% for i in service('web') %}  server {{ i.endpoint }} bogus_parameter=1;\n{% endfor %}}\n")
@@ -78,6 +79,7 @@ def test_invalid_config_is_rolled_back_and_nginx_not_reloaded(
     assert code == 1
     assert "check_cmd" in err and "bogus_parameter" in err  # nginx's own message
     assert nginx.destination.read_bytes() == before
+    assert nginx.destination.stat().st_mtime_ns == mtime  # restored exactly, times included
     assert nginx.workers() == workers and nginx.reload_count() == 0
     assert set(nginx.bodies(6)) == {"App server 1", "App server 2", "App server 3"}
 

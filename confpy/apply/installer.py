@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from confpy.apply.files import atomic_write, current_mode, remove_file
+from confpy.apply.files import atomic_write, remove_file
 from confpy.apply.nginx import NginxChecker, NginxReloader, ReloadOutcome
 from confpy.config import TemplateConfig
 from confpy.errors import CheckError, ConfpyError, InstallError
@@ -43,6 +44,13 @@ class ApplyReport:
     reload: ReloadOutcome
 
 
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        return None
+
+
 def backup_path(destination: Path) -> Path:
     return destination.with_name(destination.name + ".bak")
 
@@ -69,14 +77,15 @@ class Installer:
 
     def apply(self, changes: Sequence[Change]) -> ApplyReport:
         """Install `changes`, run the check once, reload once; roll everything back on failure."""
-        written: list[tuple[Change, int | None]] = []
+        written: list[tuple[Change, os.stat_result | None]] = []
         try:
             for change in changes:
-                old_mode = current_mode(change.destination)
+                old_stat = _stat(change.destination)
+                old_mode = stat.S_IMODE(old_stat.st_mode) if old_stat else None
                 if change.template.backup and change.old is not None:
                     keep_backup(change.destination, change.old, old_mode)
                 atomic_write(change.destination, change.new, change.template.mode)
-                written.append((change, old_mode))
+                written.append((change, old_stat))
             started = time.monotonic()
             self.checker.check()
             log.debug("check_cmd passed in %.1f ms", (time.monotonic() - started) * 1000)
@@ -85,16 +94,19 @@ class Installer:
             raise
         return ApplyReport(tuple(c.destination for c, _ in written), self.reloader.reload())
 
-    def _rollback(self, written: Sequence[tuple[Change, int | None]], cause: ConfpyError) -> None:
+    def _rollback(self, written: Sequence[tuple[Change, os.stat_result | None]], cause: ConfpyError) -> None:
         failures = []
-        for change, old_mode in reversed(written):
+        for change, old_stat in reversed(written):
             try:
-                if change.old is None:
+                if change.old is None or old_stat is None:
                     remove_file(change.destination)
                 else:
-                    atomic_write(change.destination, change.old, old_mode)
+                    atomic_write(change.destination, change.old, stat.S_IMODE(old_stat.st_mode))
+                    # The old times too: the file is as it was, and nginx's workers must not look
+                    # older than it (that would trigger a needless reload at the next start-up).
+                    os.utime(change.destination, ns=(old_stat.st_atime_ns, old_stat.st_mtime_ns))
                 log.warning("restored %s to its previous contents (%s)", change.destination, type(cause).__name__)
-            except InstallError as exc:
+            except (InstallError, OSError) as exc:
                 failures.append(str(exc))
         if failures:
             raise InstallError(f"{cause}; AND restoring the previous files failed: {'; '.join(failures)}") from None

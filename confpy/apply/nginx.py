@@ -101,7 +101,7 @@ def nginx_master(pid_file: Path) -> psutil.Process | None:
         return None
     except psutil.AccessDenied:
         raise ReloadError(f"{pid_file}: not allowed to inspect PID {pid}; run confpy as the user that runs nginx (or root)") from None
-    if "nginx" not in name and "nginx" not in cmdline:
+    if "nginx" not in name:  # the executable's name (comm), not its arguments: `python x.py --nginx` is not nginx
         raise ReloadError(f"{pid_file}: PID {pid} is {name!r}, not nginx; refusing to signal it (stale pid file?)")
     if "master process" not in cmdline:
         raise ReloadError(f"{pid_file}: PID {pid} is an nginx process but not the master ({cmdline[:80]!r}); check [nginx] pid_file")
