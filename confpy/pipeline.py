@@ -73,6 +73,7 @@ class SyncEngine:
         self.installer = Installer(NginxChecker(config.nginx), NginxReloader(config.nginx))
         self.live = LiveSync(config, self.state) if config.nginx.mode == "live" else None
         self.wanted_live: dict[str, LiveUpstream] = {}
+        self._wanted_by_template: dict[Path, dict[str, LiveUpstream]] = {}
 
     @property
     def templates(self) -> Sequence[TemplateConfig]:
@@ -144,7 +145,10 @@ class SyncEngine:
         if self.live is not None:
             # The state file first: a reload below, or any later restart, starts from these members.
             self.live.save(results)
-            self.wanted_live = self.live.desired(results)
+            # A cycle may render only some templates: keep the other templates' members.
+            for result in results:
+                self._wanted_by_template[result.template.destination] = self.live.desired([result])
+            self.wanted_live = {name: up for wanted in self._wanted_by_template.values() for name, up in wanted.items()}
         changes, report.unchanged = self.changes(results)
         for path in report.unchanged:
             log.debug("%s: rendered bytes equal the installed file; nothing to do", path)

@@ -286,3 +286,22 @@ def test_check_failure_keeps_previous_files_and_the_daemon_running(
     assert settles(nginx, ALL), proc.output()
 
 
+
+
+def test_dependencies_follow_what_the_templates_call(
+    consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], tmp_path: Path, daemons: list[ConfpyProcess]
+) -> None:
+    template = tmp_path / "templates" / "up.conf.j2"
+    template.parent.mkdir()
+    body = "upstream web {\n{% for i in service('NAME') %}    server {{ i.endpoint }};\n{% endfor %}}\n"
+    template.write_text(body.replace("NAME", "web"))
+    config = write_config(tmp_path / "c.toml", consul.url, nginx, template)
+    consul.api.register("web", backends[0].port, id="web-1")
+    consul.api.register("api", backends[1].port, id="api-1")
+    proc = start_daemon(daemons, config, nginx)
+    assert settles(nginx, {"App server 1"})
+    template.write_text(body.replace("NAME", "api"))  # the template now calls service('api')
+    assert settles(nginx, {"App server 2"}), proc.output()
+    assert wait_until(lambda: "stopped watching service(web)" in proc.output(), 10), proc.output()
+    consul.api.register("api", backends[2].port, id="api-2")  # the new dependency is watched
+    assert settles(nginx, {"App server 2", "App server 3"}), proc.output()
