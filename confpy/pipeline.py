@@ -15,8 +15,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from confpy.apply.files import StateStore, destination_lock, read_bytes
-from confpy.apply.installer import ApplyReport, Change, Installer
+from confpy.apply.files import StateStore, destination_lock, read_bytes, remove_leftover_temp_files
+from confpy.apply.installer import ApplyReport, Change, Installer, backup_path
 from confpy.apply.live import LiveSync, LiveUpstream, lua_dir
 from confpy.apply.nginx import NginxChecker, NginxReloader
 from confpy.config import Config, TemplateConfig
@@ -119,6 +119,9 @@ class SyncEngine:
         with ExitStack() as stack:
             for dest in sorted(set(destinations)):
                 stack.enter_context(destination_lock(dest, timeout))
+                targets = [dest, backup_path(dest), self.state.path_for(dest), self.state.live_path_for(dest)]
+                for leftover in remove_leftover_temp_files(targets):
+                    log.info("removed %s, left behind by an interrupted write", leftover)
             yield
 
     def changes(self, results: Sequence[RenderResult]) -> tuple[list[Change], list[Path]]:

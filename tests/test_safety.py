@@ -363,3 +363,15 @@ def test_the_token_never_appears_in_errors(tmp_path: Path, nginx: NginxInstance,
     proc = run_confpy("-c", str(config), "--once", "--log-level", "debug", env={"CONSUL_HTTP_TOKEN": "tok-SECRET-456"})
     assert proc.returncode == 1 and "check the token" in proc.stderr
     assert "tok-SECRET-456" not in proc.stderr + proc.stdout
+
+
+def test_leftover_cleanup_removes_only_confpys_own_temp_files(tmp_path: Path) -> None:
+    dest = tmp_path / "up.conf"
+    ours = [tmp_path / ".up.conf.ab12cd_9.confpy-tmp", tmp_path / ".up.conf.bak.confpy-tmp",
+            tmp_path / "..up.conf.confpy-state.json.zz99yy88.confpy-tmp"]
+    others = [tmp_path / ".up.conf.extra.ab12cd_9.confpy-tmp", tmp_path / "up.conf", tmp_path / ".other.conf.ab12cd_9.confpy-tmp"]
+    for path in ours + others:
+        path.write_text("x")
+    removed = files.remove_leftover_temp_files([dest, tmp_path / "up.conf.bak", tmp_path / ".up.conf.confpy-state.json"])
+    assert sorted(removed) == sorted(ours)
+    assert all(path.exists() for path in others)

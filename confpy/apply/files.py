@@ -11,10 +11,11 @@ import fcntl
 import json
 import logging
 import os
+import re
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from threading import Event
@@ -107,15 +108,25 @@ def remove_file(path: Path) -> None:
         raise InstallError(f"{path}: cannot remove the rejected file: {exc.strerror}") from None
 
 
-def remove_leftover_temp_files(destination: Path) -> list[Path]:
-    """Remove temporary files a killed confpy left beside `destination` (call with its lock held)."""
+def remove_leftover_temp_files(targets: Iterable[Path]) -> list[Path]:
+    """Remove the temporary files a killed confpy left for `targets` (call with their lock held).
+
+    atomic_write names them `.NAME.XXXXXXXX.confpy-tmp` (mkstemp's 8 random characters) and a
+    backup link is `.NAME.confpy-tmp`; other files in the folder are never touched.
+    """
     removed = []
-    for leftover in destination.parent.glob(f".{destination.name}.*.confpy-tmp"):
+    for target in targets:
+        pattern = re.compile(rf"^\.{re.escape(target.name)}(\.[A-Za-z0-9_]{{8}})?\.confpy-tmp$")
         try:
-            leftover.unlink()
-            removed.append(leftover)
+            candidates = [p for p in target.parent.iterdir() if pattern.match(p.name)]
         except OSError:
-            pass
+            continue
+        for leftover in candidates:
+            try:
+                leftover.unlink()
+                removed.append(leftover)
+            except OSError:
+                pass
     return removed
 
 
@@ -154,8 +165,6 @@ def destination_lock(destination: Path, timeout: float, stop: Event | None = Non
                     time.sleep(0.05)
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        for leftover in remove_leftover_temp_files(destination):
-            log.info("removed %s, left behind by an interrupted write", leftover)
         yield
     finally:
         os.close(fd)
