@@ -147,27 +147,38 @@ class _BackendHandler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
-        body = (self.server.body + "\n").encode()
-        self.send_response(200)
+        body = self.server.payload
+        self.send_response(self.server.status)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
+        for name, value in self.server.headers.items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
 
 
 class BackendServer(ThreadingHTTPServer):
-    """A tiny HTTP app server answering its name ("App server 1") on every path."""
+    """A tiny HTTP server giving one answer on every path: an app server ("App server 1"), or,
+    with `status`, `headers` and raw bytes, a canned (broken, refusing, oversized) endpoint."""
 
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, body: str, port: int = 0, host: str = LOOPBACK) -> None:
+    def __init__(self, body: str | bytes, port: int = 0, host: str = LOOPBACK, *, status: int = 200,
+                 headers: Mapping[str, str] | None = None) -> None:
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.body = body
+        self.payload = body if isinstance(body, bytes) else (body + "\n").encode()
+        self.status = status
+        self.headers = dict(headers or {})
         super().__init__((host, port), _BackendHandler)
         self.port = int(self.server_address[1])
         self.host = host
         self.thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{f'[{self.host}]' if ':' in self.host else self.host}:{self.port}"
 
     def start(self) -> BackendServer:
         self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)

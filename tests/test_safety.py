@@ -8,10 +8,8 @@ import random
 import re
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -117,42 +115,17 @@ def test_any_consul_answer_renders_a_valid_config_or_is_refused(tmp_path_factory
 
 # --- the bad-input table ----------------------------------------------------------------------
 
-class _Canned(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: CannedConsul
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        status, body = self.server.answer
-        self.send_response(status)
-        self.send_header("X-Consul-Index", "5")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
-class CannedConsul(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, status: int, body: bytes) -> None:
-        self.answer = (status, body)
-        super().__init__(("127.0.0.1", 0), _Canned)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
+def canned_consul(status: int, body: bytes) -> BackendServer:
+    """An endpoint that answers every query the same way, with a Consul index header."""
+    return BackendServer(body, status=status, headers={"X-Consul-Index": "5"}).start()
 
 
 @pytest.fixture
-def canned() -> Iterator[list[CannedConsul]]:
-    servers: list[CannedConsul] = []
+def canned() -> Iterator[list[BackendServer]]:
+    servers: list[BackendServer] = []
     yield servers
     for server in servers:
-        server.shutdown()
-        server.server_close()
+        server.stop()
 
 
 @pytest.mark.parametrize(
@@ -165,9 +138,9 @@ def canned() -> Iterator[list[CannedConsul]]:
         (200, b'{"web": ["nginx"]}' + b" " * 3000, "is larger than max_response_bytes (2048 bytes)"),
     ],
 )
-def test_consul_errors_are_one_clear_line(tmp_path: Path, nginx: NginxInstance, canned: list[CannedConsul], status: int, body: bytes,
+def test_consul_errors_are_one_clear_line(tmp_path: Path, nginx: NginxInstance, canned: list[BackendServer], status: int, body: bytes,
                                           message: str) -> None:
-    server = CannedConsul(status, body)
+    server = canned_consul(status, body)
     canned.append(server)
     config = write_config(tmp_path / "c.toml", server.url, nginx, SHIPPED_TEMPLATE)
     config.write_text(config.read_text().replace('timeout = "2s"', 'timeout = "2s"\nmax_response_bytes = 2048'))
@@ -356,8 +329,8 @@ def test_two_confpy_processes_cannot_interleave(consul: ConsulUnderTest, nginx: 
         daemon.stop()
 
 
-def test_the_token_never_appears_in_errors(tmp_path: Path, nginx: NginxInstance, canned: list[CannedConsul]) -> None:
-    server = CannedConsul(403, b"ACL not found")
+def test_the_token_never_appears_in_errors(tmp_path: Path, nginx: NginxInstance, canned: list[BackendServer]) -> None:
+    server = canned_consul(403, b"ACL not found")
     canned.append(server)
     config = write_config(tmp_path / "c.toml", server.url, nginx, SHIPPED_TEMPLATE)
     proc = run_confpy("-c", str(config), "--once", "--log-level", "debug", env={"CONSUL_HTTP_TOKEN": "tok-SECRET-456"})
