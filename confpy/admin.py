@@ -7,6 +7,7 @@ maintenance on the Consul agent, and the running confpy carries the change into 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import re
 import sys
@@ -16,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from confpy.config import ConsulConfig, consul_from_env, load_config, split_host_port
-from confpy.consul.client import ConsulClient
 from confpy.errors import ConfigError, ConfpyError
+from confpy.model import format_endpoint, normalize_address
+from confpy.registry.consul import ConsulClient
 from confpy.render.environment import upstream_name_for
-from confpy.render.values import format_endpoint, normalize_address
 
 NGINX_TAG = "nginx"
 _UPSTREAM_BLOCK = re.compile(r"upstream\s+(\S+)\s*\{(.*?)\}", re.S)
@@ -116,15 +117,18 @@ def _context(args: argparse.Namespace, environ: Mapping[str, str]) -> AdminConte
     return AdminContext(consul_from_env(environ))
 
 
-def nginx_members(context: AdminContext) -> dict[str, set[str]] | None:
+async def nginx_members(context: AdminContext) -> dict[str, set[str]] | None:
     """The members nginx serves per upstream: from the admin API in live mode, else the rendered files."""
     if context.live_listen:
         from confpy.apply.live import LiveAdmin, LivePushError
 
+        admin = LiveAdmin(context.live_listen)
         try:
-            data = LiveAdmin(context.live_listen).upstreams()
+            data = await admin.upstreams()
         except LivePushError:
             return None
+        finally:
+            await admin.close()
         return {
             name: {format_endpoint(m["host"], int(m["port"])) for m in entry.get("members") or [] if isinstance(m, dict)}
             for name, entry in data.items() if isinstance(entry, dict)
@@ -149,8 +153,8 @@ class InstanceStatus:
         return format_endpoint(self.address, self.port) if self.address else f"?:{self.port}"
 
 
-def _instances(client: ConsulClient, service: str) -> list[InstanceStatus]:
-    _, entries = client.health_service(service, passing=False)
+async def _instances(client: ConsulClient, service: str) -> list[InstanceStatus]:
+    _, entries = await client.health_service(service, passing=False)
     out = []
     for entry in entries or []:
         svc = entry.get("Service") or {}
@@ -200,16 +204,16 @@ def _find(instances: list[InstanceStatus], service: str, endpoint: Endpoint) -> 
     raise ConfpyError(f"service {service!r} has no instance at {endpoint.text} (it has: {known})")
 
 
-def cmd_list(client: ConsulClient, args: argparse.Namespace, context: AdminContext) -> int:
+async def cmd_list(client: ConsulClient, args: argparse.Namespace, context: AdminContext) -> int:
     if args.service:
         names = [args.service]
     else:
-        _, catalog = client.catalog_services()
+        _, catalog = await client.catalog_services()
         names = sorted(n for n in (catalog or {}) if n != "consul")
-    rendered = nginx_members(context)
+    rendered = await nginx_members(context)
     report = []
     for name in names:
-        instances = _instances(client, name)
+        instances = await _instances(client, name)
         if args.service and not instances:
             raise ConfpyError(f"service {name!r} has no registered instance in Consul (unknown service?)")
         upstream = upstream_name_for(name) if name else name
@@ -237,7 +241,7 @@ def cmd_list(client: ConsulClient, args: argparse.Namespace, context: AdminConte
     return 0
 
 
-def cmd_add(client: ConsulClient, args: argparse.Namespace) -> int:
+async def cmd_add(client: ConsulClient, args: argparse.Namespace) -> int:
     endpoint = parse_endpoint(args.endpoint)
     if args.weight < 1:
         raise ConfigError(f"--weight {args.weight}: must be a positive integer")
@@ -253,15 +257,15 @@ def cmd_add(client: ConsulClient, args: argparse.Namespace) -> int:
         path = args.check_path if args.check_path.startswith("/") else "/" + args.check_path
         definition["Check"] = {"Name": f"HTTP {endpoint.text}{path}", "HTTP": f"http://{endpoint.text}{path}",
                                "Interval": args.check_interval, "Timeout": args.check_timeout}
-    client.register(definition)
+    await client.register(definition)
     check = "no check" if args.check == "none" else f"{args.check} check every {args.check_interval}"
     print(f"registered {service_id}: service {args.service} at {endpoint.text}, weight {args.weight}, tags {','.join(tags)}, {check}")
     return 0
 
 
-def cmd_del(client: ConsulClient, args: argparse.Namespace) -> int:
+async def cmd_del(client: ConsulClient, args: argparse.Namespace) -> int:
     endpoint = parse_endpoint(args.endpoint)
-    instances = _instances(client, args.service)
+    instances = await _instances(client, args.service)
     target = _find(instances, args.service, endpoint)
     passing = [i for i in instances if i.status == "passing"]
     if target.status == "passing" and len(passing) == 1 and not args.force:
@@ -271,29 +275,35 @@ def cmd_del(client: ConsulClient, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    client.deregister(target.id)
+    await client.deregister(target.id)
     print(f"deregistered {target.id}: service {args.service} at {endpoint.text}")
     return 0
 
 
-def cmd_maintenance(client: ConsulClient, args: argparse.Namespace, enable: bool) -> int:
+async def cmd_maintenance(client: ConsulClient, args: argparse.Namespace, enable: bool) -> int:
     endpoint = parse_endpoint(args.endpoint)
-    target = _find(_instances(client, args.service), args.service, endpoint)
-    client.maintenance(target.id, enable, getattr(args, "reason", None) if enable else None)
+    target = _find(await _instances(client, args.service), args.service, endpoint)
+    await client.maintenance(target.id, enable, getattr(args, "reason", None) if enable else None)
     action = "drained (maintenance on)" if enable else "undrained (maintenance off)"
     print(f"{action} {target.id}: service {args.service} at {endpoint.text}")
     return 0
 
 
+async def _dispatch(client: ConsulClient, args: argparse.Namespace, context: AdminContext) -> int:
+    command = args.upstream_command
+    try:
+        if command == "list":
+            return await cmd_list(client, args, context)
+        if command == "add":
+            return await cmd_add(client, args)
+        if command == "del":
+            return await cmd_del(client, args)
+        return await cmd_maintenance(client, args, enable=command == "drain")
+    finally:
+        await client.close()
+
+
 def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """Run one `confpy upstream ...` command."""
     context = _context(args, environ)
-    client = ConsulClient(context.consul)
-    command = args.upstream_command
-    if command == "list":
-        return cmd_list(client, args, context)
-    if command == "add":
-        return cmd_add(client, args)
-    if command == "del":
-        return cmd_del(client, args)
-    return cmd_maintenance(client, args, enable=command == "drain")
+    return asyncio.run(_dispatch(ConsulClient(context.consul), args, context))

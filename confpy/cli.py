@@ -6,15 +6,20 @@ Exit codes: 0 success, 1 the sync (or command) failed, 2 usage or configuration 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from confpy import __version__
 from confpy.config import DEFAULT_CONFIG_PATH, Config, load_config
 from confpy.errors import ConfigError, ConfpyError
+
+if TYPE_CHECKING:
+    from confpy.pipeline import SyncReport
 
 log = logging.getLogger("confpy")
 
@@ -70,20 +75,30 @@ def _load(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
     return load_config(config_path(args.config, environ), environ)
 
 
+async def sync_once(config: Config, dry_run: bool) -> SyncReport:
+    """`--once`: one sync through the same render and install steps the daemon uses."""
+    from confpy.pipeline import SyncEngine
+    from confpy.registry.consul import ConsulClient, ConsulRegistry
+
+    engine = SyncEngine(config)
+    registry = ConsulRegistry(ConsulClient(config.consul))
+    try:
+        return await engine.sync_once(registry, dry_run=dry_run)
+    finally:
+        await registry.close()
+        await engine.close()
+
+
 def run_main_job(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """`confpy [--once] [--dry-run]`: the sync, once or as a daemon."""
-    from confpy.consul.client import ConsulClient
-    from confpy.pipeline import SyncEngine
-
     if args.dry_run and not args.once:
         raise ConfigError("--dry-run works with --once only (the daemon always applies)")
     config = _load(args, environ)
     if not args.once:
-        from confpy.runner import run_daemon
+        from confpy.daemon.loop import run_daemon
 
         return run_daemon(config, config_path(args.config, environ), environ)
-    engine = SyncEngine(config)
-    report = engine.sync_once(ConsulClient(config.consul), dry_run=args.dry_run)
+    report = asyncio.run(sync_once(config, args.dry_run))
     if args.dry_run:
         for template in config.templates:
             diff = report.diffs.get(template.destination)

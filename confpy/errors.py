@@ -26,7 +26,11 @@ class ConfigError(ConfpyError):
     exit_code = 2
 
 
-class ConsulError(ConfpyError):
+class RegistryError(ConfpyError):
+    """The registry could not be reached, refused the request or sent an unusable answer."""
+
+
+class ConsulError(RegistryError):
     """Consul could not be reached, refused the request or sent an unusable answer."""
 
 

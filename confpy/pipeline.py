@@ -6,32 +6,31 @@ template, compare with the bytes on disk, and install the changed ones as one tr
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from confpy.apply.files import StateStore, destination_lock, read_bytes, remove_leftover_temp_files
+from confpy.apply.files import StateStore, destination_locks, read_bytes, remove_leftover_temp_files
 from confpy.apply.installer import ApplyReport, Change, Installer, backup_path
-from confpy.apply.live import LiveSync, LiveUpstream, lua_dir
+from confpy.apply.live import LiveSupervisor, lua_dir, state_bytes
 from confpy.apply.nginx import NginxChecker, NginxReloader
 from confpy.config import Config, TemplateConfig
-from confpy.consul.client import ConsulClient
-from confpy.consul.dependencies import AnyDependency
 from confpy.errors import RenderError
-from confpy.render.environment import DataSource, Memory, RenderResult, TemplateRenderer
-from confpy.render.values import HealthView
+from confpy.model import HealthView, Memory
+from confpy.registry.base import AnyDependency, Registry
+from confpy.render.environment import DataSource, RenderResult, TemplateRenderer
 
 log = logging.getLogger(__name__)
 
 # A template may discover new dependencies from the data of earlier ones (e.g. services() then
 # service(name) for each name): each round fetches what the previous render found missing.
 MAX_RESOLVE_ROUNDS = 10
-FETCH_THREADS = 8
+FETCH_CONCURRENCY = 32
 LOCK_TIMEOUT = 10.0
 
 
@@ -56,7 +55,12 @@ def unified_diff(path: Path, old: bytes | None, new: bytes) -> str:
 
 
 class SyncEngine:
-    """Everything a sync needs, built once from the configuration."""
+    """Everything a sync needs, built once from the configuration.
+
+    The steps of a sync, in order: `render` each template, `changes` against the bytes on disk,
+    `install` (live state files, the stale-nginx check, the install/check/reload transaction),
+    push live members, `remember` the members for `on_empty = "keep"`.
+    """
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -70,10 +74,9 @@ class SyncEngine:
             })
             for t in config.templates
         }
-        self.installer = Installer(NginxChecker(config.nginx), NginxReloader(config.nginx))
-        self.live = LiveSync(config, self.state) if config.nginx.mode == "live" else None
-        self.wanted_live: dict[str, LiveUpstream] = {}
-        self._wanted_by_template: dict[Path, dict[str, LiveUpstream]] = {}
+        self.reloader = NginxReloader(config.nginx)
+        self.installer = Installer(NginxChecker(config.nginx), self.reloader)
+        self.live = LiveSupervisor(config, self.state, self.reloader) if config.nginx.mode == "live" else None
 
     @property
     def templates(self) -> Sequence[TemplateConfig]:
@@ -81,25 +84,33 @@ class SyncEngine:
 
     def render(self, template: TemplateConfig, data: DataSource, memory: Memory) -> RenderResult:
         """Render one template (RenderError names file:line)."""
+        started = time.monotonic()
         result = self.renderers[template.destination].render(data, memory)
         if result.live and self.live is None:
             raise RenderError(f"{template.source}: the template calls live_upstream() but [nginx] mode is \"reload\"; set mode = \"live\"")
+        log.debug("rendered %s in %.1f ms", template.destination, (time.monotonic() - started) * 1000)
         return result
 
-    def fetch_all(self, client: ConsulClient, deps: Iterable[AnyDependency], data: DataSource) -> dict[AnyDependency, int]:
-        """Fetch each dependency once (no blocking), a few in parallel; store values in `data`."""
+    async def fetch_all(self, registry: Registry, deps: Iterable[AnyDependency], data: DataSource) -> dict[AnyDependency, int]:
+        """Fetch each dependency once (no blocking), a bounded number at a time; store values in `data`."""
+        limit = asyncio.Semaphore(FETCH_CONCURRENCY)
+
+        async def one(dep: AnyDependency) -> tuple[int, object]:
+            async with limit:
+                return await registry.fetch(dep, 0, 0.0)
+
         deps = list(deps)
+        answers = await asyncio.gather(*(one(dep) for dep in deps))
         indexes: dict[AnyDependency, int] = {}
-        with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, max(1, len(deps)))) as pool:
-            for dep, (index, value) in zip(deps, pool.map(lambda d: d.fetch(client, 0, None), deps), strict=True):
-                data.set(dep, value)
-                indexes[dep] = index
-                if isinstance(value, HealthView):
-                    for rejected in value.rejected:
-                        log.warning("left out of the render: %s", rejected)
+        for dep, (index, value) in zip(deps, answers, strict=True):
+            data.set(dep, value)
+            indexes[dep] = index
+            if isinstance(value, HealthView):
+                for rejected in value.rejected:
+                    log.warning("left out of the render: %s", rejected)
         return indexes
 
-    def resolve(self, client: ConsulClient, data: DataSource, memories: dict[Path, Memory]) -> tuple[list[RenderResult], dict[AnyDependency, int]]:
+    async def resolve(self, registry: Registry, data: DataSource, memories: dict[Path, Memory]) -> tuple[list[RenderResult], dict[AnyDependency, int]]:
         """Render every template, fetching what they call until all renders are complete."""
         indexes: dict[AnyDependency, int] = {}
         for _ in range(MAX_RESOLVE_ROUNDS):
@@ -107,18 +118,18 @@ class SyncEngine:
             missing = set().union(*(r.missing for r in results))
             if not missing:
                 return results, indexes
-            indexes.update(self.fetch_all(client, missing, data))
+            indexes.update(await self.fetch_all(registry, missing, data))
         raise RenderError(
             f"templates still asked for new data after {MAX_RESOLVE_ROUNDS} rounds of fetching; "
             "does a template derive service names from data without end?"
         )
 
-    @contextmanager
-    def locked(self, destinations: Iterable[Path], timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
-        """Hold the locks of `destinations` (in a fixed order, so two processes cannot deadlock)."""
-        with ExitStack() as stack:
-            for dest in sorted(set(destinations)):
-                stack.enter_context(destination_lock(dest, timeout))
+    @asynccontextmanager
+    async def locked(self, destinations: Iterable[Path], timeout: float = LOCK_TIMEOUT) -> AsyncIterator[None]:
+        """Hold the locks of `destinations`, then clear what an interrupted confpy left behind."""
+        destinations = sorted(set(destinations))
+        async with destination_locks(destinations, timeout):
+            for dest in destinations:
                 targets = [dest, backup_path(dest), self.state.path_for(dest), self.state.live_path_for(dest)]
                 for leftover in remove_leftover_temp_files(targets):
                     log.info("removed %s, left behind by an interrupted write", leftover)
@@ -137,8 +148,8 @@ class SyncEngine:
                 changes.append(Change(result.template, result.content, old))
         return changes, unchanged
 
-    def install(self, results: Sequence[RenderResult], memories: dict[Path, Memory], reason: str, check_stale: bool = True) -> SyncReport:
-        """Install what changed as one transaction, then remember the members (caller holds the locks).
+    async def install(self, results: Sequence[RenderResult], reason: str, check_stale: bool = True) -> SyncReport:
+        """Install what changed as one transaction (caller holds the locks).
 
         With `check_stale`, an unchanged render still reloads nginx once when its workers are older
         than the installed file (a confpy killed between install and reload). The daemon asks for
@@ -146,83 +157,97 @@ class SyncEngine:
         """
         report = SyncReport()
         if self.live is not None:
-            # The state file first: a reload below, or any later restart, starts from these members.
-            self.live.save(results)
-            # A cycle may render only some templates: keep the other templates' members.
-            for result in results:
-                self._wanted_by_template[result.template.destination] = self.live.desired([result])
-            self.wanted_live = {name: up for wanted in self._wanted_by_template.values() for name, up in wanted.items()}
+            self.live.record(results)
         changes, report.unchanged = self.changes(results)
         for path in report.unchanged:
             log.debug("%s: rendered bytes equal the installed file; nothing to do", path)
         if not changes and check_stale:
-            destinations = [r.template.destination for r in results]
-            if self.installer.reloader.is_stale(destinations):
-                outcome = self.installer.reloader.reload()
-                report.apply = ApplyReport((), outcome)
-                log.info("nginx's workers are older than %s; reloaded once so it serves the current file (%s)",
-                         ", ".join(map(str, destinations)), outcome.detail)
+            report.apply = await self._reload_if_stale([r.template.destination for r in results])
         if changes:
-            started = time.monotonic()
-            report.apply = self.installer.apply(changes)
+            report.apply = await self._transaction(changes, reason)
             report.changed = [c.destination for c in changes]
-            took = (time.monotonic() - started) * 1000
-            for change in changes:
-                log.info("installed %s (%d bytes; %s)", change.destination, len(change.new), reason)
-            if report.apply.reload.reloaded:
-                log.info("reloaded nginx: %s (%.0f ms after install began)", report.apply.reload.detail, took)
-            else:
-                log.warning("files installed, reload skipped: %s", report.apply.reload.detail)
+        self._warn(results)
+        if report.apply is not None and report.apply.reload.reloaded and self.live is not None:
+            self.live.nginx_reloaded()  # new workers: ask nginx what it serves before pushing
+        return report
+
+    async def _reload_if_stale(self, destinations: list[Path]) -> ApplyReport | None:
+        if not self.reloader.is_stale(destinations):
+            return None
+        outcome = await self.reloader.reload()
+        log.info("nginx's workers are older than %s; reloaded once so it serves the current file (%s)",
+                 ", ".join(map(str, destinations)), outcome.detail)
+        return ApplyReport((), outcome)
+
+    async def _transaction(self, changes: Sequence[Change], reason: str) -> ApplyReport:
+        started = time.monotonic()
+        applied = await self.installer.apply(changes)
+        took = (time.monotonic() - started) * 1000
+        for change in changes:
+            log.info("installed %s (%d bytes; %s)", change.destination, len(change.new), reason)
+        if applied.reload.reloaded:
+            log.info("reloaded nginx: %s (%.0f ms after install began)", applied.reload.detail, took)
+        else:
+            log.warning("files installed, reload skipped: %s", applied.reload.detail)
+        return applied
+
+    @staticmethod
+    def _warn(results: Sequence[RenderResult]) -> None:
         for result in results:
             dest = result.template.destination
             for warning in result.warnings:
                 log.warning("%s: %s", dest, warning)
             for dep in result.kept:
                 log.warning("%s: %s has no passing instance; keeping its last known members (on_empty = keep)", dest, dep)
-        if report.apply is not None and report.apply.reload.reloaded and self.live is not None:
-            self.live.forget()  # new workers: ask nginx what it serves before pushing
-        try:
-            report.pushed = self.push_live()
-        finally:
-            for result in results:  # after the push, off the critical path: only a restart needs these
-                dest = result.template.destination
-                if result.memory.members != memories[dest].members:
-                    self.state.save(dest, result.memory)
-                    memories[dest] = result.memory
-        return report
 
-    def push_live(self) -> list[str]:
-        """Live mode: push the wanted members to nginx (skipped while nginx is not running)."""
-        if self.live is None or not self.wanted_live:
-            return []
-        if not self.installer.reloader.running():
-            log.warning("live members not pushed: nginx is not running (it will load them from the state file)")
-            return []
-        return self.live.push(self.wanted_live)
+    def remember(self, results: Sequence[RenderResult], memories: dict[Path, Memory]) -> None:
+        """Save the members each template used, for `on_empty = "keep"` across restarts.
+
+        After the push, off the critical path: only a restart needs these.
+        """
+        for result in results:
+            dest = result.template.destination
+            if result.memory.members != memories[dest].members:
+                self.state.save(dest, result.memory)
+                memories[dest] = result.memory
 
     def load_memories(self) -> dict[Path, Memory]:
         return {t.destination: self.state.load(t.destination) for t in self.templates}
 
-    def sync_once(self, client: ConsulClient, dry_run: bool = False) -> SyncReport:
+    def dry_run(self, results: Sequence[RenderResult]) -> SyncReport:
+        """The diffs a sync would install, changing nothing."""
+        report = SyncReport()
+        changes, report.unchanged = self.changes(results)
+        for change in changes:
+            report.changed.append(change.destination)
+            report.diffs[change.destination] = unified_diff(change.destination, change.old, change.new)
+        if self.live is not None:
+            for result in results:
+                if result.live:
+                    path = self.live.state_path(result.template.destination)
+                    new, old = state_bytes(result), read_bytes(path)
+                    if new != old:
+                        report.diffs[path] = unified_diff(path, old, new)
+        return report
+
+    async def sync_once(self, registry: Registry, dry_run: bool = False) -> SyncReport:
         """The whole one-shot sync; with `dry_run`, only diffs are computed."""
         data = DataSource()
         memories = self.load_memories()
-        results, indexes = self.resolve(client, data, memories)
+        results, indexes = await self.resolve(registry, data, memories)
         if dry_run:
-            report = SyncReport(indexes=indexes)
-            changes, report.unchanged = self.changes(results)
-            for change in changes:
-                report.changed.append(change.destination)
-                report.diffs[change.destination] = unified_diff(change.destination, change.old, change.new)
-            if self.live is not None:
-                for result in results:
-                    if result.live:
-                        path = self.live.state_path(result.template.destination)
-                        new, old = self.live.state_bytes(result), read_bytes(path)
-                        if new != old:
-                            report.diffs[path] = unified_diff(path, old, new)
-            return report
-        with self.locked(t.destination for t in self.templates):
-            report = self.install(results, memories, "one-shot sync")
+            report = self.dry_run(results)
+        else:
+            async with self.locked(t.destination for t in self.templates):
+                report = await self.install(results, "one-shot sync")
+                try:
+                    if self.live is not None:
+                        report.pushed = await self.live.push()
+                finally:
+                    self.remember(results, memories)
         report.indexes = indexes
         return report
+
+    async def close(self) -> None:
+        if self.live is not None:
+            await self.live.close()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
 from confpy.lab import BackendServer, ConsulAPI, NginxInstance, wait_until, write_config
+from confpy.model import HealthView
 
 from .conftest import SHIPPED_TEMPLATE, ConsulUnderTest, register_backends, run_confpy
 
@@ -185,13 +187,21 @@ def test_config_from_environment_variable(consul: ConsulUnderTest, nginx: NginxI
     assert nginx.destination.exists()
 
 
-def test_py_consul_client_reads_the_same_answers(consul: ConsulUnderTest, backends: list[BackendServer]) -> None:
+def test_the_client_reads_the_answers(consul: ConsulUnderTest, backends: list[BackendServer]) -> None:
     api = ConsulAPI(consul.url)
     register_backends(api, backends[:2])
     from confpy.config import ConsulConfig
-    from confpy.consul.client import ConsulClient
-    from confpy.consul.dependencies import ServiceHealth
+    from confpy.registry.base import ServiceHealth
+    from confpy.registry.consul import ConsulClient, ConsulRegistry
 
-    index, view = ServiceHealth("web").fetch(ConsulClient(ConsulConfig(address=consul.url)), 0, None)
+    async def fetch() -> tuple[int, object]:
+        registry = ConsulRegistry(ConsulClient(ConsulConfig(address=consul.url)))
+        try:
+            return await registry.fetch(ServiceHealth("web"), 0, 0.0)
+        finally:
+            await registry.close()
+
+    index, view = asyncio.run(fetch())
+    assert isinstance(view, HealthView)
     assert index >= 1
     assert [(i.id, i.port) for i in view.instances] == [("web-1", backends[0].port), ("web-2", backends[1].port)]

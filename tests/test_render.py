@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from confpy.config import TemplateConfig
-from confpy.consul.dependencies import CatalogServices, ServiceHealth
 from confpy.errors import RenderError, UnsafeValueError
-from confpy.render.environment import DataSource, Memory, TemplateRenderer, nginx_quote, upstream_name_for
-from confpy.render.values import health_view_from_entries
+from confpy.model import Memory, health_view_from_entries
+from confpy.registry.base import CatalogServices, ServiceHealth
+from confpy.render.environment import DataSource, TemplateRenderer, nginx_quote, upstream_name_for
 
 from .conftest import SHIPPED_TEMPLATE
 
@@ -83,7 +83,7 @@ def test_instance_fields(tmp_path: Path) -> None:
 def test_services_lists_catalog_without_consul_and_filters_by_tag(tmp_path: Path) -> None:
     data = DataSource()
     data.set(CatalogServices(None), ())
-    from confpy.render.values import catalog_names
+    from confpy.model import catalog_names
 
     catalog = {"consul": [], "web": ["nginx"], "api": ["nginx", "v2"], "db": []}
     assert catalog_names(catalog, None) == ("api", "db", "web")

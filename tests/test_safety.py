@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,12 +21,13 @@ from hypothesis import strategies as st
 
 from confpy.apply import files
 from confpy.config import TemplateConfig, load_config
-from confpy.consul.client import ConsulClient
-from confpy.consul.dependencies import CatalogServices, ServiceHealth, health_view
 from confpy.errors import InstallError, RenderError
 from confpy.lab import BackendServer, ConfpyProcess, NginxInstance, wait_until, write_config
+from confpy.model import Memory, health_view_from_entries, without_unresolvable
 from confpy.pipeline import SyncEngine
-from confpy.render.environment import DataSource, Memory, TemplateRenderer
+from confpy.registry.base import CatalogServices, ServiceHealth
+from confpy.registry.consul import ConsulClient, ConsulRegistry
+from confpy.render.environment import DataSource, TemplateRenderer
 
 from .conftest import SHIPPED_TEMPLATE, ConsulUnderTest, register_backends, run_confpy
 
@@ -44,6 +47,13 @@ ALLOWED_LINE = re.compile(
     r"|\s+server 127\.0\.0\.1:9 down;  # no passing instance|\s+keepalive 16;|\}|)$"
 )
 
+
+
+def _resolves(host: str) -> bool:
+    try:
+        return bool(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM))
+    except (OSError, UnicodeError):
+        return False
 
 def test_hostile_registrations_never_become_directives(consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer],
                                                        config_file: Path) -> None:
@@ -95,7 +105,7 @@ def test_any_consul_answer_renders_a_valid_config_or_is_refused(tmp_path_factory
     data = DataSource()
     data.set(CatalogServices("nginx"), tuple(sorted(set(names))))
     for name in set(names):
-        data.set(ServiceHealth(name, "nginx"), health_view(name, entries))
+        data.set(ServiceHealth(name, "nginx"), without_unresolvable(health_view_from_entries(name, entries), _resolves))
     renderer = TemplateRenderer(TemplateConfig(source=SHIPPED_TEMPLATE, destination=nginx.destination))
     try:
         result = renderer.render(data, Memory())
@@ -239,11 +249,20 @@ def test_kill_9_at_any_moment_leaves_a_complete_file(consul: ConsulUnderTest, ng
 
     config = write_config(tmp_path / "c.toml", consul.url, nginx, SHIPPED_TEMPLATE)
     engine = SyncEngine(load_config(config, {}))
-    client = ConsulClient(engine.config.consul)
+
+    def sync(engine: SyncEngine) -> None:
+        async def run() -> None:
+            registry = ConsulRegistry(ConsulClient(engine.config.consul))
+            try:
+                await engine.sync_once(registry)
+            finally:
+                await registry.close()
+
+        asyncio.run(run())
     renders: set[bytes] = set()
     for ports in states:
         apply_state(ports)
-        engine.sync_once(client)
+        sync(engine)
         renders.add(nginx.destination.read_bytes())
     assert len(renders) == len(states)
     rng = random.Random(7)
@@ -253,7 +272,7 @@ def test_kill_9_at_any_moment_leaves_a_complete_file(consul: ConsulUnderTest, ng
         pid = os.fork()
         if pid == 0:  # the child: one sync, as fast as it goes
             try:
-                SyncEngine(load_config(config, {})).sync_once(ConsulClient(engine.config.consul))
+                sync(SyncEngine(load_config(config, {})))
             finally:
                 os._exit(0)
         time.sleep(rng.uniform(0, 0.03))
@@ -264,7 +283,7 @@ def test_kill_9_at_any_moment_leaves_a_complete_file(consul: ConsulUnderTest, ng
     assert killed > 50  # most syncs really were interrupted
     check = subprocess.run(nginx.check_cmd.split(), capture_output=True, text=True, timeout=30, check=False)
     assert check.returncode == 0, check.stderr
-    engine.sync_once(client)  # the next sync cleans up what the killed ones left
+    sync(engine)  # the next sync cleans up what the killed ones left
     assert list(nginx.conf_d.glob("*.confpy-tmp")) == []
 
 

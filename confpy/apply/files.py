@@ -6,6 +6,7 @@ the same folder, so a crash at any moment leaves either the complete old or the 
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import json
@@ -15,14 +16,12 @@ import re
 import stat
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from pathlib import Path
-from threading import Event
 
 from confpy.errors import InstallError, LockError
-from confpy.render.environment import Memory
-from confpy.render.values import ServiceInstance
+from confpy.model import Memory, ServiceInstance
 
 log = logging.getLogger(__name__)
 
@@ -134,40 +133,68 @@ def lock_path_for(destination: Path) -> Path:
     return destination.parent / f".{destination.name}.confpy.lock"
 
 
-@contextmanager
-def destination_lock(destination: Path, timeout: float, stop: Event | None = None) -> Iterator[None]:
-    """Hold an exclusive flock for `destination`; wait up to `timeout` seconds, then LockError.
+class DestinationLock:
+    """An exclusive flock for one destination, held for as long as a confpy process writes it.
 
     The lock file records the holder's PID so the error can name it.
     """
-    path = lock_path_for(destination)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise InstallError(_explain(path, exc)) from None
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
+
+    def __init__(self, destination: Path) -> None:
+        self.destination = destination
+        self.path = lock_path_for(destination)
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free (never blocks)."""
+        if self._fd is None:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
-                    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-                    raise LockError(
-                        f"{destination}: another confpy process (pid {holder}) is writing this destination; "
-                        f"waited {timeout:g}s for its lock {path}"
-                    ) from None
-                # flock has no timeout; poll at a modest pace while another process holds it.
-                if stop is not None:
-                    stop.wait(0.05)
-                else:
-                    time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise InstallError(_explain(self.path, exc)) from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+        return True
+
+    def holder(self) -> str:
+        if self._fd is None:
+            return "unknown"
+        return os.pread(self._fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+
+    def busy_error(self, waited: float) -> LockError:
+        return LockError(
+            f"{self.destination}: another confpy process (pid {self.holder()}) is writing this destination; "
+            f"waited {waited:g}s for its lock {self.path}"
+        )
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@asynccontextmanager
+async def destination_locks(destinations: Iterable[Path], timeout: float) -> AsyncIterator[None]:
+    """Hold the locks of `destinations` (taken in a fixed order, so two processes cannot deadlock).
+
+    flock has no timeout and must not block the event loop: a held lock is retried every 50 ms
+    until `timeout`, then LockError names the holder.
+    """
+    locks = [DestinationLock(dest) for dest in sorted(set(destinations))]
+    try:
+        for lock in locks:
+            deadline = time.monotonic() + timeout
+            while not lock.try_acquire():
+                if time.monotonic() >= deadline:
+                    raise lock.busy_error(timeout)
+                await asyncio.sleep(0.05)
         yield
     finally:
-        os.close(fd)
+        for lock in locks:
+            lock.release()
 
 
 class StateStore:

@@ -7,6 +7,7 @@ alone. The live file holds an unvalidated candidate only while `nginx -t` runs.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import stat
@@ -18,7 +19,7 @@ from pathlib import Path
 from confpy.apply.files import atomic_write, remove_file
 from confpy.apply.nginx import NginxChecker, NginxReloader, ReloadOutcome
 from confpy.config import TemplateConfig
-from confpy.errors import CheckError, ConfpyError, InstallError
+from confpy.errors import CheckError, InstallError
 
 log = logging.getLogger(__name__)
 
@@ -75,26 +76,37 @@ class Installer:
         self.checker = checker
         self.reloader = reloader
 
-    def apply(self, changes: Sequence[Change]) -> ApplyReport:
-        """Install `changes`, run the check once, reload once; roll everything back on failure."""
+    async def apply(self, changes: Sequence[Change]) -> ApplyReport:
+        """Install `changes`, run the check once, reload once; roll everything back on failure.
+
+        Cancelled (the daemon is stopping) before the reload, it rolls back too: nothing is left
+        half-installed.
+        """
         written: list[tuple[Change, os.stat_result | None]] = []
         try:
-            for change in changes:
-                old_stat = _stat(change.destination)
-                old_mode = stat.S_IMODE(old_stat.st_mode) if old_stat else None
-                if change.template.backup and change.old is not None:
-                    keep_backup(change.destination, change.old, old_mode)
-                atomic_write(change.destination, change.new, change.template.mode)
-                written.append((change, old_stat))
-            started = time.monotonic()
-            self.checker.check()
-            log.debug("check_cmd passed in %.1f ms", (time.monotonic() - started) * 1000)
-        except (InstallError, CheckError) as exc:
+            self._install(changes, written)
+            await self._check()
+        except (InstallError, CheckError, asyncio.CancelledError) as exc:
             self._rollback(written, exc)
             raise
-        return ApplyReport(tuple(c.destination for c, _ in written), self.reloader.reload())
+        return ApplyReport(tuple(c.destination for c, _ in written), await self.reloader.reload())
 
-    def _rollback(self, written: Sequence[tuple[Change, os.stat_result | None]], cause: ConfpyError) -> None:
+    def _install(self, changes: Sequence[Change], written: list[tuple[Change, os.stat_result | None]]) -> None:
+        """Back up and atomically replace each destination, noting what was there before."""
+        for change in changes:
+            old_stat = _stat(change.destination)
+            old_mode = stat.S_IMODE(old_stat.st_mode) if old_stat else None
+            if change.template.backup and change.old is not None:
+                keep_backup(change.destination, change.old, old_mode)
+            atomic_write(change.destination, change.new, change.template.mode)
+            written.append((change, old_stat))
+
+    async def _check(self) -> None:
+        started = time.monotonic()
+        await self.checker.check()
+        log.debug("check_cmd passed in %.1f ms", (time.monotonic() - started) * 1000)
+
+    def _rollback(self, written: Sequence[tuple[Change, os.stat_result | None]], cause: BaseException) -> None:
         failures = []
         for change, old_stat in reversed(written):
             try:
@@ -105,7 +117,8 @@ class Installer:
                     # The old times too: the file is as it was, and nginx's workers must not look
                     # older than it (that would trigger a needless reload at the next start-up).
                     os.utime(change.destination, ns=(old_stat.st_atime_ns, old_stat.st_mtime_ns))
-                log.warning("restored %s to its previous contents (%s)", change.destination, type(cause).__name__)
+                why = "stopping" if isinstance(cause, asyncio.CancelledError) else type(cause).__name__
+                log.warning("restored %s to its previous contents (%s)", change.destination, why)
             except (InstallError, OSError) as exc:
                 failures.append(str(exc))
         if failures:

@@ -9,25 +9,31 @@ rendered bytes and so needs a reload.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import logging
 import socket
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 import confpy
 from confpy.apply.files import StateStore, atomic_write, read_bytes
+from confpy.apply.nginx import NginxReloader
 from confpy.config import Config, split_host_port
 from confpy.errors import ConfpyError
+from confpy.model import ServiceInstance
 from confpy.render.environment import RenderResult
-from confpy.render.values import ServiceInstance
 
 log = logging.getLogger(__name__)
 
 ADMIN_TIMEOUT = 5.0
+INITIAL_RETRY = 0.25
+# How often to look (locally, with psutil) for an nginx that reloaded or restarted.
+CHECK_INTERVAL = 5.0
 
 
 class LivePushError(ConfpyError):
@@ -67,105 +73,149 @@ def live_upstream(instances: Sequence[ServiceInstance]) -> LiveUpstream:
 
 
 class LiveAdmin:
-    """A client for the Lua admin API (loopback HTTP, short timeouts)."""
+    """A client for the Lua admin API (loopback HTTP, short timeouts, one kept-alive session)."""
 
     def __init__(self, listen: str) -> None:
         host, port = split_host_port(listen)
-        self.host = "127.0.0.1" if host in ("", "0.0.0.0") else ("::1" if host == "::" else host)
-        self.port = port
+        host = "127.0.0.1" if host in ("", "0.0.0.0") else ("::1" if host == "::" else host)
+        self.base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         self.listen = listen
+        self._session: aiohttp.ClientSession | None = None
 
-    def _request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=ADMIN_TIMEOUT)
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=ADMIN_TIMEOUT), trust_env=False, skip_auto_headers=("User-Agent",)
+            )
         try:
-            payload = None if body is None else json.dumps(body)
-            conn.request(method, path, body=payload, headers={"Content-Type": "application/json"})
-            response = conn.getresponse()
-            text = response.read().decode("utf-8", "replace")
-        except OSError as exc:
-            raise LivePushError(f"live admin API at {self.listen} is unreachable ({exc}); is the live template included in nginx?") from None
-        finally:
-            conn.close()
+            async with self._session.request(method, self.base + path, json=body) as response:
+                text = (await response.read()).decode("utf-8", "replace")
+                status = response.status
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            raise LivePushError(f"live admin API at {self.listen} is unreachable ({reason}); is the live template included in nginx?") from None
         try:
-            return response.status, json.loads(text)
+            return status, json.loads(text)
         except ValueError:
-            return response.status, {"error": text[:200]}
+            return status, {"error": text[:200]}
 
-    def upstreams(self) -> dict[str, Any]:
+    async def upstreams(self) -> dict[str, Any]:
         """GET /upstreams: every upstream nginx defines, with its version and members."""
-        status, data = self._request("GET", "/upstreams")
+        status, data = await self._request("GET", "/upstreams")
         if status != 200 or not isinstance(data, dict):
             raise LivePushError(f"live admin API at {self.listen} answered GET /upstreams with {status}: {data}")
         return data
 
-    def versions(self) -> dict[str, str | None]:
+    async def versions(self) -> dict[str, str | None]:
         """Each upstream nginx defines, with the version it serves."""
-        return {name: (entry.get("version") if isinstance(entry, dict) else None) for name, entry in self.upstreams().items()}
+        return {name: (entry.get("version") if isinstance(entry, dict) else None) for name, entry in (await self.upstreams()).items()}
 
-    def put(self, name: str, upstream: LiveUpstream) -> None:
+    async def put(self, name: str, upstream: LiveUpstream) -> None:
         """PUT /upstreams/NAME with the whole member list."""
-        status, data = self._request("PUT", f"/upstreams/{name}", upstream.to_json())
+        status, data = await self._request("PUT", f"/upstreams/{name}", upstream.to_json())
         if status != 200:
             error = data.get("error") if isinstance(data, dict) else data
             raise LivePushError(f"live admin API refused the members of {name!r} ({status}): {error}")
 
 
-class LiveSync:
-    """Writes the live state files and pushes member changes to nginx."""
+def desired_members(results: Sequence[RenderResult]) -> dict[str, LiveUpstream]:
+    """The members every live upstream should have (upstreams with none keep what nginx has)."""
+    wanted: dict[str, LiveUpstream] = {}
+    for result in results:
+        for name, instances in result.live.items():
+            if instances:
+                wanted[name] = live_upstream(instances)
+            else:
+                log.warning("%s: upstream %s has no member to push; nginx keeps its current members", result.template.destination, name)
+    return wanted
 
-    def __init__(self, config: Config, state: StateStore) -> None:
+
+def state_bytes(result: RenderResult) -> bytes:
+    """A live template's member state file, as nginx's init_by_lua reads it."""
+    upstreams = {name: live_upstream(instances).to_json() for name, instances in sorted(result.live.items()) if instances}
+    return (json.dumps({"version": 1, "upstreams": upstreams}, sort_keys=True, separators=(",", ":")) + "\n").encode()
+
+
+@dataclass(frozen=True)
+class LiveStatus:
+    """What /status shows of live mode."""
+
+    last_error: str
+    upstreams: Mapping[str, LiveUpstream]
+
+
+class LiveSupervisor:
+    """Everything about live mode: wanted members, state files, pushes, retries, nginx generations.
+
+    The daemon hands it each cycle's renders (`record`), asks it to push after the install, and
+    gives it the clock's turn (`on_timer`) when `next_deadline` passes: it retries a failed push
+    with backoff, and re-pushes when nginx's workers changed (nginx reloaded or restarted and
+    lost the members pushed to the old ones).
+    """
+
+    def __init__(self, config: Config, state: StateStore, reloader: NginxReloader, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.state = state
+        self.reloader = reloader
+        self.clock = clock
         self.admin = LiveAdmin(config.nginx.live_listen)
         # What nginx is known to serve; None after a failure or when nginx may have restarted.
         self.known: dict[str, str | None] | None = None
+        self._by_template: dict[Path, dict[str, LiveUpstream]] = {}
+        self.wanted: dict[str, LiveUpstream] = {}
+        self.error = ""
+        self.backoff = INITIAL_RETRY
+        self.retry_at: float | None = None
+        self.check_at: float | None = None
+        self.generation: tuple[int, ...] = ()
+        # Hooks for metrics: members lists pushed, pushes failed.
+        self.on_pushed: Callable[[int], None] = lambda count: None
+        self.on_failure: Callable[[], None] = lambda: None
 
     def state_path(self, destination: Path) -> Path:
         return self.state.live_path_for(destination)
 
-    def desired(self, results: Sequence[RenderResult]) -> dict[str, LiveUpstream]:
-        """The members every live upstream should have (upstreams with none keep what nginx has)."""
-        wanted: dict[str, LiveUpstream] = {}
+    def record(self, results: Sequence[RenderResult]) -> None:
+        """Write each live template's state file (atomically, when changed) and note its members.
+
+        The state file comes first: a reload that follows, or any later restart, starts from it.
+        A cycle may render only some templates: the other templates' members are kept.
+        """
         for result in results:
-            for name, instances in result.live.items():
-                if instances:
-                    wanted[name] = live_upstream(instances)
-                else:
-                    log.warning("%s: upstream %s has no member to push; nginx keeps its current members", result.template.destination, name)
-        return wanted
+            if result.live:
+                path = self.state_path(result.template.destination)
+                data = state_bytes(result)
+                if read_bytes(path) != data:
+                    atomic_write(path, data, 0o644)
+            self._by_template[result.template.destination] = desired_members([result])
+        self.wanted = {name: up for wanted in self._by_template.values() for name, up in wanted.items()}
 
-    def state_bytes(self, result: RenderResult) -> bytes:
-        upstreams = {name: live_upstream(instances).to_json() for name, instances in sorted(result.live.items()) if instances}
-        return (json.dumps({"version": 1, "upstreams": upstreams}, sort_keys=True, separators=(",", ":")) + "\n").encode()
-
-    def save(self, results: Sequence[RenderResult]) -> None:
-        """Write each live template's state file (atomically) when its members changed."""
-        for result in results:
-            if not result.live:
-                continue
-            path = self.state_path(result.template.destination)
-            data = self.state_bytes(result)
-            if read_bytes(path) != data:
-                atomic_write(path, data, 0o644)
-
-    def forget(self) -> None:
-        """nginx reloaded or restarted: ask it what it serves before the next push."""
+    def nginx_reloaded(self) -> None:
+        """nginx has new workers: ask it what it serves before the next push."""
         self.known = None
 
-    def push(self, wanted: Mapping[str, LiveUpstream]) -> list[str]:
-        """Push every upstream whose version in nginx differs; return the names pushed."""
-        if not wanted:
+    async def push(self) -> list[str]:
+        """Push every upstream whose version in nginx differs; skipped while nginx is not running."""
+        if not self.wanted:
             return []
-        if self.known is None or any(name not in self.known for name in wanted):
-            self.known = self.admin.versions()
+        if not self.reloader.running():
+            log.warning("live members not pushed: nginx is not running (it will load them from the state file)")
+            return []
+        if self.known is None or any(name not in self.known for name in self.wanted):
+            self.known = await self.admin.versions()
         current = self.known
         pushed = []
         try:
-            for name, upstream in sorted(wanted.items()):
+            for name, upstream in sorted(self.wanted.items()):
                 if name not in current:
                     continue  # not in nginx's configuration yet: it arrives with the reload, members from the state file
                 if current[name] != upstream.version:
-                    self.admin.put(name, upstream)
+                    await self.admin.put(name, upstream)
                     current[name] = upstream.version
                     pushed.append(name)
                     log.info("pushed %d members to upstream %s (version %s) without a reload", len(upstream.members), name, upstream.version)
@@ -173,3 +223,57 @@ class LiveSync:
             self.known = None
             raise
         return pushed
+
+    def pushed(self) -> None:
+        """A push (or a check that nothing needed pushing) succeeded."""
+        if self.error:
+            log.info("live push works again")
+        self.error = ""
+        self.backoff = INITIAL_RETRY
+        self.retry_at = None
+        self.generation = self.reloader.worker_pids()
+
+    def failed(self, exc: LivePushError) -> None:
+        self.on_failure()
+        if not self.error:
+            log.error("live push failed, nginx keeps its current members; retrying with backoff: %s", exc)
+        self.error = str(exc)
+        self.retry_at = self.clock() + self.backoff
+        self.backoff = min(self.backoff * 2, self.config.consul.max_backoff)
+
+    async def push_or_schedule(self, reason: str = "") -> list[str]:
+        """Push now; on failure, remember the error and schedule a retry (never raises)."""
+        try:
+            names = await self.push()
+        except LivePushError as exc:
+            self.failed(exc)
+            return []
+        if names and reason:
+            log.info("re-pushed live members (%s): %s", reason, ", ".join(names))
+        self.on_pushed(len(names))
+        self.pushed()
+        return names
+
+    def next_deadline(self) -> float | None:
+        deadlines = [t for t in (self.retry_at, self.check_at) if t is not None]
+        return min(deadlines) if deadlines else None
+
+    async def on_timer(self) -> list[str]:
+        """Retry a failed push when due; every CHECK_INTERVAL, re-push if nginx has new workers."""
+        now = self.clock()
+        pushed: list[str] = []
+        if self.retry_at is not None and now >= self.retry_at:
+            pushed += await self.push_or_schedule("retry after a failed push")
+        if self.check_at is None or now >= self.check_at:
+            self.check_at = now + CHECK_INTERVAL
+            generation = self.reloader.worker_pids()
+            if generation and generation != self.generation:
+                self.nginx_reloaded()
+                pushed += await self.push_or_schedule("nginx has new workers")
+        return pushed
+
+    def status(self) -> LiveStatus:
+        return LiveStatus(self.error, dict(self.wanted))
+
+    async def close(self) -> None:
+        await self.admin.close()

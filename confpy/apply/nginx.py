@@ -6,10 +6,10 @@ cannot hang confpy.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,20 +23,42 @@ from confpy.errors import CheckError, ReloadError
 log = logging.getLogger(__name__)
 
 
-def _run(cmd: Sequence[str], timeout: float, what: str, error: type[CheckError] | type[ReloadError]) -> str:
+async def run_command(cmd: Sequence[str], timeout: float, what: str, error: type[CheckError] | type[ReloadError]) -> str:
+    """Run `cmd` (no shell) within `timeout`; its output, or `error` with nginx's own words.
+
+    Cancelling the caller kills the command, so a stopping daemon never waits for it.
+    """
     label = " ".join(cmd)
     try:
-        proc = subprocess.run(list(cmd), capture_output=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL)
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
     except FileNotFoundError:
         raise error(f"{what} `{label}`: command {cmd[0]!r} not found; install nginx or fix [nginx] {what}") from None
     except PermissionError:
         raise error(f"{what} `{label}`: {cmd[0]!r} is not executable by this user") from None
-    except subprocess.TimeoutExpired:
+    try:
+        async with asyncio.timeout(timeout):
+            stdout, stderr = await proc.communicate()
+    except TimeoutError:
+        await _kill(proc)
         raise error(f"{what} `{label}` did not finish within {timeout:g}s and was killed") from None
-    output = (proc.stderr + proc.stdout).decode("utf-8", "replace")
+    except asyncio.CancelledError:
+        await _kill(proc)
+        raise
+    output = (stderr + stdout).decode("utf-8", "replace")
     if proc.returncode != 0:
         raise error(f"{what} `{label}` failed (exit {proc.returncode}): {summarize_nginx_output(output)}")
     return output
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            pass
+    await proc.wait()
 
 
 def summarize_nginx_output(output: str) -> str:
@@ -54,9 +76,9 @@ class NginxChecker:
         self.cmd = config.check_cmd
         self.timeout = config.check_timeout
 
-    def check(self) -> None:
+    async def check(self) -> None:
         """Raise CheckError with nginx's message unless the configuration is valid."""
-        _run(self.cmd, self.timeout, "check_cmd", CheckError)
+        await run_command(self.cmd, self.timeout, "check_cmd", CheckError)
 
 
 @dataclass(frozen=True)
@@ -164,10 +186,10 @@ class NginxReloader:
     def __init__(self, config: NginxConfig) -> None:
         self.config = config
 
-    def reload(self) -> ReloadOutcome:
+    async def reload(self) -> ReloadOutcome:
         """Reload nginx; skip (with the reason) when it is not running; ReloadError on failure."""
         if self.config.reload_cmd:
-            _run(self.config.reload_cmd, self.config.reload_timeout, "reload_cmd", ReloadError)
+            await run_command(self.config.reload_cmd, self.config.reload_timeout, "reload_cmd", ReloadError)
             return ReloadOutcome(True, f"ran {' '.join(self.config.reload_cmd)}")
         master = nginx_master(self.config.pid_file)
         if master is None:

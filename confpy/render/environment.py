@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +17,14 @@ from types import TracebackType
 from typing import Any
 
 import jinja2
+from jinja2 import nodes
+from jinja2.ext import Extension
 
 from confpy import __version__
 from confpy.config import TemplateConfig
-from confpy.consul.dependencies import AnyDependency, CatalogServices, ServiceHealth
 from confpy.errors import RenderError, UnsafeValueError
-from confpy.render.values import HealthView, SafeStr, ServiceInstance
+from confpy.model import HealthView, Memory, SafeStr, ServiceInstance, memory_key
+from confpy.registry.base import AnyDependency, CatalogServices, Dependency, ServiceHealth
 
 # What may stand unquoted inside an nginx directive: printable ASCII without whitespace, the
 # directive terminator, block braces, quotes, comments, variables or escapes.
@@ -104,20 +105,9 @@ def upstream_name_for(service: str) -> str:
     return SafeStr(f"{mapped[:100]}_{digest}")
 
 
-@dataclass
-class Memory:
-    """Last known members of each service a template used, for `on_empty = "keep"`."""
-
-    members: dict[str, tuple[ServiceInstance, ...]] = field(default_factory=dict)
-
-
-def memory_key(dep: ServiceHealth) -> str:
-    return f"{dep.service}|{dep.tag or ''}"
-
-
 @dataclass(frozen=True)
 class RenderResult:
-    """The outcome of rendering one template against what confpy knows of Consul."""
+    """The outcome of rendering one template against what confpy knows of the registry."""
 
     template: TemplateConfig
     content: bytes | None
@@ -135,38 +125,61 @@ class RenderResult:
 
 
 class DataSource:
-    """What a render reads: the latest value of each dependency (thread-safe)."""
+    """What a render reads: the latest value of each dependency.
+
+    Values are kept as the very objects the registry client produced, so a fragment can tell by
+    identity that nothing it read has changed.
+    """
 
     def __init__(self) -> None:
-        self._values: dict[AnyDependency, object] = {}
-        self._lock = threading.Lock()
+        self._values: dict[Dependency, object] = {}
 
-    def get(self, dep: AnyDependency) -> tuple[bool, object]:
-        with self._lock:
-            if dep in self._values:
-                return True, self._values[dep]
-            return False, None
+    def __contains__(self, dep: object) -> bool:
+        return dep in self._values
 
-    def set(self, dep: AnyDependency, value: object) -> bool:
+    def get(self, dep: Dependency) -> tuple[bool, object]:
+        if dep in self._values:
+            return True, self._values[dep]
+        return False, None
+
+    def set(self, dep: Dependency, value: object) -> bool:
         """Store a value; return True if it differs from the previous one."""
-        with self._lock:
-            changed = dep not in self._values or self._values[dep] != value
+        changed = dep not in self._values or self._values[dep] != value
+        if changed:
             self._values[dep] = value
-            return changed
+        return changed
 
-    def forget(self, dep: AnyDependency) -> None:
-        with self._lock:
-            self._values.pop(dep, None)
+    def forget(self, dep: Dependency) -> None:
+        self._values.pop(dep, None)
 
-    def snapshot(self) -> dict[AnyDependency, object]:
-        with self._lock:
-            return dict(self._values)
+    def snapshot(self) -> dict[Dependency, object]:
+        return dict(self._values)
+
+
+@dataclass
+class Fragment:
+    """What one `{% fragment key %}` block read and did, so a later render can reuse its text.
+
+    The text is reused while every value it read is the same object as then (a changed service
+    is a new object), and its effects on the render (dependencies, remembered members, live
+    members, upstream names, warnings) are replayed.
+    """
+
+    reads: dict[AnyDependency, object] = field(default_factory=dict)
+    remembered: dict[str, tuple[ServiceInstance, ...] | None] = field(default_factory=dict)
+    members: dict[str, tuple[ServiceInstance, ...]] = field(default_factory=dict)
+    kept: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    live: dict[str, tuple[ServiceInstance, ...]] = field(default_factory=dict)
+    upstreams: list[tuple[str, str]] = field(default_factory=list)
+    complete: bool = True
+    text: str = ""
 
 
 class _RenderContext:
     """The functions one render hands to its template, recording what it asked for."""
 
-    def __init__(self, data: DataSource, template: TemplateConfig, remembered: Memory) -> None:
+    def __init__(self, data: DataSource, template: TemplateConfig, remembered: Memory, fragments: dict[object, Fragment]) -> None:
         self.data = data
         self.template = template
         self.remembered = remembered
@@ -179,6 +192,9 @@ class _RenderContext:
         self.upstreams: dict[str, str] = {}
         self.handed: list[tuple[ServiceInstance, ...]] = []
         self.names: list[tuple[str, ...]] = []
+        self.previous_fragments = fragments
+        self.fragments: dict[object, Fragment] = {}
+        self.recording: list[Fragment] = []
 
     def origin_of(self, value: str) -> str | None:
         """Which registry field a refused value came from (searched only when refusing)."""
@@ -192,13 +208,21 @@ class _RenderContext:
         return None
 
     def _lookup(self, dep: AnyDependency) -> object | None:
-        """Record that the template uses `dep`; its value, or None while Consul has not answered."""
+        """Record that the template uses `dep`; its value, or None while the registry has not answered."""
         self.dependencies.add(dep)
         found, value = self.data.get(dep)
+        for fragment in self.recording:
+            fragment.reads[dep] = value
+            fragment.complete = fragment.complete and found
         if not found:
             self.missing.add(dep)
             return None
         return value
+
+    def _remember(self, key: str, members: tuple[ServiceInstance, ...]) -> None:
+        self.memory.members[key] = members
+        for fragment in self.recording:
+            fragment.members[key] = members
 
     def service(self, name: Any, tag: Any = None) -> list[ServiceInstance]:
         if not isinstance(name, str) or not name:
@@ -210,18 +234,30 @@ class _RenderContext:
         if value is None:
             return []
         assert isinstance(value, HealthView)
-        key = memory_key(dep)
+        key = memory_key(dep.service, dep.tag)
         if value.instances:
-            self.memory.members[key] = value.instances
+            self._remember(key, value.instances)
             self.handed.append(value.instances)
             return list(value.instances)
-        if self.template.on_empty == "keep" and self.remembered.members.get(key):
-            kept = self.remembered.members[key]
-            self.memory.members[key] = kept
-            self.handed.append(kept)
-            self.kept.append(dep.describe())
-            return list(kept)
+        remembered = self.remembered.members.get(key)
+        for fragment in self.recording:
+            fragment.remembered[key] = remembered
+        if self.template.on_empty == "keep" and remembered:
+            self._remember(key, remembered)
+            self.handed.append(remembered)
+            self._kept(dep.describe())
+            return list(remembered)
         return []
+
+    def _kept(self, label: str) -> None:
+        self.kept.append(label)
+        for fragment in self.recording:
+            fragment.kept.append(label)
+
+    def _warn(self, text: str) -> None:
+        self.warnings.append(text)
+        for fragment in self.recording:
+            fragment.warnings.append(text)
 
     def services(self, tag: Any = None) -> list[str]:
         if tag is not None and not isinstance(tag, str):
@@ -239,22 +275,96 @@ class _RenderContext:
         name = self.upstream_name(service)
         members = tuple(i for i in instances if isinstance(i, ServiceInstance))
         self.live[name] = members
+        for fragment in self.recording:
+            fragment.live[name] = members
         return name
 
     def upstream_mappable(self, service: Any) -> bool:
         try:
             upstream_name_for(str(service))
         except UnsafeValueError as exc:
-            self.warnings.append(f"skipped: {exc}")
+            self._warn(f"skipped: {exc}")
             return False
         return True
 
     def upstream_name(self, service: Any) -> str:
         name = upstream_name_for(str(service))
-        other = self.upstreams.setdefault(name, str(service))
-        if other != str(service):
-            raise UnsafeValueError(f"services {other!r} and {str(service)!r} both map to upstream {name!r}; rename one of them")
+        self._claim(name, str(service))
+        for fragment in self.recording:
+            fragment.upstreams.append((name, str(service)))
         return name
+
+    def _claim(self, name: str, service: str) -> None:
+        other = self.upstreams.setdefault(name, service)
+        if other != service:
+            raise UnsafeValueError(f"services {other!r} and {service!r} both map to upstream {name!r}; rename one of them")
+
+    def _still_valid(self, fragment: Fragment) -> bool:
+        for dep, value in fragment.reads.items():
+            found, now = self.data.get(dep)
+            if not found or now is not value:
+                return False
+        return all(self.remembered.members.get(key) is members for key, members in fragment.remembered.items())
+
+    def _replay(self, fragment: Fragment) -> None:
+        self.dependencies.update(fragment.reads)
+        for key, members in fragment.members.items():
+            self._remember(key, members)
+        for label in fragment.kept:
+            self._kept(label)
+        for text in fragment.warnings:
+            self._warn(text)
+        for name, members in fragment.live.items():
+            self.live[name] = members
+            for outer in self.recording:
+                outer.live[name] = members
+        for name, service in fragment.upstreams:
+            self._claim(name, service)
+            for outer in self.recording:
+                outer.upstreams.append((name, service))
+        for outer in self.recording:
+            outer.reads.update(fragment.reads)
+            outer.remembered.update(fragment.remembered)
+
+    def fragment(self, key: object, body: Callable[[], str]) -> str:
+        """`{% fragment key %}...{% endfragment %}`: the body's text, reused while its data is unchanged."""
+        cached = self.previous_fragments.get(key)
+        if cached is not None and key not in self.fragments and self._still_valid(cached):
+            self._replay(cached)
+            self.fragments[key] = cached
+            return cached.text
+        fragment = Fragment()
+        self.recording.append(fragment)
+        try:
+            fragment.text = str(body())
+        finally:
+            self.recording.pop()
+        if fragment.complete and key not in self.fragments:
+            self.fragments[key] = fragment
+        return fragment.text
+
+
+class FragmentExtension(Extension):
+    """`{% fragment key %}...{% endfragment %}`: incremental rendering.
+
+    A render re-runs a fragment's body only when a value the body read (through `service()`,
+    `services()`...) changed since the last render; otherwise it reuses the text. `key` names the
+    fragment among its siblings (e.g. the service name in a loop over services) and must capture
+    every loop variable the body uses: registry data is tracked, template variables are not.
+    """
+
+    tags = {"fragment"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        key = parser.parse_expression()
+        body = parser.parse_statements(("name:endfragment",), drop_needle=True)
+        call = self.call_method("_fragment", [nodes.ContextReference(), nodes.Const(lineno), key])
+        return nodes.CallBlock(call, [], [], body).set_lineno(lineno)
+
+    def _fragment(self, context: jinja2.runtime.Context, lineno: int, key: object, caller: Callable[[], str]) -> str:
+        render: _RenderContext = context["__confpy__"]
+        return render.fragment((lineno, key), caller)
 
 
 @jinja2.pass_context
@@ -294,7 +404,10 @@ class TemplateRenderer:
             trim_blocks=True,
             lstrip_blocks=True,
             auto_reload=True,
+            extensions=[FragmentExtension],
         )
+        self._compiled: jinja2.Template | None = None
+        self._fragments: dict[object, Fragment] = {}
         self.env.filters["nginx_quote"] = nginx_quote
         self.env.filters["upstream_name"] = _upstream_name_filter
         self.env.tests["upstream_mappable"] = _upstream_mappable_test
@@ -317,7 +430,9 @@ class TemplateRenderer:
     def render(self, data: DataSource, remembered: Memory) -> RenderResult:
         """Render against `data`; incomplete (content None) while a dependency has no data yet."""
         compiled = self.load()
-        ctx = _RenderContext(data, self.template, remembered)
+        if compiled is not self._compiled:
+            self._compiled, self._fragments = compiled, {}  # an edited template: nothing cached is valid
+        ctx = _RenderContext(data, self.template, remembered, self._fragments)
         functions: dict[str, Callable[..., Any]] = {
             "service": ctx.service,
             "services": ctx.services,
@@ -345,6 +460,8 @@ class TemplateRenderer:
         except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError) as exc:
             line = _template_line(exc.__traceback__, self.template.source)
             raise RenderError(f"{self._where(line)}: {type(exc).__name__}: {exc}") from None
+        if not ctx.missing:
+            self._fragments = ctx.fragments  # only the fragments this render used stay cached
         content = None if ctx.missing else text.encode("utf-8")
         return RenderResult(
             template=self.template,

@@ -1,8 +1,9 @@
-"""The values templates receive, validated once as they arrive from Consul.
+"""confpy's values: what a registry answer becomes, what templates see, what is remembered.
 
-An instance whose address, port, weight or nginx meta would be unusable is rejected here, with a
-reason naming the service and the instance, so a template never sees it and one bad registration
-never stops the rest of the gateway from updating.
+No I/O here. An instance whose address, port, weight or nginx meta would be unusable is rejected
+as it arrives, with a reason naming the service and the instance, so a template never sees it and
+one bad registration never stops the rest of the gateway from updating. The registry clients
+produce these values; rendering and applying consume them.
 """
 
 from __future__ import annotations
@@ -281,3 +282,17 @@ def catalog_names(services: Any, tag: str | None) -> tuple[str, ...]:
             continue
         names.append(name)
     return tuple(sorted(names))
+
+
+@dataclass
+class Memory:
+    """Last known members of each service a template used, for `on_empty = "keep"`.
+
+    Keyed by `memory_key(service, tag)`; remembered across restarts in the state directory.
+    """
+
+    members: dict[str, tuple[ServiceInstance, ...]] = field(default_factory=dict)
+
+
+def memory_key(service: str, tag: str | None) -> str:
+    return f"{service}|{tag or ''}"

@@ -1,1 +1,0 @@
-"""Talking to Consul: the client, the query kinds (dependencies) and the blocking-query watcher."""

@@ -1,0 +1,1 @@
+"""The daemon: one asyncio loop, its timing, and what operators and supervisors observe."""

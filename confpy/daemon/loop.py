@@ -1,0 +1,498 @@
+"""The daemon: one asyncio event loop that follows the registry and keeps nginx in step.
+
+Everything happens on one loop: a task per watched dependency (`watch/`), the status endpoint,
+signal handlers that only queue, the template-file observer posting into the loop. The main task
+turns events into cycles: a template is re-rendered after its quiescence (`quiescence.py`), or at
+once while it still waits for its first complete render, and every template due in a cycle is
+installed as one transaction (one `nginx -t`, one reload). Nothing polls: the main task sleeps on
+its queue until an event or the next deadline.
+
+Stopping is cancelling the main task: whatever it awaits (a lock, a Consul answer, `nginx -t`)
+ends at once, an interrupted install rolls back, and the clean-up closes every connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import signal
+import time
+from collections.abc import Callable, Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+
+from confpy.apply.files import read_bytes
+from confpy.config import Config, TemplateConfig, load_config
+from confpy.daemon.metrics import Metrics
+from confpy.daemon.quiescence import Quiescence
+from confpy.daemon.status import StatusServer, StatusSnapshot, TemplateStatus
+from confpy.daemon.systemd import SystemdNotifier
+from confpy.errors import CheckError, ConfigError, ConfpyError, RegistryError, RenderError
+from confpy.model import HealthView, Memory
+from confpy.pipeline import SyncEngine
+from confpy.registry.base import Dependency, Registry
+from confpy.registry.consul import ConsulClient, ConsulRegistry
+from confpy.render.environment import DataSource, RenderResult
+from confpy.watch.watcher import RegistryHealth, Sleep, Watcher, WatchSettings
+from confpy.watch.watchset import WatchSet
+
+log = logging.getLogger(__name__)
+
+TEMPLATE_SUFFIXES = (".j2", ".jinja", ".tmpl")
+
+
+@dataclass(frozen=True)
+class ValueEvent:
+    """A watched dependency has a new value."""
+
+    dep: Dependency
+    value: object
+    index: int
+    seen: float
+
+
+@dataclass(frozen=True)
+class FileEvent:
+    """Something changed in a template folder."""
+
+    path: Path
+
+
+@dataclass(frozen=True)
+class ReconfigureEvent:
+    """SIGHUP: re-read the configuration."""
+
+
+@dataclass(frozen=True)
+class RegistryEvent:
+    """The registry answered for the first time, went down, or came back."""
+
+
+Event = ValueEvent | FileEvent | ReconfigureEvent | RegistryEvent
+
+
+@dataclass
+class TemplateState:
+    """What the daemon knows of one template."""
+
+    config: TemplateConfig
+    deps: frozenset[Dependency] = frozenset()
+    missing: frozenset[Dependency] = frozenset()
+    complete_once: bool = False
+    installed_once: bool = False
+    last_render: float | None = None
+    last_reload: float | None = None
+    last_error: str = ""
+    checksum: str = ""
+
+
+class _SourceHandler(FileSystemEventHandler):
+    """watchdog's thread: hands file events to the loop, nothing else."""
+
+    def __init__(self, post: Callable[[Path], None]) -> None:
+        self.post = post
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory or event.event_type in ("opened", "closed_no_write"):
+            return
+        for raw in (event.src_path, event.dest_path):
+            if raw:
+                self.post(Path(str(raw)))
+
+
+def installed_checksum(path: Path) -> str:
+    data = read_bytes(path)
+    return "" if data is None else "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class Daemon:
+    """`confpy -c FILE`: follows the registry and the template files, keeps nginx in step."""
+
+    def __init__(
+        self,
+        config: Config,
+        config_path: Path,
+        environ: Mapping[str, str],
+        *,
+        registry_factory: Callable[[Config], Registry] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self.config_path = config_path
+        self.environ = environ
+        self.registry_factory = registry_factory or (lambda c: ConsulRegistry(ConsulClient(c.consul)))
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.sleep = sleep
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.metrics = Metrics()
+        self.notifier = SystemdNotifier(environ)
+        self.quiescence = Quiescence()
+        self.status_server: StatusServer | None = None
+        self.observer: BaseObserver | None = None
+        self._locks = AsyncExitStack()
+        self.ready_sent = False
+        self.stopping = False
+        self.cycles = 0
+        self._configure(config)
+
+    # --- set-up and tear-down --------------------------------------------------------------
+
+    def _configure(self, config: Config) -> None:
+        self.config = config
+        self.engine = SyncEngine(config)
+        if self.engine.live is not None:
+            self.engine.live.on_pushed = self.metrics.live_pushes.inc
+            self.engine.live.on_failure = self.metrics.live_push_failures.inc
+        self.registry = self.registry_factory(config)
+        self.health = RegistryHealth(
+            self.wall_clock,
+            on_change=lambda: self.events.put_nowait(RegistryEvent()),
+            on_request=self.metrics.consul_requests.inc,
+            on_error=self._registry_error,
+        )
+        self.settings = WatchSettings(wait=config.consul.wait, max_backoff=config.consul.max_backoff)
+        self.data = DataSource()
+        self.watches = WatchSet(self._new_watcher)
+        self.memories: dict[Path, Memory] = self.engine.load_memories()
+        self.templates = {t.destination: TemplateState(t, checksum=installed_checksum(t.destination)) for t in config.templates}
+        self.last_sync_ok = False
+        self.last_sync_error = "no sync yet"
+        self.quiescence.clear()
+        self._publish()
+
+    def _new_watcher(self, dep: Dependency) -> Watcher:
+        return Watcher(dep, self.registry, self.settings, self.health, self._on_value, clock=self.clock, sleep=self.sleep)
+
+    def _on_value(self, dep: Dependency, value: object, index: int) -> None:
+        self.events.put_nowait(ValueEvent(dep, value, index, self.clock()))
+
+    def _registry_error(self, exc: RegistryError) -> None:
+        self.metrics.consul_errors.inc()
+        self.metrics.consul_up.set(0)
+
+    def _start_observer(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.observer = Observer()
+
+        def post(path: Path) -> None:
+            loop.call_soon_threadsafe(self.events.put_nowait, FileEvent(path))
+
+        handler = _SourceHandler(post)
+        for folder in sorted({t.source.parent for t in self.config.templates}):
+            if folder.is_dir():
+                self.observer.schedule(handler, str(folder), recursive=False)
+            else:
+                log.warning("template folder %s does not exist; edits there will not be noticed", folder)
+        self.observer.start()
+
+    async def _start(self) -> None:
+        """Locks, the file observer, then a first render that tells what to watch."""
+        self.notifier.notify("STATUS=starting: taking the destination locks")
+        await self._locks.enter_async_context(self.engine.locked(t.destination for t in self.config.templates))
+        self._start_observer()
+        self.notifier.notify("STATUS=waiting for Consul's first answer")
+        await self._cycle(list(self.templates.values()), "start-up", {})
+
+    async def _stop(self) -> None:
+        """Stop watching and release everything this configuration holds (bounded, never hangs)."""
+        await self.watches.stop_all()
+        if self.observer is not None:
+            self.observer.stop()  # its thread is a daemon thread: no join, stopping must be quick
+            self.observer = None
+        await self._locks.aclose()
+        await self.registry.close()
+        await self.engine.close()
+
+    # --- readiness and status --------------------------------------------------------------
+
+    def _publish(self) -> None:
+        """Replace the snapshot the status endpoint reads."""
+        live = self.engine.live.status() if self.engine.live is not None else None
+        services = {dep.describe(): value for dep, value in self.data.snapshot().items() if isinstance(value, HealthView)}
+        self.snapshot = StatusSnapshot(
+            registry_address=self.config.consul.address,
+            registry_reachable=self.health.reachable,
+            registry_error=self.health.last_error,
+            waiting_for_first_answer=not self.health.answered_once,
+            last_sync_ok=self.last_sync_ok,
+            last_sync_error=self.last_sync_error,
+            templates=tuple(
+                TemplateStatus(
+                    source=str(t.config.source),
+                    destination=str(t.config.destination),
+                    checksum=t.checksum,
+                    last_render=t.last_render,
+                    last_reload=t.last_reload,
+                    last_error=t.last_error,
+                    dependencies=tuple(sorted(d.describe() for d in t.deps)),
+                )
+                for t in self.templates.values()
+            ),
+            services=services,
+            mode=self.config.nginx.mode,
+            live=live,
+        )
+
+    def _ready(self, status: str) -> None:
+        """READY=1 once: after the first sync, or once the reason it cannot happen yet is known.
+
+        A Consul outage at start-up must not make systemd kill and restart confpy in a loop:
+        confpy is ready (serving /health, retrying, keeping nginx as it is) while it waits.
+        """
+        if self.ready_sent:
+            self.notifier.notify(f"STATUS={status}"[:400])
+            return
+        self.ready_sent = True
+        self.notifier.notify("READY=1", f"STATUS={status}"[:400])
+
+    def _on_registry_event(self) -> None:
+        self.metrics.consul_up.set(1 if self.health.reachable else 0)
+        if not self.health.reachable:
+            self._ready(f"waiting for Consul: {self.health.last_error}")
+        elif not all(t.complete_once for t in self.templates.values()):
+            self.notifier.notify("STATUS=Consul answers; waiting for every dependency's first answer")
+
+    # --- events ----------------------------------------------------------------------------
+
+    def _handle(self, event: Event) -> None:
+        if isinstance(event, ValueEvent):
+            self._on_value_event(event)
+        elif isinstance(event, FileEvent):
+            self._on_file_event(event.path)
+        elif isinstance(event, RegistryEvent):
+            self._on_registry_event()
+
+    def _on_value_event(self, event: ValueEvent) -> None:
+        dep = event.dep
+        if dep not in self.watches:
+            return  # a watcher stopped after its last answer
+        self.metrics.consul_up.set(1)
+        if isinstance(event.value, HealthView):
+            for rejected in event.value.rejected:
+                log.warning("left out of the render: %s", rejected)
+            self.metrics.invalid_instances.labels(service=dep.describe()).set(len(event.value.rejected))
+        first = dep not in self.data
+        if not self.data.set(dep, event.value):
+            return
+        if not first:
+            log.info("%s changed (index %d)", dep.describe(), event.index)
+        for state in self.templates.values():
+            if dep not in state.deps:
+                continue
+            if not state.complete_once:
+                # Waiting for a first complete render: render again as soon as the data it lacked
+                # has arrived (it may then ask for more, e.g. one service per catalog entry).
+                state.missing = state.missing - {dep}
+                if not state.missing:
+                    self.quiescence.change(state.config.destination, event.seen, self.config.wait_for(state.config), "first data", immediate=True)
+            else:
+                self.quiescence.change(state.config.destination, event.seen, self.config.wait_for(state.config), f"{dep.describe()} changed")
+
+    def _on_file_event(self, path: Path) -> None:
+        for state in self.templates.values():
+            source = state.config.source
+            if path == source or (path.parent == source.parent and path.suffix in TEMPLATE_SUFFIXES):
+                log.info("template file %s changed; re-rendering %s", path, state.config.destination)
+                self.quiescence.change(state.config.destination, self.clock(), self.config.wait_for(state.config),
+                                       f"template {path.name} edited", immediate=True)
+
+    async def _reconfigure(self) -> None:
+        try:
+            config = load_config(self.config_path, self.environ)
+        except ConfigError as exc:
+            log.error("SIGHUP: the new configuration is refused, the running one stays: %s", exc)
+            return
+        log.info("SIGHUP: re-read %s", self.config_path)
+        self.notifier.notify("RELOADING=1")
+        await self._stop()
+        self._configure(config)
+        await self._start()
+        self.notifier.notify("READY=1", "STATUS=configuration re-read")
+
+    # --- cycles ----------------------------------------------------------------------------
+
+    def _render(self, state: TemplateState) -> RenderResult | None:
+        try:
+            result = self.engine.render(state.config, self.data, self.memories[state.config.destination])
+        except RenderError as exc:
+            state.last_error = str(exc)
+            self.metrics.render_errors.labels(template=str(state.config.destination)).inc()
+            log.error("%s: render failed, keeping the last good output: %s", state.config.destination, exc)
+            return None
+        state.deps = result.dependencies
+        state.missing = result.missing
+        if not result.complete:
+            return None
+        state.complete_once = True
+        state.last_render = self.wall_clock()
+        self.metrics.renders.labels(template=str(state.config.destination)).inc()
+        return result
+
+    def _watch_what_templates_use(self) -> None:
+        wanted: set[Dependency] = set().union(*(t.deps for t in self.templates.values()))
+        diff = self.watches.sync(wanted)
+        for dep in diff.removed:
+            self.data.forget(dep)
+            log.info("stopped watching %s (no template uses it any more)", dep.describe())
+
+    async def _cycle(self, states: list[TemplateState], reason: str, first_change: Mapping[Path, float]) -> None:
+        """Render `states`, watch what they use, install the complete renders as one transaction."""
+        self.cycles += 1
+        results = [r for r in (self._render(s) for s in states) if r is not None]
+        self._watch_what_templates_use()
+        if not results:
+            return
+        check_stale = any(not self.templates[r.template.destination].installed_once for r in results)
+        try:
+            report = await self.engine.install(results, reason, check_stale=check_stale)
+        except CheckError as exc:
+            self.metrics.check_failures.inc()
+            self._sync_failed(results, exc)
+            return
+        except ConfpyError as exc:
+            self.metrics.install_failures.inc()
+            self._sync_failed(results, exc)
+            return
+        now = self.wall_clock()
+        reloaded = report.apply is not None and report.apply.reload.reloaded
+        for result in results:
+            state = self.templates[result.template.destination]
+            state.installed_once = True
+            state.last_error = ""
+            if result.content is not None:
+                state.checksum = "sha256:" + hashlib.sha256(result.content).hexdigest()
+            if reloaded and result.template.destination in report.changed:
+                state.last_reload = now
+        if reloaded:
+            self.metrics.reloads.inc()
+            done = self.clock()
+            for path in report.changed:
+                if path in first_change:
+                    self.metrics.change_to_reload.observe(done - first_change[path])
+        if self.engine.live is not None:
+            await self.engine.live.push_or_schedule()
+        self.engine.remember(results, self.memories)
+        self.last_sync_ok = True
+        self.metrics.last_sync.set(now)
+        in_sync = "in sync; last change installed " + time.strftime("%H:%M:%S") if report.changed else "in sync"
+        if all(t.installed_once for t in self.templates.values()):
+            self._ready(in_sync)
+
+    def _sync_failed(self, results: list[RenderResult], exc: ConfpyError) -> None:
+        self.last_sync_ok = False
+        self.last_sync_error = str(exc)
+        for result in results:
+            self.templates[result.template.destination].last_error = str(exc)
+        log.error("sync failed, the previous files stay installed and nginx was not reloaded: %s", exc)
+        if all(t.complete_once for t in self.templates.values()):
+            self._ready(f"sync failed: {exc}")
+
+    async def _run_due(self) -> None:
+        due = self.quiescence.due(self.clock())
+        if not due:
+            return
+        states = [self.templates[key] for key in due if isinstance(key, Path) and key in self.templates]
+        reasons = sorted(set().union(*(p.reasons for p in due.values())))
+        first_change = {key: p.first_change for key, p in due.items() if isinstance(key, Path)}
+        await self._cycle(states, "; ".join(reasons)[:300], first_change)
+
+    async def _live_timers(self) -> None:
+        live = self.engine.live
+        if live is None:
+            return
+        deadline = live.next_deadline()
+        if deadline is None or deadline <= self.clock():
+            await live.on_timer()
+
+    def _timeout(self, next_ping: float | None) -> float | None:
+        deadlines = [d for d in (self.quiescence.next_deadline(), next_ping) if d is not None]
+        if self.engine.live is not None:
+            live = self.engine.live.next_deadline()
+            deadlines.append(live if live is not None else self.clock())
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - self.clock())
+
+    # --- the loop --------------------------------------------------------------------------
+
+    async def _main(self) -> None:
+        if self.config.status.listen:
+            self.status_server = StatusServer(self.config.status.listen, lambda: self.snapshot, self.metrics)
+            await self.status_server.start()
+        try:
+            await self._start()
+            interval = self.notifier.watchdog_interval
+            next_ping = self.clock() + interval if interval else None
+            while True:
+                self._publish()
+                try:
+                    event: Event | None = await asyncio.wait_for(self.events.get(), self._timeout(next_ping))
+                except TimeoutError:
+                    event = None
+                while event is not None:
+                    if isinstance(event, ReconfigureEvent):
+                        await self._reconfigure()
+                    else:
+                        self._handle(event)
+                    event = self.events.get_nowait() if not self.events.empty() else None
+                await self._run_due()
+                await self._live_timers()
+                if next_ping is not None and interval and self.clock() >= next_ping:
+                    self.notifier.notify("WATCHDOG=1")
+                    next_ping = self.clock() + interval
+        finally:
+            await self._stop()
+            if self.status_server is not None:
+                await self.status_server.stop()
+
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT; return the exit code.
+
+        The signal handlers only queue the signal (no work, no logging in a handler); a small
+        dispatcher task turns SIGHUP into an event for the main task and SIGTERM/SIGINT into
+        cancelling it.
+        """
+        loop = asyncio.get_running_loop()
+        signals: asyncio.Queue[int] = asyncio.Queue()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(signum, signals.put_nowait, signum)
+        main = asyncio.create_task(self._main(), name="confpy main")
+        dispatcher = asyncio.create_task(self._dispatch_signals(signals, main), name="confpy signals")
+        try:
+            await main
+        except asyncio.CancelledError:
+            if not self.stopping:
+                raise
+        finally:
+            dispatcher.cancel()
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+            self.notifier.notify("STOPPING=1")
+        log.info("stopped")
+        return 0
+
+    async def _dispatch_signals(self, signals: asyncio.Queue[int], main: asyncio.Task[None]) -> None:
+        while True:
+            signum = await signals.get()
+            if signum == signal.SIGHUP:
+                self.events.put_nowait(ReconfigureEvent())
+                continue
+            log.info("received %s; stopping", signal.Signals(signum).name)
+            self.stopping = True
+            self.notifier.notify("STOPPING=1")
+            main.cancel()
+            return
+
+
+def run_daemon(config: Config, config_path: Path, environ: Mapping[str, str]) -> int:
+    """`confpy -c FILE`: the daemon."""
+    return asyncio.run(Daemon(config, config_path, environ).run())
+

@@ -1,0 +1,1 @@
+"""Registries: what templates ask for (query kinds) and the clients that answer them."""

@@ -1,0 +1,290 @@
+"""Consul's HTTP API as confpy uses it, on aiohttp: one session, bounded calls, clear errors.
+
+Every call is bounded: connecting times out after `timeout`, and a whole request after its wait,
+plus Consul's wait/16 jitter, plus `timeout`, so a Consul that accepts a connection and never
+answers is noticed. Bodies are read in chunks up to `max_response_bytes`. Errors come out as
+ConsulError subclasses whose messages say what to check; the token never appears in them.
+
+One session serves every watch: its connector has no per-host limit, so each blocking query holds
+its own kept-alive connection (a thousand watched services are a thousand idle sockets, no threads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import ssl
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from confpy.config import ConsulConfig
+from confpy.durations import format_go_duration
+from confpy.errors import ConsulBadResponse, ConsulError, ConsulUnreachable
+from confpy.model import HealthView, catalog_names, health_view_from_entries, is_hostname, without_unresolvable
+from confpy.registry.base import CatalogServices, Dependency, ServiceHealth
+
+_MAX_ERROR_BODY = 300
+_CHUNK = 65536
+
+
+def _short(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_ERROR_BODY else text[:_MAX_ERROR_BODY] + "..."
+
+
+class ResponseTooLarge(ConsulBadResponse):
+    """Consul's answer exceeded `max_response_bytes`."""
+
+
+def _parse_index(raw: str | None, what: str) -> int:
+    if raw is None:
+        raise ConsulBadResponse(f"Consul's answer to {what} has no X-Consul-Index header; is it really Consul?")
+    try:
+        index = int(raw)
+    except ValueError:
+        raise ConsulBadResponse(f"Consul's answer to {what} has an invalid X-Consul-Index {raw[:40]!r}") from None
+    if index < 0:
+        raise ConsulBadResponse(f"Consul's answer to {what} has an invalid X-Consul-Index {raw[:40]!r}")
+    return index
+
+
+def ssl_context(config: ConsulConfig) -> ssl.SSLContext | bool:
+    """TLS settings for https:// addresses: CA file, client certificate, verification."""
+    if config.scheme != "https":
+        return True
+    if not config.verify:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        context = ssl.create_default_context(cafile=config.ca_file or None)
+    if config.cert_file:
+        context.load_cert_chain(config.cert_file, config.key_file or None)
+    return context
+
+
+class ConsulClient:
+    """The Consul HTTP API: reads (blocking when given an index) and the agent writes admin uses."""
+
+    def __init__(self, config: ConsulConfig) -> None:
+        self.config = config
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def address(self) -> str:
+        return self.config.address
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            try:
+                tls = ssl_context(self.config)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConsulUnreachable(f"cannot load the TLS files for Consul at {self.address}: {exc}; check ca_file/cert_file/key_file") from None
+            connector = aiohttp.TCPConnector(limit=0, ssl=tls, enable_cleanup_closed=True, ttl_dns_cache=10)
+            self._session = aiohttp.ClientSession(
+                base_url=self.config.address,
+                connector=connector,
+                headers={"X-Consul-Token": self.config.token} if self.config.token else None,
+                auto_decompress=True,
+                trust_env=False,
+                skip_auto_headers=("User-Agent",),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _params(self, params: Sequence[tuple[str, str]], index: int, wait: float | None) -> list[tuple[str, str]]:
+        out = list(params)
+        if self.config.datacenter:
+            out.append(("dc", self.config.datacenter))
+        if index > 0:
+            out += [("index", str(index)), ("wait", format_go_duration(wait if wait is not None else self.config.wait))]
+        return out
+
+    def _timeout(self, index: int, wait: float | None) -> aiohttp.ClientTimeout:
+        total = self.config.timeout
+        if index > 0:
+            blocking = wait if wait is not None else self.config.wait
+            total += blocking + blocking / 16
+        return aiohttp.ClientTimeout(total=total, sock_connect=self.config.timeout)
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        what: str,
+        *,
+        params: Sequence[tuple[str, str]] = (),
+        body: bytes | None = None,
+        index: int = 0,
+        wait: float | None = None,
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        """One HTTP call; (status, headers, body). Transport failures raise ConsulUnreachable."""
+        session = self._open()
+        try:
+            async with session.request(
+                method, path, params=self._params(params, index, wait), data=body, timeout=self._timeout(index, wait)
+            ) as response:
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in response.content.iter_chunked(_CHUNK):
+                    size += len(chunk)
+                    if size > self.config.max_response_bytes:
+                        raise ResponseTooLarge(
+                            f"Consul's answer to {what} is larger than max_response_bytes ({self.config.max_response_bytes} bytes); "
+                            "raise [consul] max_response_bytes if this catalog is really that large"
+                        )
+                    chunks.append(chunk)
+                return response.status, response.headers, b"".join(chunks)
+        except ConsulError:
+            raise
+        except TimeoutError:
+            raise ConsulUnreachable(
+                f"Consul at {self.address} did not answer {what} in time (timeout {self.config.timeout:g}s plus the query's wait)"
+            ) from None
+        except aiohttp.ClientConnectorDNSError as exc:
+            raise ConsulUnreachable(f"cannot reach Consul at {self.address} for {what}: cannot resolve host {exc.host!r} ({_dns_reason(exc)})") from None
+        except aiohttp.ClientSSLError as exc:
+            raise ConsulUnreachable(f"TLS with Consul at {self.address} failed for {what}: {_short(str(exc))}; check ca_file/cert_file") from None
+        except aiohttp.ClientConnectorError as exc:
+            os_error = exc.os_error
+            reason = os.strerror(os_error.errno) if os_error.errno else (os_error.strerror or str(os_error))
+            raise ConsulUnreachable(f"cannot reach Consul at {self.address} for {what}: {reason.lower()}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise ConsulUnreachable(f"request to Consul at {self.address} for {what} failed: {_short(type(exc).__name__ + ' ' + str(exc))}") from None
+
+    async def read(self, path: str, what: str, *, params: Sequence[tuple[str, str]] = (), index: int = 0, wait: float | None = None) -> tuple[int, Any]:
+        """GET a JSON endpoint; (X-Consul-Index, decoded body). Error statuses raise ConsulBadResponse."""
+        status, headers, body = await self.request("GET", path, what, params=params, index=index, wait=wait)
+        text = body.decode("utf-8", "replace")
+        _raise_for_status(status, text, what)
+        new_index = _parse_index(headers.get("X-Consul-Index"), what)
+        try:
+            return new_index, json.loads(text)
+        except ValueError:
+            raise ConsulBadResponse(f"Consul's answer to {what} is not valid JSON: {_short(text)}") from None
+
+    async def health_service(
+        self, name: str, *, tag: str | None = None, passing: bool = True, index: int = 0, wait: float | None = None
+    ) -> tuple[int, Any]:
+        """GET /v1/health/service/NAME (a blocking query when index > 0)."""
+        params = [("passing", "1")] if passing else []
+        if tag is not None:
+            params.append(("tag", tag))
+        return await self.read(f"/v1/health/service/{_quote(name)}", f"health of service {name!r}", params=params, index=index, wait=wait)
+
+    async def catalog_services(self, *, index: int = 0, wait: float | None = None) -> tuple[int, Any]:
+        """GET /v1/catalog/services (a blocking query when index > 0)."""
+        return await self.read("/v1/catalog/services", "the service catalog", index=index, wait=wait)
+
+    async def _put(self, what: str, path: str, params: Sequence[tuple[str, str]] = (), body: bytes = b"") -> str:
+        status, _, raw = await self.request("PUT", path, what, params=params, body=body)
+        text = raw.decode("utf-8", "replace")
+        if status >= 400:
+            hint = ": check the token" if status == 403 else ""
+            raise ConsulBadResponse(f"Consul refused {what}: {status} {_short(text)}{hint}", status=status, body=text)
+        return text
+
+    async def register(self, definition: Mapping[str, Any]) -> None:
+        """PUT /v1/agent/service/register with a full service definition (Consul's own keys)."""
+        await self._put(f"registering service {definition.get('Name')!r}", "/v1/agent/service/register", body=json.dumps(dict(definition)).encode())
+
+    async def deregister(self, service_id: str) -> None:
+        """PUT /v1/agent/service/deregister/ID."""
+        await self._put(f"deregistering {service_id!r}", f"/v1/agent/service/deregister/{_quote(service_id)}")
+
+    async def maintenance(self, service_id: str, enable: bool, reason: str | None = None) -> None:
+        """PUT /v1/agent/service/maintenance/ID?enable=...&reason=..."""
+        params = [("enable", "true" if enable else "false")]
+        if reason:
+            params.append(("reason", reason))
+        await self._put(f"maintenance mode for {service_id!r}", f"/v1/agent/service/maintenance/{_quote(service_id)}", params)
+
+
+def _quote(segment: str) -> str:
+    return quote(segment, safe="")
+
+
+def _dns_reason(exc: aiohttp.ClientConnectorDNSError) -> str:
+    os_error = exc.os_error
+    if isinstance(os_error, socket.gaierror) and os_error.strerror:
+        return os_error.strerror
+    return str(os_error) or "name resolution failed"
+
+
+def _raise_for_status(status: int, text: str, what: str) -> None:
+    if status < 400:
+        return
+    if status == 403:
+        raise ConsulBadResponse(
+            f"Consul refused {what} (403 {_short(text)}): check the token (CONSUL_HTTP_TOKEN or [consul] token) and its ACL policy",
+            status=403,
+            body=text,
+        )
+    if status == 401:
+        raise ConsulBadResponse(f"Consul refused {what} (401 {_short(text)}): check the token", status=401, body=text)
+    raise ConsulBadResponse(f"Consul answered {what} with {status} {_short(text)}", status=status, body=text)
+
+
+async def _resolvable(hosts: set[str], timeout: float) -> set[str]:
+    """The host names the system resolver knows (as nginx will need them to)."""
+    loop = asyncio.get_running_loop()
+
+    async def one(host: str) -> str | None:
+        try:
+            async with asyncio.timeout(timeout):
+                found = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError, TimeoutError):
+            return None
+        return host if found else None
+
+    return {host for host in await asyncio.gather(*(one(h) for h in sorted(hosts))) if host is not None}
+
+
+class ConsulRegistry:
+    """Answers confpy's query kinds from Consul (the Registry protocol)."""
+
+    def __init__(self, client: ConsulClient) -> None:
+        self.client = client
+
+    @property
+    def address(self) -> str:
+        return self.client.address
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def fetch(self, dep: Dependency, index: int, wait: float) -> tuple[int, object]:
+        if isinstance(dep, ServiceHealth):
+            return await self.service_health(dep, index, wait)
+        if isinstance(dep, CatalogServices):
+            return await self.catalog_services(dep, index, wait)
+        raise ConsulBadResponse(f"Consul cannot answer {dep.describe()}")
+
+    async def service_health(self, dep: ServiceHealth, index: int, wait: float) -> tuple[int, HealthView]:
+        """`/v1/health/service` as templates see it: validated, sorted, host names resolvable."""
+        new_index, entries = await self.client.health_service(dep.service, tag=dep.tag, passing=True, index=index, wait=wait)
+        try:
+            view = health_view_from_entries(dep.service, entries)
+        except ValueError as exc:
+            raise ConsulBadResponse(f"Consul's answer for service {dep.service!r} has an unexpected shape: {exc}") from None
+        hosts = {i.address for i in view.instances if is_hostname(i.address)}
+        if hosts:
+            known = await _resolvable(hosts, self.client.config.timeout)
+            view = without_unresolvable(view, known.__contains__)
+        return new_index, view
+
+    async def catalog_services(self, dep: CatalogServices, index: int, wait: float) -> tuple[int, tuple[str, ...]]:
+        new_index, data = await self.client.catalog_services(index=index, wait=wait)
+        try:
+            return new_index, catalog_names(data, dep.tag)
+        except ValueError as exc:
+            raise ConsulBadResponse(f"Consul's service catalog has an unexpected shape: {exc}") from None

@@ -1,0 +1,1 @@
+"""Watching: one task per dependency, and the set of running watches."""

@@ -1,0 +1,197 @@
+"""The blocking-query loop for one dependency: index rules, rate limit, retries with backoff.
+
+One Watcher is one asyncio task awaiting one long poll. It follows Consul's client rules: send
+back the last index; reset to 0 when the index goes backwards (a restored or restarted Consul);
+never send less than 1 after an answer; wait at least `min_interval` between two queries so a
+flapping registry cannot spin it; and retry failures forever with exponential backoff and jitter.
+It reports only values that differ from the last one. Cancelling the task stops it at once, in
+the middle of a query or of a backoff sleep alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import tenacity
+
+from confpy.errors import RegistryError
+from confpy.registry.base import Dependency, Registry
+
+log = logging.getLogger(__name__)
+
+MIN_INTERVAL = 0.1
+INITIAL_BACKOFF = 0.25
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+
+
+def next_index(last: int, new: int) -> int:
+    """The index to send next, by Consul's rules: reset when it went backwards, never below 1."""
+    if new < last:
+        return 0
+    return max(new, 1)
+
+
+class RegistryHealth:
+    """Whether the registry answers: logs state changes (down since / back after), not every retry.
+
+    `on_change` runs on every transition (first answer, down, back), `on_request` and `on_error`
+    on every query and failure: the daemon hangs readiness, status and metrics on them.
+    """
+
+    def __init__(
+        self,
+        wall_clock: Clock = time.time,
+        on_change: Callable[[], None] | None = None,
+        on_request: Callable[[], None] | None = None,
+        on_error: Callable[[RegistryError], None] | None = None,
+    ) -> None:
+        self.wall_clock = wall_clock
+        self.on_change = on_change
+        self.on_request = on_request
+        self.on_error = on_error
+        self.down_since: float | None = None
+        self.last_error: str = ""
+        self.answered_once = False
+
+    def request(self) -> None:
+        if self.on_request is not None:
+            self.on_request()
+
+    @property
+    def reachable(self) -> bool:
+        return self.down_since is None
+
+    def failure(self, dep: Dependency, exc: RegistryError) -> None:
+        if self.on_error is not None:
+            self.on_error(exc)
+        self.last_error = str(exc)
+        if self.down_since is not None:
+            return
+        self.down_since = self.wall_clock()
+        log.error("Consul unavailable since %s: %s (watching %s); retrying with backoff, nginx and the installed files stay as they are",
+                  time.strftime("%H:%M:%S", time.localtime(self.down_since)), exc, dep.describe())
+        self._changed()
+
+    def success(self) -> None:
+        first = not self.answered_once
+        self.answered_once = True
+        if self.down_since is None:
+            if first:
+                self._changed()
+            return
+        outage = self.wall_clock() - self.down_since
+        self.down_since = None
+        self.last_error = ""
+        log.info("Consul is back after %.1fs", outage)
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+
+@dataclass(frozen=True)
+class WatchSettings:
+    """How a watcher polls."""
+
+    wait: float
+    max_backoff: float
+    min_interval: float = MIN_INTERVAL
+    initial_backoff: float = INITIAL_BACKOFF
+
+
+OnValue = Callable[[Dependency, object, int], None]
+
+
+class Watcher:
+    """One dependency's blocking-query loop, as one task on the running event loop."""
+
+    def __init__(
+        self,
+        dep: Dependency,
+        registry: Registry,
+        settings: WatchSettings,
+        health: RegistryHealth,
+        on_value: OnValue,
+        *,
+        start_index: int = 0,
+        last_value: object = None,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self.dep = dep
+        self.registry = registry
+        self.settings = settings
+        self.health = health
+        self.on_value = on_value
+        self.index = start_index
+        self.last_value = last_value
+        self.has_value = last_value is not None
+        self.clock = clock
+        self.sleep = sleep
+        self.queries = 0
+        self._last_query: float | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._retrying = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception_type(RegistryError),
+            wait=tenacity.wait_exponential_jitter(multiplier=settings.initial_backoff, max=settings.max_backoff, jitter=settings.initial_backoff),
+            sleep=self._backoff,
+            reraise=True,
+        )
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self.run(), name=f"watch {self.dep.describe()}")
+
+    def stop(self) -> None:
+        """Cancel the task: an in-flight query is abandoned and its answer never reported."""
+        if self._task is not None:
+            self._task.cancel()
+
+    async def wait_stopped(self) -> None:
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _backoff(self, seconds: float) -> None:
+        await self.sleep(seconds)
+
+    async def _fetch(self) -> tuple[int, object]:
+        # Rate limit: a token bucket of one token refilled every min_interval.
+        if self._last_query is not None:
+            delay = self._last_query + self.settings.min_interval - self.clock()
+            if delay > 0:
+                await self.sleep(delay)
+        self._last_query = self.clock()
+        self.queries += 1
+        self.health.request()
+        try:
+            answer = await self.registry.fetch(self.dep, self.index, self.settings.wait)
+        except RegistryError as exc:
+            self.health.failure(self.dep, exc)
+            raise
+        self.health.success()
+        return answer
+
+    async def poll_once(self) -> bool:
+        """One query (retried until it succeeds); True when it brought a new value."""
+        answer: tuple[int, object] = await self._retrying(self._fetch)
+        new_index, value = answer
+        previous = self.index
+        self.index = next_index(previous, new_index)
+        if self.index == 0:
+            log.info("%s: Consul's index went backwards (%d -> %d); re-reading from 0", self.dep.describe(), previous, new_index)
+        if self.has_value and value == self.last_value:
+            return False
+        self.last_value = value
+        self.has_value = True
+        self.on_value(self.dep, value, new_index)
+        return True
+
+    async def run(self) -> None:
+        while True:
+            await self.poll_once()

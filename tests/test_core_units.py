@@ -1,0 +1,343 @@
+"""The fast tier: quiescence, the watch loop, the watch set and the daemon's cycle, in-process.
+
+No sockets and no sleeps: a fake registry answers dependencies, a fake clock tells the time, and
+the daemon's steps are driven one by one (like consul-template's view_test.go with its fake
+dependency, and gunicorn's arbiter tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from confpy.config import WaitConfig, parse_config
+from confpy.daemon.loop import Daemon
+from confpy.daemon.quiescence import Quiescence
+from confpy.errors import ConsulUnreachable, RegistryError
+from confpy.model import HealthView, health_view_from_entries
+from confpy.registry.base import CatalogServices, Dependency, ServiceHealth
+from confpy.watch.watcher import RegistryHealth, Watcher, WatchSettings, next_index
+from confpy.watch.watchset import WatchSet
+
+T = TypeVar("T")
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass(frozen=True)
+class FakeDep:
+    """A dependency of a kind only the fake registry knows."""
+
+    name: str
+
+    def describe(self) -> str:
+        return f"fake({self.name})"
+
+
+class FakeRegistry:
+    """Answers any dependency from a dict; blocking queries wait for `set`; failures can be queued."""
+
+    address = "fake://registry"
+
+    def __init__(self) -> None:
+        self.index = 10
+        self.values: dict[Dependency, tuple[int, object]] = {}
+        self.failures: list[RegistryError] = []
+        self.calls: list[tuple[Dependency, int]] = []
+        self.changed = asyncio.Event()
+        self.closed = False
+
+    def set(self, dep: Dependency, value: object, index: int | None = None) -> None:
+        self.index = index if index is not None else self.index + 1
+        self.values[dep] = (self.index, value)
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    async def fetch(self, dep: Dependency, index: int, wait: float) -> tuple[int, object]:
+        self.calls.append((dep, index))
+        if self.failures:
+            raise self.failures.pop(0)
+        while True:
+            if dep in self.values:
+                current, value = self.values[dep]
+                if index == 0 or current != index:
+                    return current, value
+            await self.changed.wait()
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def turns(count: int = 20) -> None:
+    """Let the loop's other tasks run (no time passes)."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+def run(coro: Callable[[], Awaitable[T]]) -> T:
+    return asyncio.run(coro())  # type: ignore[arg-type]
+
+
+# --- quiescence ------------------------------------------------------------------------------
+
+
+def test_quiescence_min_pushes_the_deadline_but_never_past_max() -> None:
+    q = Quiescence()
+    wait = WaitConfig(min=0.1, max=1.0)
+    q.change("t", 0.0, wait, "a")
+    assert q.next_deadline() == pytest.approx(0.1)
+    q.change("t", 0.05, wait, "b")
+    assert q.next_deadline() == pytest.approx(0.15)
+    for step in range(1, 30):  # a change every 50 ms for 1.5 s: min never passes, max caps it
+        q.change("t", 0.05 * step, wait, "c")
+    assert q.next_deadline() == pytest.approx(1.0)
+    assert q.due(0.99) == {}
+    due = q.due(1.0)
+    assert list(due) == ["t"] and due["t"].reasons == {"a", "b", "c"} and due["t"].first_change == 0.0
+    assert q.next_deadline() is None and "t" not in q
+
+
+def test_quiescence_immediate_and_independent_templates() -> None:
+    q = Quiescence()
+    q.change("a", 5.0, WaitConfig(min=2.0, max=10.0), "data")
+    q.change("b", 5.0, WaitConfig(min=0.5, max=1.0), "data")
+    assert set(q.due(5.5)) == {"b"}
+    q.change("a", 6.0, WaitConfig(min=2.0, max=10.0), "edited", immediate=True)
+    assert set(q.due(6.0)) == {"a"}
+
+
+# --- the watch loop --------------------------------------------------------------------------
+
+
+def test_next_index_follows_consuls_rules() -> None:
+    assert next_index(5, 9) == 9
+    assert next_index(9, 5) == 0  # went backwards: re-read from 0
+    assert next_index(0, 0) == 1  # never 0 after an answer
+
+
+def _watcher(registry: FakeRegistry, dep: Dependency, seen: list[tuple[object, int]], clock: FakeClock, sleeps: list[float],
+             health: RegistryHealth | None = None) -> Watcher:
+    async def fake_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        clock.now += seconds
+
+    return Watcher(dep, registry, WatchSettings(wait=60.0, max_backoff=4.0), health or RegistryHealth(clock),
+                   lambda d, value, index: seen.append((value, index)), clock=clock, sleep=fake_sleep)
+
+
+def test_watcher_reports_changes_only_and_resets_a_backwards_index() -> None:
+    async def scenario() -> None:
+        registry, dep, clock = FakeRegistry(), FakeDep("web"), FakeClock()
+        seen: list[tuple[object, int]] = []
+        sleeps: list[float] = []
+        watcher = _watcher(registry, dep, seen, clock, sleeps)
+        registry.set(dep, "v1", index=20)
+        assert await watcher.poll_once() is True and seen == [("v1", 20)] and watcher.index == 20
+        registry.set(dep, "v1", index=21)  # same value, new index: nothing to report
+        assert await watcher.poll_once() is False and seen == [("v1", 20)] and watcher.index == 21
+        registry.set(dep, "v2", index=3)  # a restarted registry: lower index
+        assert await watcher.poll_once() is True and watcher.index == 0
+        assert registry.calls == [(dep, 0), (dep, 20), (dep, 21)]
+        assert sleeps == [pytest.approx(0.1), pytest.approx(0.1)]  # the rate limit between back-to-back queries
+
+    run(scenario)
+
+
+def test_watcher_retries_with_growing_backoff_and_health_logs_the_outage_once(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+
+    async def scenario() -> None:
+        registry, dep, clock = FakeRegistry(), FakeDep("web"), FakeClock()
+        changes: list[bool] = []
+        health = RegistryHealth(clock, on_change=lambda: changes.append(health.reachable))
+        seen: list[tuple[object, int]] = []
+        sleeps: list[float] = []
+        watcher = _watcher(registry, dep, seen, clock, sleeps, health)
+        registry.set(dep, "v1")
+        registry.failures = [ConsulUnreachable("refused") for _ in range(5)]
+        assert await watcher.poll_once() is True
+        backoffs = [s for s in sleeps if s > 0.1 + 1e-9 or s < 0.1 - 1e-9]
+        assert len(backoffs) >= 4 and backoffs[-1] > backoffs[0]
+        assert all(s <= 4.0 + 0.25 for s in sleeps)
+        assert changes == [False, True]  # down once, back once
+        assert caplog.text.count("Consul unavailable since") == 1 and "Consul is back" in caplog.text
+
+    run(scenario)
+
+
+def test_watch_set_starts_and_stops_exactly_what_is_wanted() -> None:
+    async def scenario() -> None:
+        registry, clock = FakeRegistry(), FakeClock()
+        seen: list[tuple[object, int]] = []
+        watches = WatchSet(lambda dep: _watcher(registry, dep, seen, clock, []))
+        a, b, c = FakeDep("a"), FakeDep("b"), FakeDep("c")
+        diff = watches.sync([a, b])
+        assert diff.added == {a, b} and not diff.removed and watches.watching() == {a, b}
+        diff = watches.sync([b, c])
+        assert diff.added == {c} and diff.removed == {a} and watches.watching() == {b, c}
+        registry.set(a, "ignored")
+        registry.set(c, "c1")
+        await turns()
+        assert seen == [("c1", registry.values[c][0])]  # the stopped watcher never reports
+        await watches.stop_all()
+        assert len(watches) == 0
+
+    run(scenario)
+
+
+# --- the daemon's cycle, in-process ----------------------------------------------------------
+
+
+def _entry(sid: str, port: int) -> dict[str, object]:
+    return {"Node": {"Node": "n1", "Address": "127.0.0.1"}, "Service": {"ID": sid, "Service": "web", "Address": "127.0.0.1", "Port": port}}
+
+
+def _view(*ports: int) -> HealthView:
+    return health_view_from_entries("web", [_entry(f"web-{p}", p) for p in ports])
+
+
+def _daemon(tmp_path: Path, template: str, registry: FakeRegistry, clock: FakeClock, wait_min: str = "1s") -> Daemon:
+    source = tmp_path / "t.conf.j2"
+    source.write_text(template)
+    config_path = tmp_path / "confpy.toml"
+    config_path.write_text(f"""
+[nginx]
+pid_file = "{tmp_path / 'no-nginx.pid'}"
+check_cmd = "true"
+[wait]
+min = "{wait_min}"
+max = "5s"
+[state]
+dir = "{tmp_path / 'state'}"
+[[template]]
+source = "{source}"
+destination = "{tmp_path / 'out.conf'}"
+""")
+    (tmp_path / "state").mkdir()
+    config = parse_config(config_path.read_text(), config_path, {})
+    async def no_wait(seconds: float) -> None:
+        await asyncio.sleep(0)
+
+    return Daemon(config, config_path, {}, registry_factory=lambda c: registry, clock=clock, wall_clock=clock, sleep=no_wait)
+
+
+async def _drain(daemon: Daemon) -> int:
+    """Let watchers answer, then hand every queued event to the daemon; how many there were."""
+    await turns()
+    handled = 0
+    while not daemon.events.empty():
+        daemon._handle(daemon.events.get_nowait())
+        handled += 1
+    return handled
+
+
+WEB = "{% for i in service('web') %}server {{ i.endpoint }};\n{% endfor %}"
+
+
+def test_first_render_waits_for_every_dependency_then_later_rounds_discover_more(tmp_path: Path) -> None:
+    template = "{% for name in services() %}{{ name }}:{% for i in service(name) %} {{ i.port }}{% endfor %}\n{% endfor %}"
+
+    async def scenario() -> None:
+        registry, clock = FakeRegistry(), FakeClock()
+        daemon = _daemon(tmp_path, template, registry, clock)
+        out = tmp_path / "out.conf"
+        await daemon._start()
+        assert daemon.watches.watching() == {CatalogServices()} and not out.exists()
+        registry.set(CatalogServices(), ("api", "web"))
+        await _drain(daemon)
+        await daemon._run_due()  # the catalog arrived: render again, which asks for two services
+        assert daemon.watches.watching() == {CatalogServices(), ServiceHealth("api"), ServiceHealth("web")}
+        assert not out.exists()
+        registry.set(ServiceHealth("web"), _view(8080))
+        await _drain(daemon)
+        await daemon._run_due()
+        assert not out.exists(), "one service still has no answer: no partial file"
+        registry.set(ServiceHealth("api"), health_view_from_entries("api", []))
+        await _drain(daemon)
+        await daemon._run_due()
+        assert out.read_text() == "api:web: 8080"
+        daemon._publish()
+        assert daemon.snapshot.health() == (True, "ok")
+        await daemon._stop()
+        assert registry.closed
+
+    run(scenario)
+
+
+def test_a_burst_inside_wait_min_is_one_cycle_and_max_bounds_it(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        registry, clock = FakeRegistry(), FakeClock()
+        daemon = _daemon(tmp_path, WEB, registry, clock, wait_min="1s")
+        out = tmp_path / "out.conf"
+        registry.set(ServiceHealth("web"), _view(1))
+        await daemon._start()
+        await _drain(daemon)
+        await daemon._run_due()
+        assert out.read_text() == "server 127.0.0.1:1;\n"
+        cycles = daemon.cycles
+        for n in range(2, 12):  # ten changes 0.3 s apart: wait.min (1 s) never passes
+            registry.set(ServiceHealth("web"), _view(*range(1, n + 1)))
+            await _drain(daemon)
+            await daemon._run_due()
+            assert daemon.cycles == cycles, "no cycle before quiescence"
+            clock.now += 0.3
+        clock.now += 2.0  # ... but max (5 s from the first change) has passed
+        await daemon._run_due()
+        assert daemon.cycles == cycles + 1
+        assert out.read_text().count("server") == 11
+        await daemon._stop()
+
+    run(scenario)
+
+
+def test_an_unrelated_change_renders_nothing_and_equal_bytes_write_nothing(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        registry, clock = FakeRegistry(), FakeClock()
+        daemon = _daemon(tmp_path, WEB, registry, clock, wait_min="0s")
+        out = tmp_path / "out.conf"
+        registry.set(ServiceHealth("web"), _view(1, 2))
+        await daemon._start()
+        await _drain(daemon)
+        await daemon._run_due()
+        await _drain(daemon)
+        before = out.stat()
+        cycles = daemon.cycles
+        registry.set(ServiceHealth("other"), _view(9))  # nobody watches it
+        assert await _drain(daemon) == 0
+        registry.set(ServiceHealth("web"), _view(2, 1))  # same members, other order: equal value
+        await _drain(daemon)
+        await daemon._run_due()
+        assert daemon.cycles == cycles and out.stat().st_mtime_ns == before.st_mtime_ns
+        await daemon._stop()
+
+    run(scenario)
+
+
+def test_registry_down_at_start_is_recorded_for_readiness_and_health(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        registry, clock = FakeRegistry(), FakeClock()
+        registry.failures = [ConsulUnreachable("cannot reach Consul at fake: connection refused")]
+        daemon = _daemon(tmp_path, WEB, registry, clock)
+        sent: list[tuple[str, ...]] = []
+        daemon.notifier.notify = lambda *lines: sent.append(lines)  # type: ignore[method-assign]
+        await daemon._start()
+        await _drain(daemon)
+        daemon._publish()
+        assert ("READY=1", "STATUS=waiting for Consul: cannot reach Consul at fake: connection refused") in sent
+        ok, reason = daemon.snapshot.health()
+        assert not ok and "connection refused" in reason
+        await daemon._stop()
+
+    run(scenario)
