@@ -65,15 +65,26 @@ def test_registration_reaches_traffic_without_any_command(
 def test_a_burst_within_wait_min_gives_one_reload(
     consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], tmp_path: Path, daemons: list[ConfpyProcess]
 ) -> None:
-    config = write_config(tmp_path / "c.toml", consul.url, nginx, SHIPPED_TEMPLATE, wait_min="2s", wait_max="20s")
+    status_port = free_port()
+    config = write_config(tmp_path / "c.toml", consul.url, nginx, SHIPPED_TEMPLATE, wait_min="2s", wait_max="20s",
+                          status=f"127.0.0.1:{status_port}")
     register_backends(consul.api, backends[:1])
     proc = start_daemon(daemons, config, nginx)
     assert settles(nginx, {"App server 1"})
+
+    def status() -> dict[str, object]:
+        return dict(json.loads(http_get(f"http://127.0.0.1:{status_port}/status")[1]))
+
     reloads = nginx.reload_count()
-    for n in range(50):
+    assert wait_until(lambda: status()["pending"] == [], 10)
+    cycles = int(str(status()["cycles"]))
+    for n in range(50):  # only the last one passes: the only change the rendered output can see
         consul.api.register("web", 20000 + n, id=f"burst-{n}", Check={"TTL": "60s", "Status": "passing" if n == 49 else "critical"})
     assert wait_until(lambda: "20049" in nginx.destination.read_text(), 15), proc.output()
-    time.sleep(2.5)  # a second reload would have happened by now
+    # Consul no longer changes, and no template waits for quiescence: nothing can reload again.
+    assert wait_until(lambda: status()["pending"] == [], 10)
+    assert status()["cycles"] == cycles + 1
+    assert wait_until(lambda: nginx.reload_count() == reloads + 1, 5)
     assert nginx.reload_count() == reloads + 1
     assert nginx.destination.read_text().count("server 127.0.0.1:200") == 1
 

@@ -239,6 +239,8 @@ class Daemon:
             services=services,
             mode=self.config.nginx.mode,
             live=live,
+            pending=tuple(sorted(str(key) for key in self.quiescence.waiting())),
+            cycles=self.cycles,
         )
 
     def _ready(self, status: str) -> None:

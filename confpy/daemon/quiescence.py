@@ -41,6 +41,10 @@ class Quiescence:
         pending.reasons.add(reason)
         return pending
 
+    def waiting(self) -> tuple[Hashable, ...]:
+        """The keys with an open window."""
+        return tuple(self._pending)
+
     def next_deadline(self) -> float | None:
         """When the earliest window ends (None: nothing pending)."""
         return min((p.deadline for p in self._pending.values()), default=None)

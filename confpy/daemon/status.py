@@ -67,6 +67,8 @@ class StatusSnapshot:
     services: Mapping[str, HealthView] = field(default_factory=dict)
     mode: str = "reload"
     live: LiveStatus | None = None
+    pending: tuple[str, ...] = ()
+    cycles: int = 0
 
     def health(self) -> tuple[bool, str]:
         """/health: OK when the last sync succeeded and the registry is reachable."""
@@ -85,6 +87,8 @@ class StatusSnapshot:
             "consul": {"address": self.registry_address, "reachable": self.registry_reachable, "last_error": self.registry_error},
             "last_sync_ok": self.last_sync_ok,
             "last_sync_error": "" if self.last_sync_ok else self.last_sync_error,
+            "pending": list(self.pending),
+            "cycles": self.cycles,
             "templates": [t.to_json() for t in self.templates],
             "services": {
                 label: {
