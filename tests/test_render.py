@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -184,3 +185,73 @@ def test_collision_between_mapped_names_is_refused(tmp_path: Path) -> None:
     clash = "{{ 'a b' | upstream_name }} {{ '" + taken + "' | upstream_name }}"
     with pytest.raises(UnsafeValueError, match="both map to upstream"):
         renderer(tmp_path, clash).render(DataSource(), Memory())
+
+
+# --- incremental rendering: {% fragment %} --------------------------------------------------
+
+
+def _counting(tmp_path: Path, text: str) -> tuple[TemplateRenderer, list[str]]:
+    """A renderer whose template calls `count(name)` each time a fragment body really runs."""
+    r = renderer(tmp_path, text)
+    ran: list[str] = []
+    r.env.globals["count"] = lambda name: ran.append(name) or ""
+    return r, ran
+
+
+def test_fragments_rerun_only_for_the_service_that_changed(tmp_path: Path) -> None:
+    text = ("{% fragment for name in services('nginx') %}{{ count(name) }}{{ name }}:"
+            "{% for i in service(name, 'nginx') %} {{ i.port }}{% endfor %};{% endfragment %}")
+    r, ran = _counting(tmp_path, text)
+    services = {"api": [entry("a1", 81, name="api")], "web": [entry("w1", 80)], "db": [entry("d1", 82, name="db")]}
+    data = data_for(services)
+    first = r.render(data, Memory())
+    assert first.content == b"api: 81;db: 82;web: 80;" and sorted(ran) == ["api", "db", "web"]
+    ran.clear()
+    data.set(ServiceHealth("web", "nginx"), health_view_from_entries("web", [entry("w1", 80), entry("w2", 90)]))
+    second = r.render(data, first.memory)
+    assert second.content == b"api: 81;db: 82;web: 80 90;"
+    assert ran == ["web"], "only the changed service's block runs again"
+    assert second.dependencies == first.dependencies  # replayed fragments still record what they use
+    assert set(second.memory.members) == {"api|nginx", "db|nginx", "web|nginx"}  # and what they remember
+    ran.clear()
+    data.set(CatalogServices("nginx"), ("api", "web"))  # a service leaves the catalog
+    third = r.render(data, second.memory)
+    assert third.content == b"api: 81;web: 80 90;" and ran == []
+
+
+def test_an_edited_template_drops_every_cached_fragment(tmp_path: Path) -> None:
+    r, ran = _counting(tmp_path, "{% fragment 'k' %}{{ count('k') }}{{ service('web', 'nginx') | length }}{% endfragment %}")
+    data = data_for({"web": [entry("w1", 80)]})
+    r.render(data, Memory())
+    assert ran == ["k"]
+    source = tmp_path / "t.conf.j2"
+    source.write_text("{% fragment 'k' %}{{ count('k') }}n={{ service('web', 'nginx') | length }}{% endfragment %}")
+    os.utime(source, (source.stat().st_atime + 5, source.stat().st_mtime + 5))  # Jinja reloads by mtime
+    assert r.render(data, Memory()).content == b"n=1" and ran == ["k", "k"]
+
+
+def test_fragments_replay_on_empty_keep_and_refresh_when_the_remembered_members_change(tmp_path: Path) -> None:
+    text = "{% fragment for name in services('nginx') %}{{ count(name) }}{% for i in service(name, 'nginx') %}{{ i.port }} {% endfor %}{% endfragment %}"
+    r, ran = _counting(tmp_path, text)
+    data = data_for({"web": [entry("w1", 80)]})
+    first = r.render(data, Memory())
+    data.set(ServiceHealth("web", "nginx"), health_view_from_entries("web", []))  # lost every passing instance
+    kept = r.render(data, first.memory)
+    assert kept.content == b"80 " and kept.kept == ("service(web, tag=nginx)",)
+    again = r.render(data, kept.memory)  # nothing changed: replayed, still marked as kept
+    assert again.content == b"80 " and again.kept == ("service(web, tag=nginx)",) and ran == ["web", "web"]
+    other = Memory(members={"web|nginx": health_view_from_entries("web", [entry("w9", 99)]).instances})
+    assert r.render(data, other).content == b"99 "  # different remembered members: the body runs again
+
+
+def test_shipped_templates_render_the_same_bytes_from_cache_and_from_scratch(tmp_path: Path) -> None:
+    services = {f"svc{n}": [entry(f"s{n}-{i}", 8000 + i, name=f"svc{n}") for i in range(n % 4)] for n in range(12)}
+    services["bad name ?"] = [entry("x", 1, name="bad name ?")]
+    data = data_for(services)
+    cached = renderer(tmp_path)
+    first = cached.render(data, Memory())
+    data.set(ServiceHealth("svc5", "nginx"), health_view_from_entries("svc5", [entry("new", 9999, name="svc5")]))
+    incremental = cached.render(data, first.memory)
+    scratch = renderer(tmp_path).render(data, first.memory)
+    assert incremental.content == scratch.content and incremental.warnings == scratch.warnings
+    assert b"127.0.0.1:9999" in (incremental.content or b"")

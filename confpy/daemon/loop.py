@@ -45,6 +45,8 @@ from confpy.watch.watchset import WatchSet
 log = logging.getLogger(__name__)
 
 TEMPLATE_SUFFIXES = (".j2", ".jinja", ".tmpl")
+# Non-blocking first queries in flight at once (blocking ones are not limited: they wait).
+FIRST_FETCH_CONCURRENCY = 32
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,7 @@ class Daemon:
         self.status_server: StatusServer | None = None
         self.observer: BaseObserver | None = None
         self._locks = AsyncExitStack()
+        self.rejected_series: set[str] = set()
         self.ready_sent = False
         self.stopping = False
         self.cycles = 0
@@ -160,6 +163,7 @@ class Daemon:
         )
         self.settings = WatchSettings(wait=config.consul.wait, max_backoff=config.consul.max_backoff)
         self.data = DataSource()
+        self.first_fetches = asyncio.Semaphore(FIRST_FETCH_CONCURRENCY)
         self.watches = WatchSet(self._new_watcher)
         self.memories: dict[Path, Memory] = self.engine.load_memories()
         self.templates = {t.destination: TemplateState(t, checksum=installed_checksum(t.destination)) for t in config.templates}
@@ -169,7 +173,8 @@ class Daemon:
         self._publish()
 
     def _new_watcher(self, dep: Dependency) -> Watcher:
-        return Watcher(dep, self.registry, self.settings, self.health, self._on_value, clock=self.clock, sleep=self.sleep)
+        return Watcher(dep, self.registry, self.settings, self.health, self._on_value, clock=self.clock, sleep=self.sleep,
+                       first_fetches=self.first_fetches)
 
     def _on_value(self, dep: Dependency, value: object, index: int) -> None:
         self.events.put_nowait(ValueEvent(dep, value, index, self.clock()))
@@ -280,7 +285,7 @@ class Daemon:
         if isinstance(event.value, HealthView):
             for rejected in event.value.rejected:
                 log.warning("left out of the render: %s", rejected)
-            self.metrics.invalid_instances.labels(service=dep.describe()).set(len(event.value.rejected))
+            self._count_rejected(dep, event.value)
         first = dep not in self.data
         if not self.data.set(dep, event.value):
             return
@@ -297,6 +302,14 @@ class Daemon:
                     self.quiescence.change(state.config.destination, event.seen, self.config.wait_for(state.config), "first data", immediate=True)
             else:
                 self.quiescence.change(state.config.destination, event.seen, self.config.wait_for(state.config), f"{dep.describe()} changed")
+
+    def _count_rejected(self, dep: Dependency, view: HealthView) -> None:
+        # A series only for services that have (or had) rejected instances: a thousand zero-valued
+        # series would cost memory and scrape time for nothing.
+        label = dep.describe()
+        if view.rejected or label in self.rejected_series:
+            self.metrics.invalid_instances.labels(service=label).set(len(view.rejected))
+            self.rejected_series.add(label)
 
     def _on_file_event(self, path: Path) -> None:
         for state in self.templates.values():

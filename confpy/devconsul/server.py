@@ -349,6 +349,9 @@ class DevConsulServer(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    # Consul's listener (Go's net.Listen) uses the kernel's somaxconn backlog; socketserver's
+    # default of 5 would drop the SYNs of a client opening hundreds of watches at once.
+    request_queue_size = 4096
 
     def __init__(self, host: str, port: int, node: str) -> None:
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET

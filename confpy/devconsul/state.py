@@ -100,6 +100,9 @@ class AgentState:
         self.index = 10
         self.closing = False
         self.services: dict[str, ServiceEntry] = {}
+        # IDs by service name, as Consul's state store indexes them: a health query reads one
+        # service's entries, not the whole catalog (a thousand watches would each scan it).
+        self.ids_by_name: dict[str, dict[str, None]] = {}
         self.checks: dict[str, CheckEntry] = {}
         self.kv: dict[str, KVEntry] = {}
         self.kv_tombstones: dict[str, int] = {}
@@ -193,7 +196,10 @@ class AgentState:
         views = set(self._service_views(entry.name))
         if old is not None and old.name != entry.name:
             views.update(self._service_views(old.name))
+        if old is not None:
+            self.ids_by_name.get(old.name, {}).pop(sid, None)
         self.services[sid] = entry
+        self.ids_by_name.setdefault(entry.name, {})[sid] = None
         self.services_table_index = index
         for number, check in enumerate(checks, start=1):
             check_id = check.get("check_id") or (f"service:{sid}:{number}" if len(checks) > 1 else f"service:{sid}")
@@ -238,6 +244,10 @@ class AgentState:
             old = self.services.pop(sid, None)
             if old is None:
                 return False
+            names = self.ids_by_name.get(old.name, {})
+            names.pop(sid, None)
+            if not names:
+                self.ids_by_name.pop(old.name, None)
             index = self._next()
             for check_id in [c.check_id for c in self.checks.values() if c.service_id == sid]:
                 del self.checks[check_id]
@@ -388,8 +398,9 @@ class AgentState:
     def health_service(self, name: str, tags: list[str], passing: bool) -> list[dict[str, Any]]:
         node_checks = [c for c in self.checks.values() if not c.service_id]
         out = []
-        for s in self.services.values():
-            if s.name != name or not all(t in s.tags for t in tags):
+        for sid in self.ids_by_name.get(name, {}):
+            s = self.services[sid]
+            if not all(t in s.tags for t in tags):
                 continue
             checks = node_checks + [c for c in self.checks.values() if c.service_id == s.id]
             if passing and any(c.status != PASSING for c in checks):

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-
-import tenacity
 
 from confpy.errors import RegistryError
 from confpy.registry.base import Dependency, Registry
@@ -124,6 +123,7 @@ class Watcher:
         last_value: object = None,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
+        first_fetches: asyncio.Semaphore | None = None,
     ) -> None:
         self.dep = dep
         self.registry = registry
@@ -136,14 +136,12 @@ class Watcher:
         self.clock = clock
         self.sleep = sleep
         self.queries = 0
+        # Shared by every watcher: bounds how many non-blocking (index 0) queries run at once, so a
+        # thousand watches starting together do not buffer a thousand answers at the same time.
+        self.first_fetches = first_fetches
         self._last_query: float | None = None
         self._task: asyncio.Task[None] | None = None
-        self._retrying = tenacity.AsyncRetrying(
-            retry=tenacity.retry_if_exception_type(RegistryError),
-            wait=tenacity.wait_exponential_jitter(multiplier=settings.initial_backoff, max=settings.max_backoff, jitter=settings.initial_backoff),
-            sleep=self._backoff,
-            reraise=True,
-        )
+        self.random = random.Random()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self.run(), name=f"watch {self.dep.describe()}")
@@ -157,8 +155,11 @@ class Watcher:
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def _backoff(self, seconds: float) -> None:
-        await self.sleep(seconds)
+    def backoff(self, failures: int) -> float:
+        """Seconds to wait after `failures` failures in a row: doubling from `initial_backoff`, capped
+        at `max_backoff`, plus up to `initial_backoff` of jitter so watches do not retry in step."""
+        base = min(self.settings.initial_backoff * float(2 ** min(failures - 1, 32)), self.settings.max_backoff)
+        return base + self.random.uniform(0, self.settings.initial_backoff)
 
     async def _fetch(self) -> tuple[int, object]:
         # Rate limit: a token bucket of one token refilled every min_interval.
@@ -170,17 +171,29 @@ class Watcher:
         self.queries += 1
         self.health.request()
         try:
-            answer = await self.registry.fetch(self.dep, self.index, self.settings.wait)
+            if self.index == 0 and self.first_fetches is not None:
+                async with self.first_fetches:
+                    answer = await self.registry.fetch(self.dep, self.index, self.settings.wait)
+            else:
+                answer = await self.registry.fetch(self.dep, self.index, self.settings.wait)
         except RegistryError as exc:
             self.health.failure(self.dep, exc)
             raise
         self.health.success()
         return answer
 
+    async def _fetch_until_answered(self) -> tuple[int, object]:
+        failures = 0
+        while True:
+            try:
+                return await self._fetch()
+            except RegistryError:
+                failures += 1
+                await self.sleep(self.backoff(failures))
+
     async def poll_once(self) -> bool:
         """One query (retried until it succeeds); True when it brought a new value."""
-        answer: tuple[int, object] = await self._retrying(self._fetch)
-        new_index, value = answer
+        new_index, value = await self._fetch_until_answered()
         previous = self.index
         self.index = next_index(previous, new_index)
         if self.index == 0:
