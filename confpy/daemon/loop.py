@@ -20,7 +20,7 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -85,7 +85,7 @@ class TemplateState:
 
     config: TemplateConfig
     deps: frozenset[Dependency] = frozenset()
-    missing: frozenset[Dependency] = frozenset()
+    missing: set[Dependency] = field(default_factory=set)
     complete_once: bool = False
     installed_once: bool = False
     last_render: float | None = None
@@ -297,7 +297,7 @@ class Daemon:
             if not state.complete_once:
                 # Waiting for a first complete render: render again as soon as the data it lacked
                 # has arrived (it may then ask for more, e.g. one service per catalog entry).
-                state.missing = state.missing - {dep}
+                state.missing.discard(dep)
                 if not state.missing:
                     self.quiescence.change(state.config.destination, event.seen, self.config.wait_for(state.config), "first data", immediate=True)
             else:
@@ -343,7 +343,7 @@ class Daemon:
             log.error("%s: render failed, keeping the last good output: %s", state.config.destination, exc)
             return None
         state.deps = result.dependencies
-        state.missing = result.missing
+        state.missing = set(result.missing)
         if not result.complete:
             return None
         state.complete_once = True
