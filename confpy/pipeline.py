@@ -157,8 +157,10 @@ class SyncEngine:
         """
         report = SyncReport()
         if self.live is not None:
-            self.live.record(results)
+            self.live.note(results)
         changes, report.unchanged = self.changes(results)
+        if changes and self.live is not None:
+            self.live.save_state(results)  # a reload follows: nginx's new workers start from these members
         for path in report.unchanged:
             log.debug("%s: rendered bytes equal the installed file; nothing to do", path)
         if not changes and check_stale:
@@ -201,10 +203,12 @@ class SyncEngine:
                 log.warning("%s: %s has no passing instance; keeping its last known members (on_empty = keep)", dest, dep)
 
     def remember(self, results: Sequence[RenderResult], memories: dict[Path, Memory]) -> None:
-        """Save the members each template used, for `on_empty = "keep"` across restarts.
+        """Save the live state files and the members each template used (`on_empty = "keep"`).
 
         After the push, off the critical path: only a restart needs these.
         """
+        if self.live is not None:
+            self.live.save_state(results)
         for result in results:
             dest = result.template.destination
             if result.memory.members != memories[dest].members:

@@ -123,22 +123,38 @@ class LiveAdmin:
             raise LivePushError(f"live admin API refused the members of {name!r} ({status}): {error}")
 
 
-def desired_members(results: Sequence[RenderResult]) -> dict[str, LiveUpstream]:
-    """The members every live upstream should have (upstreams with none keep what nginx has)."""
-    wanted: dict[str, LiveUpstream] = {}
-    for result in results:
+class LiveUpstreams:
+    """LiveUpstream values per upstream, computed once per member tuple (a render that reused a
+    fragment hands over the very same tuple, so a thousand unchanged upstreams cost nothing)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[tuple[ServiceInstance, ...], LiveUpstream]] = {}
+
+    def get(self, name: str, instances: tuple[ServiceInstance, ...]) -> LiveUpstream:
+        cached = self._cache.get(name)
+        if cached is None or cached[0] is not instances:
+            cached = self._cache[name] = (instances, live_upstream(instances))
+        return cached[1]
+
+    def desired(self, result: RenderResult) -> dict[str, LiveUpstream]:
+        """The members every live upstream of `result` should have (upstreams with none keep what nginx has)."""
+        wanted: dict[str, LiveUpstream] = {}
         for name, instances in result.live.items():
             if instances:
-                wanted[name] = live_upstream(instances)
+                wanted[name] = self.get(name, instances)
             else:
                 log.warning("%s: upstream %s has no member to push; nginx keeps its current members", result.template.destination, name)
-    return wanted
+        return wanted
+
+    def state_bytes(self, result: RenderResult) -> bytes:
+        """A live template's member state file, as nginx's init_by_lua reads it."""
+        upstreams = {name: self.get(name, instances).to_json() for name, instances in sorted(result.live.items()) if instances}
+        return (json.dumps({"version": 1, "upstreams": upstreams}, sort_keys=True, separators=(",", ":")) + "\n").encode()
 
 
 def state_bytes(result: RenderResult) -> bytes:
-    """A live template's member state file, as nginx's init_by_lua reads it."""
-    upstreams = {name: live_upstream(instances).to_json() for name, instances in sorted(result.live.items()) if instances}
-    return (json.dumps({"version": 1, "upstreams": upstreams}, sort_keys=True, separators=(",", ":")) + "\n").encode()
+    """A live template's member state file (for `--dry-run`)."""
+    return LiveUpstreams().state_bytes(result)
 
 
 @dataclass(frozen=True)
@@ -152,7 +168,7 @@ class LiveStatus:
 class LiveSupervisor:
     """Everything about live mode: wanted members, state files, pushes, retries, nginx generations.
 
-    The daemon hands it each cycle's renders (`record`), asks it to push after the install, and
+    The daemon hands it each cycle's renders (`note`, `save_state`), asks it to push after the install, and
     gives it the clock's turn (`on_timer`) when `next_deadline` passes: it retries a failed push
     with backoff, and re-pushes when nginx's workers changed (nginx reloaded or restarted and
     lost the members pushed to the old ones).
@@ -167,6 +183,7 @@ class LiveSupervisor:
         # What nginx is known to serve; None after a failure or when nginx may have restarted.
         self.known: dict[str, str | None] | None = None
         self._by_template: dict[Path, dict[str, LiveUpstream]] = {}
+        self.upstreams = LiveUpstreams()
         self.wanted: dict[str, LiveUpstream] = {}
         self.error = ""
         self.backoff = INITIAL_RETRY
@@ -180,20 +197,25 @@ class LiveSupervisor:
     def state_path(self, destination: Path) -> Path:
         return self.state.live_path_for(destination)
 
-    def record(self, results: Sequence[RenderResult]) -> None:
-        """Write each live template's state file (atomically, when changed) and note its members.
+    def note(self, results: Sequence[RenderResult]) -> None:
+        """Take each template's wanted members (a cycle may render only some templates: the
+        other templates' members are kept)."""
+        for result in results:
+            self._by_template[result.template.destination] = self.upstreams.desired(result)
+        self.wanted = {name: up for wanted in self._by_template.values() for name, up in wanted.items()}
 
-        The state file comes first: a reload that follows, or any later restart, starts from it.
-        A cycle may render only some templates: the other templates' members are kept.
+    def save_state(self, results: Sequence[RenderResult]) -> None:
+        """Write each live template's state file (atomically, when it changed).
+
+        Before a reload (nginx's new workers load it) and after a push (a later restart starts
+        from it); the push itself does not wait for the disk.
         """
         for result in results:
             if result.live:
                 path = self.state_path(result.template.destination)
-                data = state_bytes(result)
+                data = self.upstreams.state_bytes(result)
                 if read_bytes(path) != data:
                     atomic_write(path, data, 0o644)
-            self._by_template[result.template.destination] = desired_members([result])
-        self.wanted = {name: up for wanted in self._by_template.values() for name, up in wanted.items()}
 
     def nginx_reloaded(self) -> None:
         """nginx has new workers: ask it what it serves before the next push."""
@@ -203,9 +225,16 @@ class LiveSupervisor:
         """Push every upstream whose version in nginx differs; skipped while nginx is not running."""
         if not self.wanted:
             return []
-        if not self.reloader.running():
-            log.warning("live members not pushed: nginx is not running (it will load them from the state file)")
-            return []
+        try:
+            return await self._push()
+        except LivePushError:
+            # Only now look for nginx's master (psutil): a push is the fast path, a failure is not.
+            if not self.reloader.running():
+                log.warning("live members not pushed: nginx is not running (it will load them from the state file)")
+                return []
+            raise
+
+    async def _push(self) -> list[str]:
         if self.known is None or any(name not in self.known for name in self.wanted):
             self.known = await self.admin.versions()
         current = self.known
