@@ -255,3 +255,18 @@ def test_shipped_templates_render_the_same_bytes_from_cache_and_from_scratch(tmp
     scratch = renderer(tmp_path).render(data, first.memory)
     assert incremental.content == scratch.content and incremental.warnings == scratch.warnings
     assert b"127.0.0.1:9999" in (incremental.content or b"")
+
+
+def test_a_pass_without_its_data_records_what_it_needs_instead_of_failing(tmp_path: Path) -> None:
+    r = renderer(tmp_path, "{{ service('web')[0].port }} {{ (service('api') | first).port }}")
+    data = DataSource()
+    first = r.render(data, Memory())  # stops at web[0]: web is what it needs first
+    assert not first.complete and first.missing == {ServiceHealth("web")}
+    data.set(ServiceHealth("web"), health_view_from_entries("web", [entry("w1", 80)]))
+    second = r.render(data, Memory())  # then api, in the next round
+    assert not second.complete and second.missing == {ServiceHealth("api")}
+    data.set(ServiceHealth("api"), health_view_from_entries("api", [entry("a1", 81, name="api")]))
+    assert render(r, data) == "80 81"
+    data.set(ServiceHealth("web"), health_view_from_entries("web", []))  # with all data, the error counts
+    with pytest.raises(RenderError, match=r"t\.conf\.j2:1: .*no element 0"):
+        r.render(data, Memory())

@@ -328,9 +328,19 @@ class Daemon:
         log.info("SIGHUP: re-read %s", self.config_path)
         self.notifier.notify("RELOADING=1")
         await self._stop()
+        self._drop_registry_events()  # answers the old watches gave: the new configuration asks anew
         self._configure(config)
         await self._start()
         self.notifier.notify("READY=1", "STATUS=configuration re-read")
+
+    def _drop_registry_events(self) -> None:
+        kept = []
+        while not self.events.empty():
+            event = self.events.get_nowait()
+            if not isinstance(event, (ValueEvent, RegistryEvent)):
+                kept.append(event)
+        for event in kept:
+            self.events.put_nowait(event)
 
     # --- cycles ----------------------------------------------------------------------------
 
@@ -341,6 +351,8 @@ class Daemon:
             state.last_error = str(exc)
             self.metrics.render_errors.labels(template=str(state.config.destination)).inc()
             log.error("%s: render failed, keeping the last good output: %s", state.config.destination, exc)
+            if not self.ready_sent:
+                self._ready(f"render failed: {exc}")  # systemd must not restart confpy for a template error
             return None
         state.deps = result.dependencies
         state.missing = set(result.missing)

@@ -472,7 +472,31 @@ class TemplateRenderer:
             "live_upstream": ctx.live_upstream,
         }
         try:
-            text = compiled.render(__confpy__=ctx, **functions)
+            text = self._execute(compiled, ctx, functions)
+        except RenderError:
+            if not ctx.missing:
+                raise
+            # A pass without all its data: its errors do not count (`service("web")[0]` fails on
+            # the empty list a missing service gives); what it asked for is what matters.
+            return RenderResult(self.template, None, frozenset(ctx.dependencies), frozenset(ctx.missing), ctx.memory)
+        if not ctx.missing:
+            self._fragments = ctx.fragments  # only the fragments this render used stay cached
+        content = None if ctx.missing else text.encode("utf-8")
+        return RenderResult(
+            template=self.template,
+            content=content,
+            dependencies=frozenset(ctx.dependencies),
+            missing=frozenset(ctx.missing),
+            memory=ctx.memory,
+            kept=tuple(ctx.kept),
+            warnings=tuple(dict.fromkeys(ctx.warnings)),
+            live=ctx.live,
+        )
+
+    def _execute(self, compiled: jinja2.Template, ctx: _RenderContext, functions: Mapping[str, Callable[..., Any]]) -> str:
+        """Run the template; every failure becomes a RenderError naming file:line."""
+        try:
+            return compiled.render(__confpy__=ctx, **functions)
         except UnsafeValueError as exc:
             line = _template_line(exc.__traceback__, self.template.source)
             origin = ctx.origin_of(exc.value) if exc.value is not None else None
@@ -492,17 +516,4 @@ class TemplateRenderer:
         except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError) as exc:
             line = _template_line(exc.__traceback__, self.template.source)
             raise RenderError(f"{self._where(line)}: {type(exc).__name__}: {exc}") from None
-        if not ctx.missing:
-            self._fragments = ctx.fragments  # only the fragments this render used stay cached
-        content = None if ctx.missing else text.encode("utf-8")
-        return RenderResult(
-            template=self.template,
-            content=content,
-            dependencies=frozenset(ctx.dependencies),
-            missing=frozenset(ctx.missing),
-            memory=ctx.memory,
-            kept=tuple(ctx.kept),
-            warnings=tuple(dict.fromkeys(ctx.warnings)),
-            live=ctx.live,
-        )
 
