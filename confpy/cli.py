@@ -26,6 +26,7 @@ log = logging.getLogger("confpy")
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_NOT_RELOADED = 3
 
 
 def config_path(arg: str | None, environ: Mapping[str, str]) -> Path:
@@ -51,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-c", "--config", metavar="FILE", help="configuration file (default: $CONFPY_CONFIG, else /etc/confpy/confpy.toml)")
     parser.add_argument("--once", action="store_true", help="sync once and exit (default: run as a daemon)")
-    parser.add_argument("--dry-run", action="store_true", help="with --once: print a diff per template, write and reload nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="with --once: print a diff per template and ask nginx whether it would accept them; change nothing")
+    parser.add_argument("--allow-no-reload", action="store_true",
+                        help="with --once: exit 0 even when nginx could not be reloaded (e.g. not started yet); default: exit 3")
     parser.add_argument(
         "--log-level", default="info", type=str.lower, choices=["debug", "info", "warning", "error"], help="log verbosity (default: info)"
     )
@@ -109,6 +113,14 @@ def run_main_job(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         return EXIT_OK
     if not report.changed:
         log.info("no change: %s", ", ".join(str(p) for p in report.unchanged))
+    skipped = report.not_reloaded
+    if skipped is not None and not (args.allow_no_reload or config.nginx.allow_no_reload):
+        print(
+            f"confpy: error: files installed but nginx was not reloaded: {skipped.detail} "
+            "(exit 3; --allow-no-reload or [nginx] allow_no_reload = true accepts this, e.g. before nginx is first started)",
+            file=sys.stderr,
+        )
+        return EXIT_NOT_RELOADED
     return EXIT_OK
 
 

@@ -7,6 +7,7 @@ Every check names the file, the table and the key, and says what to fix. Unknown
 from __future__ import annotations
 
 import difflib
+import os
 import shlex
 import signal
 import tomllib
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from confpy.builtin import BUILTIN_PREFIX, template_path
 from confpy.durations import parse_go_duration
 from confpy.errors import ConfigError
 
@@ -24,6 +26,8 @@ DEFAULT_CONSUL_ADDRESS = "http://127.0.0.1:8500"
 
 OnEmpty = Literal["keep", "render"]
 NginxMode = Literal["reload", "live"]
+LogFormat = Literal["text", "json"]
+SYSTEM_STATE_DIR = Path("/var/lib/confpy")
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ class NginxConfig:
     reload_timeout: float = 30.0
     mode: NginxMode = "reload"
     live_listen: str = "127.0.0.1:9119"
+    allow_no_reload: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,9 +108,16 @@ class StatusConfig:
 
 @dataclass(frozen=True)
 class StateConfig:
-    """Where remembered members (`on_empty = "keep"`) are stored; empty: beside each destination."""
+    """Where confpy keeps its own files: backups, locks, remembered and live members."""
 
-    dir: Path | None = None
+    dir: Path = Path("/var/lib/confpy")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """How confpy logs."""
+
+    format: LogFormat = "text"
 
 
 @dataclass(frozen=True)
@@ -119,6 +131,7 @@ class Config:
     templates: tuple[TemplateConfig, ...]
     state: StateConfig = field(default_factory=StateConfig)
     status: StatusConfig = field(default_factory=StatusConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def wait_for(self, template: TemplateConfig) -> WaitConfig:
         """The quiescence that applies to `template`: its own, else the global one."""
@@ -140,12 +153,35 @@ class _Where:
         return f"{self.path}: [{table}] {key}" if table else f"{self.path}: {key}"
 
 
-def _check_keys(where: _Where, table: str, data: Mapping[str, Any], known: set[str]) -> None:
+class Problems:
+    """Every problem found in one read of the configuration, reported together."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def add(self, message: str) -> None:
+        self.messages.append(message)
+
+    def check(self, parse: Callable[[], Any]) -> Any:
+        """Run `parse`; a ConfigError is noted (None returned) instead of stopping the read."""
+        try:
+            return parse()
+        except ConfigError as exc:
+            self.messages.extend(exc.problems)
+            return None
+
+    def raise_if_any(self) -> None:
+        if self.messages:
+            raise ConfigError(self.messages)
+
+
+def _check_keys(where: _Where, table: str, data: Mapping[str, Any], known: set[str], problems: Problems) -> None:
     for key in data:
         if key not in known:
-            hint = difflib.get_close_matches(key, sorted(known), n=1)
+            # A close spelling only (a typo), never a merely similar key with another meaning.
+            hint = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
             suggestion = f"; did you mean {hint[0]!r}?" if hint else f"; known keys: {', '.join(sorted(known))}"
-            raise ConfigError(f"{where.key(table, key)}: unknown key{suggestion}")
+            problems.add(f"{where.key(table, key)}: unknown key{suggestion}")
 
 
 def _expect(kind: type | tuple[type, ...], name: str) -> Parser:
@@ -238,13 +274,21 @@ def split_host_port(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def _parse_table(
-    where: _Where, table: str, data: Any, spec: Mapping[str, Parser]
-) -> dict[str, Any]:
+def _parse_table(where: _Where, table: str, data: Any, spec: Mapping[str, Parser], problems: Problems) -> dict[str, Any]:
+    """The table's valid values; every bad key or value is noted in `problems`."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where.path}: [{table}] must be a table, got {type(data).__name__}")
-    _check_keys(where, table, data, set(spec))
-    return {key: spec[key](value, where.key(table, key)) for key, value in data.items()}
+        problems.add(f"{where.path}: [{table}] must be a table, got {type(data).__name__}")
+        return {}
+    _check_keys(where, table, data, set(spec), problems)
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in spec:
+            continue
+        try:
+            values[key] = spec[key](value, where.key(table, key))
+        except ConfigError as exc:
+            problems.messages.extend(exc.problems)
+    return values
 
 
 _CONSUL_SPEC: dict[str, Parser] = {
@@ -269,6 +313,7 @@ _NGINX_SPEC: dict[str, Parser] = {
     "reload_timeout": _duration,
     "mode": _choice("reload", "live"),
     "live_listen": _listen,
+    "allow_no_reload": _bool,
 }
 _WAIT_SPEC: dict[str, Parser] = {"min": _duration, "max": _duration}
 _TEMPLATE_SPEC: dict[str, Parser] = {
@@ -281,34 +326,62 @@ _TEMPLATE_SPEC: dict[str, Parser] = {
 }
 
 
-def consul_from_env(environ: Mapping[str, str], base: ConsulConfig | None = None) -> ConsulConfig:
-    """Fill what the file left empty from CONSUL_HTTP_ADDR and CONSUL_HTTP_TOKEN."""
-    base = base or ConsulConfig()
-    address = base.address
-    if address == DEFAULT_CONSUL_ADDRESS and environ.get("CONSUL_HTTP_ADDR"):
-        address = environ["CONSUL_HTTP_ADDR"]
-    token = base.token or environ.get("CONSUL_HTTP_TOKEN", "")
-    return _with_checked_address(ConsulConfig(**{**base.__dict__, "address": address, "token": token}))
+def consul_from_env(environ: Mapping[str, str], file_values: Mapping[str, Any] | None = None, where: str = "") -> ConsulConfig:
+    """[consul] as the `consul` CLI resolves it: a key written in the file beats the environment,
+    which beats the default (decided by whether the key is present, not by its value).
+
+    The token: the file's `token`, else systemd's credential `consul-token`
+    ($CREDENTIALS_DIRECTORY/consul-token), else $CONSUL_HTTP_TOKEN. An error names where the
+    value came from.
+    """
+    values = dict(file_values or {})
+    origin = {key: f"{where}: [consul] {key}" if where else f"[consul] {key}" for key in values}
+    if "address" not in values and environ.get("CONSUL_HTTP_ADDR"):
+        values["address"] = environ["CONSUL_HTTP_ADDR"]
+        origin["address"] = "$CONSUL_HTTP_ADDR"
+    if "token" not in values:
+        credentials = environ.get("CREDENTIALS_DIRECTORY", "")
+        credential = Path(credentials, "consul-token") if credentials else None
+        if credential is not None and credential.is_file():
+            try:
+                values["token"] = credential.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{credential}: cannot read the Consul token credential: {exc}") from None
+        elif environ.get("CONSUL_HTTP_TOKEN"):
+            values["token"] = environ["CONSUL_HTTP_TOKEN"]
+    consul = ConsulConfig(**values)
+    return _with_checked_address(consul, origin.get("address", "the default address"))
 
 
-def _with_checked_address(consul: ConsulConfig) -> ConsulConfig:
+def _with_checked_address(consul: ConsulConfig, origin: str) -> ConsulConfig:
     address = consul.address if "://" in consul.address else f"http://{consul.address}"
     parsed = urlsplit(address)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise ConfigError(f"Consul address {consul.address!r} is not http(s)://HOST:PORT")
+        raise ConfigError(f"{origin}: Consul address {consul.address!r} is not http(s)://HOST:PORT")
     try:
         _ = parsed.port
     except ValueError:
-        raise ConfigError(f"Consul address {consul.address!r} has an invalid port") from None
+        raise ConfigError(f"{origin}: Consul address {consul.address!r} has an invalid port") from None
     return ConsulConfig(**{**consul.__dict__, "address": address})
 
 
-def _wait(where: _Where, table: str, data: Any, base: WaitConfig) -> WaitConfig:
-    values = _parse_table(where, table, data, _WAIT_SPEC)
+def _wait(where: _Where, table: str, data: Any, base: WaitConfig, problems: Problems) -> WaitConfig:
+    values = _parse_table(where, table, data, _WAIT_SPEC, problems)
     wait = WaitConfig(min=values.get("min", base.min), max=values.get("max", base.max))
     if wait.max < wait.min:
-        raise ConfigError(f"{where.key(table, 'max')}: max ({wait.max:g}s) must not be less than min ({wait.min:g}s)")
+        problems.add(f"{where.key(table, 'max')}: max ({wait.max:g}s) must not be less than min ({wait.min:g}s)")
     return wait
+
+
+def default_state_dir(environ: Mapping[str, str]) -> Path:
+    """systemd's StateDirectory (/var/lib/confpy) when it exists and is writable, else
+    $STATE_DIRECTORY, else $XDG_STATE_HOME/confpy, else ~/.local/state/confpy."""
+    if environ.get("STATE_DIRECTORY"):
+        return Path(environ["STATE_DIRECTORY"].split(":")[0])
+    if SYSTEM_STATE_DIR.is_dir() and os.access(SYSTEM_STATE_DIR, os.W_OK):
+        return SYSTEM_STATE_DIR
+    base = environ.get("XDG_STATE_HOME") or str(Path(environ.get("HOME") or Path.home()) / ".local" / "state")
+    return Path(base) / "confpy"
 
 
 def _resolve(base: Path, text: str) -> Path:
@@ -316,58 +389,87 @@ def _resolve(base: Path, text: str) -> Path:
     return path if path.is_absolute() else base / path
 
 
+def _template(where: _Where, number: int, raw: Any, folder: Path, wait: WaitConfig, problems: Problems) -> TemplateConfig | None:
+    table = f"template #{number}"
+    values = _parse_table(where, table, raw, _TEMPLATE_SPEC, problems)
+    if not isinstance(raw, dict):
+        return None
+    complete = True
+    for required in ("source", "destination"):
+        if not values.get(required):
+            problems.add(f"{where.key(table, required)}: missing; every [[template]] needs source and destination")
+            complete = False
+    if "wait" in values:
+        values["wait"] = _wait(where, f"{table}.wait", values["wait"], wait, problems)
+    if not complete:
+        return None
+    source_text = values["source"]
+    if source_text.startswith(BUILTIN_PREFIX):
+        try:
+            values["source"] = template_path(source_text[len(BUILTIN_PREFIX):])
+        except KeyError as exc:
+            problems.add(f"{where.key(table, 'source')}: {exc.args[0]}")
+            return None
+    else:
+        values["source"] = _resolve(folder, source_text)
+        if not values["source"].is_file():
+            problems.add(
+                f"{where.key(table, 'source')}: template {values['source']} not found "
+                f"(`confpy templates` lists the shipped ones, usable as \"builtin:NAME\")"
+            )
+    values["destination"] = _resolve(folder, values["destination"])
+    return TemplateConfig(**values)
+
+
 def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
-    """Parse configuration text; `path` locates relative paths and names the file in errors."""
+    """Parse configuration text; `path` locates relative paths and names the file in errors.
+
+    Every problem is collected and reported together (ConfigError, exit 2).
+    """
     where = _Where(path)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    _check_keys(where, "", data, {"consul", "nginx", "wait", "template", "state", "status"})
+    problems = Problems()
+    _check_keys(where, "", data, {"consul", "nginx", "wait", "template", "state", "status", "log"}, problems)
     folder = path.resolve().parent
 
-    consul = ConsulConfig(**_parse_table(where, "consul", data.get("consul", {}), _CONSUL_SPEC))
-    if consul.max_response_bytes <= 0:
-        raise ConfigError(f"{where.key('consul', 'max_response_bytes')}: must be a positive number of bytes")
-    try:
-        consul = consul_from_env(environ, consul)
-    except ConfigError as exc:
-        raise ConfigError(f"{where.key('consul', 'address')}: {exc}") from None
+    consul_values = _parse_table(where, "consul", data.get("consul", {}), _CONSUL_SPEC, problems)
+    if consul_values.get("max_response_bytes", 1) <= 0:
+        problems.add(f"{where.key('consul', 'max_response_bytes')}: must be a positive number of bytes")
+        consul_values.pop("max_response_bytes")
+    consul = problems.check(lambda: consul_from_env(environ, consul_values, str(path))) or ConsulConfig()
 
-    nginx_values = _parse_table(where, "nginx", data.get("nginx", {}), _NGINX_SPEC)
+    nginx_values = _parse_table(where, "nginx", data.get("nginx", {}), _NGINX_SPEC, problems)
     if "pid_file" in nginx_values:
         nginx_values["pid_file"] = _resolve(folder, nginx_values["pid_file"])
     nginx = NginxConfig(**nginx_values)
     if not nginx.check_cmd:
-        raise ConfigError(
-            f"{where.key('nginx', 'check_cmd')}: must not be empty; confpy never installs a configuration nginx has not checked"
-        )
+        problems.add(f"{where.key('nginx', 'check_cmd')}: must not be empty; confpy never installs a configuration nginx has not checked")
 
-    wait = _wait(where, "wait", data.get("wait", {}), WaitConfig())
+    wait = _wait(where, "wait", data.get("wait", {}), WaitConfig(), problems)
     raw_templates = data.get("template", [])
+    templates: list[TemplateConfig] = []
     if not isinstance(raw_templates, list) or not raw_templates:
-        raise ConfigError(f"{path}: no [[template]] table; add at least one with source and destination")
-    templates = []
-    for number, raw in enumerate(raw_templates, start=1):
-        table = f"template #{number}"
-        values = _parse_table(where, table, raw, _TEMPLATE_SPEC)
-        for required in ("source", "destination"):
-            if not values.get(required):
-                raise ConfigError(f"{where.key(table, required)}: missing; every [[template]] needs source and destination")
-        if "wait" in values:
-            values["wait"] = _wait(where, f"{table}.wait", values["wait"], wait)
-        values["source"] = _resolve(folder, values["source"])
-        values["destination"] = _resolve(folder, values["destination"])
-        templates.append(TemplateConfig(**values))
+        problems.add(f"{path}: no [[template]] table; add at least one with source and destination")
+    else:
+        for number, raw in enumerate(raw_templates, start=1):
+            template = _template(where, number, raw, folder, wait, problems)
+            if template is not None:
+                templates.append(template)
     destinations = [t.destination for t in templates]
-    for dest in destinations:
+    for dest in sorted(set(destinations)):
         if destinations.count(dest) > 1:
-            raise ConfigError(f"{path}: two [[template]] tables write the same destination {dest}")
+            problems.add(f"{path}: two [[template]] tables write the same destination {dest}")
 
-    state_values = _parse_table(where, "state", data.get("state", {}), {"dir": _str})
-    state = StateConfig(dir=_resolve(folder, state_values["dir"]) if state_values.get("dir") else None)
-    status = StatusConfig(**_parse_table(where, "status", data.get("status", {}), {"listen": _listen}))
-    return Config(path=path, consul=consul, nginx=nginx, wait=wait, templates=tuple(templates), state=state, status=status)
+    state_values = _parse_table(where, "state", data.get("state", {}), {"dir": _str}, problems)
+    state_dir = _resolve(folder, state_values["dir"]) if state_values.get("dir") else default_state_dir(environ)
+    status = StatusConfig(**_parse_table(where, "status", data.get("status", {}), {"listen": _listen}, problems))
+    log_config = LogConfig(**_parse_table(where, "log", data.get("log", {}), {"format": _choice("text", "json")}, problems))
+    problems.raise_if_any()
+    return Config(path=path, consul=consul, nginx=nginx, wait=wait, templates=tuple(templates), state=StateConfig(state_dir),
+                  status=status, log=log_config)
 
 
 def load_config(path: Path, environ: Mapping[str, str]) -> Config:

@@ -21,9 +21,16 @@ class ConfpyError(Exception):
 
 
 class ConfigError(ConfpyError):
-    """The configuration file (or a command-line value) is wrong: exit 2."""
+    """The configuration file, the environment or a command-line value is wrong: exit 2.
+
+    It may carry several problems, all found in one read; each is one line.
+    """
 
     exit_code = 2
+
+    def __init__(self, problems: str | list[str]) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
 
 
 class RegistryError(ConfpyError):

@@ -345,6 +345,9 @@ check_timeout = "10s"
 min = "{wait_min}"
 max = "{wait_max}"
 {status_table}
+[state]
+dir = "{path.parent / 'confpy-state'}"
+
 [[template]]
 source = "{template}"
 destination = "{nginx.destination}"

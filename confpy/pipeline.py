@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from confpy.apply.files import StateStore, destination_locks, read_bytes, remove_leftover_temp_files
-from confpy.apply.installer import ApplyReport, Change, Installer, backup_path
+from confpy.apply.installer import ApplyReport, Change, Installer
 from confpy.apply.live import LiveSupervisor, lua_dir, state_bytes
-from confpy.apply.nginx import NginxChecker, NginxReloader
+from confpy.apply.nginx import NginxChecker, NginxReloader, ReloadOutcome
 from confpy.config import Config, TemplateConfig
 from confpy.errors import RenderError
 from confpy.model import HealthView, Memory
@@ -44,6 +44,14 @@ class SyncReport:
     apply: ApplyReport | None = None
     indexes: dict[AnyDependency, int] = field(default_factory=dict)
     pushed: list[str] = field(default_factory=list)
+    check_output: str = ""
+
+    @property
+    def not_reloaded(self) -> ReloadOutcome | None:
+        """Files were installed (or found newer than nginx's workers) but nginx was not reloaded."""
+        if self.apply is not None and not self.apply.reload.reloaded:
+            return self.apply.reload
+        return None
 
 
 def unified_diff(path: Path, old: bytes | None, new: bytes) -> str:
@@ -75,7 +83,7 @@ class SyncEngine:
             for t in config.templates
         }
         self.reloader = NginxReloader(config.nginx)
-        self.installer = Installer(NginxChecker(config.nginx), self.reloader)
+        self.installer = Installer(NginxChecker(config.nginx), self.reloader, self.state)
         self.live = LiveSupervisor(config, self.state, self.reloader) if config.nginx.mode == "live" else None
 
     @property
@@ -128,11 +136,13 @@ class SyncEngine:
     async def locked(self, destinations: Iterable[Path], timeout: float = LOCK_TIMEOUT) -> AsyncIterator[None]:
         """Hold the locks of `destinations`, then clear what an interrupted confpy left behind."""
         destinations = sorted(set(destinations))
-        async with destination_locks(destinations, timeout):
+        self.state.prepare()
+        async with destination_locks([self.state.lock_for(dest) for dest in destinations], timeout):
             for dest in destinations:
-                targets = [dest, backup_path(dest), self.state.path_for(dest), self.state.live_path_for(dest)]
-                for leftover in remove_leftover_temp_files(targets):
+                for leftover in remove_leftover_temp_files([dest, *self.state.own_files(dest)]):
                     log.info("removed %s, left behind by an interrupted write", leftover)
+                for action in self.state.migrate(dest):
+                    log.info("upgrading from confpy 0.1: %s", action)
             yield
 
     def changes(self, results: Sequence[RenderResult]) -> tuple[list[Change], list[Path]]:
@@ -177,8 +187,11 @@ class SyncEngine:
         if not self.reloader.is_stale(destinations):
             return None
         outcome = await self.reloader.reload()
-        log.info("nginx's workers are older than %s; reloaded once so it serves the current file (%s)",
-                 ", ".join(map(str, destinations)), outcome.detail)
+        if outcome.reloaded:
+            log.info("nginx's workers are older than %s; reloaded once so it serves the current file (%s)",
+                     ", ".join(map(str, destinations)), outcome.detail)
+        else:
+            log.error("nginx's workers are older than %s, but the reload failed: %s", ", ".join(map(str, destinations)), outcome.detail)
         return ApplyReport((), outcome)
 
     async def _transaction(self, changes: Sequence[Change], reason: str) -> ApplyReport:
@@ -190,7 +203,7 @@ class SyncEngine:
         if applied.reload.reloaded:
             log.info("reloaded nginx: %s (%.0f ms after install began)", applied.reload.detail, took)
         else:
-            log.warning("files installed, reload skipped: %s", applied.reload.detail)
+            log.error("files installed, reload skipped: %s; nginx still serves the previous configuration", applied.reload.detail)
         return applied
 
     @staticmethod
@@ -237,12 +250,13 @@ class SyncEngine:
     async def sync_once(self, registry: Registry, dry_run: bool = False) -> SyncReport:
         """The whole one-shot sync; with `dry_run`, only diffs are computed."""
         data = DataSource()
-        memories = self.load_memories()
-        results, indexes = await self.resolve(registry, data, memories)
         if dry_run:
+            results, indexes = await self.resolve(registry, data, self.load_memories())
             report = self.dry_run(results)
         else:
             async with self.locked(t.destination for t in self.templates):
+                memories = self.load_memories()
+                results, indexes = await self.resolve(registry, data, memories)
                 report = await self.install(results, "one-shot sync")
                 try:
                     if self.live is not None:

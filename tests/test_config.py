@@ -13,7 +13,7 @@ from confpy.errors import ConfigError
 
 MINIMAL = """
 [[template]]
-source = "t.j2"
+source = "builtin:nginx-upstreams.conf.j2"
 destination = "/etc/nginx/conf.d/upstreams.conf"
 """
 
@@ -33,8 +33,16 @@ def test_defaults_follow_the_contract() -> None:
     assert config.nginx.reload_signal == signal.SIGHUP
     assert config.nginx.mode == "reload"
     template = config.templates[0]
-    assert template.source == Path("/etc/confpy/t.j2")  # relative to the config file's folder
+    assert template.source.name == "nginx-upstreams.conf.j2" and template.source.is_file()
     assert template.backup is True and template.on_empty == "keep" and template.mode is None
+    assert config.log.format == "text" and config.nginx.allow_no_reload is False
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "t.j2").write_text("x")
+    config = parse('[state]\ndir = "state"\n[[template]]\nsource = "t.j2"\ndestination = "out.conf"\n', path=tmp_path / "c.toml")
+    assert config.templates[0].source == tmp_path / "t.j2" and config.templates[0].destination == tmp_path / "out.conf"
+    assert config.state.dir == tmp_path / "state"
 
 
 def test_full_contract_parses() -> None:
@@ -61,7 +69,7 @@ min = "250ms"
 max = "2m"
 
 [[template]]
-source = "/srv/a.j2"
+source = "builtin:nginx-upstreams.conf.j2"
 destination = "/etc/nginx/conf.d/a.conf"
 mode = "0640"
 backup = false
@@ -69,7 +77,7 @@ on_empty = "render"
 wait = { min = "0s", max = "1s" }
 
 [[template]]
-source = "b.j2"
+source = "builtin:nginx-upstreams-live.conf.j2"
 destination = "/etc/nginx/conf.d/b.conf"
 """)
     assert config.consul.scheme == "https" and config.consul.host == "consul.internal" and config.consul.port == 8501
@@ -104,10 +112,15 @@ def test_environment_fills_address_and_token_but_the_file_wins() -> None:
         ('[nginx]\ncheck_cmd = "nginx -t \'unclosed"\n' + MINIMAL, "check its quotes"),
         ('[wait]\nmin = "5s"\nmax = "1s"\n' + MINIMAL, "max (1s) must not be less than min (5s)"),
         ("", "no [[template]] table"),
-        ('[[template]]\nsource = "a"\n', "[template #1] destination: missing"),
-        ('[[template]]\nsource = "a"\ndestination = "b"\nmode = "rw"\n', "is not an octal file mode"),
-        ('[[template]]\nsource = "a"\ndestination = "b"\non_empty = "drop"\n', "'drop' is not one of 'keep', 'render'"),
-        ('[[template]]\nsource = "a"\ndestination = "b"\n[[template]]\nsource = "c"\ndestination = "b"\n', "write the same destination"),
+        ('[[template]]\nsource = "builtin:nginx-upstreams.conf.j2"\n', "[template #1] destination: missing"),
+        ('[[template]]\nsource = "builtin:nginx-upstreams.conf.j2"\ndestination = "b"\nmode = "rw"\n', "is not an octal file mode"),
+        ('[[template]]\nsource = "builtin:nginx-upstreams.conf.j2"\ndestination = "b"\non_empty = "drop"\n',
+         "'drop' is not one of 'keep', 'render'"),
+        ('[[template]]\nsource = "builtin:nginx-upstreams.conf.j2"\ndestination = "b"\n[[template]]\n'
+         'source = "builtin:nginx-upstreams.conf.j2"\ndestination = "b"\n', "write the same destination"),
+        ('[[template]]\nsource = "missing.j2"\ndestination = "b"\n', "[template #1] source: template /etc/confpy/missing.j2 not found"),
+        ('[[template]]\nsource = "builtin:nope.j2"\ndestination = "b"\n', "no shipped template 'nope.j2'; shipped: nginx-upstreams"),
+        ('[consul]\ntoken_file = "/x"\n' + MINIMAL, "[consul] token_file: unknown key; known keys:"),
         ('[status]\nlisten = "9118"\n' + MINIMAL, "[status] listen: '9118' is not HOST:PORT"),
         ('[consul]\naddress = "ftp://x"\n' + MINIMAL, "is not http(s)://HOST:PORT"),
     ],
@@ -117,9 +130,41 @@ def test_bad_config_is_one_clear_line(text: str, expected: str) -> None:
         parse(text)
     message = str(info.value)
     assert expected in message
-    assert "\n" not in message
+    assert "\n" not in message, "one problem, one line"
     assert message.startswith("/etc/confpy/confpy.toml")
     assert info.value.exit_code == 2
+
+
+def test_every_problem_is_reported_in_one_run() -> None:
+    text = '[consul]\nadress = "x"\nwait = 5\n[nginx]\nmode = "fast"\n[[template]]\nsource = "nope.j2"\ndestination = "b"\n'
+    with pytest.raises(ConfigError) as info:
+        parse(text)
+    lines = str(info.value).splitlines()
+    assert len(lines) == 4 and all(line.startswith("/etc/confpy/confpy.toml: ") for line in lines)
+    assert "adress" in lines[0] and "[consul] wait" in lines[1] and "[nginx] mode" in lines[2] and "nope.j2 not found" in lines[3]
+
+
+def test_a_bad_environment_variable_is_named_as_such() -> None:
+    with pytest.raises(ConfigError, match=r"^\$CONSUL_HTTP_ADDR: Consul address 'ftp://x' is not http\(s\)://HOST:PORT$"):
+        parse(MINIMAL, {"CONSUL_HTTP_ADDR": "ftp://x"})
+    # written in the file, the key wins even when it equals the default
+    config = parse('[consul]\naddress = "http://127.0.0.1:8500"\n' + MINIMAL, {"CONSUL_HTTP_ADDR": "http://10.0.0.1:8500"})
+    assert config.consul.address == "http://127.0.0.1:8500"
+
+
+def test_the_token_comes_from_the_systemd_credential_before_the_environment(tmp_path: Path) -> None:
+    (tmp_path / "consul-token").write_text("from-credential\n")
+    env = {"CREDENTIALS_DIRECTORY": str(tmp_path), "CONSUL_HTTP_TOKEN": "from-env"}
+    assert parse(MINIMAL, env).consul.token == "from-credential"
+    assert parse('[consul]\ntoken = "from-file"\n' + MINIMAL, env).consul.token == "from-file"
+    assert parse(MINIMAL, {"CONSUL_HTTP_TOKEN": "from-env"}).consul.token == "from-env"
+
+
+def test_state_dir_default(tmp_path: Path) -> None:
+    assert parse(MINIMAL, {"STATE_DIRECTORY": "/var/lib/confpy"}).state.dir == Path("/var/lib/confpy")
+    if not Path("/var/lib/confpy").is_dir():
+        assert parse(MINIMAL, {"HOME": str(tmp_path)}).state.dir == tmp_path / ".local/state/confpy"
+        assert parse(MINIMAL, {"XDG_STATE_HOME": str(tmp_path / "x")}).state.dir == tmp_path / "x" / "confpy"
 
 
 def test_missing_config_file(tmp_path: Path) -> None:

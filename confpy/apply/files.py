@@ -129,19 +129,15 @@ def remove_leftover_temp_files(targets: Iterable[Path]) -> list[Path]:
     return removed
 
 
-def lock_path_for(destination: Path) -> Path:
-    return destination.parent / f".{destination.name}.confpy.lock"
-
-
 class DestinationLock:
     """An exclusive flock for one destination, held for as long as a confpy process writes it.
 
     The lock file records the holder's PID so the error can name it.
     """
 
-    def __init__(self, destination: Path) -> None:
+    def __init__(self, destination: Path, path: Path) -> None:
         self.destination = destination
-        self.path = lock_path_for(destination)
+        self.path = path
         self._fd: int | None = None
 
     def try_acquire(self) -> bool:
@@ -177,13 +173,13 @@ class DestinationLock:
 
 
 @asynccontextmanager
-async def destination_locks(destinations: Iterable[Path], timeout: float) -> AsyncIterator[None]:
-    """Hold the locks of `destinations` (taken in a fixed order, so two processes cannot deadlock).
+async def destination_locks(locks: Iterable[DestinationLock], timeout: float) -> AsyncIterator[None]:
+    """Hold `locks` (taken in a fixed order, so two processes cannot deadlock).
 
     flock has no timeout and must not block the event loop: a held lock is retried every 50 ms
     until `timeout`, then LockError names the holder.
     """
-    locks = [DestinationLock(dest) for dest in sorted(set(destinations))]
+    locks = sorted(locks, key=lambda lock: lock.destination)
     try:
         for lock in locks:
             deadline = time.monotonic() + timeout
@@ -198,26 +194,85 @@ async def destination_locks(destinations: Iterable[Path], timeout: float) -> Asy
 
 
 class StateStore:
-    """The remembered members of each template's services (`on_empty = "keep"`), one JSON file each."""
+    """confpy's own files, all in the state directory, never beside a destination.
 
-    def __init__(self, state_dir: Path | None) -> None:
+    nginx includes whole folders (`sites-enabled/*`, `conf.d/*.conf`): a backup or lock file beside
+    a destination would be read as configuration. Per destination there are its backup
+    (`FLAT.bak`), its lock (`FLAT.lock`), its remembered members (`FLAT.json`) and in live mode its
+    member state (`FLAT.live.json`), FLAT being the destination's path with `/` turned into `_`.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         # Each service's members as JSON, reused while the member tuple is the same object: a
         # change to one service of a thousand re-encodes one service, not the whole catalog.
         self._encoded: dict[str, tuple[tuple[ServiceInstance, ...], str]] = {}
 
+    def _flat(self, destination: Path) -> str:
+        return str(destination).strip("/").replace("/", "_")
+
     def path_for(self, destination: Path) -> Path:
-        if self.state_dir is None:
-            return destination.parent / f".{destination.name}.confpy-state.json"
-        flat = str(destination).strip("/").replace("/", "_")
-        return self.state_dir / f"{flat}.json"
+        """The remembered members (`on_empty = "keep"`)."""
+        return self.state_dir / f"{self._flat(destination)}.json"
 
     def live_path_for(self, destination: Path) -> Path:
         """The live-mode member state file that nginx loads at start and reload."""
-        if self.state_dir is None:
-            return destination.parent / f".{destination.name}.live.json"
-        flat = str(destination).strip("/").replace("/", "_")
-        return self.state_dir / f"{flat}.live.json"
+        return self.state_dir / f"{self._flat(destination)}.live.json"
+
+    def backup_path_for(self, destination: Path) -> Path:
+        """The destination's previous bytes (`backup = true`)."""
+        return self.state_dir / f"{self._flat(destination)}.bak"
+
+    def lock_for(self, destination: Path) -> DestinationLock:
+        return DestinationLock(destination, self.state_dir / f"{self._flat(destination)}.lock")
+
+    def own_files(self, destination: Path) -> list[Path]:
+        return [self.path_for(destination), self.live_path_for(destination), self.backup_path_for(destination)]
+
+    def prepare(self) -> None:
+        """Create the state directory (InstallError says why it cannot be)."""
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+        except OSError as exc:
+            raise InstallError(
+                f"{self.state_dir}: cannot create the state directory ({exc.strerror}); set [state] dir to a writable folder"
+            ) from None
+        if not os.access(self.state_dir, os.W_OK):
+            raise InstallError(f"{self.state_dir}: the state directory is not writable by this user; set [state] dir")
+
+    def migrate(self, destination: Path) -> list[str]:
+        """Move what confpy 0.1 kept beside `destination` into the state directory (once).
+
+        0.1 wrote `.NAME.confpy-state.json`, `.NAME.live.json`, `NAME.bak` and `.NAME.confpy.lock`
+        next to the destination. Returns what it did, for the log.
+        """
+        done = []
+        old_new = [
+            (destination.parent / f".{destination.name}.confpy-state.json", self.path_for(destination)),
+            (destination.parent / f".{destination.name}.live.json", self.live_path_for(destination)),
+            (destination.with_name(destination.name + ".bak"), self.backup_path_for(destination)),
+        ]
+        for old, new in old_new:
+            if not old.is_file():
+                continue
+            try:
+                if not new.exists():
+                    data = old.read_bytes()
+                    atomic_write(new, data, 0o644)
+                    done.append(f"moved {old} to {new}")
+                else:
+                    done.append(f"removed {old} ({new} is newer)")
+                old.unlink()
+            except (OSError, InstallError) as exc:
+                done.append(f"could not move {old}: {exc}")
+        stale_lock = destination.parent / f".{destination.name}.confpy.lock"
+        if stale_lock.is_file():
+            try:
+                stale_lock.unlink()
+                done.append(f"removed {stale_lock} (locks are in {self.state_dir} now)")
+            except OSError as exc:
+                done.append(f"could not remove {stale_lock}: {exc.strerror}")
+        return done
 
     def load(self, destination: Path) -> Memory:
         """Read the remembered members; a missing file is empty, a corrupt one is reported and ignored."""

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from confpy.apply.files import atomic_write, remove_file
+from confpy.apply.files import StateStore, atomic_write, remove_file
 from confpy.apply.nginx import NginxChecker, NginxReloader, ReloadOutcome
 from confpy.config import TemplateConfig
 from confpy.errors import CheckError, InstallError
@@ -52,13 +52,8 @@ def _stat(path: Path) -> os.stat_result | None:
         return None
 
 
-def backup_path(destination: Path) -> Path:
-    return destination.with_name(destination.name + ".bak")
-
-
-def keep_backup(destination: Path, old: bytes, mode: int | None) -> None:
-    """DEST.bak := the current file; a hard link where possible (no copy), else a written copy."""
-    target = backup_path(destination)
+def keep_backup(destination: Path, target: Path, old: bytes, mode: int | None) -> None:
+    """`target` := the current file; a hard link where possible (no copy), else a written copy."""
     link = target.with_name(f".{target.name}.confpy-tmp")
     try:
         link.unlink(missing_ok=True)
@@ -72,9 +67,10 @@ def keep_backup(destination: Path, old: bytes, mode: int | None) -> None:
 class Installer:
     """Installs changes atomically, validates with nginx, rolls back or reloads."""
 
-    def __init__(self, checker: NginxChecker, reloader: NginxReloader) -> None:
+    def __init__(self, checker: NginxChecker, reloader: NginxReloader, state: StateStore) -> None:
         self.checker = checker
         self.reloader = reloader
+        self.state = state
 
     async def apply(self, changes: Sequence[Change]) -> ApplyReport:
         """Install `changes`, run the check once, reload once; roll everything back on failure.
@@ -97,7 +93,7 @@ class Installer:
             old_stat = _stat(change.destination)
             old_mode = stat.S_IMODE(old_stat.st_mode) if old_stat else None
             if change.template.backup and change.old is not None:
-                keep_backup(change.destination, change.old, old_mode)
+                keep_backup(change.destination, self.state.backup_path_for(change.destination), change.old, old_mode)
             atomic_write(change.destination, change.new, change.template.mode)
             written.append((change, old_stat))
 

@@ -83,10 +83,16 @@ class NginxChecker:
 
 @dataclass(frozen=True)
 class ReloadOutcome:
-    """What a reload did: `reloaded`, or skipped with the reason."""
+    """What a reload did: `reloaded`, or not, with the detail and a short reason label.
+
+    Labels (the `reason` of `confpy_reloads_skipped_total`): `not_running` (no live master in the
+    pid file), `pid_file` (it names something that is not nginx's master), `signal` (not allowed
+    to signal it), `reload_cmd` (the command failed).
+    """
 
     reloaded: bool
     detail: str
+    reason: str = ""
 
 
 def read_master_pid(pid_file: Path) -> int | None:
@@ -187,19 +193,25 @@ class NginxReloader:
         self.config = config
 
     async def reload(self) -> ReloadOutcome:
-        """Reload nginx; skip (with the reason) when it is not running; ReloadError on failure."""
+        """Reload nginx; when it cannot be, say why (never raises: the files are installed by then)."""
         if self.config.reload_cmd:
-            await run_command(self.config.reload_cmd, self.config.reload_timeout, "reload_cmd", ReloadError)
+            try:
+                await run_command(self.config.reload_cmd, self.config.reload_timeout, "reload_cmd", ReloadError)
+            except ReloadError as exc:
+                return ReloadOutcome(False, str(exc), "reload_cmd")
             return ReloadOutcome(True, f"ran {' '.join(self.config.reload_cmd)}")
-        master = nginx_master(self.config.pid_file)
+        try:
+            master = nginx_master(self.config.pid_file)
+        except ReloadError as exc:
+            return ReloadOutcome(False, str(exc), "pid_file")
         if master is None:
-            return ReloadOutcome(False, f"nginx is not running (no live master in {self.config.pid_file})")
+            return ReloadOutcome(False, f"nginx is not running (no live master in {self.config.pid_file})", "not_running")
         try:
             os.kill(master.pid, self.config.reload_signal)
         except ProcessLookupError:
-            return ReloadOutcome(False, f"nginx master {master.pid} exited before it could be signalled")
+            return ReloadOutcome(False, f"nginx master {master.pid} exited before it could be signalled", "not_running")
         except PermissionError:
-            raise ReloadError(f"not allowed to signal nginx master {master.pid}; run confpy as root or nginx's user") from None
+            return ReloadOutcome(False, f"not allowed to signal nginx master {master.pid}; run confpy as root or nginx's user", "signal")
         return ReloadOutcome(True, f"sent {signal.Signals(self.config.reload_signal).name} to nginx master {master.pid}")
 
     def worker_pids(self) -> tuple[int, ...]:

@@ -28,6 +28,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
 from confpy.apply.files import read_bytes
+from confpy.apply.nginx import ReloadOutcome
 from confpy.config import Config, TemplateConfig, load_config
 from confpy.daemon.metrics import Metrics
 from confpy.daemon.quiescence import Quiescence
@@ -45,6 +46,8 @@ from confpy.watch.watchset import WatchSet
 log = logging.getLogger(__name__)
 
 TEMPLATE_SUFFIXES = (".j2", ".jinja", ".tmpl")
+# While installed files are not live in nginx: how often to look for a master to reload.
+RELOAD_RECHECK_INTERVAL = 5.0
 # Non-blocking first queries in flight at once (blocking ones are not limited: they wait).
 FIRST_FETCH_CONCURRENCY = 32
 
@@ -165,10 +168,12 @@ class Daemon:
         self.data = DataSource()
         self.first_fetches = asyncio.Semaphore(FIRST_FETCH_CONCURRENCY)
         self.watches = WatchSet(self._new_watcher)
-        self.memories: dict[Path, Memory] = self.engine.load_memories()
+        self.memories: dict[Path, Memory] = {}  # read once the locks are held (and 0.1's files moved)
         self.templates = {t.destination: TemplateState(t, checksum=installed_checksum(t.destination)) for t in config.templates}
         self.last_sync_ok = False
         self.last_sync_error = "no sync yet"
+        self.not_reloaded = ""  # why installed files are not live in nginx yet (empty: they are)
+        self.recheck_at: float | None = None
         self.quiescence.clear()
         self._publish()
 
@@ -202,6 +207,7 @@ class Daemon:
         """Locks, the file observer, then a first render that tells what to watch."""
         self.notifier.notify("STATUS=starting: taking the destination locks")
         await self._locks.enter_async_context(self.engine.locked(t.destination for t in self.config.templates))
+        self.memories = self.engine.load_memories()
         self._start_observer()
         self.notifier.notify("STATUS=waiting for Consul's first answer")
         await self._cycle(list(self.templates.values()), "start-up", {})
@@ -246,6 +252,7 @@ class Daemon:
             live=live,
             pending=tuple(sorted(str(key) for key in self.quiescence.waiting())),
             cycles=self.cycles,
+            not_reloaded=self.not_reloaded,
         )
 
     def _ready(self, status: str) -> None:
@@ -390,6 +397,7 @@ class Daemon:
             return
         now = self.wall_clock()
         reloaded = report.apply is not None and report.apply.reload.reloaded
+        self._note_reload(report.not_reloaded)
         for result in results:
             state = self.templates[result.template.destination]
             state.installed_once = True
@@ -399,6 +407,7 @@ class Daemon:
             if reloaded and result.template.destination in report.changed:
                 state.last_reload = now
         if reloaded:
+            self._note_reload(None, reloaded=True)
             self.metrics.reloads.inc()
             done = self.clock()
             for path in report.changed:
@@ -412,6 +421,36 @@ class Daemon:
         in_sync = "in sync; last change installed " + time.strftime("%H:%M:%S") if report.changed else "in sync"
         if all(t.installed_once for t in self.templates.values()):
             self._ready(in_sync)
+
+    def _note_reload(self, skipped: ReloadOutcome | None, reloaded: bool = False) -> None:
+        """Keep /health honest: files nginx does not serve yet are a degraded state until a reload."""
+        if skipped is not None:
+            self.metrics.reloads_skipped.labels(reason=skipped.reason).inc()
+            self.not_reloaded = skipped.detail
+            self.recheck_at = self.clock() + RELOAD_RECHECK_INTERVAL
+        elif reloaded and self.not_reloaded:
+            log.info("nginx reloaded: it serves the installed files again")
+            self.not_reloaded = ""
+            self.recheck_at = None
+
+    async def _recheck_reload(self) -> None:
+        """While installed files are not live, look for a usable nginx master and reload it."""
+        if self.recheck_at is None or self.clock() < self.recheck_at:
+            return
+        self.recheck_at = self.clock() + RELOAD_RECHECK_INTERVAL
+        destinations = [t.config.destination for t in self.templates.values()]
+        if not self.engine.reloader.running():
+            return
+        if not self.engine.reloader.is_stale(destinations):
+            log.info("nginx (re)started since and serves the installed files")
+            self.not_reloaded, self.recheck_at = "", None
+            return
+        outcome = await self.engine.reloader.reload()
+        if outcome.reloaded:
+            log.info("reloaded nginx, which was serving older files: %s", outcome.detail)
+            self._note_reload(None, reloaded=True)
+        else:
+            self.not_reloaded = outcome.detail
 
     def _sync_failed(self, results: list[RenderResult], exc: ConfpyError) -> None:
         self.last_sync_ok = False
@@ -440,7 +479,7 @@ class Daemon:
             await live.on_timer()
 
     def _timeout(self, next_ping: float | None) -> float | None:
-        deadlines = [d for d in (self.quiescence.next_deadline(), next_ping) if d is not None]
+        deadlines = [d for d in (self.quiescence.next_deadline(), next_ping, self.recheck_at) if d is not None]
         if self.engine.live is not None:
             live = self.engine.live.next_deadline()
             deadlines.append(live if live is not None else self.clock())
@@ -472,6 +511,7 @@ class Daemon:
                     event = self.events.get_nowait() if not self.events.empty() else None
                 await self._run_due()
                 await self._live_timers()
+                await self._recheck_reload()
                 if next_ping is not None and interval and self.clock() >= next_ping:
                     self.notifier.notify("WATCHDOG=1")
                     next_ping = self.clock() + interval

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, generate_latest
+
+from confpy import __version__
 
 
 class Metrics:
     """The `confpy_*` metrics served on /metrics."""
 
     def __init__(self) -> None:
+        # `*_created` series (one per counter) say nothing an operator needs: off, for this process.
+        prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, open fds...
+        Info("confpy_build", "confpy's version", registry=r).info({"version": __version__})
         self.renders = Counter("confpy_renders", "Template renders that produced output", ["template"], registry=r)
         self.render_errors = Counter("confpy_render_errors", "Template renders that failed", ["template"], registry=r)
         self.reloads = Counter("confpy_reloads", "nginx reloads performed", registry=r)
+        self.reloads_skipped = Counter(
+            "confpy_reloads_skipped", "Changes installed without reloading nginx, by reason", ["reason"], registry=r
+        )
         self.check_failures = Counter("confpy_check_failures", "nginx configuration checks that failed (rolled back)", registry=r)
         self.install_failures = Counter("confpy_install_failures", "Installs or reloads that failed", registry=r)
         self.consul_errors = Counter("confpy_consul_errors", "Failed Consul requests", registry=r)

@@ -69,6 +69,7 @@ class StatusSnapshot:
     live: LiveStatus | None = None
     pending: tuple[str, ...] = ()
     cycles: int = 0
+    not_reloaded: str = ""
 
     def health(self) -> tuple[bool, str]:
         """/health: OK when the last sync succeeded and the registry is reachable."""
@@ -78,6 +79,8 @@ class StatusSnapshot:
             return False, "starting: waiting for Consul's first answer"
         if not self.last_sync_ok:
             return False, f"last sync failed: {self.last_sync_error}"
+        if self.not_reloaded:
+            return False, f"files installed but nginx not reloaded: {self.not_reloaded}"
         if self.live is not None and self.live.last_error:
             return False, f"live push failing: {self.live.last_error}"
         return True, "ok"
@@ -88,6 +91,7 @@ class StatusSnapshot:
             "last_sync_ok": self.last_sync_ok,
             "last_sync_error": "" if self.last_sync_ok else self.last_sync_error,
             "pending": list(self.pending),
+            "not_reloaded": self.not_reloaded,
             "cycles": self.cycles,
             "templates": [t.to_json() for t in self.templates],
             "services": {
