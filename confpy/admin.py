@@ -97,6 +97,7 @@ def add_parser(sub: Any) -> None:
             p.add_argument("--force", action="store_true", help="remove even the last passing instance")
         if name == "drain":
             p.add_argument("--reason", default="drained with confpy upstream drain", help="maintenance reason")
+            p.add_argument("--force", action="store_true", help="drain even the last passing instance")
 
 
 @dataclass(frozen=True)
@@ -263,12 +264,23 @@ async def cmd_add(client: ConsulClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _last_passing(instances: list[InstanceStatus], target: InstanceStatus) -> bool:
+    passing = [i for i in instances if i.status == "passing"]
+    return target.status == "passing" and len(passing) == 1
+
+
+LAST_MEMBER_KEPT = (
+    "warning: {endpoint} was the last passing instance of {service!r}: with on_empty = \"keep\" (the default) nginx keeps "
+    "sending it traffic as the remembered member until another instance passes"
+)
+
+
 async def cmd_del(client: ConsulClient, args: argparse.Namespace) -> int:
     endpoint = parse_endpoint(args.endpoint)
     instances = await _instances(client, args.service)
     target = _find(instances, args.service, endpoint)
-    passing = [i for i in instances if i.status == "passing"]
-    if target.status == "passing" and len(passing) == 1 and not args.force:
+    last = _last_passing(instances, target)
+    if last and not args.force:
         print(
             f"confpy: error: refusing to remove {endpoint.text}: it is the last passing instance of {args.service!r}, "
             "so nginx would be left without a working server; add another first, or use --force",
@@ -276,16 +288,30 @@ async def cmd_del(client: ConsulClient, args: argparse.Namespace) -> int:
         )
         return 1
     await client.deregister(target.id)
+    if last:
+        print(LAST_MEMBER_KEPT.format(endpoint=endpoint.text, service=args.service), file=sys.stderr)
     print(f"deregistered {target.id}: service {args.service} at {endpoint.text}")
     return 0
 
 
 async def cmd_maintenance(client: ConsulClient, args: argparse.Namespace, enable: bool) -> int:
     endpoint = parse_endpoint(args.endpoint)
-    target = _find(await _instances(client, args.service), args.service, endpoint)
+    instances = await _instances(client, args.service)
+    target = _find(instances, args.service, endpoint)
+    last = enable and _last_passing(instances, target)
+    if last and not args.force:
+        print(
+            f"confpy: error: refusing to drain {endpoint.text}: it is the last passing instance of {args.service!r}; "
+            "with on_empty = \"keep\" nginx would keep sending it traffic anyway, and with \"render\" it would have no "
+            "server at all; add another instance first, or use --force",
+            file=sys.stderr,
+        )
+        return 1
     await client.maintenance(target.id, enable, getattr(args, "reason", None) if enable else None)
     action = "drained (maintenance on)" if enable else "undrained (maintenance off)"
     print(f"{action} {target.id}: service {args.service} at {endpoint.text}")
+    if last:
+        print(LAST_MEMBER_KEPT.format(endpoint=endpoint.text, service=args.service), file=sys.stderr)
     return 0
 
 

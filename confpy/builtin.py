@@ -31,7 +31,8 @@ def template_summary(name: str) -> str:
     text = template_path(name).read_text(encoding="utf-8")
     if text.startswith("{#"):
         body = " ".join(text[2 : text.find("#}")].strip("-").split())
-        return body.split(". ")[0].rstrip(".:")
+        sentence = body.split(". ")[0].rstrip(".:")
+        return sentence if len(sentence) <= 90 else sentence.split(": ")[0]
     return ""
 
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,15 +36,50 @@ def config_path(arg: str | None, environ: Mapping[str, str]) -> Path:
     return Path(arg or environ.get("CONFPY_CONFIG") or DEFAULT_CONFIG_PATH)
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-    # requests/urllib3 log every connection at DEBUG; operators want confpy's own lines.
-    logging.getLogger("urllib3").setLevel(logging.WARNING)
-    logging.getLogger("watchdog").setLevel(logging.WARNING)
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with stable keys: time, level, logger, message (and error)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}" + time.strftime("%z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def stderr_is_journal(environ: Mapping[str, str]) -> bool:
+    """systemd sets $JOURNAL_STREAM to DEVICE:INODE of the journal socket it gave us as stderr."""
+    device, _, inode = environ.get("JOURNAL_STREAM", "").partition(":")
+    if not (device.isdigit() and inode.isdigit()):
+        return False
+    try:
+        info = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return info.st_dev == int(device) and info.st_ino == int(inode)
+
+
+def setup_logging(level: str, log_format: str = "text", environ: Mapping[str, str] | None = None) -> None:
+    """Log to stderr: `text` (no timestamp when stderr is the journal, which adds its own) or `json`."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    elif stderr_is_journal(os.environ if environ is None else environ):
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper()))
+    # Libraries' connection chatter at DEBUG is not what operators want to read.
+    for noisy in ("urllib3", "watchdog", "aiohttp", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,8 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="info", type=str.lower, choices=["debug", "info", "warning", "error"], help="log verbosity (default: info)"
     )
+    parser.add_argument("--log-format", choices=["text", "json"], default=None,
+                        help="text (default; no timestamps under journald) or json (one object per line); also [log] format")
     parser.add_argument("--version", action="version", version=f"confpy {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    templates = sub.add_parser("templates", help="list the templates shipped with confpy, or copy one out for editing")
+    actions = templates.add_subparsers(dest="templates_command", metavar="ACTION")
+    actions.add_parser("list", help="the shipped templates (the default)")
+    copy = actions.add_parser("copy", help="copy a shipped template to a file you can edit")
+    copy.add_argument("name")
+    copy.add_argument("dest", metavar="FILE")
+    copy.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    show = actions.add_parser("show", help="print a shipped template")
+    show.add_argument("name")
+
+    init = sub.add_parser("init", help="print an example configuration (save it as /etc/confpy/confpy.toml)")
+    init.add_argument("--live", action="store_true", help="the live-mode example")
 
     dev = sub.add_parser("dev-consul", help="run the in-memory, Consul-compatible development agent")
     dev.add_argument("--http-addr", default="127.0.0.1:8500", help="address to serve the HTTP API on (port 0: any free port)")
@@ -76,7 +128,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
-    return load_config(config_path(args.config, environ), environ)
+    config = load_config(config_path(args.config, environ), environ)
+    if args.log_format is None and config.log.format != "text":
+        setup_logging(args.log_level, config.log.format, environ)
+    return config
+
+
+def run_templates(args: argparse.Namespace) -> int:
+    """`confpy templates [list|show NAME|copy NAME FILE]`."""
+    from confpy import builtin
+
+    def path_of(name: str) -> Path:
+        try:
+            return builtin.template_path(name)
+        except KeyError as exc:
+            raise ConfigError(str(exc.args[0])) from None
+
+    if args.templates_command == "show":
+        sys.stdout.write(path_of(args.name).read_text(encoding="utf-8"))
+        return EXIT_OK
+    if args.templates_command == "copy":
+        source, dest = path_of(args.name), Path(args.dest)
+        if dest.is_dir():
+            dest = dest / args.name
+        if dest.exists() and not args.force:
+            raise ConfigError(f"{dest} exists; pass --force to overwrite it")
+        try:
+            dest.write_bytes(source.read_bytes())
+        except OSError as exc:
+            raise ConfigError(f"{dest}: cannot write: {exc.strerror}") from None
+        print(f"copied {args.name} to {dest}; set source = \"{dest.resolve()}\" in [[template]] to use your copy")
+        return EXIT_OK
+    for name in builtin.template_names():
+        print(f"builtin:{name:<34} {builtin.template_summary(name)}")
+    return EXIT_OK
 
 
 async def sync_once(config: Config, dry_run: bool) -> SyncReport:
@@ -129,8 +214,15 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     environ = os.environ if environ is None else environ
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format or "text", environ)
     try:
+        if args.command == "templates":
+            return run_templates(args)
+        if args.command == "init":
+            from confpy.builtin import example_config
+
+            sys.stdout.write(example_config(live=args.live))
+            return EXIT_OK
         if args.command == "dev-consul":
             from confpy.devconsul.server import serve
 
@@ -144,6 +236,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
             return run_demo(keep_running=args.keep_running)
         return run_main_job(args, environ)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"confpy: error: {problem}", file=sys.stderr)
+        return exc.exit_code
     except ConfpyError as exc:
         print(f"confpy: error: {exc}", file=sys.stderr)
         return exc.exit_code

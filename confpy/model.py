@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -296,3 +296,30 @@ class Memory:
 
 def memory_key(service: str, tag: str | None) -> str:
     return f"{service}|{tag or ''}"
+
+
+MAX_LISTED_CHANGES = 6
+
+
+def describe_change(old: object, new: object) -> str:
+    """What changed between two values of a dependency, for one log line: `+10.0.0.3:8080
+    -10.0.0.2:8080`, `+api -old` for the catalog, or counts when many."""
+    if isinstance(old, HealthView) and isinstance(new, HealthView):
+        before = {i.endpoint: i for i in old.instances}
+        after = {i.endpoint: i for i in new.instances}
+        added = sorted(set(after) - set(before))
+        removed = sorted(set(before) - set(after))
+        changed = sorted(e for e in set(after) & set(before) if after[e] != before[e])
+        parts = _listed("+", added) + _listed("-", removed) + _listed("~", changed)
+        return " ".join(parts) if parts else "no member changed (only rejected instances)"
+    if isinstance(old, tuple) and isinstance(new, tuple):
+        added_names = sorted(set(map(str, new)) - set(map(str, old)))
+        removed_names = sorted(set(map(str, old)) - set(map(str, new)))
+        return " ".join(_listed("+", added_names) + _listed("-", removed_names)) or "same names"
+    return "new value"
+
+
+def _listed(sign: str, items: Sequence[str]) -> list[str]:
+    if len(items) > MAX_LISTED_CHANGES:
+        return [f"{sign}{len(items)} members" if sign != "~" else f"~{len(items)} changed"]
+    return [f"{sign}{item}" for item in items]

@@ -75,9 +75,22 @@ def test_drain_and_undrain(consul: ConsulUnderTest) -> None:
     assert instances(consul)["127.0.0.1:8081"]["status"] == "passing"
 
 
+def test_draining_the_last_passing_instance_is_refused_unless_forced(consul: ConsulUnderTest) -> None:
+    for port in (8081, 8082):
+        upstream(consul, "add", "web", f"127.0.0.1:{port}", "--check", "none")
+    assert upstream(consul, "drain", "web", "127.0.0.1:8082").returncode == 0
+    out = upstream(consul, "drain", "web", "127.0.0.1:8081")
+    assert out.returncode == 1
+    assert "refusing to drain 127.0.0.1:8081: it is the last passing instance of 'web'" in out.stderr
+    assert instances(consul)["127.0.0.1:8081"]["status"] == "passing"  # nothing changed
+    out = upstream(consul, "drain", "web", "127.0.0.1:8081", "--force")
+    assert out.returncode == 0 and instances(consul)["127.0.0.1:8081"]["status"] == "maintenance"
+    assert 'with on_empty = "keep" (the default) nginx keeps sending it traffic' in out.stderr
+
+
 def test_list_says_whether_nginx_has_each_instance(consul: ConsulUnderTest, nginx: NginxInstance, config_file: Path) -> None:
     upstream(consul, "add", "web", "127.0.0.1:8081", "--check", "none")
-    assert run_confpy("-c", str(config_file), "--once").returncode == 0
+    assert run_confpy("-c", str(config_file), "--once", "--allow-no-reload").returncode == 0
     upstream(consul, "add", "web", "127.0.0.1:8082", "--check", "none")
     out = run_confpy("upstream", "list", "web", "--json", "-c", str(config_file))
     assert out.returncode == 0, out.stderr

@@ -269,7 +269,9 @@ def test_first_render_waits_for_every_dependency_then_later_rounds_discover_more
         await daemon._run_due()
         assert out.read_text() == "api:web: 8080"
         daemon._publish()
-        assert daemon.snapshot.health() == (True, "ok")
+        ok, reason = daemon.snapshot.health()  # no nginx here: the files are not live, and /health says so
+        assert not ok and reason.startswith("files installed but nginx not reloaded: nginx is not running")
+        assert 'confpy_reloads_skipped_total{reason="not_running"} 1.0' in daemon.metrics.render_text().decode()
         await daemon._stop()
         assert registry.closed
 
@@ -341,3 +343,11 @@ def test_registry_down_at_start_is_recorded_for_readiness_and_health(tmp_path: P
         await daemon._stop()
 
     run(scenario)
+
+
+def test_change_lines_name_what_changed() -> None:
+    from confpy.model import describe_change
+
+    assert describe_change(_view(1, 2), _view(2, 3)) == "+127.0.0.1:3 -127.0.0.1:1"
+    assert describe_change(_view(1), _view(*range(1, 20))) == "+18 members"
+    assert describe_change(("a", "b"), ("b", "c")) == "+c -a"

@@ -59,7 +59,8 @@ def test_registration_reaches_traffic_without_any_command(
     assert settles(nginx, ALL), proc.output()
     consul.api.deregister("web-1")
     assert settles(nginx, {"App server 2", "App server 3"}), proc.output()
-    assert "service(web, tag=nginx) changed" in proc.output()
+    assert f"service(web, tag=nginx) changed: -127.0.0.1:{backends[0].port} (index" in proc.output()
+    assert f"service(web, tag=nginx) changed: +127.0.0.1:{backends[2].port} (index" in proc.output()
 
 
 def test_a_burst_within_wait_min_gives_one_reload(

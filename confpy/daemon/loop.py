@@ -35,7 +35,7 @@ from confpy.daemon.quiescence import Quiescence
 from confpy.daemon.status import StatusServer, StatusSnapshot, TemplateStatus
 from confpy.daemon.systemd import SystemdNotifier
 from confpy.errors import CheckError, ConfigError, ConfpyError, RegistryError, RenderError
-from confpy.model import HealthView, Memory
+from confpy.model import HealthView, Memory, describe_change
 from confpy.pipeline import SyncEngine
 from confpy.registry.base import Dependency, Registry
 from confpy.registry.consul import ConsulClient, ConsulRegistry
@@ -293,11 +293,11 @@ class Daemon:
             for rejected in event.value.rejected:
                 log.warning("left out of the render: %s", rejected)
             self._count_rejected(dep, event.value)
-        first = dep not in self.data
+        found, old = self.data.get(dep)
         if not self.data.set(dep, event.value):
             return
-        if not first:
-            log.info("%s changed (index %d)", dep.describe(), event.index)
+        if found:
+            log.info("%s changed: %s (index %d)", dep.describe(), describe_change(old, event.value), event.index)
         for state in self.templates.values():
             if dep not in state.deps:
                 continue
