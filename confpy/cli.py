@@ -195,6 +195,7 @@ def run_main_job(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         for path, diff in report.diffs.items():
             if path not in {t.destination for t in config.templates}:
                 sys.stdout.write(diff)
+        sys.stdout.write("nginx would accept these files (checked on a staged copy of its configuration; nothing was changed)\n")
         return EXIT_OK
     if not report.changed:
         log.info("no change: %s", ", ".join(str(p) for p in report.unchanged))

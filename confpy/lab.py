@@ -194,18 +194,32 @@ class NginxInstance:
     """nginx under a temporary prefix, proxying one loopback port to an upstream."""
 
     def __init__(self, prefix: Path, upstream: str = "web", port: int | None = None, extra_http: str = "", workers: int = 1,
-                 lua: bool = False) -> None:
+                 lua: bool = False, debian: bool = False) -> None:
+        """`debian`: Debian's layout under the prefix: etc/nginx/nginx.conf including
+        conf.d/*.conf and sites-enabled/* (symlinks into sites-available), the destination in
+        sites-enabled/. Otherwise conf/nginx.conf including conf/conf.d/*.conf."""
         self.prefix = prefix
         self.upstream = upstream
         self.port = port or free_port()
         self.binary = nginx_binary()
-        self.conf_d = prefix / "conf" / "conf.d"
+        self.debian = debian
+        self.conf_root = prefix / ("etc/nginx" if debian else "conf")
+        self.conf_d = self.conf_root / "conf.d"
+        self.sites_enabled = self.conf_root / "sites-enabled"
         self.pid_file = prefix / "nginx.pid"
         self.error_log = prefix / "logs" / "error.log"
-        for sub in ("conf/conf.d", "logs", "temp"):
-            (prefix / sub).mkdir(parents=True, exist_ok=True)
+        for folder in (self.conf_d, prefix / "logs", prefix / "temp"):
+            folder.mkdir(parents=True, exist_ok=True)
+        includes = f"include {self.conf_d}/*.conf;"
+        if debian:
+            (self.conf_root / "sites-available").mkdir(exist_ok=True)
+            self.sites_enabled.mkdir(exist_ok=True)
+            (self.conf_root / "sites-available" / "default").write_text("# Debian's default site, disabled here\n")
+            (self.sites_enabled / "default").symlink_to(self.conf_root / "sites-available" / "default")
+            (self.conf_d / "gzip.conf").write_text("gzip off;\n")
+            includes += f"\n    include {self.sites_enabled}/*;"
         modules = "".join(f"load_module {LUA_MODULES_DIR}/{name};\n" for name in LUA_MODULES) if lua else ""
-        (prefix / "conf" / "nginx.conf").write_text(f"""
+        (self.conf_root / "nginx.conf").write_text(f"""
 {modules}worker_processes {workers};
 pid {self.pid_file};
 error_log {self.error_log} notice;
@@ -214,7 +228,7 @@ http {{
     access_log off;
     client_body_temp_path {prefix}/temp/body;
     proxy_temp_path {prefix}/temp/proxy;
-    include {self.conf_d}/*.conf;
+    {includes}
     {extra_http}
     server {{
         listen {LOOPBACK}:{self.port};
@@ -238,14 +252,14 @@ http {{
 
     @property
     def destination(self) -> Path:
-        return self.conf_d / "upstreams.conf"
+        return self.sites_enabled / "upstreams" if self.debian else self.conf_d / "upstreams.conf"
 
     @property
     def check_cmd(self) -> str:
-        return f"{self.binary} -t -q -p {self.prefix} -c {self.prefix}/conf/nginx.conf"
+        return f"{self.binary} -t -q -p {self.prefix} -c {self.conf_root}/nginx.conf"
 
     def start(self) -> NginxInstance:
-        subprocess.run([self.binary, "-p", str(self.prefix), "-c", f"{self.prefix}/conf/nginx.conf"], check=True, capture_output=True, timeout=30)
+        subprocess.run([self.binary, "-p", str(self.prefix), "-c", f"{self.conf_root}/nginx.conf"], check=True, capture_output=True, timeout=30)
         if not wait_until(lambda: self.master_pid() is not None and self.workers(), 10):
             raise RuntimeError(f"nginx did not start: {self.error_log.read_text() if self.error_log.exists() else ''}")
         return self

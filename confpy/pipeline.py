@@ -15,10 +15,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from confpy.apply.files import StateStore, destination_locks, read_bytes, remove_leftover_temp_files
+from confpy.apply.files import StateStore, destination_locks, ensure_writable, read_bytes, remove_leftover_temp_files
 from confpy.apply.installer import ApplyReport, Change, Installer
 from confpy.apply.live import LiveSupervisor, lua_dir, state_bytes
-from confpy.apply.nginx import NginxChecker, NginxReloader, ReloadOutcome
+from confpy.apply.nginx import NginxChecker, NginxReloader, ReloadOutcome, check_candidates
 from confpy.config import Config, TemplateConfig
 from confpy.errors import RenderError
 from confpy.model import HealthView, Memory
@@ -231,9 +231,15 @@ class SyncEngine:
     def load_memories(self) -> dict[Path, Memory]:
         return {t.destination: self.state.load(t.destination) for t in self.templates}
 
-    def dry_run(self, results: Sequence[RenderResult]) -> SyncReport:
-        """The diffs a sync would install, changing nothing."""
+    async def dry_run(self, results: Sequence[RenderResult]) -> SyncReport:
+        """The diffs a sync would install and nginx's verdict on them, changing nothing.
+
+        InstallError when a destination could not be written; CheckError with nginx's words when
+        nginx would refuse the candidates.
+        """
         report = SyncReport()
+        for result in results:
+            ensure_writable(result.template.destination)
         changes, report.unchanged = self.changes(results)
         for change in changes:
             report.changed.append(change.destination)
@@ -245,6 +251,8 @@ class SyncEngine:
                     new, old = state_bytes(result), read_bytes(path)
                     if new != old:
                         report.diffs[path] = unified_diff(path, old, new)
+        candidates = {r.template.destination: r.content for r in results if r.content is not None}
+        report.check_output = await check_candidates(self.config.nginx, candidates)
         return report
 
     async def sync_once(self, registry: Registry, dry_run: bool = False) -> SyncReport:
@@ -252,7 +260,7 @@ class SyncEngine:
         data = DataSource()
         if dry_run:
             results, indexes = await self.resolve(registry, data, self.load_memories())
-            report = self.dry_run(results)
+            report = await self.dry_run(results)
         else:
             async with self.locked(t.destination for t in self.templates):
                 memories = self.load_memories()

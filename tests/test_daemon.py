@@ -210,7 +210,7 @@ def test_startup_reloads_a_stale_nginx(
     consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], config_file: Path, daemons: list[ConfpyProcess]
 ) -> None:
     register_backends(consul.api, backends[:1])
-    assert run_confpy("-c", str(config_file), "--once").returncode == 0
+    assert run_confpy("-c", str(config_file), "--once", "--allow-no-reload").returncode == 0
     nginx.start()
     assert set(nginx.bodies(4)) == {"App server 1"}
     consul.api.register("web", backends[1].port, id="web-2")
@@ -219,7 +219,7 @@ def test_startup_reloads_a_stale_nginx(
     assert f"127.0.0.1:{backends[1].port}" in dry.stdout
     nginx_pid = nginx.master_pid()
     nginx.pid_file.rename(nginx.pid_file.with_suffix(".hidden"))
-    assert run_confpy("-c", str(config_file), "--once").returncode == 0
+    assert run_confpy("-c", str(config_file), "--once", "--allow-no-reload").returncode == 0
     nginx.pid_file.with_suffix(".hidden").rename(nginx.pid_file)
     assert nginx.master_pid() == nginx_pid and set(nginx.bodies(4)) == {"App server 1"}  # stale
     reloads = nginx.reload_count()

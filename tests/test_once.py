@@ -12,8 +12,9 @@ from confpy.model import HealthView
 from .conftest import SHIPPED_TEMPLATE, ConsulUnderTest, register_backends, run_confpy
 
 
-def sync(config: Path, *extra: str) -> tuple[int, str, str]:
-    proc = run_confpy("-c", str(config), "--once", *extra)
+def sync(config: Path, *extra: str, strict: bool = False) -> tuple[int, str, str]:
+    """`confpy --once`; most tests sync before they start nginx (bootstrapping): --allow-no-reload."""
+    proc = run_confpy("-c", str(config), "--once", *extra, *([] if strict else ["--allow-no-reload"]))
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -39,7 +40,9 @@ def test_removed_instance_never_gets_traffic_again(consul: ConsulUnderTest, ngin
     # New workers serve at once, but for ~100 ms nginx lets the old ones accept too: wait for them to go.
     assert wait_until(lambda: not set(workers_before) & set(nginx.workers()), 10)
     assert set(nginx.bodies(30)) == {"App server 1", "App server 2"}
-    backup = nginx.destination.with_name("upstreams.conf.bak").read_text()
+    assert not nginx.destination.with_name("upstreams.conf.bak").exists()  # never beside the destination
+    flat = str(nginx.destination).strip("/").replace("/", "_")
+    backup = (config_file.parent / "confpy-state" / f"{flat}.bak").read_text()
     assert f":{backends[2].port} " in backup and f":{backends[2].port} " not in nginx.destination.read_text()
 
 
@@ -99,7 +102,8 @@ def test_dry_run_prints_a_diff_and_writes_nothing(consul: ConsulUnderTest, nginx
     assert f"127.0.0.1:{backends[2].port}" not in nginx.destination.read_text()
     assert sync(config_file)[0] == 0
     code, out, _ = sync(config_file, "--dry-run")
-    assert out == f"{nginx.destination}: no change\n"
+    assert code == 0 and out.splitlines() == [f"{nginx.destination}: no change",
+                                              "nginx would accept these files (checked on a staged copy of its configuration; nothing was changed)"]
 
 
 def test_ipv6_and_node_address_fallback_reach_traffic(consul: ConsulUnderTest, nginx: NginxInstance, config_file: Path) -> None:
@@ -144,12 +148,14 @@ def test_on_empty_render_keeps_nginx_valid(consul: ConsulUnderTest, nginx: Nginx
     assert wait_until(lambda: nginx.get()[0] == 502, 10)  # the old workers finish first
 
 
-def test_nginx_not_running_installs_and_warns(consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], config_file: Path) -> None:
+def test_nginx_not_running_installs_and_says_so(consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], config_file: Path) -> None:
     register_backends(consul.api, backends)
-    code, _, err = sync(config_file)
-    assert code == 0
+    code, _, err = sync(config_file, strict=True)
+    assert code == 3
     assert "reload skipped: nginx is not running" in err
+    assert "files installed but nginx was not reloaded: nginx is not running" in err.splitlines()[-1]
     assert nginx.destination.exists()
+    assert sync(config_file)[0] == 0  # --allow-no-reload: the bootstrap case
 
 
 def test_mode_is_kept_and_configurable(consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], tmp_path: Path) -> None:
@@ -182,7 +188,7 @@ def test_exit_codes_for_usage_config_and_consul_errors(tmp_path: Path, nginx: Ng
 
 def test_config_from_environment_variable(consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], config_file: Path) -> None:
     register_backends(consul.api, backends[:1])
-    proc = run_confpy("--once", env={"CONFPY_CONFIG": str(config_file)})
+    proc = run_confpy("--once", "--allow-no-reload", env={"CONFPY_CONFIG": str(config_file)})
     assert proc.returncode == 0, proc.stderr
     assert nginx.destination.exists()
 

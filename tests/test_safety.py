@@ -67,7 +67,7 @@ def test_hostile_registrations_never_become_directives(consul: ConsulUnderTest, 
     api.register("web", backends[0].port, id="v6-mapped", address="::ffff:127.0.0.1")
     for n, name in enumerate(HOSTILE_NAMES):
         api.register(name, backends[0].port, id=f"evil-name-{n}")
-    proc = run_confpy("-c", str(config_file), "--once")
+    proc = run_confpy("-c", str(config_file), "--once", "--allow-no-reload")
     assert proc.returncode == 0, proc.stderr
     text = nginx.destination.read_text()
     bad = [line for line in text.splitlines() if not ALLOWED_LINE.match(line)]
@@ -169,8 +169,10 @@ def _sync_error(config: Path) -> tuple[int, str]:
 
 def test_template_and_destination_errors(consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], tmp_path: Path) -> None:
     register_backends(consul.api, backends[:1])
+    missing = write_config(tmp_path / "c.toml", consul.url, nginx, tmp_path / "missing.j2")
+    proc = run_confpy("-c", str(missing), "--once")  # a configuration error: exit 2 before anything starts
+    assert proc.returncode == 2 and f"[template #1] source: template {tmp_path / 'missing.j2'} not found" in proc.stderr
     cases = {
-        "missing.j2": (None, "missing.j2: template not found; check [[template]] source"),
         "binary.j2": (b"\xff\xfe{{ x }}", "binary.j2: cannot read the template"),
         "syntax.j2": (b"a\n{% if %}\n", "syntax.j2:2: template syntax error"),
         "undefined.j2": (b"\n\n{{ nope }}\n", "undefined.j2:3: 'nope' is undefined"),
@@ -208,13 +210,13 @@ def test_nginx_process_and_command_errors(consul: ConsulUnderTest, nginx: NginxI
     assert not nginx.destination.exists()  # rolled back: the file did not exist before
     nginx.pid_file.write_text("999999\n")  # a stale PID
     code, line, err = run(("", ""))
-    assert code == 0 and "reload skipped: nginx is not running" in err
+    assert code == 3 and "reload skipped: nginx is not running" in err
     nginx.pid_file.write_text(f"{os.getpid()}\n")  # a live process that is not nginx
     code, line, _ = run(("", ""))
-    assert code == 1 and f"PID {os.getpid()} is" in line and "not nginx; refusing to signal it" in line
+    assert code == 3 and f"PID {os.getpid()} is" in line and "not nginx; refusing to signal it" in line
     nginx.pid_file.unlink()
     code, line, _ = run(("", ""), 'reload_cmd = "false"\n')
-    assert code == 1 and "reload_cmd `false` failed (exit 1)" in line
+    assert code == 3 and "reload_cmd `false` failed (exit 1)" in line  # installed (the check passed), not reloaded
 
 
 def test_a_hanging_check_is_killed_and_rolled_back(consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer],
@@ -326,9 +328,10 @@ def test_enospc_on_a_real_tiny_filesystem(tmp_path: Path) -> None:
 def test_corrupt_state_file_is_reported_and_ignored(consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer],
                                                     config_file: Path) -> None:
     register_backends(consul.api, backends[:1])
-    state = nginx.destination.parent / f".{nginx.destination.name}.confpy-state.json"
+    state = config_file.parent / "confpy-state" / (str(nginx.destination).strip("/").replace("/", "_") + ".json")
+    state.parent.mkdir()
     state.write_text("{not json")
-    proc = run_confpy("-c", str(config_file), "--once")
+    proc = run_confpy("-c", str(config_file), "--once", "--allow-no-reload")
     assert proc.returncode == 0
     assert f"state file {state} is unreadable or corrupt" in proc.stderr
     assert '"members"' in state.read_text()  # rewritten

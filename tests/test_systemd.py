@@ -20,6 +20,13 @@ from .conftest import ROOT, ConsulUnderTest, register_backends
 def test_unit_file_verifies(tmp_path: Path) -> None:
     unit = (ROOT / "systemd" / "confpy.service").read_text()
     assert "Type=notify" in unit and "Restart=on-failure" in unit and "ProtectSystem=strict" in unit
+    lines = [line.strip() for line in unit.splitlines()]
+    assert not any(line.startswith(("Wants=", "Requires=", "BindsTo=")) and "nginx" in line for line in lines)  # never pulls nginx in
+    assert any(line.startswith("After=") and "nginx.service" in line for line in lines)
+    assert "RestartPreventExitStatus=2" in lines
+    assert "EnvironmentFile=-/etc/default/confpy" in lines
+    assert "StateDirectory=confpy" in lines
+    assert "#LoadCredential=consul-token:/etc/confpy/consul-token" in lines
     # verify insists that ExecStart exists: point it at this checkout's interpreter.
     local = tmp_path / "confpy.service"
     local.write_text(unit.replace("/usr/local/bin/confpy", f"{sys.executable} -m confpy"))

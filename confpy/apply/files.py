@@ -52,6 +52,14 @@ def _explain(path: Path, exc: OSError) -> str:
     return f"{path}: cannot write ({exc.strerror}); the previous file is intact"
 
 
+def ensure_writable(path: Path) -> None:
+    """InstallError unless `path` could be written (its folder exists and is writable)."""
+    if not path.parent.is_dir():
+        raise InstallError(f"{path}: the folder {path.parent} does not exist; create it or fix the destination")
+    if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InstallError(f"{path}: not writable by this user")
+
+
 def current_mode(path: Path) -> int | None:
     """The permission bits of an existing file, or None."""
     try:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,3 +243,96 @@ class NginxReloader:
             return False
         mtimes = [p.stat().st_mtime for p in destinations if p.exists()]
         return bool(mtimes) and workers_started_before(master, max(mtimes))
+
+
+@dataclass(frozen=True)
+class NginxLayout:
+    """How `check_cmd` runs nginx: its binary, main configuration file, prefix and extra flags."""
+
+    binary: str
+    main: Path
+    prefix: str
+    extra: tuple[str, ...]
+
+
+async def nginx_layout(check_cmd: Sequence[str], timeout: float) -> NginxLayout:
+    """Read `-c`, `-p` and `-g` from check_cmd; what it leaves out, from `nginx -V` (compiled-in paths)."""
+    binary = check_cmd[0]
+    if "nginx" not in Path(binary).name:
+        raise CheckError(
+            f"--dry-run asks nginx about a staged copy of its configuration, but check_cmd `{' '.join(check_cmd)}` "
+            "does not run nginx itself; run the check by hand"
+        )
+    main = prefix = ""
+    extra: list[str] = []
+    args = list(check_cmd[1:])
+    for i, arg in enumerate(args):
+        if arg == "-c" and i + 1 < len(args):
+            main = args[i + 1]
+        elif arg == "-p" and i + 1 < len(args):
+            prefix = args[i + 1]
+        elif arg == "-g" and i + 1 < len(args):
+            extra += ["-g", args[i + 1]]
+    if not main or not prefix:
+        built = await run_command([binary, "-V"], timeout, "check_cmd", CheckError)
+        options = dict(part.split("=", 1) for part in built.split() if part.startswith("--") and "=" in part)
+        prefix = prefix or options.get("--prefix", "/usr/share/nginx")
+        main = main or options.get("--conf-path", "conf/nginx.conf")
+    main_path = Path(main) if Path(main).is_absolute() else Path(prefix) / main
+    return NginxLayout(binary, main_path, prefix, tuple(extra))
+
+
+async def check_candidates(config: NginxConfig, candidates: Mapping[Path, bytes]) -> str:
+    """Ask nginx whether it would accept `candidates` (destination -> new bytes), touching nothing live.
+
+    The folder of nginx's main configuration is copied to a temporary place, the candidates are
+    put where their destinations are, every absolute path into that folder (and every destination
+    path) is pointed at the copy, and nginx checks the copy. Its messages name the live paths.
+    """
+    layout = await nginx_layout(config.check_cmd, config.check_timeout)
+    root = layout.main.parent
+    with tempfile.TemporaryDirectory(prefix="confpy-dry-run.") as tmp:
+        stage = Path(tmp) / "conf"
+        try:
+            shutil.copytree(root, stage, symlinks=False, ignore_dangling_symlinks=True)
+        except (OSError, shutil.Error) as exc:
+            raise CheckError(f"--dry-run cannot copy nginx's configuration folder {root}: {exc}") from None
+        mapping: dict[str, str] = {}
+        for number, (destination, data) in enumerate(sorted(candidates.items())):
+            try:
+                staged = stage / destination.relative_to(root)
+            except ValueError:
+                staged = Path(tmp) / f"outside-{number}" / destination.name
+            staged.parent.mkdir(parents=True, exist_ok=True)
+            staged.write_bytes(data)
+            mapping[str(destination)] = str(staged)
+        mapping[f"{root}/"] = f"{stage}/"
+        _point_at_stage(stage, mapping)
+        cmd = [layout.binary, "-t", "-p", layout.prefix, "-c", str(stage / layout.main.name), *layout.extra]
+        try:
+            output = await run_command(cmd, config.check_timeout, "check_cmd", CheckError)
+        except CheckError as exc:
+            raise CheckError(_unstage(str(exc), mapping)) from None
+        return _unstage(output, mapping)
+
+
+def _point_at_stage(stage: Path, mapping: Mapping[str, str]) -> None:
+    ordered = sorted(mapping.items(), key=lambda item: -len(item[0]))  # a destination before its folder
+    for path in stage.rglob("*"):
+        if not path.is_file():
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue  # not a text file nginx includes
+        new = text
+        for live, staged in ordered:
+            new = new.replace(live, staged)
+        if new != text:
+            path.write_text(new, encoding="utf-8")
+
+
+def _unstage(text: str, mapping: Mapping[str, str]) -> str:
+    for live, staged in sorted(mapping.items(), key=lambda item: -len(item[1])):
+        text = text.replace(staged, live)
+    return text

@@ -416,6 +416,8 @@ class Daemon:
         if self.engine.live is not None:
             await self.engine.live.push_or_schedule()
         self.engine.remember(results, self.memories)
+        if report.not_reloaded is None:
+            await self._recheck_reload(now=True)
         self.last_sync_ok = True
         self.metrics.last_sync.set(now)
         in_sync = "in sync; last change installed " + time.strftime("%H:%M:%S") if report.changed else "in sync"
@@ -433,9 +435,12 @@ class Daemon:
             self.not_reloaded = ""
             self.recheck_at = None
 
-    async def _recheck_reload(self) -> None:
-        """While installed files are not live, look for a usable nginx master and reload it."""
-        if self.recheck_at is None or self.clock() < self.recheck_at:
+    async def _recheck_reload(self, now: bool = False) -> None:
+        """While installed files are not live, look for a usable nginx master and reload it.
+
+        Every RELOAD_RECHECK_INTERVAL, and after each cycle (`now`): an nginx started since
+        serves the installed files, one that runs older workers is reloaded."""
+        if self.recheck_at is None or (not now and self.clock() < self.recheck_at):
             return
         self.recheck_at = self.clock() + RELOAD_RECHECK_INTERVAL
         destinations = [t.config.destination for t in self.templates.values()]
