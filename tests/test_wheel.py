@@ -86,8 +86,12 @@ def test_readme_minimal_config_from_an_installed_wheel(
     doc = localize(documented_toml(ROOT / "README.md", "A minimal configuration"), consul.url, nginx, tmp_path / "state")
     config = tmp_path / "confpy.toml"
     config.write_text(as_toml(doc))
-    register_backends(consul.api, backends[:2])
+    register_backends(consul.api, backends[:1])
+    out = run_installed(installed, "-c", str(config), "--once", "--allow-no-reload")  # nginx is not started yet
+    assert out.returncode == 0, out.stderr
     nginx.start()
+    assert wait_until(lambda: set(nginx.bodies(3)) == {"App server 1"}, 10)
+    consul.api.register("web", backends[1].port, id="web-2")
     out = run_installed(installed, "-c", str(config), "--once")
     assert out.returncode == 0, out.stderr
     assert wait_until(lambda: set(nginx.bodies(4)) == {"App server 1", "App server 2"}, 10)
