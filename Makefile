@@ -28,6 +28,7 @@ nginx:
 
 lint: venv
 	$(BIN)/ruff check confpy tests $(wildcard bench)
+	$(BIN)/ruff format --check confpy tests $(wildcard bench)
 
 typecheck: venv
 	$(BIN)/mypy confpy

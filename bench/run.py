@@ -46,12 +46,16 @@ LIVE_TEMPLATE = ROOT / "templates" / "nginx-upstreams-live.conf.j2"
 def header(title: str) -> None:
     print(f"\n=== {title}")
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
-    print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
-          f"{platform.platform()}; nginx {nginx_version()}; {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+    print(
+        f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+        f"{platform.platform()}; nginx {nginx_version()}; {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"
+    )
 
 
 def nginx_version() -> str:
-    proc = subprocess.run([shutil.which("nginx") or "/usr/sbin/nginx", "-v"], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [shutil.which("nginx") or "/usr/sbin/nginx", "-v"], capture_output=True, text=True, check=False
+    )
     return proc.stderr.strip().split("/")[-1]
 
 
@@ -72,8 +76,15 @@ def fmt_ms(values: list[float]) -> str:
 class World:
     """dev-consul, nginx with static backends, and (optionally) the confpy daemon."""
 
-    def __init__(self, tmp: Path, backends: int = 4, live: bool = False, wait_min: str = "0s", wait_max: str = "1s",
-                 workers: int = 2) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        backends: int = 4,
+        live: bool = False,
+        wait_min: str = "0s",
+        wait_max: str = "1s",
+        workers: int = 2,
+    ) -> None:
         self.consul = DevConsulProcess().start()
         self.api = ConsulAPI(self.consul.url)
         self.ports = [free_port() for _ in range(backends)]
@@ -85,8 +96,16 @@ class World:
         self.admin_port = free_port()
         self.status_port = free_port()
         extra = f'mode = "live"\nlive_listen = "127.0.0.1:{self.admin_port}"' if live else ""
-        self.config = write_config(tmp / "confpy.toml", self.consul.url, self.nginx, LIVE_TEMPLATE if live else RELOAD_TEMPLATE,
-                                   wait_min=wait_min, wait_max=wait_max, status=f"127.0.0.1:{self.status_port}", nginx_extra=extra)
+        self.config = write_config(
+            tmp / "confpy.toml",
+            self.consul.url,
+            self.nginx,
+            LIVE_TEMPLATE if live else RELOAD_TEMPLATE,
+            wait_min=wait_min,
+            wait_max=wait_max,
+            status=f"127.0.0.1:{self.status_port}",
+            nginx_extra=extra,
+        )
         self.confpy: ConfpyProcess | None = None
 
     def register(self, n: int, name: str = "web") -> None:
@@ -152,7 +171,9 @@ def gone(port: int, body: str, timeout: float = 10.0) -> None:
     raise RuntimeError(f"{body!r} still answers after {timeout}s")
 
 
-def add_remove_changes(world: World, changes: int, add: Callable[[int], None], remove: Callable[[int], None]) -> list[float]:
+def add_remove_changes(
+    world: World, changes: int, add: Callable[[int], None], remove: Callable[[int], None]
+) -> list[float]:
     """Add member 2 or 3 beside member 1 and time it until it serves; remove it again (untimed)."""
     latencies = []
     for i in range(changes):
@@ -189,8 +210,10 @@ def by_hand_limit(world: World, changes: int, variants: dict[int, bytes]) -> lis
     except RuntimeError:
         tail = world.nginx.error_log.read_text(errors="replace").splitlines()[-25:]
         log_text = world.nginx.error_log.read_text(errors="replace")
-        print(f"  by hand: sent {len(sent)} SIGHUPs to {set(sent)}; nginx logged {log_text.count('signal 1 (SIGHUP)')}; file servers:",
-              [line.strip() for line in world.nginx.destination.read_text().splitlines() if "server " in line])
+        print(
+            f"  by hand: sent {len(sent)} SIGHUPs to {set(sent)}; nginx logged {log_text.count('signal 1 (SIGHUP)')}; file servers:",
+            [line.strip() for line in world.nginx.destination.read_text().splitlines() if "server " in line],
+        )
         print("  by hand: a reload did not take effect; nginx's error log ends with:\n    " + "\n    ".join(tail))
         raise
 
@@ -235,7 +258,9 @@ def bench_propagation(changes: int) -> None:
     base = percentiles(limit)
     for mode, values in results.items():
         mine = percentiles(values)
-        print(f"  ratio confpy {mode} / by hand: p50 {mine[0] / base[0]:.2f}x  p95 {mine[1] / base[1]:.2f}x  p99 {mine[2] / base[2]:.2f}x")
+        print(
+            f"  ratio confpy {mode} / by hand: p50 {mine[0] / base[0]:.2f}x  p95 {mine[1] / base[1]:.2f}x  p99 {mine[2] / base[2]:.2f}x"
+        )
     print("  targets: reload p50 within 1.3x of by hand, p99 under 100 ms")
 
 
@@ -246,8 +271,13 @@ def run_wrk(port: int, seconds: int) -> dict[str, float]:
     wrk = shutil.which("wrk")
     if not wrk:
         raise RuntimeError("wrk is not installed (make bench installs it)")
-    proc = subprocess.run([wrk, "-t2", "-c16", f"-d{seconds}s", "--timeout", "5s", f"http://127.0.0.1:{port}/"],
-                          capture_output=True, text=True, timeout=seconds + 60, check=False)
+    proc = subprocess.run(
+        [wrk, "-t2", "-c16", f"-d{seconds}s", "--timeout", "5s", f"http://127.0.0.1:{port}/"],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=False,
+    )
     out = proc.stdout
     total = int(re.search(r"(\d+) requests in", out).group(1)) if re.search(r"(\d+) requests in", out) else 0
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
@@ -307,10 +337,14 @@ def bench_churn(seconds: int) -> None:
                 rows.append((mode, changes, world.nginx.reload_count() - reloads_before, result, workers, rss))
             finally:
                 world.stop()
-    print(f"  {'mode':<8} {'changes':>7} {'reloads':>7} {'requests':>9} {'req/s':>8} {'non-2xx':>7} {'sock err':>8} {'workers':>7} {'nginx RSS':>9}")
+    print(
+        f"  {'mode':<8} {'changes':>7} {'reloads':>7} {'requests':>9} {'req/s':>8} {'non-2xx':>7} {'sock err':>8} {'workers':>7} {'nginx RSS':>9}"
+    )
     for mode, changes, reloads, r, workers, rss in rows:
-        print(f"  {mode:<8} {changes:>7} {reloads:>7} {int(r.get('requests', 0)):>9} {r.get('rps', 0):>8.0f} {int(r.get('non2xx', 0)):>7} "
-              f"{int(r.get('socket_errors', 0)):>8} {workers:>7} {rss:>7.1f}MB")
+        print(
+            f"  {mode:<8} {changes:>7} {reloads:>7} {int(r.get('requests', 0)):>9} {r.get('rps', 0):>8.0f} {int(r.get('non2xx', 0)):>7} "
+            f"{int(r.get('socket_errors', 0)):>8} {workers:>7} {rss:>7.1f}MB"
+        )
     errors = {mode: r.get("non2xx", 0) + r.get("socket_errors", 0) for mode, _, _, r, _, _ in rows}
     if errors.get("by hand"):
         print(f"  ratio of errors, confpy reload / by hand: {errors['reload'] / errors['by hand']:.2f} (target <= 1.0)")
@@ -339,7 +373,9 @@ def bench_coalescing() -> None:
             expected = {f"127.0.0.1:{30000 + n}" for n in range(500)} | {f"127.0.0.1:{p}" for p in world.ports[:2]}
             found = set(re.findall(r"server (127\.0\.0\.1:\d+) weight", text))
             correct = found == expected
-            print(f"  501 changes in {time.monotonic() - started - 1.5:.1f}s -> {reloads} reloads (target <= 6); final config correct: {correct}")
+            print(
+                f"  501 changes in {time.monotonic() - started - 1.5:.1f}s -> {reloads} reloads (target <= 6); final config correct: {correct}"
+            )
         finally:
             world.stop()
 
@@ -365,7 +401,9 @@ def bench_scale(services: int, instances: int) -> None:
             if not wait_until(lambda: world.nginx.destination.exists(), 300, interval=0.05):
                 raise RuntimeError(world.confpy.output())
             first = time.monotonic() - started
-            print(f"  daemon start to first full render installed: {first:.2f}s ({world.nginx.destination.stat().st_size / 1024:.0f} KiB)")
+            print(
+                f"  daemon start to first full render installed: {first:.2f}s ({world.nginx.destination.stat().st_size / 1024:.0f} KiB)"
+            )
             world.nginx.start()
             assert world.confpy.proc is not None
             proc = psutil.Process(world.confpy.proc.pid)
@@ -373,8 +411,10 @@ def bench_scale(services: int, instances: int) -> None:
             req0, cpu0, t0 = world.metric("confpy_consul_requests_total"), sum(proc.cpu_times()[:2]), time.monotonic()
             time.sleep(10)
             req1, cpu1, t1 = world.metric("confpy_consul_requests_total"), sum(proc.cpu_times()[:2]), time.monotonic()
-            print(f"  idle: RSS {proc.memory_info().rss / 2**20:.0f} MB, threads {proc.num_threads()}, CPU {100 * (cpu1 - cpu0) / (t1 - t0):.2f}%, "
-                  f"Consul requests {(req1 - req0) / (t1 - t0):.1f}/s (wait = 60s: each of {services + 1} watches re-asks once a minute)")
+            print(
+                f"  idle: RSS {proc.memory_info().rss / 2**20:.0f} MB, threads {proc.num_threads()}, CPU {100 * (cpu1 - cpu0) / (t1 - t0):.2f}%, "
+                f"Consul requests {(req1 - req0) / (t1 - t0):.1f}/s (wait = 60s: each of {services + 1} watches re-asks once a minute)"
+            )
             latencies = []
             for n in range(20):
                 seen = world.confpy.output().count("reloaded nginx")
@@ -384,7 +424,9 @@ def bench_scale(services: int, instances: int) -> None:
                 line = [x for x in world.confpy.output().splitlines() if "reloaded nginx" in x][-1]
                 latencies.append(log_time(line) - t)
                 time.sleep(0.2)
-            print(f"  one change (Consul write) to nginx reloaded (confpy's log line after check and SIGHUP): {fmt_ms(latencies)}")
+            print(
+                f"  one change (Consul write) to nginx reloaded (confpy's log line after check and SIGHUP): {fmt_ms(latencies)}"
+            )
             limit = []
             check = world.nginx.check_cmd.split()
             for _ in range(5):
@@ -397,15 +439,21 @@ def bench_scale(services: int, instances: int) -> None:
                 world.api.register(f"svc{n % services:04d}", 28000 + n, id=f"flow-{n}")
                 time.sleep(max(0.0, t0 + (n + 1) * 0.1 - time.monotonic()))
             cpu1, t1 = sum(proc.cpu_times()[:2]), time.monotonic()
-            print(f"  10 changes/s for 10 s: confpy CPU {100 * (cpu1 - cpu0) / (t1 - t0):.1f}%, RSS {proc.memory_info().rss / 2**20:.0f} MB")
+            print(
+                f"  10 changes/s for 10 s: confpy CPU {100 * (cpu1 - cpu0) / (t1 - t0):.1f}%, RSS {proc.memory_info().rss / 2**20:.0f} MB"
+            )
         finally:
             world.stop()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", nargs="?", default="all", choices=["propagation", "churn", "coalescing", "scale", "all"])
-    parser.add_argument("--changes", type=int, default=100, help="propagation: membership changes per mode (default 100)")
+    parser.add_argument(
+        "which", nargs="?", default="all", choices=["propagation", "churn", "coalescing", "scale", "all"]
+    )
+    parser.add_argument(
+        "--changes", type=int, default=100, help="propagation: membership changes per mode (default 100)"
+    )
     parser.add_argument("--seconds", type=int, default=30, help="churn: seconds of load per mode (default 30)")
     parser.add_argument("--services", type=int, default=1000)
     parser.add_argument("--instances", type=int, default=10)

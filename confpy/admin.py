@@ -70,7 +70,9 @@ def add_parser(sub: Any) -> None:
     cmds = upstream.add_subparsers(dest="upstream_command", metavar="ACTION", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS, help="confpy configuration ([consul] settings)")
+        p.add_argument(
+            "-c", "--config", metavar="FILE", default=argparse.SUPPRESS, help="confpy configuration ([consul] settings)"
+        )
         return p
 
     lst = with_config(cmds.add_parser("list", help="services, their instances, health, and whether nginx has them"))
@@ -89,7 +91,11 @@ def add_parser(sub: Any) -> None:
     add.add_argument("--check-interval", default="1s", help="check interval (default 1s)")
     add.add_argument("--check-timeout", default="1s", help="check timeout (default 1s)")
 
-    for name, text in (("del", "deregister an instance"), ("drain", "put an instance in maintenance"), ("undrain", "end maintenance")):
+    for name, text in (
+        ("del", "deregister an instance"),
+        ("drain", "put an instance in maintenance"),
+        ("undrain", "end maintenance"),
+    ):
         p = with_config(cmds.add_parser(name, help=text))
         p.add_argument("service")
         p.add_argument("endpoint", metavar="HOST:PORT")
@@ -131,8 +137,11 @@ async def nginx_members(context: AdminContext) -> dict[str, set[str]] | None:
         finally:
             await admin.close()
         return {
-            name: {format_endpoint(m["host"], int(m["port"])) for m in entry.get("members") or [] if isinstance(m, dict)}
-            for name, entry in data.items() if isinstance(entry, dict)
+            name: {
+                format_endpoint(m["host"], int(m["port"])) for m in entry.get("members") or [] if isinstance(m, dict)
+            }
+            for name, entry in data.items()
+            if isinstance(entry, dict)
         }
     return rendered_members(list(context.destinations))
 
@@ -171,11 +180,17 @@ async def _instances(client: ConsulClient, service: str) -> list[InstanceStatus]
         else:
             status = "passing"
         weights = svc.get("Weights") or {}
-        out.append(InstanceStatus(
-            service=str(svc.get("Service", service)), id=str(svc.get("ID", "")),
-            address=str(svc.get("Address") or node.get("Address") or ""), port=int(svc.get("Port") or 0),
-            weight=int(weights.get("Passing", 1) or 1), status=status, tags=tuple(svc.get("Tags") or ()),
-        ))
+        out.append(
+            InstanceStatus(
+                service=str(svc.get("Service", service)),
+                id=str(svc.get("ID", "")),
+                address=str(svc.get("Address") or node.get("Address") or ""),
+                port=int(svc.get("Port") or 0),
+                weight=int(weights.get("Passing", 1) or 1),
+                status=status,
+                tags=tuple(svc.get("Tags") or ()),
+            )
+        )
     return sorted(out, key=lambda i: (i.id, i.port))
 
 
@@ -190,7 +205,11 @@ def rendered_members(paths: list[Path]) -> dict[str, set[str]] | None:
             continue
         readable = True
         for match in _UPSTREAM_BLOCK.finditer(text):
-            servers = {m.group(1) for m in _SERVER_LINE.finditer(match.group(2)) if not match.group(2).count(f"{m.group(1)} down")}
+            servers = {
+                m.group(1)
+                for m in _SERVER_LINE.finditer(match.group(2))
+                if not match.group(2).count(f"{m.group(1)} down")
+            }
             found.setdefault(match.group(1), set()).update(servers)
     return found if readable else None
 
@@ -219,15 +238,23 @@ async def cmd_list(client: ConsulClient, args: argparse.Namespace, context: Admi
             raise ConfpyError(f"service {name!r} has no registered instance in Consul (unknown service?)")
         upstream = upstream_name_for(name) if name else name
         members = None if rendered is None else rendered.get(upstream, set())
-        report.append({
-            "service": name,
-            "upstream": upstream,
-            "instances": [
-                {"id": i.id, "endpoint": i.endpoint, "weight": i.weight, "status": i.status, "tags": list(i.tags),
-                 "in_nginx": None if members is None else i.endpoint in members}
-                for i in instances
-            ],
-        })
+        report.append(
+            {
+                "service": name,
+                "upstream": upstream,
+                "instances": [
+                    {
+                        "id": i.id,
+                        "endpoint": i.endpoint,
+                        "weight": i.weight,
+                        "status": i.status,
+                        "tags": list(i.tags),
+                        "in_nginx": None if members is None else i.endpoint in members,
+                    }
+                    for i in instances
+                ],
+            }
+        )
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -236,7 +263,9 @@ async def cmd_list(client: ConsulClient, args: argparse.Namespace, context: Admi
         print(f"{item['service']} (upstream {item['upstream']})")
         for inst in item["instances"]:
             in_nginx = {True: "in nginx", False: "not in nginx", None: "nginx: unknown (no -c)"}[inst["in_nginx"]]
-            print(f"  {inst['endpoint']:<28} {inst['status']:<12} weight {inst['weight']:<4} {in_nginx:<14} id {inst['id']}")
+            print(
+                f"  {inst['endpoint']:<28} {inst['status']:<12} weight {inst['weight']:<4} {in_nginx:<14} id {inst['id']}"
+            )
         if not item["instances"]:
             print("  (no instances)")
     return 0
@@ -249,18 +278,34 @@ async def cmd_add(client: ConsulClient, args: argparse.Namespace) -> int:
     service_id = args.id or f"{args.service}-{endpoint.host}-{endpoint.port}"
     tags = [NGINX_TAG] + [t for t in args.tag if t != NGINX_TAG]
     definition: dict[str, Any] = {
-        "ID": service_id, "Name": args.service, "Address": endpoint.host, "Port": endpoint.port, "Tags": tags,
-        "Meta": _meta(args.meta), "Weights": {"Passing": args.weight, "Warning": 1},
+        "ID": service_id,
+        "Name": args.service,
+        "Address": endpoint.host,
+        "Port": endpoint.port,
+        "Tags": tags,
+        "Meta": _meta(args.meta),
+        "Weights": {"Passing": args.weight, "Warning": 1},
     }
     if args.check == "tcp":
-        definition["Check"] = {"Name": f"TCP {endpoint.text}", "TCP": endpoint.text, "Interval": args.check_interval, "Timeout": args.check_timeout}
+        definition["Check"] = {
+            "Name": f"TCP {endpoint.text}",
+            "TCP": endpoint.text,
+            "Interval": args.check_interval,
+            "Timeout": args.check_timeout,
+        }
     elif args.check == "http":
         path = args.check_path if args.check_path.startswith("/") else "/" + args.check_path
-        definition["Check"] = {"Name": f"HTTP {endpoint.text}{path}", "HTTP": f"http://{endpoint.text}{path}",
-                               "Interval": args.check_interval, "Timeout": args.check_timeout}
+        definition["Check"] = {
+            "Name": f"HTTP {endpoint.text}{path}",
+            "HTTP": f"http://{endpoint.text}{path}",
+            "Interval": args.check_interval,
+            "Timeout": args.check_timeout,
+        }
     await client.register(definition)
     check = "no check" if args.check == "none" else f"{args.check} check every {args.check_interval}"
-    print(f"registered {service_id}: service {args.service} at {endpoint.text}, weight {args.weight}, tags {','.join(tags)}, {check}")
+    print(
+        f"registered {service_id}: service {args.service} at {endpoint.text}, weight {args.weight}, tags {','.join(tags)}, {check}"
+    )
     return 0
 
 
@@ -270,7 +315,7 @@ def _last_passing(instances: list[InstanceStatus], target: InstanceStatus) -> bo
 
 
 LAST_MEMBER_KEPT = (
-    "warning: {endpoint} was the last passing instance of {service!r}: with on_empty = \"keep\" (the default) nginx keeps "
+    'warning: {endpoint} was the last passing instance of {service!r}: with on_empty = "keep" (the default) nginx keeps '
     "sending it traffic as the remembered member until another instance passes"
 )
 
@@ -302,7 +347,7 @@ async def cmd_maintenance(client: ConsulClient, args: argparse.Namespace, enable
     if last and not args.force:
         print(
             f"confpy: error: refusing to drain {endpoint.text}: it is the last passing instance of {args.service!r}; "
-            "with on_empty = \"keep\" nginx would keep sending it traffic anyway, and with \"render\" it would have no "
+            'with on_empty = "keep" nginx would keep sending it traffic anyway, and with "render" it would have no '
             "server at all; add another instance first, or use --force",
             file=sys.stderr,
         )

@@ -87,17 +87,36 @@ def build_parser() -> argparse.ArgumentParser:
         prog="confpy",
         description="Keep nginx upstreams in step with the services registered in Consul.",
     )
-    parser.add_argument("-c", "--config", metavar="FILE", help="configuration file (default: $CONFPY_CONFIG, else /etc/confpy/confpy.toml)")
-    parser.add_argument("--once", action="store_true", help="sync once and exit (default: run as a daemon)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="with --once: print a diff per template and ask nginx whether it would accept them; change nothing")
-    parser.add_argument("--allow-no-reload", action="store_true",
-                        help="with --once: exit 0 even when nginx could not be reloaded (e.g. not started yet); default: exit 3")
     parser.add_argument(
-        "--log-level", default="info", type=str.lower, choices=["debug", "info", "warning", "error"], help="log verbosity (default: info)"
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="configuration file (default: $CONFPY_CONFIG, else /etc/confpy/confpy.toml)",
     )
-    parser.add_argument("--log-format", choices=["text", "json"], default=None,
-                        help="text (default; no timestamps under journald) or json (one object per line); also [log] format")
+    parser.add_argument("--once", action="store_true", help="sync once and exit (default: run as a daemon)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --once: print a diff per template and ask nginx whether it would accept them; change nothing",
+    )
+    parser.add_argument(
+        "--allow-no-reload",
+        action="store_true",
+        help="with --once: exit 0 even when nginx could not be reloaded (e.g. not started yet); default: exit 3",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        type=str.lower,
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity (default: info)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=None,
+        help="text (default; no timestamps under journald) or json (one object per line); also [log] format",
+    )
     parser.add_argument("--version", action="version", version=f"confpy {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -115,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--live", action="store_true", help="the live-mode example")
 
     dev = sub.add_parser("dev-consul", help="run the in-memory, Consul-compatible development agent")
-    dev.add_argument("--http-addr", default="127.0.0.1:8500", help="address to serve the HTTP API on (port 0: any free port)")
+    dev.add_argument(
+        "--http-addr", default="127.0.0.1:8500", help="address to serve the HTTP API on (port 0: any free port)"
+    )
     dev.add_argument("--node", default="", help="node name (default: this host's name)")
 
     from confpy import admin
@@ -157,7 +178,7 @@ def run_templates(args: argparse.Namespace) -> int:
             dest.write_bytes(source.read_bytes())
         except OSError as exc:
             raise ConfigError(f"{dest}: cannot write: {exc.strerror}") from None
-        print(f"copied {args.name} to {dest}; set source = \"{dest.resolve()}\" in [[template]] to use your copy")
+        print(f'copied {args.name} to {dest}; set source = "{dest.resolve()}" in [[template]] to use your copy')
         return EXIT_OK
     for name in builtin.template_names():
         print(f"builtin:{name:<34} {builtin.template_summary(name)}")
@@ -195,7 +216,9 @@ def run_main_job(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         for path, diff in report.diffs.items():
             if path not in {t.destination for t in config.templates}:
                 sys.stdout.write(diff)
-        sys.stdout.write("nginx would accept these files (checked on a staged copy of its configuration; nothing was changed)\n")
+        sys.stdout.write(
+            "nginx would accept these files (checked on a staged copy of its configuration; nothing was changed)\n"
+        )
         return EXIT_OK
     if not report.changed:
         log.info("no change: %s", ", ".join(str(p) for p in report.unchanged))

@@ -206,7 +206,9 @@ def _duration(value: Any, label: str) -> float:
     try:
         seconds = parse_go_duration(text)
     except ValueError:
-        raise ConfigError(f'{label}: invalid duration {text!r}; write a number with a unit, e.g. "250ms", "5s", "1m"') from None
+        raise ConfigError(
+            f'{label}: invalid duration {text!r}; write a number with a unit, e.g. "250ms", "5s", "1m"'
+        ) from None
     if seconds < 0:
         raise ConfigError(f"{label}: duration {text!r} must not be negative")
     return seconds
@@ -226,7 +228,7 @@ def _signal(value: Any, label: str) -> signal.Signals:
     try:
         return signal.Signals[name]
     except KeyError:
-        raise ConfigError(f"{label}: unknown signal {value!r}; use a name such as \"SIGHUP\"") from None
+        raise ConfigError(f'{label}: unknown signal {value!r}; use a name such as "SIGHUP"') from None
 
 
 def _file_mode(value: Any, label: str) -> int:
@@ -264,17 +266,19 @@ def split_host_port(text: str) -> tuple[str, int]:
     """Split "127.0.0.1:9118" or "[::1]:9118" into host and port; ValueError when malformed."""
     host, sep, port_text = text.rpartition(":")
     if not sep or not host:
-        raise ValueError(f"{text!r} is not HOST:PORT (e.g. \"127.0.0.1:8080\")")
+        raise ValueError(f'{text!r} is not HOST:PORT (e.g. "127.0.0.1:8080")')
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
-        raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. \"[::1]:8080\"")
+        raise ValueError(f'{text!r}: write an IPv6 address in brackets, e.g. "[::1]:8080"')
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"{text!r}: port {port_text!r} is not a number from 0 to 65535")
     return host, int(port_text)
 
 
-def _parse_table(where: _Where, table: str, data: Any, spec: Mapping[str, Parser], problems: Problems) -> dict[str, Any]:
+def _parse_table(
+    where: _Where, table: str, data: Any, spec: Mapping[str, Parser], problems: Problems
+) -> dict[str, Any]:
     """The table's valid values; every bad key or value is noted in `problems`."""
     if not isinstance(data, dict):
         problems.add(f"{where.path}: [{table}] must be a table, got {type(data).__name__}")
@@ -326,7 +330,9 @@ _TEMPLATE_SPEC: dict[str, Parser] = {
 }
 
 
-def consul_from_env(environ: Mapping[str, str], file_values: Mapping[str, Any] | None = None, where: str = "") -> ConsulConfig:
+def consul_from_env(
+    environ: Mapping[str, str], file_values: Mapping[str, Any] | None = None, where: str = ""
+) -> ConsulConfig:
     """[consul] as the `consul` CLI resolves it: a key written in the file beats the environment,
     which beats the default (decided by whether the key is present, not by its value).
 
@@ -389,7 +395,9 @@ def _resolve(base: Path, text: str) -> Path:
     return path if path.is_absolute() else base / path
 
 
-def _template(where: _Where, number: int, raw: Any, folder: Path, wait: WaitConfig, problems: Problems) -> TemplateConfig | None:
+def _template(
+    where: _Where, number: int, raw: Any, folder: Path, wait: WaitConfig, problems: Problems
+) -> TemplateConfig | None:
     table = f"template #{number}"
     values = _parse_table(where, table, raw, _TEMPLATE_SPEC, problems)
     if not isinstance(raw, dict):
@@ -406,7 +414,7 @@ def _template(where: _Where, number: int, raw: Any, folder: Path, wait: WaitConf
     source_text = values["source"]
     if source_text.startswith(BUILTIN_PREFIX):
         try:
-            values["source"] = template_path(source_text[len(BUILTIN_PREFIX):])
+            values["source"] = template_path(source_text[len(BUILTIN_PREFIX) :])
         except KeyError as exc:
             problems.add(f"{where.key(table, 'source')}: {exc.args[0]}")
             return None
@@ -415,7 +423,7 @@ def _template(where: _Where, number: int, raw: Any, folder: Path, wait: WaitConf
         if not values["source"].is_file():
             problems.add(
                 f"{where.key(table, 'source')}: template {values['source']} not found "
-                f"(`confpy templates` lists the shipped ones, usable as \"builtin:NAME\")"
+                f'(`confpy templates` lists the shipped ones, usable as "builtin:NAME")'
             )
     values["destination"] = _resolve(folder, values["destination"])
     return TemplateConfig(**values)
@@ -446,7 +454,9 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
         nginx_values["pid_file"] = _resolve(folder, nginx_values["pid_file"])
     nginx = NginxConfig(**nginx_values)
     if not nginx.check_cmd:
-        problems.add(f"{where.key('nginx', 'check_cmd')}: must not be empty; confpy never installs a configuration nginx has not checked")
+        problems.add(
+            f"{where.key('nginx', 'check_cmd')}: must not be empty; confpy never installs a configuration nginx has not checked"
+        )
 
     wait = _wait(where, "wait", data.get("wait", {}), WaitConfig(), problems)
     raw_templates = data.get("template", [])
@@ -466,10 +476,20 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
     state_values = _parse_table(where, "state", data.get("state", {}), {"dir": _str}, problems)
     state_dir = _resolve(folder, state_values["dir"]) if state_values.get("dir") else default_state_dir(environ)
     status = StatusConfig(**_parse_table(where, "status", data.get("status", {}), {"listen": _listen}, problems))
-    log_config = LogConfig(**_parse_table(where, "log", data.get("log", {}), {"format": _choice("text", "json")}, problems))
+    log_config = LogConfig(
+        **_parse_table(where, "log", data.get("log", {}), {"format": _choice("text", "json")}, problems)
+    )
     problems.raise_if_any()
-    return Config(path=path, consul=consul, nginx=nginx, wait=wait, templates=tuple(templates), state=StateConfig(state_dir),
-                  status=status, log=log_config)
+    return Config(
+        path=path,
+        consul=consul,
+        nginx=nginx,
+        wait=wait,
+        templates=tuple(templates),
+        state=StateConfig(state_dir),
+        status=status,
+        log=log_config,
+    )
 
 
 def load_config(path: Path, environ: Mapping[str, str]) -> Config:

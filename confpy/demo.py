@@ -16,7 +16,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from confpy.lab import BackendServer, ConfpyProcess, DevConsulProcess, NginxInstance, free_port, wait_until, write_config
+from confpy.lab import (
+    BackendServer,
+    ConfpyProcess,
+    DevConsulProcess,
+    NginxInstance,
+    free_port,
+    wait_until,
+    write_config,
+)
 
 STEP_TIMEOUT = 20.0
 ROUND = 6
@@ -90,8 +98,13 @@ class Demo:
             self.backends[n] = BackendServer(f"App server {n}").start()
             self.out(f"  App server {n} at http://{self.endpoint(n)}/")
         config = write_config(
-            self.workdir / "confpy.toml", self.consul.url, self.nginx, _template(),
-            wait_min="50ms", wait_max="1s", status=f"127.0.0.1:{self.status_port}",
+            self.workdir / "confpy.toml",
+            self.consul.url,
+            self.nginx,
+            _template(),
+            wait_min="50ms",
+            wait_max="1s",
+            status=f"127.0.0.1:{self.status_port}",
         )
         self.out(f"  confpy configuration: {config}")
         for n in (1, 2, 3):
@@ -150,11 +163,17 @@ class Demo:
         self.expect("server 2 recovered", {1, 2, 3}, started, since="the process started again")
 
     def summary(self) -> None:
-        self.out("\n== How long each change took to reach traffic (from the command's return, or the failure, to a full round of requests")
-        self.out("   served accordingly; a failing or recovering server waits for its next 1 s health check, an added one for its first)")
+        self.out(
+            "\n== How long each change took to reach traffic (from the command's return, or the failure, to a full round of requests"
+        )
+        self.out(
+            "   served accordingly; a failing or recovering server waits for its next 1 s health check, an added one for its first)"
+        )
         for label, took in self.timings[1:]:
             self.out(f"  {label:<32} {took * 1000:7.0f} ms")
-        self.out(f"  nginx reloads: {self.nginx.reload_count()} (each new configuration was checked with nginx -t first)")
+        self.out(
+            f"  nginx reloads: {self.nginx.reload_count()} (each new configuration was checked with nginx -t first)"
+        )
 
     def keep_running(self) -> None:
         config = self.workdir / "confpy.toml"
@@ -200,5 +219,7 @@ def run_demo(keep_running: bool = False) -> int:
             return 1
         finally:
             demo.teardown()
-        print("\ndemo finished: every step above was checked with real requests through nginx; everything it started is stopped")
+        print(
+            "\ndemo finished: every step above was checked with real requests through nginx; everything it started is stopped"
+        )
         return 0

@@ -30,8 +30,18 @@ LUA_MODULES = ("ndk_http_module.so", "ngx_http_lua_module.so")
 
 def lua_available() -> bool:
     """Debian's Lua module for nginx (libnginx-mod-http-lua) with lua-resty-core and lua-cjson."""
-    return all(Path(LUA_MODULES_DIR, name).exists() for name in LUA_MODULES) and Path("/usr/share/lua/5.1/ngx/balancer.lua").exists() \
-        and any(Path(p, "cjson.so").exists() for p in ("/usr/lib/x86_64-linux-gnu/lua/5.1", "/usr/lib/aarch64-linux-gnu/lua/5.1", "/usr/local/lib/lua/5.1"))
+    return (
+        all(Path(LUA_MODULES_DIR, name).exists() for name in LUA_MODULES)
+        and Path("/usr/share/lua/5.1/ngx/balancer.lua").exists()
+        and any(
+            Path(p, "cjson.so").exists()
+            for p in (
+                "/usr/lib/x86_64-linux-gnu/lua/5.1",
+                "/usr/lib/aarch64-linux-gnu/lua/5.1",
+                "/usr/local/lib/lua/5.1",
+            )
+        )
+    )
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -44,7 +54,9 @@ def free_port(host: str = LOOPBACK) -> int:
 
 def nginx_binary() -> str:
     """The nginx executable (Debian puts it in /usr/sbin, outside many users' PATH)."""
-    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin:/usr/local/openresty/nginx/sbin")
+    found = shutil.which("nginx") or shutil.which(
+        "nginx", path="/usr/sbin:/usr/local/sbin:/usr/local/openresty/nginx/sbin"
+    )
     if not found:
         raise FileNotFoundError("nginx is not installed; run `make nginx` (apt-get install nginx-light)")
     return found
@@ -71,7 +83,9 @@ class DevConsulProcess:
     def start(self, timeout: float = 15.0) -> DevConsulProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "confpy", "dev-consul", "--http-addr", f"{LOOPBACK}:{self.port}"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
         )
         assert self.proc.stdout is not None
         ready = threading.Event()
@@ -111,7 +125,9 @@ class ConsulAPI:
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
 
-    def request(self, method: str, path: str, body: Any = None, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+    def request(
+        self, method: str, path: str, body: Any = None, timeout: float = 10.0
+    ) -> tuple[int, dict[str, str], bytes]:
         data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
         req = urllib.request.Request(self.url + path, data=data, method=method)  # noqa: S310 - loopback test URL
         try:
@@ -120,9 +136,24 @@ class ConsulAPI:
         except urllib.error.HTTPError as exc:
             return exc.code, dict(exc.headers), exc.read()
 
-    def register(self, name: str, port: int, *, id: str | None = None, address: str = LOOPBACK,
-                 tags: Sequence[str] = ("nginx",), **extra: Any) -> None:
-        body = {"Name": name, "ID": id or f"{name}-{port}", "Address": address, "Port": port, "Tags": list(tags), **extra}
+    def register(
+        self,
+        name: str,
+        port: int,
+        *,
+        id: str | None = None,
+        address: str = LOOPBACK,
+        tags: Sequence[str] = ("nginx",),
+        **extra: Any,
+    ) -> None:
+        body = {
+            "Name": name,
+            "ID": id or f"{name}-{port}",
+            "Address": address,
+            "Port": port,
+            "Tags": list(tags),
+            **extra,
+        }
         code, _, text = self.request("PUT", "/v1/agent/service/register", body)
         if code != 200:
             raise RuntimeError(f"register failed: {code} {text!r}")
@@ -164,8 +195,15 @@ class BackendServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, body: str | bytes, port: int = 0, host: str = LOOPBACK, *, status: int = 200,
-                 headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        body: str | bytes,
+        port: int = 0,
+        host: str = LOOPBACK,
+        *,
+        status: int = 200,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.body = body
         self.payload = body if isinstance(body, bytes) else (body + "\n").encode()
@@ -193,8 +231,16 @@ class BackendServer(ThreadingHTTPServer):
 class NginxInstance:
     """nginx under a temporary prefix, proxying one loopback port to an upstream."""
 
-    def __init__(self, prefix: Path, upstream: str = "web", port: int | None = None, extra_http: str = "", workers: int = 1,
-                 lua: bool = False, debian: bool = False) -> None:
+    def __init__(
+        self,
+        prefix: Path,
+        upstream: str = "web",
+        port: int | None = None,
+        extra_http: str = "",
+        workers: int = 1,
+        lua: bool = False,
+        debian: bool = False,
+    ) -> None:
         """`debian`: Debian's layout under the prefix: etc/nginx/nginx.conf including
         conf.d/*.conf and sites-enabled/* (symlinks into sites-available), the destination in
         sites-enabled/. Otherwise conf/nginx.conf including conf/conf.d/*.conf."""
@@ -259,7 +305,12 @@ http {{
         return f"{self.binary} -t -q -p {self.prefix} -c {self.conf_root}/nginx.conf"
 
     def start(self) -> NginxInstance:
-        subprocess.run([self.binary, "-p", str(self.prefix), "-c", f"{self.conf_root}/nginx.conf"], check=True, capture_output=True, timeout=30)
+        subprocess.run(
+            [self.binary, "-p", str(self.prefix), "-c", f"{self.conf_root}/nginx.conf"],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
         if not wait_until(lambda: self.master_pid() is not None and self.workers(), 10):
             raise RuntimeError(f"nginx did not start: {self.error_log.read_text() if self.error_log.exists() else ''}")
         return self
@@ -287,7 +338,9 @@ http {{
         if not self.error_log.exists():
             return 0
         text = self.error_log.read_text(errors="replace")
-        return sum(1 for line in text.splitlines() if line.endswith("] reconfiguring") or line.endswith(": reconfiguring"))
+        return sum(
+            1 for line in text.splitlines() if line.endswith("] reconfiguring") or line.endswith(": reconfiguring")
+        )
 
     def stop(self) -> None:
         import psutil
@@ -338,8 +391,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def write_config(path: Path, consul_url: str, nginx: NginxInstance, template: Path, *, extra: str = "",
-                 wait_min: str = "0s", wait_max: str = "1s", consul_wait: str = "60s", status: str = "", nginx_extra: str = "") -> Path:
+def write_config(
+    path: Path,
+    consul_url: str,
+    nginx: NginxInstance,
+    template: Path,
+    *,
+    extra: str = "",
+    wait_min: str = "0s",
+    wait_max: str = "1s",
+    consul_wait: str = "60s",
+    status: str = "",
+    nginx_extra: str = "",
+) -> Path:
     """A confpy.toml for the lab."""
     status_table = f'\n[status]\nlisten = "{status}"\n' if status else ""
     path.write_text(f"""
@@ -360,7 +424,7 @@ min = "{wait_min}"
 max = "{wait_max}"
 {status_table}
 [state]
-dir = "{path.parent / 'confpy-state'}"
+dir = "{path.parent / "confpy-state"}"
 
 [[template]]
 source = "{template}"
@@ -373,7 +437,9 @@ destination = "{nginx.destination}"
 class ConfpyProcess:
     """The confpy daemon (or any confpy command) as a subprocess."""
 
-    def __init__(self, config: Path, args: Sequence[str] = (), env: Mapping[str, str] | None = None, log: Path | None = None) -> None:
+    def __init__(
+        self, config: Path, args: Sequence[str] = (), env: Mapping[str, str] | None = None, log: Path | None = None
+    ) -> None:
         self.config = config
         self.args = list(args)
         self.env = {**os.environ, **(env or {})}
@@ -384,7 +450,9 @@ class ConfpyProcess:
         self._log_file = self.log.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "confpy", "-c", str(self.config), *self.args],
-            stdout=self._log_file, stderr=subprocess.STDOUT, env=self.env,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=self.env,
         )
         return self
 

@@ -195,7 +195,9 @@ def instance_from_health_entry(entry: Mapping[str, Any], shared: _Shared | None 
     raw_meta = service.get("Meta") or {}
     if not isinstance(raw_tags, list) or not all(isinstance(t, str) for t in raw_tags):
         raise ValueError("Tags is not a list of strings")
-    if not isinstance(raw_meta, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw_meta.items()):
+    if not isinstance(raw_meta, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in raw_meta.items()
+    ):
         raise ValueError("Meta is not a map of strings")
     tags = share(tuple(sorted(raw_tags)))
     meta = MappingProxyType(dict(sorted(raw_meta.items()))) if raw_meta else EMPTY_META
@@ -264,7 +266,9 @@ def without_unresolvable(view: HealthView, resolves: Callable[[str], bool]) -> H
     rejected = list(view.rejected)
     for instance in view.instances:
         if is_hostname(instance.address) and not resolves(instance.address):
-            rejected.append(RejectedInstance(instance.name, instance.id, f"host name {instance.address!r} does not resolve"))
+            rejected.append(
+                RejectedInstance(instance.name, instance.id, f"host name {instance.address!r} does not resolve")
+            )
         else:
             kept.append(instance)
     return HealthView(tuple(kept), tuple(rejected))

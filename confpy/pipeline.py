@@ -74,12 +74,15 @@ class SyncEngine:
         self.config = config
         self.state = StateStore(config.state.dir)
         self.renderers = {
-            t.destination: TemplateRenderer(t, {
-                "mode": config.nginx.mode,
-                "lua_dir": str(lua_dir()),
-                "live_listen": config.nginx.live_listen,
-                "live_state_file": str(self.state.live_path_for(t.destination)),
-            })
+            t.destination: TemplateRenderer(
+                t,
+                {
+                    "mode": config.nginx.mode,
+                    "lua_dir": str(lua_dir()),
+                    "live_listen": config.nginx.live_listen,
+                    "live_state_file": str(self.state.live_path_for(t.destination)),
+                },
+            )
             for t in config.templates
         }
         self.reloader = NginxReloader(config.nginx)
@@ -95,11 +98,15 @@ class SyncEngine:
         started = time.monotonic()
         result = self.renderers[template.destination].render(data, memory)
         if result.live and self.live is None:
-            raise RenderError(f"{template.source}: the template calls live_upstream() but [nginx] mode is \"reload\"; set mode = \"live\"")
+            raise RenderError(
+                f'{template.source}: the template calls live_upstream() but [nginx] mode is "reload"; set mode = "live"'
+            )
         log.debug("rendered %s in %.1f ms", template.destination, (time.monotonic() - started) * 1000)
         return result
 
-    async def fetch_all(self, registry: Registry, deps: Iterable[AnyDependency], data: DataSource) -> dict[AnyDependency, int]:
+    async def fetch_all(
+        self, registry: Registry, deps: Iterable[AnyDependency], data: DataSource
+    ) -> dict[AnyDependency, int]:
         """Fetch each dependency once (no blocking), a bounded number at a time; store values in `data`."""
         limit = asyncio.Semaphore(FETCH_CONCURRENCY)
 
@@ -118,7 +125,9 @@ class SyncEngine:
                     log.warning("left out of the render: %s", rejected)
         return indexes
 
-    async def resolve(self, registry: Registry, data: DataSource, memories: dict[Path, Memory]) -> tuple[list[RenderResult], dict[AnyDependency, int]]:
+    async def resolve(
+        self, registry: Registry, data: DataSource, memories: dict[Path, Memory]
+    ) -> tuple[list[RenderResult], dict[AnyDependency, int]]:
         """Render every template, fetching what they call until all renders are complete."""
         indexes: dict[AnyDependency, int] = {}
         for _ in range(MAX_RESOLVE_ROUNDS):
@@ -188,10 +197,17 @@ class SyncEngine:
             return None
         outcome = await self.reloader.reload()
         if outcome.reloaded:
-            log.info("nginx's workers are older than %s; reloaded once so it serves the current file (%s)",
-                     ", ".join(map(str, destinations)), outcome.detail)
+            log.info(
+                "nginx's workers are older than %s; reloaded once so it serves the current file (%s)",
+                ", ".join(map(str, destinations)),
+                outcome.detail,
+            )
         else:
-            log.error("nginx's workers are older than %s, but the reload failed: %s", ", ".join(map(str, destinations)), outcome.detail)
+            log.error(
+                "nginx's workers are older than %s, but the reload failed: %s",
+                ", ".join(map(str, destinations)),
+                outcome.detail,
+            )
         return ApplyReport((), outcome)
 
     async def _transaction(self, changes: Sequence[Change], reason: str) -> ApplyReport:
@@ -203,7 +219,10 @@ class SyncEngine:
         if applied.reload.reloaded:
             log.info("reloaded nginx: %s (%.0f ms after install began)", applied.reload.detail, took)
         else:
-            log.error("files installed, reload skipped: %s; nginx still serves the previous configuration", applied.reload.detail)
+            log.error(
+                "files installed, reload skipped: %s; nginx still serves the previous configuration",
+                applied.reload.detail,
+            )
         return applied
 
     @staticmethod
@@ -213,7 +232,9 @@ class SyncEngine:
             for warning in result.warnings:
                 log.warning("%s: %s", dest, warning)
             for dep in result.kept:
-                log.warning("%s: %s has no passing instance; keeping its last known members (on_empty = keep)", dest, dep)
+                log.warning(
+                    "%s: %s has no passing instance; keeping its last known members (on_empty = keep)", dest, dep
+                )
 
     def remember(self, results: Sequence[RenderResult], memories: dict[Path, Memory]) -> None:
         """Save the live state files and the members each template used (`on_empty = "keep"`).

@@ -88,7 +88,11 @@ def run_confpy(*args: str, env: dict[str, str] | None = None, timeout: float = 6
     """Run the real CLI as a user would."""
     return subprocess.run(
         [sys.executable, "-m", "confpy", *args],
-        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        check=False,
     )
 
 

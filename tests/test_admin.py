@@ -21,11 +21,16 @@ def instances(consul: ConsulUnderTest, name: str = "web") -> dict[str, dict[str,
     return {i["endpoint"]: i for i in svc["instances"]}
 
 
-def test_add_registers_tagged_with_a_tcp_check_and_list_shows_health(consul: ConsulUnderTest, backends: list[BackendServer]) -> None:
+def test_add_registers_tagged_with_a_tcp_check_and_list_shows_health(
+    consul: ConsulUnderTest, backends: list[BackendServer]
+) -> None:
     ep = f"127.0.0.1:{backends[0].port}"
     out = upstream(consul, "add", "web", ep, "--weight", "3", "--tag", "blue", "--meta", "zone=eu")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == f"registered web-127.0.0.1-{backends[0].port}: service web at {ep}, weight 3, tags nginx,blue, tcp check every 1s"
+    assert (
+        out.stdout.strip()
+        == f"registered web-127.0.0.1-{backends[0].port}: service web at {ep}, weight 3, tags nginx,blue, tcp check every 1s"
+    )
     _, [entry] = consul.api.health("web", "")
     svc = entry["Service"]
     assert svc["Tags"] == ["nginx", "blue"] and svc["Meta"] == {"zone": "eu"} and svc["Weights"]["Passing"] == 3
@@ -69,7 +74,12 @@ def test_drain_and_undrain(consul: ConsulUnderTest) -> None:
     assert out.returncode == 0, out.stderr
     assert instances(consul)["127.0.0.1:8081"]["status"] == "maintenance"
     assert [e["Service"]["Port"] for e in consul.api.health("web")[1]] == [8082]
-    notes = [c["Notes"] for e in consul.api.health("web", "")[1] for c in e["Checks"] if c["CheckID"].startswith("_service_maintenance")]
+    notes = [
+        c["Notes"]
+        for e in consul.api.health("web", "")[1]
+        for c in e["Checks"]
+        if c["CheckID"].startswith("_service_maintenance")
+    ]
     assert notes == ["deploy 42"]
     assert upstream(consul, "undrain", "web", "127.0.0.1:8081").returncode == 0
     assert instances(consul)["127.0.0.1:8081"]["status"] == "passing"
@@ -88,7 +98,9 @@ def test_draining_the_last_passing_instance_is_refused_unless_forced(consul: Con
     assert 'with on_empty = "keep" (the default) nginx keeps sending it traffic' in out.stderr
 
 
-def test_list_says_whether_nginx_has_each_instance(consul: ConsulUnderTest, nginx: NginxInstance, config_file: Path) -> None:
+def test_list_says_whether_nginx_has_each_instance(
+    consul: ConsulUnderTest, nginx: NginxInstance, config_file: Path
+) -> None:
     upstream(consul, "add", "web", "127.0.0.1:8081", "--check", "none")
     assert run_confpy("-c", str(config_file), "--once", "--allow-no-reload").returncode == 0
     upstream(consul, "add", "web", "127.0.0.1:8082", "--check", "none")
@@ -99,8 +111,12 @@ def test_list_says_whether_nginx_has_each_instance(consul: ConsulUnderTest, ngin
 
 
 def test_bad_input_unknown_service_and_consul_down(consul: ConsulUnderTest) -> None:
-    for bad, message in (("127.0.0.1", "is not HOST:PORT"), ("127.0.0.1:0", "is not a number from 1 to 65535"),
-                         ("::1:80", "write an IPv6 address in brackets"), ("bad host!:80", "neither an IP address nor a valid host name")):
+    for bad, message in (
+        ("127.0.0.1", "is not HOST:PORT"),
+        ("127.0.0.1:0", "is not a number from 1 to 65535"),
+        ("::1:80", "write an IPv6 address in brackets"),
+        ("bad host!:80", "neither an IP address nor a valid host name"),
+    ):
         out = upstream(consul, "add", "web", bad)
         assert out.returncode == 2 and message in out.stderr, out.stderr
         assert out.stderr.count("\n") == 1
@@ -114,4 +130,8 @@ def test_bad_input_unknown_service_and_consul_down(consul: ConsulUnderTest) -> N
     out = upstream(consul, "drain", "web", "127.0.0.1:9999")
     assert out.returncode == 1 and "has no instance at 127.0.0.1:9999 (it has: 127.0.0.1:8081)" in out.stderr
     out = run_confpy("upstream", "list", env={"CONSUL_HTTP_ADDR": "http://127.0.0.1:1", "CONFPY_CONFIG": ""})
-    assert out.returncode == 1 and "cannot reach Consul at http://127.0.0.1:1" in out.stderr and "connection refused" in out.stderr
+    assert (
+        out.returncode == 1
+        and "cannot reach Consul at http://127.0.0.1:1" in out.stderr
+        and "connection refused" in out.stderr
+    )

@@ -40,7 +40,9 @@ def test_defaults_follow_the_contract() -> None:
 
 def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
     (tmp_path / "t.j2").write_text("x")
-    config = parse('[state]\ndir = "state"\n[[template]]\nsource = "t.j2"\ndestination = "out.conf"\n', path=tmp_path / "c.toml")
+    config = parse(
+        '[state]\ndir = "state"\n[[template]]\nsource = "t.j2"\ndestination = "out.conf"\n', path=tmp_path / "c.toml"
+    )
     assert config.templates[0].source == tmp_path / "t.j2" and config.templates[0].destination == tmp_path / "out.conf"
     assert config.state.dir == tmp_path / "state"
 
@@ -105,7 +107,10 @@ def test_environment_fills_address_and_token_but_the_file_wins() -> None:
         ('[consul]\nadress = "x"\n' + MINIMAL, "[consul] adress: unknown key; did you mean 'address'?"),
         ('colour = "blue"\n' + MINIMAL, "colour: unknown key"),
         ("[consul]\nwait = 60\n" + MINIMAL, "[consul] wait: expected a string, got int 60"),
-        ('[consul]\nwait = "60"\n' + MINIMAL, '[consul] wait: invalid duration \'60\'; write a number with a unit, e.g. "250ms", "5s", "1m"'),
+        (
+            '[consul]\nwait = "60"\n' + MINIMAL,
+            '[consul] wait: invalid duration \'60\'; write a number with a unit, e.g. "250ms", "5s", "1m"',
+        ),
         ('[consul]\nverify = "yes"\n' + MINIMAL, "[consul] verify: expected true or false"),
         ('[nginx]\nreload_signal = "SIGNOPE"\n' + MINIMAL, "[nginx] reload_signal: unknown signal 'SIGNOPE'"),
         ('[nginx]\ncheck_cmd = ""\n' + MINIMAL, "never installs a configuration nginx has not checked"),
@@ -113,13 +118,27 @@ def test_environment_fills_address_and_token_but_the_file_wins() -> None:
         ('[wait]\nmin = "5s"\nmax = "1s"\n' + MINIMAL, "max (1s) must not be less than min (5s)"),
         ("", "no [[template]] table"),
         ('[[template]]\nsource = "builtin:nginx-upstreams.conf.j2"\n', "[template #1] destination: missing"),
-        ('[[template]]\nsource = "builtin:nginx-upstreams.conf.j2"\ndestination = "b"\nmode = "rw"\n', "is not an octal file mode"),
-        ('[[template]]\nsource = "builtin:nginx-upstreams.conf.j2"\ndestination = "b"\non_empty = "drop"\n',
-         "'drop' is not one of 'keep', 'render'"),
-        ('[[template]]\nsource = "builtin:nginx-upstreams.conf.j2"\ndestination = "b"\n[[template]]\n'
-         'source = "builtin:nginx-upstreams.conf.j2"\ndestination = "b"\n', "write the same destination"),
-        ('[[template]]\nsource = "missing.j2"\ndestination = "b"\n', "[template #1] source: template /etc/confpy/missing.j2 not found"),
-        ('[[template]]\nsource = "builtin:nope.j2"\ndestination = "b"\n', "no shipped template 'nope.j2'; shipped: nginx-upstreams"),
+        (
+            '[[template]]\nsource = "builtin:nginx-upstreams.conf.j2"\ndestination = "b"\nmode = "rw"\n',
+            "is not an octal file mode",
+        ),
+        (
+            '[[template]]\nsource = "builtin:nginx-upstreams.conf.j2"\ndestination = "b"\non_empty = "drop"\n',
+            "'drop' is not one of 'keep', 'render'",
+        ),
+        (
+            '[[template]]\nsource = "builtin:nginx-upstreams.conf.j2"\ndestination = "b"\n[[template]]\n'
+            'source = "builtin:nginx-upstreams.conf.j2"\ndestination = "b"\n',
+            "write the same destination",
+        ),
+        (
+            '[[template]]\nsource = "missing.j2"\ndestination = "b"\n',
+            "[template #1] source: template /etc/confpy/missing.j2 not found",
+        ),
+        (
+            '[[template]]\nsource = "builtin:nope.j2"\ndestination = "b"\n',
+            "no shipped template 'nope.j2'; shipped: nginx-upstreams",
+        ),
         ('[consul]\ntoken_file = "/x"\n' + MINIMAL, "[consul] token_file: unknown key; known keys:"),
         ('[status]\nlisten = "9118"\n' + MINIMAL, "[status] listen: '9118' is not HOST:PORT"),
         ('[consul]\naddress = "ftp://x"\n' + MINIMAL, "is not http(s)://HOST:PORT"),
@@ -141,14 +160,23 @@ def test_every_problem_is_reported_in_one_run() -> None:
         parse(text)
     lines = str(info.value).splitlines()
     assert len(lines) == 4 and all(line.startswith("/etc/confpy/confpy.toml: ") for line in lines)
-    assert "adress" in lines[0] and "[consul] wait" in lines[1] and "[nginx] mode" in lines[2] and "nope.j2 not found" in lines[3]
+    assert (
+        "adress" in lines[0]
+        and "[consul] wait" in lines[1]
+        and "[nginx] mode" in lines[2]
+        and "nope.j2 not found" in lines[3]
+    )
 
 
 def test_a_bad_environment_variable_is_named_as_such() -> None:
-    with pytest.raises(ConfigError, match=r"^\$CONSUL_HTTP_ADDR: Consul address 'ftp://x' is not http\(s\)://HOST:PORT$"):
+    with pytest.raises(
+        ConfigError, match=r"^\$CONSUL_HTTP_ADDR: Consul address 'ftp://x' is not http\(s\)://HOST:PORT$"
+    ):
         parse(MINIMAL, {"CONSUL_HTTP_ADDR": "ftp://x"})
     # written in the file, the key wins even when it equals the default
-    config = parse('[consul]\naddress = "http://127.0.0.1:8500"\n' + MINIMAL, {"CONSUL_HTTP_ADDR": "http://10.0.0.1:8500"})
+    config = parse(
+        '[consul]\naddress = "http://127.0.0.1:8500"\n' + MINIMAL, {"CONSUL_HTTP_ADDR": "http://10.0.0.1:8500"}
+    )
     assert config.consul.address == "http://127.0.0.1:8500"
 
 
@@ -172,7 +200,9 @@ def test_missing_config_file(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.toml", {})
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("0", 0.0), ("250ms", 0.25), ("1m30s", 90.0), ("1.5h", 5400.0), ("10us", 1e-5)])
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("0", 0.0), ("250ms", 0.25), ("1m30s", 90.0), ("1.5h", 5400.0), ("10us", 1e-5)]
+)
 def test_go_durations(text: str, seconds: float) -> None:
     assert parse_go_duration(text) == pytest.approx(seconds)
 

@@ -127,14 +127,27 @@ def test_next_index_follows_consuls_rules() -> None:
     assert next_index(0, 0) == 1  # never 0 after an answer
 
 
-def _watcher(registry: FakeRegistry, dep: Dependency, seen: list[tuple[object, int]], clock: FakeClock, sleeps: list[float],
-             health: RegistryHealth | None = None) -> Watcher:
+def _watcher(
+    registry: FakeRegistry,
+    dep: Dependency,
+    seen: list[tuple[object, int]],
+    clock: FakeClock,
+    sleeps: list[float],
+    health: RegistryHealth | None = None,
+) -> Watcher:
     async def fake_sleep(seconds: float) -> None:
         sleeps.append(seconds)
         clock.now += seconds
 
-    return Watcher(dep, registry, WatchSettings(wait=60.0, max_backoff=4.0), health or RegistryHealth(clock),
-                   lambda d, value, index: seen.append((value, index)), clock=clock, sleep=fake_sleep)
+    return Watcher(
+        dep,
+        registry,
+        WatchSettings(wait=60.0, max_backoff=4.0),
+        health or RegistryHealth(clock),
+        lambda d, value, index: seen.append((value, index)),
+        clock=clock,
+        sleep=fake_sleep,
+    )
 
 
 def test_watcher_reports_changes_only_and_resets_a_backwards_index() -> None:
@@ -201,7 +214,10 @@ def test_watch_set_starts_and_stops_exactly_what_is_wanted() -> None:
 
 
 def _entry(sid: str, port: int) -> dict[str, object]:
-    return {"Node": {"Node": "n1", "Address": "127.0.0.1"}, "Service": {"ID": sid, "Service": "web", "Address": "127.0.0.1", "Port": port}}
+    return {
+        "Node": {"Node": "n1", "Address": "127.0.0.1"},
+        "Service": {"ID": sid, "Service": "web", "Address": "127.0.0.1", "Port": port},
+    }
 
 
 def _view(*ports: int) -> HealthView:
@@ -214,23 +230,26 @@ def _daemon(tmp_path: Path, template: str, registry: FakeRegistry, clock: FakeCl
     config_path = tmp_path / "confpy.toml"
     config_path.write_text(f"""
 [nginx]
-pid_file = "{tmp_path / 'no-nginx.pid'}"
+pid_file = "{tmp_path / "no-nginx.pid"}"
 check_cmd = "true"
 [wait]
 min = "{wait_min}"
 max = "5s"
 [state]
-dir = "{tmp_path / 'state'}"
+dir = "{tmp_path / "state"}"
 [[template]]
 source = "{source}"
-destination = "{tmp_path / 'out.conf'}"
+destination = "{tmp_path / "out.conf"}"
 """)
     (tmp_path / "state").mkdir()
     config = parse_config(config_path.read_text(), config_path, {})
+
     async def no_wait(seconds: float) -> None:
         await asyncio.sleep(0)
 
-    return Daemon(config, config_path, {}, registry_factory=lambda c: registry, clock=clock, wall_clock=clock, sleep=no_wait)
+    return Daemon(
+        config, config_path, {}, registry_factory=lambda c: registry, clock=clock, wall_clock=clock, sleep=no_wait
+    )
 
 
 async def _drain(daemon: Daemon) -> int:
@@ -247,7 +266,9 @@ WEB = "{% for i in service('web') %}server {{ i.endpoint }};\n{% endfor %}"
 
 
 def test_first_render_waits_for_every_dependency_then_later_rounds_discover_more(tmp_path: Path) -> None:
-    template = "{% for name in services() %}{{ name }}:{% for i in service(name) %} {{ i.port }}{% endfor %}\n{% endfor %}"
+    template = (
+        "{% for name in services() %}{{ name }}:{% for i in service(name) %} {{ i.port }}{% endfor %}\n{% endfor %}"
+    )
 
     async def scenario() -> None:
         registry, clock = FakeRegistry(), FakeClock()

@@ -13,7 +13,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from confpy.lab import BackendServer, ConfpyProcess, ConsulAPI, DevConsulProcess, NginxInstance, free_port, wait_until, write_config
+from confpy.lab import (
+    BackendServer,
+    ConfpyProcess,
+    ConsulAPI,
+    DevConsulProcess,
+    NginxInstance,
+    free_port,
+    wait_until,
+    write_config,
+)
 
 from .conftest import SHIPPED_TEMPLATE, ConsulUnderTest, dev_consul_only, register_backends, run_confpy
 
@@ -28,7 +37,9 @@ def daemons() -> Iterator[list[ConfpyProcess]]:
         proc.stop(signal.SIGKILL)
 
 
-def start_daemon(daemons: list[ConfpyProcess], config: Path, nginx: NginxInstance, *, start_nginx: bool = True) -> ConfpyProcess:
+def start_daemon(
+    daemons: list[ConfpyProcess], config: Path, nginx: NginxInstance, *, start_nginx: bool = True
+) -> ConfpyProcess:
     proc = ConfpyProcess(config).start()
     daemons.append(proc)
     assert wait_until(lambda: nginx.destination.exists(), 15), proc.output()
@@ -50,7 +61,11 @@ def http_get(url: str) -> tuple[int, str]:
 
 
 def test_registration_reaches_traffic_without_any_command(
-    consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], config_file: Path, daemons: list[ConfpyProcess]
+    consul: ConsulUnderTest,
+    nginx: NginxInstance,
+    backends: list[BackendServer],
+    config_file: Path,
+    daemons: list[ConfpyProcess],
 ) -> None:
     register_backends(consul.api, backends[:2])
     proc = start_daemon(daemons, config_file, nginx)
@@ -64,11 +79,22 @@ def test_registration_reaches_traffic_without_any_command(
 
 
 def test_a_burst_within_wait_min_gives_one_reload(
-    consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], tmp_path: Path, daemons: list[ConfpyProcess]
+    consul: ConsulUnderTest,
+    nginx: NginxInstance,
+    backends: list[BackendServer],
+    tmp_path: Path,
+    daemons: list[ConfpyProcess],
 ) -> None:
     status_port = free_port()
-    config = write_config(tmp_path / "c.toml", consul.url, nginx, SHIPPED_TEMPLATE, wait_min="2s", wait_max="20s",
-                          status=f"127.0.0.1:{status_port}")
+    config = write_config(
+        tmp_path / "c.toml",
+        consul.url,
+        nginx,
+        SHIPPED_TEMPLATE,
+        wait_min="2s",
+        wait_max="20s",
+        status=f"127.0.0.1:{status_port}",
+    )
     register_backends(consul.api, backends[:1])
     proc = start_daemon(daemons, config, nginx)
     assert settles(nginx, {"App server 1"})
@@ -80,7 +106,9 @@ def test_a_burst_within_wait_min_gives_one_reload(
     assert wait_until(lambda: status()["pending"] == [], 10)
     cycles = int(str(status()["cycles"]))
     for n in range(50):  # only the last one passes: the only change the rendered output can see
-        consul.api.register("web", 20000 + n, id=f"burst-{n}", Check={"TTL": "60s", "Status": "passing" if n == 49 else "critical"})
+        consul.api.register(
+            "web", 20000 + n, id=f"burst-{n}", Check={"TTL": "60s", "Status": "passing" if n == 49 else "critical"}
+        )
     assert wait_until(lambda: "20049" in nginx.destination.read_text(), 15), proc.output()
     # Consul no longer changes, and no template waits for quiescence: nothing can reload again.
     assert wait_until(lambda: status()["pending"] == [], 10)
@@ -151,7 +179,11 @@ def test_a_consul_that_never_answers_is_detected_and_retried(
 
 
 def test_edited_template_re_renders_and_a_broken_one_keeps_the_last_good_output(
-    consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], tmp_path: Path, daemons: list[ConfpyProcess]
+    consul: ConsulUnderTest,
+    nginx: NginxInstance,
+    backends: list[BackendServer],
+    tmp_path: Path,
+    daemons: list[ConfpyProcess],
 ) -> None:
     template = tmp_path / "templates" / "up.conf.j2"
     template.parent.mkdir()
@@ -175,7 +207,11 @@ def test_edited_template_re_renders_and_a_broken_one_keeps_the_last_good_output(
 
 
 def test_sighup_rereads_config_and_refuses_a_broken_one(
-    consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], tmp_path: Path, daemons: list[ConfpyProcess]
+    consul: ConsulUnderTest,
+    nginx: NginxInstance,
+    backends: list[BackendServer],
+    tmp_path: Path,
+    daemons: list[ConfpyProcess],
 ) -> None:
     config = write_config(tmp_path / "c.toml", consul.url, nginx, SHIPPED_TEMPLATE)
     register_backends(consul.api, backends[:2])
@@ -185,7 +221,9 @@ def test_sighup_rereads_config_and_refuses_a_broken_one(
     config.write_text(good_text + "\n[consul\nbroken")
     assert proc.proc is not None
     proc.proc.send_signal(signal.SIGHUP)
-    assert wait_until(lambda: "SIGHUP: the new configuration is refused, the running one stays" in proc.output(), 10), proc.output()
+    assert wait_until(lambda: "SIGHUP: the new configuration is refused, the running one stays" in proc.output(), 10), (
+        proc.output()
+    )
     consul.api.register("web", backends[2].port, id="web-3")
     assert settles(nginx, ALL), proc.output()
     config.write_text(good_text.replace('min = "0s"', 'min = "10ms"'))
@@ -196,7 +234,11 @@ def test_sighup_rereads_config_and_refuses_a_broken_one(
 
 
 def test_sigterm_exits_zero_within_two_seconds(
-    consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], config_file: Path, daemons: list[ConfpyProcess]
+    consul: ConsulUnderTest,
+    nginx: NginxInstance,
+    backends: list[BackendServer],
+    config_file: Path,
+    daemons: list[ConfpyProcess],
 ) -> None:
     register_backends(consul.api, backends[:1])
     proc = start_daemon(daemons, config_file, nginx)
@@ -207,7 +249,11 @@ def test_sigterm_exits_zero_within_two_seconds(
 
 
 def test_startup_reloads_a_stale_nginx(
-    consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], config_file: Path, daemons: list[ConfpyProcess]
+    consul: ConsulUnderTest,
+    nginx: NginxInstance,
+    backends: list[BackendServer],
+    config_file: Path,
+    daemons: list[ConfpyProcess],
 ) -> None:
     register_backends(consul.api, backends[:1])
     assert run_confpy("-c", str(config_file), "--once", "--allow-no-reload").returncode == 0
@@ -230,7 +276,11 @@ def test_startup_reloads_a_stale_nginx(
 
 
 def test_status_health_and_metrics(
-    consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], tmp_path: Path, daemons: list[ConfpyProcess]
+    consul: ConsulUnderTest,
+    nginx: NginxInstance,
+    backends: list[BackendServer],
+    tmp_path: Path,
+    daemons: list[ConfpyProcess],
 ) -> None:
     status_port = free_port()
     config = write_config(tmp_path / "c.toml", consul.url, nginx, SHIPPED_TEMPLATE, status=f"127.0.0.1:{status_port}")
@@ -248,11 +298,20 @@ def test_status_health_and_metrics(
     assert template["destination"] == str(nginx.destination) and template["source"] == str(SHIPPED_TEMPLATE)
     assert template["checksum"].startswith("sha256:") and template["last_reload"] and template["last_error"] == ""
     instances = status["services"]["service(web, tag=nginx)"]["instances"]
-    assert sorted((i["id"], i["port"], i["weight"]) for i in instances) == [(f"web-{n}", b.port, 1) for n, b in enumerate(backends, 1)]
+    assert sorted((i["id"], i["port"], i["weight"]) for i in instances) == [
+        (f"web-{n}", b.port, 1) for n, b in enumerate(backends, 1)
+    ]
     code, metrics = http_get(base + "/metrics")
     assert code == 200
-    for name in ("confpy_renders_total", "confpy_reloads_total", "confpy_check_failures_total", "confpy_consul_errors_total",
-                 "confpy_last_successful_sync_timestamp_seconds", "confpy_change_to_reload_seconds_bucket", "confpy_invalid_instances"):
+    for name in (
+        "confpy_renders_total",
+        "confpy_reloads_total",
+        "confpy_check_failures_total",
+        "confpy_consul_errors_total",
+        "confpy_last_successful_sync_timestamp_seconds",
+        "confpy_change_to_reload_seconds_bucket",
+        "confpy_invalid_instances",
+    ):
         assert name in metrics
     assert "confpy_reloads_total 1.0" in metrics
     assert "tok-SECRET-123" not in body + metrics + proc.output()
@@ -263,7 +322,11 @@ def test_status_health_and_metrics(
 
 
 def test_idle_daemon_spends_no_cpu(
-    consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], config_file: Path, daemons: list[ConfpyProcess]
+    consul: ConsulUnderTest,
+    nginx: NginxInstance,
+    backends: list[BackendServer],
+    config_file: Path,
+    daemons: list[ConfpyProcess],
 ) -> None:
     register_backends(consul.api, backends)
     proc = start_daemon(daemons, config_file, nginx)
@@ -280,7 +343,11 @@ def test_idle_daemon_spends_no_cpu(
 
 
 def test_check_failure_keeps_previous_files_and_the_daemon_running(
-    consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], tmp_path: Path, daemons: list[ConfpyProcess]
+    consul: ConsulUnderTest,
+    nginx: NginxInstance,
+    backends: list[BackendServer],
+    tmp_path: Path,
+    daemons: list[ConfpyProcess],
 ) -> None:
     template = tmp_path / "t.conf.j2"
     # Meta `extra` lands in the config unquoted-but-safe: a valid token nginx still rejects.
@@ -298,10 +365,12 @@ def test_check_failure_keeps_previous_files_and_the_daemon_running(
     assert settles(nginx, ALL), proc.output()
 
 
-
-
 def test_dependencies_follow_what_the_templates_call(
-    consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], tmp_path: Path, daemons: list[ConfpyProcess]
+    consul: ConsulUnderTest,
+    nginx: NginxInstance,
+    backends: list[BackendServer],
+    tmp_path: Path,
+    daemons: list[ConfpyProcess],
 ) -> None:
     template = tmp_path / "templates" / "up.conf.j2"
     template.parent.mkdir()

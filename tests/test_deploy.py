@@ -150,7 +150,7 @@ def test_dry_run_asks_nginx_about_the_candidates_and_changes_nothing(
 
 def test_every_configuration_problem_exits_2_before_anything_starts(nginx: NginxInstance, tmp_path: Path) -> None:
     config = write_config(tmp_path / "c.toml", "http://127.0.0.1:1", nginx, tmp_path / "missing.j2")
-    config.write_text(config.read_text().replace("[consul]", '[consul]\ntokn = "x"') + '\n[nginx2]\n')
+    config.write_text(config.read_text().replace("[consul]", '[consul]\ntokn = "x"') + "\n[nginx2]\n")
     for args in (["--once"], []):  # the daemon too: it must not start
         proc = run_confpy("-c", str(config), *args, timeout=20)
         assert proc.returncode == 2, proc.stderr
@@ -160,10 +160,16 @@ def test_every_configuration_problem_exits_2_before_anything_starts(nginx: Nginx
         assert any("nginx2: unknown key" in e for e in errors)
         assert any("missing.j2 not found" in e for e in errors)
     bare = tmp_path / "bare.toml"
-    bare.write_text(write_config(tmp_path / "x.toml", "http://127.0.0.1:1", nginx, SHIPPED_TEMPLATE).read_text()
-                    .replace('address = "http://127.0.0.1:1"\n', ""))
+    bare.write_text(
+        write_config(tmp_path / "x.toml", "http://127.0.0.1:1", nginx, SHIPPED_TEMPLATE)
+        .read_text()
+        .replace('address = "http://127.0.0.1:1"\n', "")
+    )
     proc = run_confpy("-c", str(bare), "--once", env={"CONSUL_HTTP_ADDR": "ftp://nope"})
-    assert proc.returncode == 2 and "confpy: error: $CONSUL_HTTP_ADDR: Consul address 'ftp://nope' is not http(s)://HOST:PORT" in proc.stderr
+    assert (
+        proc.returncode == 2
+        and "confpy: error: $CONSUL_HTTP_ADDR: Consul address 'ftp://nope' is not http(s)://HOST:PORT" in proc.stderr
+    )
 
 
 def test_a_consul_host_name_typo_keeps_the_dns_reason(nginx: NginxInstance, tmp_path: Path) -> None:
@@ -176,7 +182,9 @@ def test_a_consul_host_name_typo_keeps_the_dns_reason(nginx: NginxInstance, tmp_
 def test_shipped_templates_and_example_configs(tmp_path: Path) -> None:
     listing = run_confpy("templates")
     assert listing.returncode == 0
-    assert "builtin:nginx-upstreams.conf.j2" in listing.stdout and "builtin:nginx-upstreams-live.conf.j2" in listing.stdout
+    assert (
+        "builtin:nginx-upstreams.conf.j2" in listing.stdout and "builtin:nginx-upstreams-live.conf.j2" in listing.stdout
+    )
     copied = tmp_path / "mine.conf.j2"
     assert run_confpy("templates", "copy", "nginx-upstreams.conf.j2", str(copied)).returncode == 0
     assert copied.read_text() == SHIPPED_TEMPLATE.read_text()
@@ -192,7 +200,9 @@ def test_shipped_templates_and_example_configs(tmp_path: Path) -> None:
         assert load_config(path, {}).templates[0].source.is_file()  # parses, and its builtin template exists
 
 
-def test_json_logs_have_stable_keys(consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], config_file: Path) -> None:
+def test_json_logs_have_stable_keys(
+    consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], config_file: Path
+) -> None:
     register_backends(consul.api, backends[:1])
     proc = run_confpy("-c", str(config_file), "--once", "--allow-no-reload", "--log-format", "json")
     assert proc.returncode == 0, proc.stderr

@@ -33,15 +33,29 @@ def passing_ids(api: ConsulAPI, name: str, query: str = "passing") -> list[str]:
 
 def blocking_get(api: ConsulAPI, path: str, index: int, wait: str, out: dict[str, Any]) -> None:
     started = time.monotonic()
-    code, headers, body = api.request("GET", f"{path}{'&' if '?' in path else '?'}index={index}&wait={wait}", timeout=30)
-    out.update(code=code, index=int(headers.get("X-Consul-Index", "0")), body=json.loads(body or b"null"),
-               took=time.monotonic() - started, returned=time.monotonic())
+    code, headers, body = api.request(
+        "GET", f"{path}{'&' if '?' in path else '?'}index={index}&wait={wait}", timeout=30
+    )
+    out.update(
+        code=code,
+        index=int(headers.get("X-Consul-Index", "0")),
+        body=json.loads(body or b"null"),
+        took=time.monotonic() - started,
+        returned=time.monotonic(),
+    )
 
 
 def test_register_and_read_through_py_consul(consul: ConsulUnderTest) -> None:
     c = client(consul)
-    c.agent.service.register("web", service_id="web-1", address="127.0.0.1", port=8081, tags=["nginx"], meta={"zone": "a"},
-                             weights={"passing": 3, "warning": 1})
+    c.agent.service.register(
+        "web",
+        service_id="web-1",
+        address="127.0.0.1",
+        port=8081,
+        tags=["nginx"],
+        meta={"zone": "a"},
+        weights={"passing": 3, "warning": 1},
+    )
     index, entries = c.health.service("web", passing=True)
     assert int(index) >= 1
     [entry] = entries
@@ -49,17 +63,39 @@ def test_register_and_read_through_py_consul(consul: ConsulUnderTest) -> None:
     for key in ("ID", "Node", "Address", "Datacenter", "TaggedAddresses", "Meta", "CreateIndex", "ModifyIndex"):
         assert key in entry["Node"]
     service = entry["Service"]
-    assert (service["ID"], service["Service"], service["Port"], service["Tags"], service["Meta"]) == ("web-1", "web", 8081, ["nginx"], {"zone": "a"})
+    assert (service["ID"], service["Service"], service["Port"], service["Tags"], service["Meta"]) == (
+        "web-1",
+        "web",
+        8081,
+        ["nginx"],
+        {"zone": "a"},
+    )
     assert service["Weights"] == {"Passing": 3, "Warning": 1}
     for key in ("Address", "TaggedAddresses", "EnableTagOverride", "CreateIndex", "ModifyIndex"):
         assert key in service
-    check_keys = {"CheckID", "Name", "Status", "Notes", "Output", "ServiceID", "ServiceName", "ServiceTags", "Type", "CreateIndex", "ModifyIndex"}
+    check_keys = {
+        "CheckID",
+        "Name",
+        "Status",
+        "Notes",
+        "Output",
+        "ServiceID",
+        "ServiceName",
+        "ServiceTags",
+        "Type",
+        "CreateIndex",
+        "ModifyIndex",
+    }
     assert all(check_keys <= set(check) for check in entry["Checks"])
     assert [ch["CheckID"] for ch in entry["Checks"]] == ["serfHealth"]
     _, services = c.catalog.services()
     assert services["web"] == ["nginx"] and "consul" in services
     _, nodes = c.catalog.service("web")
-    assert nodes[0]["ServiceID"] == "web-1" and nodes[0]["ServicePort"] == 8081 and nodes[0]["ServiceWeights"] == {"Passing": 3, "Warning": 1}
+    assert (
+        nodes[0]["ServiceID"] == "web-1"
+        and nodes[0]["ServicePort"] == 8081
+        and nodes[0]["ServiceWeights"] == {"Passing": 3, "Warning": 1}
+    )
 
 
 def test_blocking_query_returns_on_a_relevant_change_only(consul: ConsulUnderTest) -> None:
@@ -107,7 +143,11 @@ def test_timeout_returns_same_body_and_index_and_index_is_never_zero(consul: Con
         ("/v1/health/service/web?index=abc", 400, "Invalid index"),
         ("/v1/health/service/web?passing=maybe", 400, "Invalid value for ?passing"),
         ("/v1/health/service/", 400, "Missing service name"),
-        ("/v1/catalog/services?stale&consistent", 400, "Cannot specify ?stale with ?consistent, conflicting semantics."),
+        (
+            "/v1/catalog/services?stale&consistent",
+            400,
+            "Cannot specify ?stale with ?consistent, conflicting semantics.",
+        ),
     ],
 )
 def test_query_parameter_errors(consul: ConsulUnderTest, path: str, status: int, text: str) -> None:
@@ -152,7 +192,10 @@ def test_maintenance_errors(consul: ConsulUnderTest) -> None:
     api = consul.api
     api.register("web", 8081, id="w1")
     assert api.request("PUT", "/v1/agent/service/maintenance/w1")[::2] == (400, b"Missing value for enable")
-    assert api.request("PUT", "/v1/agent/service/maintenance/w1?enable=x")[::2] == (400, b'Invalid value for enable: "x"')
+    assert api.request("PUT", "/v1/agent/service/maintenance/w1?enable=x")[::2] == (
+        400,
+        b'Invalid value for enable: "x"',
+    )
     code, _, body = api.request("PUT", "/v1/agent/service/maintenance/nope?enable=true")
     assert code == 404 and body.decode().startswith('No service registered with ID "nope"')
 
@@ -160,8 +203,15 @@ def test_maintenance_errors(consul: ConsulUnderTest) -> None:
 def test_register_decoding_rules(consul: ConsulUnderTest) -> None:
     api = consul.api
     # Keys in any case, snake_case, and the consul CLI's explicit nulls.
-    body = {"name": "web", "PORT": 8081, "address": "127.0.0.1", "enable_tag_override": True, "Check": None, "Checks": None,
-            "Meta": {"Mixed_Case": "kept"}}
+    body = {
+        "name": "web",
+        "PORT": 8081,
+        "address": "127.0.0.1",
+        "enable_tag_override": True,
+        "Check": None,
+        "Checks": None,
+        "Meta": {"Mixed_Case": "kept"},
+    }
     assert api.request("PUT", "/v1/agent/service/register", body)[0] == 200
     [entry] = api.health("web", "")[1]
     assert entry["Service"]["ID"] == "web" and entry["Service"]["EnableTagOverride"] is True
@@ -186,18 +236,36 @@ def test_register_decoding_rules(consul: ConsulUnderTest) -> None:
     ("body", "text"),
     [
         ({"Port": 80}, "Missing service name"),
-        ({"Name": "web", "Port": "80"}, "Request decode failed: json: cannot unmarshal string into Go struct field ServiceDefinition.Port of type int"),
-        ({"Name": "web", "Tags": "nginx"}, "Request decode failed: json: cannot unmarshal string into Go struct field ServiceDefinition.Tags"),
+        (
+            {"Name": "web", "Port": "80"},
+            "Request decode failed: json: cannot unmarshal string into Go struct field ServiceDefinition.Port of type int",
+        ),
+        (
+            {"Name": "web", "Tags": "nginx"},
+            "Request decode failed: json: cannot unmarshal string into Go struct field ServiceDefinition.Tags",
+        ),
         ({"Name": "web", "Address": "0.0.0.0"}, "Invalid service address"),
         ({"Name": "web", "Address": "::"}, "Invalid service address"),
         ({"Name": "web", "Weights": {"Passing": 0, "Warning": 1}}, "Invalid Weights: Passing must be greater than 0"),
-        ({"Name": "web", "Meta": {"consul-x": "1"}}, "Invalid Service Meta: Key prefix 'consul-' is reserved for internal use"),
+        (
+            {"Name": "web", "Meta": {"consul-x": "1"}},
+            "Invalid Service Meta: Key prefix 'consul-' is reserved for internal use",
+        ),
         ({"Name": "web", "Meta": {"a b": "1"}}, "Invalid Service Meta: Key contains invalid characters"),
         ({"Name": "web", "Meta": {"k": "v" * 513}}, "Invalid Service Meta: Value is too long (limit: 512 characters)"),
-        ({"Name": "web", "Meta": {f"k{i}": "v" for i in range(65)}}, "Invalid Service Meta: Node metadata cannot contain more than 64 key/value pairs"),
+        (
+            {"Name": "web", "Meta": {f"k{i}": "v" for i in range(65)}},
+            "Invalid Service Meta: Node metadata cannot contain more than 64 key/value pairs",
+        ),
         ({"Name": "web", "Check": {"HTTP": "http://127.0.0.1/"}}, "Invalid check: Interval must be > 0"),
-        ({"Name": "web", "Check": {"TTL": "10s", "Interval": "10s"}}, "Invalid check: Interval and TTL cannot both be specified"),
-        ({"Name": "web", "Check": {"TTL": "10s", "Status": "up"}}, "Status for checks must 'passing', 'warning', 'critical'"),
+        (
+            {"Name": "web", "Check": {"TTL": "10s", "Interval": "10s"}},
+            "Invalid check: Interval and TTL cannot both be specified",
+        ),
+        (
+            {"Name": "web", "Check": {"TTL": "10s", "Status": "up"}},
+            "Status for checks must 'passing', 'warning', 'critical'",
+        ),
     ],
 )
 def test_register_errors_use_consul_texts(consul: ConsulUnderTest, body: dict[str, Any], text: str) -> None:
@@ -240,7 +308,9 @@ def test_http_and_tcp_checks_follow_the_backend(consul: ConsulUnderTest) -> None
     port = backend.port
     api = consul.api
     api.register("web", port, id="tcp", Check={"TCP": f"127.0.0.1:{port}", "Interval": "1s", "Timeout": "1s"})
-    api.register("web", port, id="http", Check={"HTTP": f"http://127.0.0.1:{port}/health", "Interval": "1s", "Timeout": "1s"})
+    api.register(
+        "web", port, id="http", Check={"HTTP": f"http://127.0.0.1:{port}/health", "Interval": "1s", "Timeout": "1s"}
+    )
     assert wait_until(lambda: passing_ids(api, "web") == ["http", "tcp"], 10, interval=0.1)
     [check] = [c for e in api.health("web", "")[1] for c in e["Checks"] if c["CheckID"] == "service:http"]
     assert check["Output"].startswith(f"HTTP GET http://127.0.0.1:{port}/health: 200 OK Output: App")
@@ -258,7 +328,10 @@ def test_kv(consul: ConsulUnderTest) -> None:
     [item] = json.loads(body)
     assert item["Key"] == "confpy-test/a" and base64.b64decode(item["Value"]) == b"hello" and item["Flags"] == 42
     assert api.request("GET", "/v1/kv/confpy-test/a?raw")[2] == b"hello"
-    assert json.loads(api.request("GET", "/v1/kv/confpy-test/?keys&separator=/")[2]) == ["confpy-test/a", "confpy-test/dir/"]
+    assert json.loads(api.request("GET", "/v1/kv/confpy-test/?keys&separator=/")[2]) == [
+        "confpy-test/a",
+        "confpy-test/dir/",
+    ]
     assert len(json.loads(api.request("GET", "/v1/kv/confpy-test/?recurse")[2])) == 2
     assert api.request("PUT", "/v1/kv/confpy-test/a?cas=0", b"no")[2] == b"false"
     assert api.request("PUT", f"/v1/kv/confpy-test/a?cas={item['ModifyIndex']}", b"yes")[2] == b"true"
@@ -277,7 +350,9 @@ def test_status_and_self(consul: ConsulUnderTest) -> None:
 def test_deregister_critical_service_after_has_a_one_minute_floor() -> None:
     now = [1000.0]
     state = AgentState("n1", clock=lambda: now[0])
-    service, checks = decode_service({"Name": "web", "ID": "w1", "Check": {"TTL": "10s", "DeregisterCriticalServiceAfter": "5s"}})
+    service, checks = decode_service(
+        {"Name": "web", "ID": "w1", "Check": {"TTL": "10s", "DeregisterCriticalServiceAfter": "5s"}}
+    )
     assert checks[0]["deregister_after"] == 60.0
     state.register(service, checks)
     assert state.checks["service:w1"].status == CRITICAL

@@ -16,7 +16,9 @@ from confpy.lab import ConfpyProcess, NginxInstance, free_port, lua_available, w
 
 from .conftest import ROOT, ConsulUnderTest
 
-pytestmark = pytest.mark.skipif(not lua_available(), reason="needs libnginx-mod-http-lua, lua-resty-core and lua-cjson (make nginx)")
+pytestmark = pytest.mark.skipif(
+    not lua_available(), reason="needs libnginx-mod-http-lua, lua-resty-core and lua-cjson (make nginx)"
+)
 
 LIVE_TEMPLATE = ROOT / "templates" / "nginx-upstreams-live.conf.j2"
 
@@ -34,7 +36,11 @@ class LiveLab:
         self.admin_port = free_port()
         self.status_port = free_port()
         self.config = write_config(
-            tmp / "confpy.toml", consul.url, self.nginx, LIVE_TEMPLATE, status=f"127.0.0.1:{self.status_port}",
+            tmp / "confpy.toml",
+            consul.url,
+            self.nginx,
+            LIVE_TEMPLATE,
+            status=f"127.0.0.1:{self.status_port}",
             nginx_extra=f'mode = "live"\nlive_listen = "127.0.0.1:{self.admin_port}"',
         )
         self.consul = consul
@@ -211,7 +217,10 @@ def test_admin_api_lists_and_refuses_bad_changes(lab: LiveLab) -> None:
     assert status == 200 and set(all_upstreams) == {"web"}
     web = all_upstreams["web"]
     assert isinstance(web, dict) and web["version"] and len(web["members"]) == 2
-    assert lab.admin("PUT", "/upstreams/web", {"version": "x", "members": []}) == (400, {"error": "members must be a non-empty list of {host, port, weight}"})
+    assert lab.admin("PUT", "/upstreams/web", {"version": "x", "members": []}) == (
+        400,
+        {"error": "members must be a non-empty list of {host, port, weight}"},
+    )
     status, body = lab.admin("PUT", "/upstreams/web", {"members": [{"host": "example.com", "port": 80}]})
     assert status == 400 and "host must be an IPv4 or IPv6 address" in str(body["error"])
     status, body = lab.admin("PUT", "/upstreams/web", {"members": [{"host": "127.0.0.1", "port": 0}]})
@@ -256,7 +265,9 @@ def test_a_failed_push_is_retried_and_reported(tmp_path: Path, consul: ConsulUnd
     served = free_port()
     # A template whose admin server listens elsewhere than confpy pushes: every push is refused.
     template = tmp_path / "live.conf.j2"
-    template.write_text(LIVE_TEMPLATE.read_text().replace("listen {{ confpy.live_listen }};", f"listen 127.0.0.1:{served};"))
+    template.write_text(
+        LIVE_TEMPLATE.read_text().replace("listen {{ confpy.live_listen }};", f"listen 127.0.0.1:{served};")
+    )
     lab.config.write_text(lab.config.read_text().replace(str(LIVE_TEMPLATE), str(template)))
     try:
         lab.register(1)
@@ -264,14 +275,20 @@ def test_a_failed_push_is_retried_and_reported(tmp_path: Path, consul: ConsulUnd
         assert lab.settles({1})  # from the state file
         lab.register(2)
         assert lab.confpy is not None
-        assert wait_until(lambda: "live push failed, nginx keeps its current members; retrying" in lab.confpy.output(), 15)
+        assert wait_until(
+            lambda: "live push failed, nginx keeps its current members; retrying" in lab.confpy.output(), 15
+        )
         assert set(lab.bodies(4)) == {"App server 1"}
 
         def failures() -> float:
             conn = http.client.HTTPConnection("127.0.0.1", lab.status_port, timeout=5)
             conn.request("GET", "/metrics")
             text = conn.getresponse().read().decode()
-            return float(next(line.split()[1] for line in text.splitlines() if line.startswith("confpy_live_push_failures_total")))
+            return float(
+                next(
+                    line.split()[1] for line in text.splitlines() if line.startswith("confpy_live_push_failures_total")
+                )
+            )
 
         first = failures()
         assert wait_until(lambda: failures() > first, 10)  # retried with backoff

@@ -18,7 +18,9 @@ def sync(config: Path, *extra: str, strict: bool = False) -> tuple[int, str, str
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def test_once_renders_and_traffic_round_robins(consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], config_file: Path) -> None:
+def test_once_renders_and_traffic_round_robins(
+    consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], config_file: Path
+) -> None:
     register_backends(consul.api, backends)
     code, _, err = sync(config_file)
     assert code == 0, err
@@ -28,7 +30,9 @@ def test_once_renders_and_traffic_round_robins(consul: ConsulUnderTest, nginx: N
     assert all(bodies.count(f"App server {n}") == 10 for n in (1, 2, 3))  # round-robin, not random
 
 
-def test_removed_instance_never_gets_traffic_again(consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], config_file: Path) -> None:
+def test_removed_instance_never_gets_traffic_again(
+    consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], config_file: Path
+) -> None:
     register_backends(consul.api, backends)
     assert sync(config_file)[0] == 0
     nginx.start()
@@ -78,7 +82,9 @@ def test_invalid_config_is_rolled_back_and_nginx_not_reloaded(
     mtime = nginx.destination.stat().st_mtime_ns
     workers = nginx.workers()
     bad_template = tmp_path / "bad.conf.j2"
-    bad_template.write_text("upstream web {\n{% for i in service('web') %}  server {{ i.endpoint }} bogus_parameter=1;\n{% endfor %}}\n")
+    bad_template.write_text(
+        "upstream web {\n{% for i in service('web') %}  server {{ i.endpoint }} bogus_parameter=1;\n{% endfor %}}\n"
+    )
     bad = write_config(tmp_path / "bad.toml", consul.url, nginx, bad_template)
     code, _, err = sync(bad)
     assert code == 1
@@ -89,7 +95,9 @@ def test_invalid_config_is_rolled_back_and_nginx_not_reloaded(
     assert set(nginx.bodies(6)) == {"App server 1", "App server 2", "App server 3"}
 
 
-def test_dry_run_prints_a_diff_and_writes_nothing(consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], config_file: Path) -> None:
+def test_dry_run_prints_a_diff_and_writes_nothing(
+    consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], config_file: Path
+) -> None:
     register_backends(consul.api, backends[:2])
     code, out, err = sync(config_file, "--dry-run")
     assert code == 0, err
@@ -102,11 +110,15 @@ def test_dry_run_prints_a_diff_and_writes_nothing(consul: ConsulUnderTest, nginx
     assert f"127.0.0.1:{backends[2].port}" not in nginx.destination.read_text()
     assert sync(config_file)[0] == 0
     code, out, _ = sync(config_file, "--dry-run")
-    assert code == 0 and out.splitlines() == [f"{nginx.destination}: no change",
-                                              "nginx would accept these files (checked on a staged copy of its configuration; nothing was changed)"]
+    assert code == 0 and out.splitlines() == [
+        f"{nginx.destination}: no change",
+        "nginx would accept these files (checked on a staged copy of its configuration; nothing was changed)",
+    ]
 
 
-def test_ipv6_and_node_address_fallback_reach_traffic(consul: ConsulUnderTest, nginx: NginxInstance, config_file: Path) -> None:
+def test_ipv6_and_node_address_fallback_reach_traffic(
+    consul: ConsulUnderTest, nginx: NginxInstance, config_file: Path
+) -> None:
     v6 = BackendServer("App server v6", host="::1").start()
     v4 = BackendServer("App server node-address").start()
     try:
@@ -123,7 +135,9 @@ def test_ipv6_and_node_address_fallback_reach_traffic(consul: ConsulUnderTest, n
         v4.stop()
 
 
-def test_on_empty_keep_remembers_members_across_runs(consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], config_file: Path) -> None:
+def test_on_empty_keep_remembers_members_across_runs(
+    consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], config_file: Path
+) -> None:
     register_backends(consul.api, backends[:1], Check={"TTL": "60s", "Status": "passing"})
     assert sync(config_file)[0] == 0
     nginx.start()
@@ -136,7 +150,9 @@ def test_on_empty_keep_remembers_members_across_runs(consul: ConsulUnderTest, ng
     assert nginx.bodies(3) == ["App server 1"] * 3
 
 
-def test_on_empty_render_keeps_nginx_valid(consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], tmp_path: Path) -> None:
+def test_on_empty_render_keeps_nginx_valid(
+    consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], tmp_path: Path
+) -> None:
     config = write_config(tmp_path / "c.toml", consul.url, nginx, SHIPPED_TEMPLATE, extra='on_empty = "render"')
     register_backends(consul.api, backends[:1], Check={"TTL": "60s", "Status": "passing"})
     assert sync(config)[0] == 0
@@ -148,7 +164,9 @@ def test_on_empty_render_keeps_nginx_valid(consul: ConsulUnderTest, nginx: Nginx
     assert wait_until(lambda: nginx.get()[0] == 502, 10)  # the old workers finish first
 
 
-def test_nginx_not_running_installs_and_says_so(consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], config_file: Path) -> None:
+def test_nginx_not_running_installs_and_says_so(
+    consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], config_file: Path
+) -> None:
     register_backends(consul.api, backends)
     code, _, err = sync(config_file, strict=True)
     assert code == 3
@@ -158,7 +176,9 @@ def test_nginx_not_running_installs_and_says_so(consul: ConsulUnderTest, nginx: 
     assert sync(config_file)[0] == 0  # --allow-no-reload: the bootstrap case
 
 
-def test_mode_is_kept_and_configurable(consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], tmp_path: Path) -> None:
+def test_mode_is_kept_and_configurable(
+    consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], tmp_path: Path
+) -> None:
     register_backends(consul.api, backends[:1])
     nginx.destination.write_text("# old\n")
     os.chmod(nginx.destination, 0o600)
@@ -186,7 +206,9 @@ def test_exit_codes_for_usage_config_and_consul_errors(tmp_path: Path, nginx: Ng
     assert proc.returncode == 2 and "--dry-run works with --once only" in proc.stderr
 
 
-def test_config_from_environment_variable(consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], config_file: Path) -> None:
+def test_config_from_environment_variable(
+    consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], config_file: Path
+) -> None:
     register_backends(consul.api, backends[:1])
     proc = run_confpy("--once", "--allow-no-reload", env={"CONFPY_CONFIG": str(config_file)})
     assert proc.returncode == 0, proc.stderr

@@ -18,12 +18,29 @@ from confpy.render.environment import DataSource, TemplateRenderer, nginx_quote,
 from .conftest import SHIPPED_TEMPLATE
 
 
-def entry(sid: str, port: int, address: str = "127.0.0.1", *, name: str = "web", node: str = "n1", node_address: str = "10.0.0.9",
-          tags: list[str] | None = None, meta: dict[str, str] | None = None, weight: Any = 1) -> dict[str, Any]:
+def entry(
+    sid: str,
+    port: int,
+    address: str = "127.0.0.1",
+    *,
+    name: str = "web",
+    node: str = "n1",
+    node_address: str = "10.0.0.9",
+    tags: list[str] | None = None,
+    meta: dict[str, str] | None = None,
+    weight: Any = 1,
+) -> dict[str, Any]:
     return {
         "Node": {"Node": node, "Address": node_address},
-        "Service": {"ID": sid, "Service": name, "Address": address, "Port": port, "Tags": tags if tags is not None else ["nginx"],
-                    "Meta": meta or {}, "Weights": {"Passing": weight, "Warning": 1}},
+        "Service": {
+            "ID": sid,
+            "Service": name,
+            "Address": address,
+            "Port": port,
+            "Tags": tags if tags is not None else ["nginx"],
+            "Meta": meta or {},
+            "Weights": {"Passing": weight, "Warning": 1},
+        },
         "Checks": [],
     }
 
@@ -52,7 +69,11 @@ def render(r: TemplateRenderer, data: DataSource, memory: Memory | None = None) 
 
 
 def test_shipped_template_renders_upstreams_sorted_and_stable(tmp_path: Path) -> None:
-    entries = [entry("web-b", 8082), entry("web-a", 8081, meta={"max_fails": "3", "fail_timeout": "10s"}), entry("web-c", 8083, weight=5)]
+    entries = [
+        entry("web-b", 8082),
+        entry("web-a", 8081, meta={"max_fails": "3", "fail_timeout": "10s"}),
+        entry("web-c", 8083, weight=5),
+    ]
     r = renderer(tmp_path)
     first = render(r, data_for({"web": entries}))
     assert "upstream web {" in first and "zone web 67k;" in first and "keepalive 16;" in first
@@ -68,16 +89,24 @@ def test_shipped_template_renders_upstreams_sorted_and_stable(tmp_path: Path) ->
 
 
 def test_ipv6_is_bracketed_and_empty_address_falls_back_to_the_node(tmp_path: Path) -> None:
-    out = render(renderer(tmp_path), data_for({"web": [entry("a", 80, "2001:db8::1"), entry("b", 81, "", node_address="10.1.2.3")]}))
+    out = render(
+        renderer(tmp_path),
+        data_for({"web": [entry("a", 80, "2001:db8::1"), entry("b", 81, "", node_address="10.1.2.3")]}),
+    )
     assert "server [2001:db8::1]:80 weight=1;" in out
     assert "server 10.1.2.3:81 weight=1;" in out
 
 
 def test_instance_fields(tmp_path: Path) -> None:
-    text = "{% for i in service('web') %}{{ i.name }} {{ i.id }} {{ i.node }} {{ i.address }} {{ i.port }} {{ i.endpoint }} {{ i.weight }} "\
-           "{{ i.tags | join(',') }} {{ i.meta.zone }}\n{% endfor %}"
+    text = (
+        "{% for i in service('web') %}{{ i.name }} {{ i.id }} {{ i.node }} {{ i.address }} {{ i.port }} {{ i.endpoint }} {{ i.weight }} "
+        "{{ i.tags | join(',') }} {{ i.meta.zone }}\n{% endfor %}"
+    )
     data = DataSource()
-    data.set(ServiceHealth("web"), health_view_from_entries("web", [entry("w1", 80, tags=["b", "a"], meta={"zone": "eu"}, weight=3)]))
+    data.set(
+        ServiceHealth("web"),
+        health_view_from_entries("web", [entry("w1", 80, tags=["b", "a"], meta={"zone": "eu"}, weight=3)]),
+    )
     assert render(renderer(tmp_path, text), data) == "web w1 n1 127.0.0.1 80 127.0.0.1:80 3 a,b eu\n"
 
 
@@ -92,15 +121,18 @@ def test_services_lists_catalog_without_consul_and_filters_by_tag(tmp_path: Path
 
 
 def test_invalid_instances_are_left_out_with_reasons() -> None:
-    view = health_view_from_entries("web", [
-        entry("ok", 80),
-        entry("bad-port", 0),
-        entry("bad-port2", 70000),
-        entry("bad-address", 80, "10.0.0.1:80; } server { listen 80; } #"),
-        entry("any", 80, "0.0.0.0"),
-        entry("bad-weight", 80, weight=0),
-        entry("bad-meta", 80, meta={"max_fails": "3; evil"}),
-    ])
+    view = health_view_from_entries(
+        "web",
+        [
+            entry("ok", 80),
+            entry("bad-port", 0),
+            entry("bad-port2", 70000),
+            entry("bad-address", 80, "10.0.0.1:80; } server { listen 80; } #"),
+            entry("any", 80, "0.0.0.0"),
+            entry("bad-weight", 80, weight=0),
+            entry("bad-meta", 80, meta={"max_fails": "3; evil"}),
+        ],
+    )
     assert [i.id for i in view.instances] == ["ok"]
     reasons = {r.id: r.reason for r in view.rejected}
     assert "not from 1 to 65535" in reasons["bad-port"] and "not from 1 to 65535" in reasons["bad-port2"]
@@ -114,7 +146,10 @@ def test_invalid_instances_are_left_out_with_reasons() -> None:
 def test_finalize_refuses_values_that_break_out_and_names_the_origin(tmp_path: Path) -> None:
     text = "upstream web {\n{% for i in service('web') %}\n  server {{ i.endpoint }}; # {{ i.meta.note }}\n{% endfor %}\n}\n"
     data = DataSource()
-    data.set(ServiceHealth("web"), health_view_from_entries("web", [entry("w1", 80, meta={"note": "x;\n} server { listen 81; }"})]))
+    data.set(
+        ServiceHealth("web"),
+        health_view_from_entries("web", [entry("w1", 80, meta={"note": "x;\n} server { listen 81; }"})]),
+    )
     with pytest.raises(UnsafeValueError) as info:
         renderer(tmp_path, text).render(data, Memory())
     message = str(info.value)
@@ -131,7 +166,10 @@ def test_each_unsafe_character_is_refused(tmp_path: Path, value: str) -> None:
 
 def test_numbers_and_quoted_values_pass(tmp_path: Path) -> None:
     env = renderer(tmp_path, "x").env
-    assert env.from_string("{{ n }} {{ s | nginx_quote }}").render(n=42, s='say "hi" \\ ok;{}#') == '42 "say \\"hi\\" \\\\ ok;{}#"'
+    assert (
+        env.from_string("{{ n }} {{ s | nginx_quote }}").render(n=42, s='say "hi" \\ ok;{}#')
+        == '42 "say \\"hi\\" \\\\ ok;{}#"'
+    )
     with pytest.raises(UnsafeValueError, match="newline"):
         nginx_quote("a\nb")
     with pytest.raises(UnsafeValueError, match=r"'\$'"):
@@ -155,7 +193,9 @@ def test_syntax_error_and_undefined_name_report_file_and_line(tmp_path: Path) ->
     with pytest.raises(RenderError, match=r"t\.conf\.j2:3: 'nope' is undefined"):
         renderer(tmp_path, "a\nb\n{{ nope }}\n").render(DataSource(), Memory())
     with pytest.raises(RenderError, match="template not found"):
-        TemplateRenderer(TemplateConfig(source=tmp_path / "missing.j2", destination=tmp_path / "o")).render(DataSource(), Memory())
+        TemplateRenderer(TemplateConfig(source=tmp_path / "missing.j2", destination=tmp_path / "o")).render(
+            DataSource(), Memory()
+        )
 
 
 def test_missing_data_makes_an_incomplete_render_that_names_its_dependencies(tmp_path: Path) -> None:
@@ -199,8 +239,10 @@ def _counting(tmp_path: Path, text: str) -> tuple[TemplateRenderer, list[str]]:
 
 
 def test_fragments_rerun_only_for_the_service_that_changed(tmp_path: Path) -> None:
-    text = ("{% fragment for name in services('nginx') %}{{ count(name) }}{{ name }}:"
-            "{% for i in service(name, 'nginx') %} {{ i.port }}{% endfor %};{% endfragment %}")
+    text = (
+        "{% fragment for name in services('nginx') %}{{ count(name) }}{{ name }}:"
+        "{% for i in service(name, 'nginx') %} {{ i.port }}{% endfor %};{% endfragment %}"
+    )
     r, ran = _counting(tmp_path, text)
     services = {"api": [entry("a1", 81, name="api")], "web": [entry("w1", 80)], "db": [entry("d1", 82, name="db")]}
     data = data_for(services)
@@ -220,7 +262,9 @@ def test_fragments_rerun_only_for_the_service_that_changed(tmp_path: Path) -> No
 
 
 def test_an_edited_template_drops_every_cached_fragment(tmp_path: Path) -> None:
-    r, ran = _counting(tmp_path, "{% fragment 'k' %}{{ count('k') }}{{ service('web', 'nginx') | length }}{% endfragment %}")
+    r, ran = _counting(
+        tmp_path, "{% fragment 'k' %}{{ count('k') }}{{ service('web', 'nginx') | length }}{% endfragment %}"
+    )
     data = data_for({"web": [entry("w1", 80)]})
     r.render(data, Memory())
     assert ran == ["k"]

@@ -35,8 +35,21 @@ from .conftest import SHIPPED_TEMPLATE, ConsulUnderTest, register_backends, run_
 
 INJECTION = "10.0.0.1:80; } server { listen 80; location / { return 200 pwned; } } #"
 HOSTILE_ADDRESSES = [
-    INJECTION, "127.0.0.1\n}", "127.0.0.1;", "$host", "a b", "exa mple.com", "ex{ample}.com", "-bad.example", "é.example",
-    "::ffff:127.0.0.1:80", "[::1]", "fe80::1%eth0", "x" * 10_000, "0.0.0.0" if False else "256.1.1.1", "127.0.0.1#",
+    INJECTION,
+    "127.0.0.1\n}",
+    "127.0.0.1;",
+    "$host",
+    "a b",
+    "exa mple.com",
+    "ex{ample}.com",
+    "-bad.example",
+    "é.example",
+    "::ffff:127.0.0.1:80",
+    "[::1]",
+    "fe80::1%eth0",
+    "x" * 10_000,
+    "0.0.0.0" if False else "256.1.1.1",
+    "127.0.0.1#",
 ]
 HOSTILE_TAGS = ["nginx", "a;b", "}", "x" * 10_000, "line\nbreak", "ünïcode"]
 HOSTILE_META = {"note": "a;\n} server { listen 81; }", "max_fails": "2", "uni": "ünïcode", "big": "y" * 512}
@@ -48,15 +61,16 @@ ALLOWED_LINE = re.compile(
 )
 
 
-
 def _resolves(host: str) -> bool:
     try:
         return bool(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM))
     except (OSError, UnicodeError):
         return False
 
-def test_hostile_registrations_never_become_directives(consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer],
-                                                       config_file: Path) -> None:
+
+def test_hostile_registrations_never_become_directives(
+    consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], config_file: Path
+) -> None:
     api = consul.api
     register_backends(api, backends[:2], tags=HOSTILE_TAGS, Meta={"max_fails": "2"})
     for n, address in enumerate(HOSTILE_ADDRESSES):
@@ -80,26 +94,46 @@ def test_hostile_registrations_never_become_directives(consul: ConsulUnderTest, 
     assert set(nginx.bodies(12)) == {"App server 1", "App server 2", "App server 3"}  # ...and the valid instances serve
 
 
-entry_strategy = st.fixed_dictionaries({
-    "Node": st.fixed_dictionaries({"Node": st.sampled_from(["n1", "n2"]), "Address": st.sampled_from(["127.0.0.1", "", "::1", "x;y"])}),
-    "Service": st.fixed_dictionaries({
-        "ID": st.text(min_size=1, max_size=20),
-        "Service": st.just("web"),
-        "Address": st.one_of(st.just(""), st.ip_addresses().map(str), st.text(max_size=30),
-                             st.from_regex(r"\A[a-z][a-z0-9-]{0,10}(\.[a-z]{2,5}){0,2}\Z")),
-        "Port": st.one_of(st.integers(-5, 70000), st.text(max_size=3), st.none()),
-        "Tags": st.lists(st.text(max_size=10), max_size=3),
-        "Meta": st.dictionaries(st.sampled_from(["max_fails", "fail_timeout", "x"]), st.text(max_size=12), max_size=3),
-        "Weights": st.one_of(st.none(), st.fixed_dictionaries({"Passing": st.integers(-2, 300), "Warning": st.just(1)})),
-    }),
-    "Checks": st.just([]),
-})
+entry_strategy = st.fixed_dictionaries(
+    {
+        "Node": st.fixed_dictionaries(
+            {"Node": st.sampled_from(["n1", "n2"]), "Address": st.sampled_from(["127.0.0.1", "", "::1", "x;y"])}
+        ),
+        "Service": st.fixed_dictionaries(
+            {
+                "ID": st.text(min_size=1, max_size=20),
+                "Service": st.just("web"),
+                "Address": st.one_of(
+                    st.just(""),
+                    st.ip_addresses().map(str),
+                    st.text(max_size=30),
+                    st.from_regex(r"\A[a-z][a-z0-9-]{0,10}(\.[a-z]{2,5}){0,2}\Z"),
+                ),
+                "Port": st.one_of(st.integers(-5, 70000), st.text(max_size=3), st.none()),
+                "Tags": st.lists(st.text(max_size=10), max_size=3),
+                "Meta": st.dictionaries(
+                    st.sampled_from(["max_fails", "fail_timeout", "x"]), st.text(max_size=12), max_size=3
+                ),
+                "Weights": st.one_of(
+                    st.none(), st.fixed_dictionaries({"Passing": st.integers(-2, 300), "Warning": st.just(1)})
+                ),
+            }
+        ),
+        "Checks": st.just([]),
+    }
+)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(entries=st.lists(entry_strategy, max_size=6), names=st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=3))
-def test_any_consul_answer_renders_a_valid_config_or_is_refused(tmp_path_factory: pytest.TempPathFactory, entries: list[dict[str, Any]],
-                                                                 names: list[str]) -> None:
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+@given(
+    entries=st.lists(entry_strategy, max_size=6),
+    names=st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=3),
+)
+def test_any_consul_answer_renders_a_valid_config_or_is_refused(
+    tmp_path_factory: pytest.TempPathFactory, entries: list[dict[str, Any]], names: list[str]
+) -> None:
     prefix = tmp_path_factory.mktemp("prop")
     nginx = NginxInstance(prefix / "nginx")
     data = DataSource()
@@ -125,6 +159,7 @@ def test_any_consul_answer_renders_a_valid_config_or_is_refused(tmp_path_factory
 
 # --- the bad-input table ----------------------------------------------------------------------
 
+
 def canned_consul(status: int, body: bytes) -> BackendServer:
     """An endpoint that answers every query the same way, with a Consul index header."""
     return BackendServer(body, status=status, headers={"X-Consul-Index": "5"}).start()
@@ -141,15 +176,28 @@ def canned() -> Iterator[list[BackendServer]]:
 @pytest.mark.parametrize(
     ("status", "body", "message"),
     [
-        (403, b"Permission denied: token lacks service:read", "(403 Permission denied: token lacks service:read): check the token"),
-        (500, b"rpc error: No cluster leader", "Consul answered the service catalog with 500 rpc error: No cluster leader"),
+        (
+            403,
+            b"Permission denied: token lacks service:read",
+            "(403 Permission denied: token lacks service:read): check the token",
+        ),
+        (
+            500,
+            b"rpc error: No cluster leader",
+            "Consul answered the service catalog with 500 rpc error: No cluster leader",
+        ),
         (200, b"<html>not consul</html>", "Consul's answer to the service catalog is not valid JSON"),
-        (200, b'["a list, not an object"]', "Consul's service catalog has an unexpected shape: expected a JSON object of services, got list"),
+        (
+            200,
+            b'["a list, not an object"]',
+            "Consul's service catalog has an unexpected shape: expected a JSON object of services, got list",
+        ),
         (200, b'{"web": ["nginx"]}' + b" " * 3000, "is larger than max_response_bytes (2048 bytes)"),
     ],
 )
-def test_consul_errors_are_one_clear_line(tmp_path: Path, nginx: NginxInstance, canned: list[BackendServer], status: int, body: bytes,
-                                          message: str) -> None:
+def test_consul_errors_are_one_clear_line(
+    tmp_path: Path, nginx: NginxInstance, canned: list[BackendServer], status: int, body: bytes, message: str
+) -> None:
     server = canned_consul(status, body)
     canned.append(server)
     config = write_config(tmp_path / "c.toml", server.url, nginx, SHIPPED_TEMPLATE)
@@ -167,7 +215,9 @@ def _sync_error(config: Path) -> tuple[int, str]:
     return proc.returncode, lines[-1] if lines else ""
 
 
-def test_template_and_destination_errors(consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], tmp_path: Path) -> None:
+def test_template_and_destination_errors(
+    consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], tmp_path: Path
+) -> None:
     register_backends(consul.api, backends[:1])
     missing = write_config(tmp_path / "c.toml", consul.url, nginx, tmp_path / "missing.j2")
     proc = run_confpy("-c", str(missing), "--once")  # a configuration error: exit 2 before anything starts
@@ -185,15 +235,21 @@ def test_template_and_destination_errors(consul: ConsulUnderTest, nginx: NginxIn
         assert code == 1 and message in line, line
     missing_dir = NginxInstance(tmp_path / "other")
     config = write_config(tmp_path / "c.toml", consul.url, missing_dir, SHIPPED_TEMPLATE)
-    config.write_text(config.read_text().replace(str(missing_dir.destination), str(tmp_path / "no" / "such" / "dir" / "up.conf")))
+    config.write_text(
+        config.read_text().replace(str(missing_dir.destination), str(tmp_path / "no" / "such" / "dir" / "up.conf"))
+    )
     code, line = _sync_error(config)
     assert code == 1 and "the folder" in line and "does not exist; create it or fix the destination" in line
-    config.write_text(config.read_text().replace(str(tmp_path / "no" / "such" / "dir" / "up.conf"), "/proc/sys/up.conf"))
+    config.write_text(
+        config.read_text().replace(str(tmp_path / "no" / "such" / "dir" / "up.conf"), "/proc/sys/up.conf")
+    )
     code, line = _sync_error(config)
     assert code == 1 and "cannot create a file in /proc/sys" in line
 
 
-def test_nginx_process_and_command_errors(consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], tmp_path: Path) -> None:
+def test_nginx_process_and_command_errors(
+    consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], tmp_path: Path
+) -> None:
     register_backends(consul.api, backends[:1])
     base = write_config(tmp_path / "c.toml", consul.url, nginx, SHIPPED_TEMPLATE).read_text()
 
@@ -219,11 +275,16 @@ def test_nginx_process_and_command_errors(consul: ConsulUnderTest, nginx: NginxI
     assert code == 3 and "reload_cmd `false` failed (exit 1)" in line  # installed (the check passed), not reloaded
 
 
-def test_a_hanging_check_is_killed_and_rolled_back(consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer],
-                                                   tmp_path: Path) -> None:
+def test_a_hanging_check_is_killed_and_rolled_back(
+    consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], tmp_path: Path
+) -> None:
     register_backends(consul.api, backends[:1])
     config = write_config(tmp_path / "c.toml", consul.url, nginx, SHIPPED_TEMPLATE)
-    config.write_text(config.read_text().replace(nginx.check_cmd, "sleep 30").replace('check_timeout = "10s"', 'check_timeout = "500ms"'))
+    config.write_text(
+        config.read_text()
+        .replace(nginx.check_cmd, "sleep 30")
+        .replace('check_timeout = "10s"', 'check_timeout = "500ms"')
+    )
     nginx.destination.write_text("# previous\n")
     started = time.monotonic()
     code, line = _sync_error(config)
@@ -234,7 +295,10 @@ def test_a_hanging_check_is_killed_and_rolled_back(consul: ConsulUnderTest, ngin
 
 # --- crash safety -----------------------------------------------------------------------------
 
-def test_kill_9_at_any_moment_leaves_a_complete_file(consul: ConsulUnderTest, nginx: NginxInstance, tmp_path: Path) -> None:
+
+def test_kill_9_at_any_moment_leaves_a_complete_file(
+    consul: ConsulUnderTest, nginx: NginxInstance, tmp_path: Path
+) -> None:
     """200 syncs, each killed at a random moment: the destination is always one complete render."""
     api = consul.api
     states = [list(range(8000, 8000 + n * 7, 7)) for n in (5, 40, 120)]  # small, medium and large files
@@ -261,6 +325,7 @@ def test_kill_9_at_any_moment_leaves_a_complete_file(consul: ConsulUnderTest, ng
                 await registry.close()
 
         asyncio.run(run())
+
     renders: set[bytes] = set()
     for ports in states:
         apply_state(ports)
@@ -312,7 +377,12 @@ def test_enospc_while_writing_leaves_the_old_file(tmp_path: Path, monkeypatch: p
 def test_enospc_on_a_real_tiny_filesystem(tmp_path: Path) -> None:
     mnt = tmp_path / "tiny"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mnt)], capture_output=True, check=False).returncode != 0:
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mnt)], capture_output=True, check=False
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here (not root or no permission)")
     try:
         target = mnt / "up.conf"
@@ -325,8 +395,9 @@ def test_enospc_on_a_real_tiny_filesystem(tmp_path: Path) -> None:
         subprocess.run(["umount", str(mnt)], check=False)
 
 
-def test_corrupt_state_file_is_reported_and_ignored(consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer],
-                                                    config_file: Path) -> None:
+def test_corrupt_state_file_is_reported_and_ignored(
+    consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], config_file: Path
+) -> None:
     register_backends(consul.api, backends[:1])
     state = config_file.parent / "confpy-state" / (str(nginx.destination).strip("/").replace("/", "_") + ".json")
     state.parent.mkdir()
@@ -337,8 +408,9 @@ def test_corrupt_state_file_is_reported_and_ignored(consul: ConsulUnderTest, ngi
     assert '"members"' in state.read_text()  # rewritten
 
 
-def test_two_confpy_processes_cannot_interleave(consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer],
-                                                config_file: Path) -> None:
+def test_two_confpy_processes_cannot_interleave(
+    consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], config_file: Path
+) -> None:
     register_backends(consul.api, backends[:1])
     daemon = ConfpyProcess(config_file).start()
     try:
@@ -362,11 +434,20 @@ def test_the_token_never_appears_in_errors(tmp_path: Path, nginx: NginxInstance,
 
 def test_leftover_cleanup_removes_only_confpys_own_temp_files(tmp_path: Path) -> None:
     dest = tmp_path / "up.conf"
-    ours = [tmp_path / ".up.conf.ab12cd_9.confpy-tmp", tmp_path / ".up.conf.bak.confpy-tmp",
-            tmp_path / "..up.conf.confpy-state.json.zz99yy88.confpy-tmp"]
-    others = [tmp_path / ".up.conf.extra.ab12cd_9.confpy-tmp", tmp_path / "up.conf", tmp_path / ".other.conf.ab12cd_9.confpy-tmp"]
+    ours = [
+        tmp_path / ".up.conf.ab12cd_9.confpy-tmp",
+        tmp_path / ".up.conf.bak.confpy-tmp",
+        tmp_path / "..up.conf.confpy-state.json.zz99yy88.confpy-tmp",
+    ]
+    others = [
+        tmp_path / ".up.conf.extra.ab12cd_9.confpy-tmp",
+        tmp_path / "up.conf",
+        tmp_path / ".other.conf.ab12cd_9.confpy-tmp",
+    ]
     for path in ours + others:
         path.write_text("x")
-    removed = files.remove_leftover_temp_files([dest, tmp_path / "up.conf.bak", tmp_path / ".up.conf.confpy-state.json"])
+    removed = files.remove_leftover_temp_files(
+        [dest, tmp_path / "up.conf.bak", tmp_path / ".up.conf.confpy-state.json"]
+    )
     assert sorted(removed) == sorted(ours)
     assert all(path.exists() for path in others)

@@ -15,7 +15,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from confpy.lab import BackendServer, ConfpyProcess, ConsulAPI, DevConsulProcess, NginxInstance, free_port, wait_until, write_config
+from confpy.lab import (
+    BackendServer,
+    ConfpyProcess,
+    ConsulAPI,
+    DevConsulProcess,
+    NginxInstance,
+    free_port,
+    wait_until,
+    write_config,
+)
 
 from .conftest import SHIPPED_TEMPLATE, ConsulUnderTest, dev_consul_only, register_backends
 
@@ -89,7 +98,11 @@ def _connected_to(proc: ConfpyProcess, port: int) -> bool:
 
 
 def test_stops_in_the_middle_of_a_blocking_query(
-    consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], config_file: Path, daemons: list[ConfpyProcess]
+    consul: ConsulUnderTest,
+    nginx: NginxInstance,
+    backends: list[BackendServer],
+    config_file: Path,
+    daemons: list[ConfpyProcess],
 ) -> None:
     register_backends(consul.api, backends[:1])
     proc = ConfpyProcess(config_file).start()
@@ -101,7 +114,11 @@ def test_stops_in_the_middle_of_a_blocking_query(
 
 
 def test_stops_during_nginx_check_and_rolls_back(
-    consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], tmp_path: Path, daemons: list[ConfpyProcess]
+    consul: ConsulUnderTest,
+    nginx: NginxInstance,
+    backends: list[BackendServer],
+    tmp_path: Path,
+    daemons: list[ConfpyProcess],
 ) -> None:
     register_backends(consul.api, backends[:1])
     marker = tmp_path / "check-started"
@@ -110,8 +127,11 @@ def test_stops_during_nginx_check_and_rolls_back(
     script = tmp_path / "slow-check.sh"
     script.write_text(f"#!/bin/sh\ntouch {marker}\nexec sleep 30\n")
     script.chmod(0o755)
-    config.write_text(config.read_text().replace(f'check_cmd = "{nginx.check_cmd}"', f'check_cmd = "{script}"').replace(
-        'check_timeout = "10s"', 'check_timeout = "60s"'))
+    config.write_text(
+        config.read_text()
+        .replace(f'check_cmd = "{nginx.check_cmd}"', f'check_cmd = "{script}"')
+        .replace('check_timeout = "10s"', 'check_timeout = "60s"')
+    )
     proc = ConfpyProcess(config).start()
     daemons.append(proc)
     assert wait_until(marker.exists, 15), proc.output()
@@ -159,7 +179,9 @@ def test_consul_down_at_start_up_is_ready_with_the_reason_then_syncs_when_it_com
     daemons.append(proc)
     messages: list[str] = []
     try:
-        assert wait_until(lambda: messages.append(sock.recv(4096).decode()) or any("READY=1" in m for m in messages), 15)
+        assert wait_until(
+            lambda: messages.append(sock.recv(4096).decode()) or any("READY=1" in m for m in messages), 15
+        )
         ready = next(m for m in messages if "READY=1" in m)
         assert "STATUS=waiting for Consul: cannot reach Consul at" in ready and "connection refused" in ready, ready
         assert not nginx.destination.exists()
@@ -168,7 +190,9 @@ def test_consul_down_at_start_up_is_ready_with_the_reason_then_syncs_when_it_com
             register_backends(ConsulAPI(dev.url), backends[:1])
             assert wait_until(nginx.destination.exists, 20), proc.output()  # no restart needed
             assert proc.proc is not None and proc.proc.poll() is None
-            assert wait_until(lambda: messages.append(sock.recv(4096).decode()) or any("STATUS=in sync" in m for m in messages), 10)
+            assert wait_until(
+                lambda: messages.append(sock.recv(4096).decode()) or any("STATUS=in sync" in m for m in messages), 10
+            )
             assert "Consul is back" in proc.output()
             nginx.start()
             assert set(nginx.bodies(3)) == {"App server 1"}

@@ -21,7 +21,9 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
     unit = (ROOT / "systemd" / "confpy.service").read_text()
     assert "Type=notify" in unit and "Restart=on-failure" in unit and "ProtectSystem=strict" in unit
     lines = [line.strip() for line in unit.splitlines()]
-    assert not any(line.startswith(("Wants=", "Requires=", "BindsTo=")) and "nginx" in line for line in lines)  # never pulls nginx in
+    assert not any(
+        line.startswith(("Wants=", "Requires=", "BindsTo=")) and "nginx" in line for line in lines
+    )  # never pulls nginx in
     assert any(line.startswith("After=") and "nginx.service" in line for line in lines)
     assert "RestartPreventExitStatus=2" in lines
     assert "EnvironmentFile=-/etc/default/confpy" in lines
@@ -30,7 +32,9 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
     # verify insists that ExecStart exists: point it at this checkout's interpreter.
     local = tmp_path / "confpy.service"
     local.write_text(unit.replace("/usr/local/bin/confpy", f"{sys.executable} -m confpy"))
-    proc = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", str(local)], capture_output=True, text=True, timeout=60, check=False
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -45,13 +49,19 @@ def test_sd_notify_ready_after_first_sync_and_watchdog(
     proc = ConfpyProcess(config_file, env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"}).start()
     try:
         messages: list[str] = []
-        assert wait_until(lambda: messages.append(sock.recv(4096).decode()) or any("READY=1" in m for m in messages), 15)
+        assert wait_until(
+            lambda: messages.append(sock.recv(4096).decode()) or any("READY=1" in m for m in messages), 15
+        )
         assert nginx.destination.exists()  # READY comes after the first sync
-        assert wait_until(lambda: messages.append(sock.recv(4096).decode()) or any("WATCHDOG=1" in m for m in messages), 5)
+        assert wait_until(
+            lambda: messages.append(sock.recv(4096).decode()) or any("WATCHDOG=1" in m for m in messages), 5
+        )
         assert any(m.startswith("STATUS=") or "\nSTATUS=" in m for m in messages)
         assert proc.proc is not None
         proc.proc.send_signal(signal.SIGTERM)
-        assert wait_until(lambda: messages.append(sock.recv(4096).decode()) or any("STOPPING=1" in m for m in messages), 5)
+        assert wait_until(
+            lambda: messages.append(sock.recv(4096).decode()) or any("STOPPING=1" in m for m in messages), 5
+        )
         assert proc.proc.wait(5) == 0
     finally:
         proc.stop()

@@ -40,8 +40,10 @@ def as_toml(data: dict[str, Any]) -> str:
         rows = values if isinstance(values, list) else [values]
         for row in rows:
             lines.append(f"[[{table}]]" if isinstance(values, list) else f"[{table}]")
-            lines += [f"{key} = {value!r}".replace("'", '"') if isinstance(value, str) else f"{key} = {str(value).lower()}"
-                      for key, value in row.items()]
+            lines += [
+                f"{key} = {value!r}".replace("'", '"') if isinstance(value, str) else f"{key} = {str(value).lower()}"
+                for key, value in row.items()
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -49,13 +51,20 @@ def as_toml(data: dict[str, Any]) -> str:
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """confpy built as a wheel and installed into a new virtualenv; its bin folder."""
     work = tmp_path_factory.mktemp("wheel")
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(work / "dist"), str(ROOT)],
-                           capture_output=True, text=True, timeout=600, check=False)
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(work / "dist"), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert build.returncode == 0, build.stderr
     [wheel] = list((work / "dist").glob("confpy-*.whl"))
     venv.create(work / "venv", with_pip=True)
     bin_dir = work / "venv" / "bin"
-    install = subprocess.run([str(bin_dir / "pip"), "install", "-q", str(wheel)], capture_output=True, text=True, timeout=900, check=False)
+    install = subprocess.run(
+        [str(bin_dir / "pip"), "install", "-q", str(wheel)], capture_output=True, text=True, timeout=900, check=False
+    )
     assert install.returncode == 0, install.stderr
     yield bin_dir
 
@@ -63,8 +72,15 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def run_installed(bin_dir: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN")}
     # Run from a folder without the checkout, so nothing but the wheel can be imported.
-    return subprocess.run([str(bin_dir / "confpy"), *args], capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=bin_dir, check=False)
+    return subprocess.run(
+        [str(bin_dir / "confpy"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=bin_dir,
+        check=False,
+    )
 
 
 def localize(doc: dict[str, Any], consul_url: str, nginx: NginxInstance, state: Path) -> dict[str, Any]:
@@ -80,10 +96,17 @@ def localize(doc: dict[str, Any], consul_url: str, nginx: NginxInstance, state: 
 def test_readme_minimal_config_from_an_installed_wheel(
     installed: Path, consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], tmp_path: Path
 ) -> None:
-    location = subprocess.run([str(installed / "python"), "-c", "import confpy; print(confpy.__file__)"],
-                              capture_output=True, text=True, cwd=installed, check=True).stdout
+    location = subprocess.run(
+        [str(installed / "python"), "-c", "import confpy; print(confpy.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=installed,
+        check=True,
+    ).stdout
     assert "site-packages" in location and str(ROOT) not in location  # the wheel, not the checkout
-    doc = localize(documented_toml(ROOT / "README.md", "A minimal configuration"), consul.url, nginx, tmp_path / "state")
+    doc = localize(
+        documented_toml(ROOT / "README.md", "A minimal configuration"), consul.url, nginx, tmp_path / "state"
+    )
     config = tmp_path / "confpy.toml"
     config.write_text(as_toml(doc))
     register_backends(consul.api, backends[:1])
@@ -97,7 +120,9 @@ def test_readme_minimal_config_from_an_installed_wheel(
     assert wait_until(lambda: set(nginx.bodies(4)) == {"App server 1", "App server 2"}, 10)
     assert run_installed(installed, "-c", str(config), "--once", "--dry-run").returncode == 0
     listing = run_installed(installed, "templates")
-    assert "builtin:nginx-upstreams.conf.j2" in listing.stdout and "builtin:nginx-upstreams-live.conf.j2" in listing.stdout
+    assert (
+        "builtin:nginx-upstreams.conf.j2" in listing.stdout and "builtin:nginx-upstreams-live.conf.j2" in listing.stdout
+    )
     example = run_installed(installed, "init")
     assert example.returncode == 0 and "builtin:nginx-upstreams.conf.j2" in example.stdout
 
@@ -108,7 +133,9 @@ def test_live_mode_example_from_an_installed_wheel(
 ) -> None:
     nginx = NginxInstance(tmp_path / "nginx", lua=True)
     try:
-        doc = localize(documented_toml(ROOT / "docs" / "live-mode.md", "confpy.toml:"), consul.url, nginx, tmp_path / "state")
+        doc = localize(
+            documented_toml(ROOT / "docs" / "live-mode.md", "confpy.toml:"), consul.url, nginx, tmp_path / "state"
+        )
         doc["nginx"]["live_listen"] = f"127.0.0.1:{free_port()}"
         config = tmp_path / "confpy.toml"
         config.write_text(as_toml(doc))

@@ -288,7 +288,8 @@ class StateStore:
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
             members = {
-                str(key): tuple(ServiceInstance.from_json(item) for item in items) for key, items in raw["members"].items()
+                str(key): tuple(ServiceInstance.from_json(item) for item in items)
+                for key, items in raw["members"].items()
             }
         except FileNotFoundError:
             return Memory()

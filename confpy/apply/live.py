@@ -98,7 +98,9 @@ class LiveAdmin:
                 status = response.status
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            raise LivePushError(f"live admin API at {self.listen} is unreachable ({reason}); is the live template included in nginx?") from None
+            raise LivePushError(
+                f"live admin API at {self.listen} is unreachable ({reason}); is the live template included in nginx?"
+            ) from None
         try:
             return status, json.loads(text)
         except ValueError:
@@ -113,7 +115,10 @@ class LiveAdmin:
 
     async def versions(self) -> dict[str, str | None]:
         """Each upstream nginx defines, with the version it serves."""
-        return {name: (entry.get("version") if isinstance(entry, dict) else None) for name, entry in (await self.upstreams()).items()}
+        return {
+            name: (entry.get("version") if isinstance(entry, dict) else None)
+            for name, entry in (await self.upstreams()).items()
+        }
 
     async def put(self, name: str, upstream: LiveUpstream) -> None:
         """PUT /upstreams/NAME with the whole member list."""
@@ -143,13 +148,21 @@ class LiveUpstreams:
             if instances:
                 wanted[name] = self.get(name, instances)
             else:
-                log.warning("%s: upstream %s has no member to push; nginx keeps its current members", result.template.destination, name)
+                log.warning(
+                    "%s: upstream %s has no member to push; nginx keeps its current members",
+                    result.template.destination,
+                    name,
+                )
         return wanted
 
     def state_bytes(self, result: RenderResult) -> bytes:
         """A live template's member state file, as nginx's init_by_lua reads it."""
-        upstreams = {name: self.get(name, instances).to_json() for name, instances in sorted(result.live.items()) if instances}
-        return (json.dumps({"version": 1, "upstreams": upstreams}, sort_keys=True, separators=(",", ":")) + "\n").encode()
+        upstreams = {
+            name: self.get(name, instances).to_json() for name, instances in sorted(result.live.items()) if instances
+        }
+        return (
+            json.dumps({"version": 1, "upstreams": upstreams}, sort_keys=True, separators=(",", ":")) + "\n"
+        ).encode()
 
 
 def state_bytes(result: RenderResult) -> bytes:
@@ -174,7 +187,9 @@ class LiveSupervisor:
     lost the members pushed to the old ones).
     """
 
-    def __init__(self, config: Config, state: StateStore, reloader: NginxReloader, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, config: Config, state: StateStore, reloader: NginxReloader, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.config = config
         self.state = state
         self.reloader = reloader
@@ -247,7 +262,12 @@ class LiveSupervisor:
                     await self.admin.put(name, upstream)
                     current[name] = upstream.version
                     pushed.append(name)
-                    log.info("pushed %d members to upstream %s (version %s) without a reload", len(upstream.members), name, upstream.version)
+                    log.info(
+                        "pushed %d members to upstream %s (version %s) without a reload",
+                        len(upstream.members),
+                        name,
+                        upstream.version,
+                    )
         except LivePushError:
             self.known = None
             raise

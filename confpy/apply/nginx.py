@@ -25,7 +25,9 @@ from confpy.errors import CheckError, ReloadError
 log = logging.getLogger(__name__)
 
 
-async def run_command(cmd: Sequence[str], timeout: float, what: str, error: type[CheckError] | type[ReloadError]) -> str:
+async def run_command(
+    cmd: Sequence[str], timeout: float, what: str, error: type[CheckError] | type[ReloadError]
+) -> str:
     """Run `cmd` (no shell) within `timeout`; its output, or `error` with nginx's own words.
 
     Cancelling the caller kills the command, so a stopping daemon never waits for it.
@@ -130,11 +132,15 @@ def nginx_master(pid_file: Path) -> psutil.Process | None:
     except psutil.NoSuchProcess:
         return None
     except psutil.AccessDenied:
-        raise ReloadError(f"{pid_file}: not allowed to inspect PID {pid}; run confpy as the user that runs nginx (or root)") from None
+        raise ReloadError(
+            f"{pid_file}: not allowed to inspect PID {pid}; run confpy as the user that runs nginx (or root)"
+        ) from None
     if "nginx" not in name:  # the executable's name (comm), not its arguments: `python x.py --nginx` is not nginx
         raise ReloadError(f"{pid_file}: PID {pid} is {name!r}, not nginx; refusing to signal it (stale pid file?)")
     if "master process" not in cmdline:
-        raise ReloadError(f"{pid_file}: PID {pid} is an nginx process but not the master ({cmdline[:80]!r}); check [nginx] pid_file")
+        raise ReloadError(
+            f"{pid_file}: PID {pid} is an nginx process but not the master ({cmdline[:80]!r}); check [nginx] pid_file"
+        )
     return proc
 
 
@@ -207,14 +213,20 @@ class NginxReloader:
         except ReloadError as exc:
             return ReloadOutcome(False, str(exc), "pid_file")
         if master is None:
-            return ReloadOutcome(False, f"nginx is not running (no live master in {self.config.pid_file})", "not_running")
+            return ReloadOutcome(
+                False, f"nginx is not running (no live master in {self.config.pid_file})", "not_running"
+            )
         try:
             os.kill(master.pid, self.config.reload_signal)
         except ProcessLookupError:
             return ReloadOutcome(False, f"nginx master {master.pid} exited before it could be signalled", "not_running")
         except PermissionError:
-            return ReloadOutcome(False, f"not allowed to signal nginx master {master.pid}; run confpy as root or nginx's user", "signal")
-        return ReloadOutcome(True, f"sent {signal.Signals(self.config.reload_signal).name} to nginx master {master.pid}")
+            return ReloadOutcome(
+                False, f"not allowed to signal nginx master {master.pid}; run confpy as root or nginx's user", "signal"
+            )
+        return ReloadOutcome(
+            True, f"sent {signal.Signals(self.config.reload_signal).name} to nginx master {master.pid}"
+        )
 
     def worker_pids(self) -> tuple[int, ...]:
         """The PIDs of nginx's current workers (they change when nginx reloads or restarts)."""

@@ -169,7 +169,9 @@ class Daemon:
         self.first_fetches = asyncio.Semaphore(FIRST_FETCH_CONCURRENCY)
         self.watches = WatchSet(self._new_watcher)
         self.memories: dict[Path, Memory] = {}  # read once the locks are held (and 0.1's files moved)
-        self.templates = {t.destination: TemplateState(t, checksum=installed_checksum(t.destination)) for t in config.templates}
+        self.templates = {
+            t.destination: TemplateState(t, checksum=installed_checksum(t.destination)) for t in config.templates
+        }
         self.last_sync_ok = False
         self.last_sync_error = "no sync yet"
         self.not_reloaded = ""  # why installed files are not live in nginx yet (empty: they are)
@@ -178,8 +180,16 @@ class Daemon:
         self._publish()
 
     def _new_watcher(self, dep: Dependency) -> Watcher:
-        return Watcher(dep, self.registry, self.settings, self.health, self._on_value, clock=self.clock, sleep=self.sleep,
-                       first_fetches=self.first_fetches)
+        return Watcher(
+            dep,
+            self.registry,
+            self.settings,
+            self.health,
+            self._on_value,
+            clock=self.clock,
+            sleep=self.sleep,
+            first_fetches=self.first_fetches,
+        )
 
     def _on_value(self, dep: Dependency, value: object, index: int) -> None:
         self.events.put_nowait(ValueEvent(dep, value, index, self.clock()))
@@ -227,7 +237,9 @@ class Daemon:
     def _publish(self) -> None:
         """Replace the snapshot the status endpoint reads."""
         live = self.engine.live.status() if self.engine.live is not None else None
-        services = {dep.describe(): value for dep, value in self.data.snapshot().items() if isinstance(value, HealthView)}
+        services = {
+            dep.describe(): value for dep, value in self.data.snapshot().items() if isinstance(value, HealthView)
+        }
         self.snapshot = StatusSnapshot(
             registry_address=self.config.consul.address,
             registry_reachable=self.health.reachable,
@@ -306,9 +318,20 @@ class Daemon:
                 # has arrived (it may then ask for more, e.g. one service per catalog entry).
                 state.missing.discard(dep)
                 if not state.missing:
-                    self.quiescence.change(state.config.destination, event.seen, self.config.wait_for(state.config), "first data", immediate=True)
+                    self.quiescence.change(
+                        state.config.destination,
+                        event.seen,
+                        self.config.wait_for(state.config),
+                        "first data",
+                        immediate=True,
+                    )
             else:
-                self.quiescence.change(state.config.destination, event.seen, self.config.wait_for(state.config), f"{dep.describe()} changed")
+                self.quiescence.change(
+                    state.config.destination,
+                    event.seen,
+                    self.config.wait_for(state.config),
+                    f"{dep.describe()} changed",
+                )
 
     def _count_rejected(self, dep: Dependency, view: HealthView) -> None:
         # A series only for services that have (or had) rejected instances: a thousand zero-valued
@@ -323,8 +346,13 @@ class Daemon:
             source = state.config.source
             if path == source or (path.parent == source.parent and path.suffix in TEMPLATE_SUFFIXES):
                 log.info("template file %s changed; re-rendering %s", path, state.config.destination)
-                self.quiescence.change(state.config.destination, self.clock(), self.config.wait_for(state.config),
-                                       f"template {path.name} edited", immediate=True)
+                self.quiescence.change(
+                    state.config.destination,
+                    self.clock(),
+                    self.config.wait_for(state.config),
+                    f"template {path.name} edited",
+                    immediate=True,
+                )
 
     async def _reconfigure(self) -> None:
         try:
@@ -567,4 +595,3 @@ class Daemon:
 def run_daemon(config: Config, config_path: Path, environ: Mapping[str, str]) -> int:
     """`confpy -c FILE`: the daemon."""
     return asyncio.run(Daemon(config, config_path, environ).run())
-

@@ -24,16 +24,29 @@ class Metrics:
         self.reloads_skipped = Counter(
             "confpy_reloads_skipped", "Changes installed without reloading nginx, by reason", ["reason"], registry=r
         )
-        self.check_failures = Counter("confpy_check_failures", "nginx configuration checks that failed (rolled back)", registry=r)
+        self.check_failures = Counter(
+            "confpy_check_failures", "nginx configuration checks that failed (rolled back)", registry=r
+        )
         self.install_failures = Counter("confpy_install_failures", "Installs or reloads that failed", registry=r)
         self.consul_errors = Counter("confpy_consul_errors", "Failed Consul requests", registry=r)
-        self.consul_requests = Counter("confpy_consul_requests", "Consul requests made by watchers (blocking queries)", registry=r)
-        self.live_pushes = Counter("confpy_live_pushes", "Upstream member lists pushed to nginx without a reload", registry=r)
-        self.live_push_failures = Counter("confpy_live_push_failures", "Failed pushes to the live admin API", registry=r)
+        self.consul_requests = Counter(
+            "confpy_consul_requests", "Consul requests made by watchers (blocking queries)", registry=r
+        )
+        self.live_pushes = Counter(
+            "confpy_live_pushes", "Upstream member lists pushed to nginx without a reload", registry=r
+        )
+        self.live_push_failures = Counter(
+            "confpy_live_push_failures", "Failed pushes to the live admin API", registry=r
+        )
         self.consul_up = Gauge("confpy_consul_up", "1 when the last Consul request succeeded", registry=r)
-        self.last_sync = Gauge("confpy_last_successful_sync_timestamp_seconds", "Unix time of the last successful sync", registry=r)
+        self.last_sync = Gauge(
+            "confpy_last_successful_sync_timestamp_seconds", "Unix time of the last successful sync", registry=r
+        )
         self.invalid_instances = Gauge(
-            "confpy_invalid_instances", "Instances left out of the render because they are invalid", ["service"], registry=r
+            "confpy_invalid_instances",
+            "Instances left out of the render because they are invalid",
+            ["service"],
+            registry=r,
         )
         self.change_to_reload = Histogram(
             "confpy_change_to_reload_seconds",

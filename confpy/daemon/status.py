@@ -87,7 +87,11 @@ class StatusSnapshot:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "consul": {"address": self.registry_address, "reachable": self.registry_reachable, "last_error": self.registry_error},
+            "consul": {
+                "address": self.registry_address,
+                "reachable": self.registry_reachable,
+                "last_error": self.registry_error,
+            },
             "last_sync_ok": self.last_sync_ok,
             "last_sync_error": "" if self.last_sync_ok else self.last_sync_error,
             "pending": list(self.pending),
@@ -96,7 +100,9 @@ class StatusSnapshot:
             "templates": [t.to_json() for t in self.templates],
             "services": {
                 label: {
-                    "instances": [{"id": i.id, "address": i.address, "port": i.port, "weight": i.weight} for i in view.instances],
+                    "instances": [
+                        {"id": i.id, "address": i.address, "port": i.port, "weight": i.weight} for i in view.instances
+                    ],
                     "rejected": [str(r) for r in view.rejected],
                 }
                 for label, view in sorted(self.services.items())

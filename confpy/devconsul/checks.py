@@ -41,7 +41,7 @@ def run_http_check(check: CheckEntry) -> tuple[str, str]:
         reason = exc.reason
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason_text = getattr(exc, "reason", exc)
-        return CRITICAL, f"Get \"{check.http}\": {reason_text}"
+        return CRITICAL, f'Get "{check.http}": {reason_text}'
     output = f"HTTP {check.method or 'GET'} {check.http}: {code} {reason} Output: {body}"
     if 200 <= code < 300:
         return PASSING, output

@@ -50,7 +50,8 @@ def _json_type(value: Any) -> str:
 
 def _decode_error(struct: str, field: str, value: Any, go_type: str) -> RegisterError:
     return RegisterError(
-        400, f"Request decode failed: json: cannot unmarshal {_json_type(value)} into Go struct field {struct}.{field} of type {go_type}"
+        400,
+        f"Request decode failed: json: cannot unmarshal {_json_type(value)} into Go struct field {struct}.{field} of type {go_type}",
     )
 
 
@@ -138,19 +139,43 @@ def decode_check(raw: Any) -> dict[str, Any] | None:
         "deregister_after": _duration(data, "deregistercriticalserviceafter", s, "DeregisterCriticalServiceAfter"),
     }
     header = data.get("header") or {}
-    if not isinstance(header, dict) or not all(isinstance(v, list) and all(isinstance(i, str) for i in v) for v in header.values()):
+    if not isinstance(header, dict) or not all(
+        isinstance(v, list) and all(isinstance(i, str) for i in v) for v in header.values()
+    ):
         raise _decode_error(s, "Header", header, "map[string][]string")
     check["header"] = header
-    unsupported = [k for k in ("script", "args", "grpc", "h2ping", "udp", "dockercontainerid", "aliasservice", "aliasnode", "osservice") if data.get(k)]
-    if not any(check[k] for k in ("http", "tcp", "ttl", "interval")) and not unsupported and not any(check[k] for k in ("name", "check_id")):
+    unsupported = [
+        k
+        for k in (
+            "script",
+            "args",
+            "grpc",
+            "h2ping",
+            "udp",
+            "dockercontainerid",
+            "aliasservice",
+            "aliasnode",
+            "osservice",
+        )
+        if data.get(k)
+    ]
+    if (
+        not any(check[k] for k in ("http", "tcp", "ttl", "interval"))
+        and not unsupported
+        and not any(check[k] for k in ("name", "check_id"))
+    ):
         return None
     if unsupported:
-        raise RegisterError(400, f"Invalid check: confpy dev-consul supports TTL, HTTP and TCP checks, not {unsupported[0]}")
+        raise RegisterError(
+            400, f"Invalid check: confpy dev-consul supports TTL, HTTP and TCP checks, not {unsupported[0]}"
+        )
     interval_check = bool(check["http"] or check["tcp"])
     if check["interval"] > 0 and check["ttl"] > 0:
         raise RegisterError(400, "Invalid check: Interval and TTL cannot both be specified")
     if interval_check and check["interval"] <= 0:
-        raise RegisterError(400, "Invalid check: Interval must be > 0 for Script, HTTP, H2PING, TCP, UDP or OS Service checks")
+        raise RegisterError(
+            400, "Invalid check: Interval must be > 0 for Script, HTTP, H2PING, TCP, UDP or OS Service checks"
+        )
     if not interval_check and check["ttl"] <= 0:
         raise RegisterError(400, "Invalid check: TTL must be > 0 for TTL checks")
     if check["status"] and check["status"] not in VALID_STATUSES:
@@ -165,7 +190,10 @@ def decode_check(raw: Any) -> dict[str, Any] | None:
 def decode_service(raw: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A register body -> (service fields, check definitions), or RegisterError with Consul's text."""
     if not isinstance(raw, dict):
-        raise RegisterError(400, f"Request decode failed: json: cannot unmarshal {_json_type(raw)} into Go value of type structs.ServiceDefinition")
+        raise RegisterError(
+            400,
+            f"Request decode failed: json: cannot unmarshal {_json_type(raw)} into Go value of type structs.ServiceDefinition",
+        )
     data = _normalized(raw)
     s = "ServiceDefinition"
     name = _string(data, "name", s, "Name")
@@ -176,7 +204,11 @@ def decode_service(raw: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     port = data.get("port", 0)
     if port is None:
         port = 0
-    if isinstance(port, bool) or not isinstance(port, (int, float)) or (isinstance(port, float) and not port.is_integer()):
+    if (
+        isinstance(port, bool)
+        or not isinstance(port, (int, float))
+        or (isinstance(port, float) and not port.is_integer())
+    ):
         raise _decode_error(s, "Port", port, "int")
     weights_raw = data.get("weights")
     weights = {"Passing": 1, "Warning": 1}

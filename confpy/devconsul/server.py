@@ -139,7 +139,7 @@ class Handler(BaseHTTPRequestHandler):
                 if path == prefix or (prefix.endswith("/") and path.startswith(prefix)):
                     if self.command not in methods:
                         raise HTTPError(405, f"method {self.command} not allowed")
-                    handler(self, state, path[len(prefix):], query)
+                    handler(self, state, path[len(prefix) :], query)
                     return
             raise HTTPError(404, "404 page not found")
         except HTTPError as exc:
@@ -163,18 +163,29 @@ class Handler(BaseHTTPRequestHandler):
             except ValueError:
                 raise HTTPError(400, "Invalid value for ?passing") from None
         if query.get("filter"):
-            raise HTTPError(400, "Failed to create evaluator for expression: confpy dev-consul does not support ?filter")
+            raise HTTPError(
+                400, "Failed to create evaluator for expression: confpy dev-consul does not support ?filter"
+            )
         tags = query.all("tag")
         new_index, data = state.blocking(
-            f"health:{name}", lambda: state.health_index(name), lambda: state.services_table_index,
-            lambda: state.health_service(name, tags, passing), index, wait,
+            f"health:{name}",
+            lambda: state.health_index(name),
+            lambda: state.services_table_index,
+            lambda: state.health_service(name, tags, passing),
+            index,
+            wait,
         )
         self._json(200, data, new_index, query.has("pretty"))
 
     def catalog_services(self, state: AgentState, rest: str, query: Query) -> None:
         index, wait = blocking_params(query)
         new_index, data = state.blocking(
-            "catalog", lambda: state.view_index.get("catalog", 0), lambda: state.services_table_index, state.catalog_services, index, wait
+            "catalog",
+            lambda: state.view_index.get("catalog", 0),
+            lambda: state.services_table_index,
+            state.catalog_services,
+            index,
+            wait,
         )
         self._json(200, data, new_index, query.has("pretty"))
 
@@ -184,8 +195,12 @@ class Handler(BaseHTTPRequestHandler):
         index, wait = blocking_params(query)
         tags = query.all("tag")
         new_index, data = state.blocking(
-            f"catalog:{name}", lambda: state.view_index.get(f"catalog:{name}", 0), lambda: state.services_table_index,
-            lambda: state.catalog_service(name, tags), index, wait,
+            f"catalog:{name}",
+            lambda: state.view_index.get(f"catalog:{name}", 0),
+            lambda: state.services_table_index,
+            lambda: state.catalog_service(name, tags),
+            index,
+            wait,
         )
         self._json(200, data, new_index, query.has("pretty"))
 
@@ -252,16 +267,29 @@ class Handler(BaseHTTPRequestHandler):
 
     def agent_services(self, state: AgentState, rest: str, query: Query) -> None:
         with state.cond:
-            data = {sid: {**state._service_json(s), "Datacenter": state.datacenter} for sid, s in state.services.items() if sid != "consul"}
+            data = {
+                sid: {**state._service_json(s), "Datacenter": state.datacenter}
+                for sid, s in state.services.items()
+                if sid != "consul"
+            }
         self._json(200, data)
 
     def agent_self(self, state: AgentState, rest: str, query: Query) -> None:
-        self._json(200, {
-            "Config": {"Datacenter": state.datacenter, "NodeName": state.node, "NodeID": state.node_id, "Server": True,
-                       "Version": "1.20.0", "Revision": "confpy-dev"},
-            "Member": {"Name": state.node, "Addr": state.address, "Port": 8301, "Status": 1},
-            "Meta": {"consul-network-segment": ""},
-        })
+        self._json(
+            200,
+            {
+                "Config": {
+                    "Datacenter": state.datacenter,
+                    "NodeName": state.node,
+                    "NodeID": state.node_id,
+                    "Server": True,
+                    "Version": "1.20.0",
+                    "Revision": "confpy-dev",
+                },
+                "Member": {"Name": state.node, "Addr": state.address, "Port": 8301, "Status": 1},
+                "Meta": {"consul-network-segment": ""},
+            },
+        )
 
     def status_leader(self, state: AgentState, rest: str, query: Query) -> None:
         self._json(200, f"{state.address}:8300")
@@ -296,11 +324,20 @@ class Handler(BaseHTTPRequestHandler):
         index, wait = blocking_params(query)
         prefix = query.has("recurse") or query.has("keys")
         new_index, entries = state.blocking(
-            f"kvp:{key}" if prefix else f"kv:{key}", lambda: state.kv_index(key, prefix), lambda: state.kv_table_index,
-            lambda: state.kv_entries(key, prefix), index, wait
+            f"kvp:{key}" if prefix else f"kv:{key}",
+            lambda: state.kv_index(key, prefix),
+            lambda: state.kv_table_index,
+            lambda: state.kv_entries(key, prefix),
+            index,
+            wait,
         )
         if not entries:
-            self._send(404, b"", "text/plain; charset=utf-8", {"X-Consul-Index": str(new_index), "X-Consul-KnownLeader": "true", "X-Consul-LastContact": "0"})
+            self._send(
+                404,
+                b"",
+                "text/plain; charset=utf-8",
+                {"X-Consul-Index": str(new_index), "X-Consul-KnownLeader": "true", "X-Consul-LastContact": "0"},
+            )
             return
         if query.has("keys"):
             separator = query.get("separator")
@@ -318,12 +355,22 @@ class Handler(BaseHTTPRequestHandler):
         if query.has("raw"):
             self._send(200, entries[0].value, "application/octet-stream", {"X-Consul-Index": str(new_index)})
             return
-        self._json(200, [
-            {"LockIndex": e.lock_index, "Key": e.key, "Flags": e.flags,
-             "Value": base64.b64encode(e.value).decode() if e.value else None,
-             "CreateIndex": e.create_index, "ModifyIndex": e.modify_index}
-            for e in entries
-        ], new_index, query.has("pretty"))
+        self._json(
+            200,
+            [
+                {
+                    "LockIndex": e.lock_index,
+                    "Key": e.key,
+                    "Flags": e.flags,
+                    "Value": base64.b64encode(e.value).decode() if e.value else None,
+                    "CreateIndex": e.create_index,
+                    "ModifyIndex": e.modify_index,
+                }
+                for e in entries
+            ],
+            new_index,
+            query.has("pretty"),
+        )
 
 
 ROUTES = [
@@ -369,7 +416,9 @@ class DevConsulServer(ThreadingHTTPServer):
 
     def start(self) -> threading.Thread:
         self.checks.start()
-        thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.5}, name="dev-consul-http", daemon=True)
+        thread = threading.Thread(
+            target=self.serve_forever, kwargs={"poll_interval": 0.5}, name="dev-consul-http", daemon=True
+        )
         thread.start()
         return thread
 
@@ -395,7 +444,11 @@ def serve(http_addr: str, node: str) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     server.start()
     print(f"confpy dev-consul: serving the Consul HTTP API on {server.url} (node {server.state.node})", flush=True)
-    print("confpy dev-consul: in-memory, for development and tests only: no ACLs, no persistence, no raft", file=sys.stderr, flush=True)
+    print(
+        "confpy dev-consul: in-memory, for development and tests only: no ACLs, no persistence, no raft",
+        file=sys.stderr,
+        flush=True,
+    )
     while not stop.wait(3600):
         pass
     server.stop()

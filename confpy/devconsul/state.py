@@ -18,7 +18,9 @@ from typing import Any
 PASSING, WARNING, CRITICAL = "passing", "warning", "critical"
 MAINT_PREFIX = "_service_maintenance:"
 MAINT_NAME = "Service Maintenance Mode"
-MAINT_DEFAULT_REASON = "Maintenance mode is enabled for this service, but no reason was provided. This is a default message."
+MAINT_DEFAULT_REASON = (
+    "Maintenance mode is enabled for this service, but no reason was provided. This is a default message."
+)
 SERF_CHECK = "serfHealth"
 MAX_WAIT = 600.0
 DEFAULT_WAIT = 300.0
@@ -86,7 +88,13 @@ def go_duration_text(seconds: float) -> str:
 class AgentState:
     """All of the agent's data behind one lock, with blocking reads."""
 
-    def __init__(self, node: str, datacenter: str = "dc1", address: str = "127.0.0.1", clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        node: str,
+        datacenter: str = "dc1",
+        address: str = "127.0.0.1",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.node = node
         self.node_id = str(uuid.uuid4())
         self.datacenter = datacenter
@@ -112,8 +120,12 @@ class AgentState:
         self.listeners: list[Callable[[], None]] = []
         self.node_create_index = self._next()
         self.checks[SERF_CHECK] = CheckEntry(
-            SERF_CHECK, "Serf Health Status", PASSING, output="Agent alive and reachable",
-            create_index=self.node_create_index, modify_index=self.node_create_index,
+            SERF_CHECK,
+            "Serf Health Status",
+            PASSING,
+            output="Agent alive and reachable",
+            create_index=self.node_create_index,
+            modify_index=self.node_create_index,
         )
         self.register({"id": "consul", "name": "consul", "port": 8300, "tags": [], "meta": {"raft_version": "3"}}, [])
 
@@ -148,8 +160,15 @@ class AgentState:
             for cond in self.view_conds.values():
                 cond.notify_all()
 
-    def blocking(self, view: str, view_index: Callable[[], int], table_index: Callable[[], int], body: Callable[[], Any],
-                 index: int, wait: float) -> tuple[int, Any]:
+    def blocking(
+        self,
+        view: str,
+        view_index: Callable[[], int],
+        table_index: Callable[[], int],
+        body: Callable[[], Any],
+        index: int,
+        wait: float,
+    ) -> tuple[int, Any]:
         """Answer at once when `index` is 0 or the view moved past it; else wait up to wait + jitter."""
         wait = min(wait, MAX_WAIT)
         deadline = self.clock() + wait + random.uniform(0, wait / 16)
@@ -267,9 +286,16 @@ class AgentState:
                     return True
                 index = self._next()
                 self.checks[check_id] = CheckEntry(
-                    check_id, MAINT_NAME, CRITICAL, notes=reason or MAINT_DEFAULT_REASON,
-                    service_id=sid, service_name=service.name, service_tags=list(service.tags),
-                    create_index=index, modify_index=index, critical_since=None,
+                    check_id,
+                    MAINT_NAME,
+                    CRITICAL,
+                    notes=reason or MAINT_DEFAULT_REASON,
+                    service_id=sid,
+                    service_name=service.name,
+                    service_tags=list(service.tags),
+                    create_index=index,
+                    modify_index=index,
+                    critical_since=None,
                 )
             else:
                 if check_id not in self.checks:
@@ -299,7 +325,8 @@ class AgentState:
             index = self._next()
             check.modify_index = index
             views = (
-                [f"health:{s.name}" for s in self.services.values()] if not check.service_id
+                [f"health:{s.name}" for s in self.services.values()]
+                if not check.service_id
                 else [f"health:{check.service_name}"]
             )
             self._touch(index, views)
@@ -332,8 +359,11 @@ class AgentState:
         now = self.clock()
         with self.cond:
             doomed = {
-                c.service_id for c in self.checks.values()
-                if c.service_id and c.deregister_after and c.critical_since is not None
+                c.service_id
+                for c in self.checks.values()
+                if c.service_id
+                and c.deregister_after
+                and c.critical_since is not None
                 and now - c.critical_since >= c.deregister_after
             }
         for sid in doomed:
@@ -348,7 +378,12 @@ class AgentState:
             "Node": self.node,
             "Address": self.address,
             "Datacenter": self.datacenter,
-            "TaggedAddresses": {"lan": self.address, "lan_ipv4": self.address, "wan": self.address, "wan_ipv4": self.address},
+            "TaggedAddresses": {
+                "lan": self.address,
+                "lan_ipv4": self.address,
+                "wan": self.address,
+                "wan_ipv4": self.address,
+            },
             "Meta": {"consul-network-segment": ""},
             "CreateIndex": self.node_create_index,
             "ModifyIndex": self.node_create_index,
@@ -405,7 +440,13 @@ class AgentState:
             checks = node_checks + [c for c in self.checks.values() if c.service_id == s.id]
             if passing and any(c.status != PASSING for c in checks):
                 continue
-            out.append({"Node": self._node_json(), "Service": self._service_json(s), "Checks": [self._check_json(c) for c in checks]})
+            out.append(
+                {
+                    "Node": self._node_json(),
+                    "Service": self._service_json(s),
+                    "Checks": [self._check_json(c) for c in checks],
+                }
+            )
         random.shuffle(out)  # Consul gives no stable order; clients must not rely on one.
         return out
 
@@ -421,16 +462,30 @@ class AgentState:
         for s in self.services.values():
             if s.name != name or not all(t in s.tags for t in tags):
                 continue
-            out.append({
-                "ID": node["ID"], "Node": node["Node"], "Address": node["Address"], "Datacenter": node["Datacenter"],
-                "TaggedAddresses": node["TaggedAddresses"], "NodeMeta": node["Meta"],
-                "ServiceKind": s.kind, "ServiceID": s.id, "ServiceName": s.name, "ServiceTags": list(s.tags),
-                "ServiceAddress": s.address, "ServiceTaggedAddresses": dict(s.tagged_addresses) if s.tagged_addresses else None,
-                "ServiceWeights": dict(s.weights), "ServiceMeta": dict(s.meta), "ServicePort": s.port,
-                "ServiceEnableTagOverride": s.enable_tag_override,
-                "ServiceProxy": {"Mode": "", "MeshGateway": {}, "Expose": {}}, "ServiceConnect": {},
-                "CreateIndex": s.create_index, "ModifyIndex": s.modify_index,
-            })
+            out.append(
+                {
+                    "ID": node["ID"],
+                    "Node": node["Node"],
+                    "Address": node["Address"],
+                    "Datacenter": node["Datacenter"],
+                    "TaggedAddresses": node["TaggedAddresses"],
+                    "NodeMeta": node["Meta"],
+                    "ServiceKind": s.kind,
+                    "ServiceID": s.id,
+                    "ServiceName": s.name,
+                    "ServiceTags": list(s.tags),
+                    "ServiceAddress": s.address,
+                    "ServiceTaggedAddresses": dict(s.tagged_addresses) if s.tagged_addresses else None,
+                    "ServiceWeights": dict(s.weights),
+                    "ServiceMeta": dict(s.meta),
+                    "ServicePort": s.port,
+                    "ServiceEnableTagOverride": s.enable_tag_override,
+                    "ServiceProxy": {"Mode": "", "MeshGateway": {}, "Expose": {}},
+                    "ServiceConnect": {},
+                    "CreateIndex": s.create_index,
+                    "ModifyIndex": s.modify_index,
+                }
+            )
         return out
 
     def checks_for_runner(self) -> list[CheckEntry]:

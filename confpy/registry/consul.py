@@ -84,7 +84,9 @@ class ConsulClient:
             try:
                 tls = ssl_context(self.config)
             except (OSError, ssl.SSLError) as exc:
-                raise ConsulUnreachable(f"cannot load the TLS files for Consul at {self.address}: {exc}; check ca_file/cert_file/key_file") from None
+                raise ConsulUnreachable(
+                    f"cannot load the TLS files for Consul at {self.address}: {exc}; check ca_file/cert_file/key_file"
+                ) from None
             connector = aiohttp.TCPConnector(limit=0, ssl=tls, enable_cleanup_closed=True, ttl_dns_cache=10)
             self._session = aiohttp.ClientSession(
                 base_url=self.config.address,
@@ -151,17 +153,25 @@ class ConsulClient:
                 f"Consul at {self.address} did not answer {what} in time (timeout {self.config.timeout:g}s plus the query's wait)"
             ) from None
         except aiohttp.ClientConnectorDNSError as exc:
-            raise ConsulUnreachable(f"cannot reach Consul at {self.address} for {what}: cannot resolve host {exc.host!r} ({_dns_reason(exc)})") from None
+            raise ConsulUnreachable(
+                f"cannot reach Consul at {self.address} for {what}: cannot resolve host {exc.host!r} ({_dns_reason(exc)})"
+            ) from None
         except aiohttp.ClientSSLError as exc:
-            raise ConsulUnreachable(f"TLS with Consul at {self.address} failed for {what}: {_short(str(exc))}; check ca_file/cert_file") from None
+            raise ConsulUnreachable(
+                f"TLS with Consul at {self.address} failed for {what}: {_short(str(exc))}; check ca_file/cert_file"
+            ) from None
         except aiohttp.ClientConnectorError as exc:
             os_error = exc.os_error
             reason = os.strerror(os_error.errno) if os_error.errno else (os_error.strerror or str(os_error))
             raise ConsulUnreachable(f"cannot reach Consul at {self.address} for {what}: {reason.lower()}") from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise ConsulUnreachable(f"request to Consul at {self.address} for {what} failed: {_short(type(exc).__name__ + ' ' + str(exc))}") from None
+            raise ConsulUnreachable(
+                f"request to Consul at {self.address} for {what} failed: {_short(type(exc).__name__ + ' ' + str(exc))}"
+            ) from None
 
-    async def read(self, path: str, what: str, *, params: Sequence[tuple[str, str]] = (), index: int = 0, wait: float | None = None) -> tuple[int, Any]:
+    async def read(
+        self, path: str, what: str, *, params: Sequence[tuple[str, str]] = (), index: int = 0, wait: float | None = None
+    ) -> tuple[int, Any]:
         """GET a JSON endpoint; (X-Consul-Index, decoded body). Error statuses raise ConsulBadResponse."""
         status, headers, body = await self.request("GET", path, what, params=params, index=index, wait=wait)
         text = body.decode("utf-8", "replace")
@@ -179,7 +189,9 @@ class ConsulClient:
         params = [("passing", "1")] if passing else []
         if tag is not None:
             params.append(("tag", tag))
-        return await self.read(f"/v1/health/service/{_quote(name)}", f"health of service {name!r}", params=params, index=index, wait=wait)
+        return await self.read(
+            f"/v1/health/service/{_quote(name)}", f"health of service {name!r}", params=params, index=index, wait=wait
+        )
 
     async def catalog_services(self, *, index: int = 0, wait: float | None = None) -> tuple[int, Any]:
         """GET /v1/catalog/services (a blocking query when index > 0)."""
@@ -195,7 +207,11 @@ class ConsulClient:
 
     async def register(self, definition: Mapping[str, Any]) -> None:
         """PUT /v1/agent/service/register with a full service definition (Consul's own keys)."""
-        await self._put(f"registering service {definition.get('Name')!r}", "/v1/agent/service/register", body=json.dumps(dict(definition)).encode())
+        await self._put(
+            f"registering service {definition.get('Name')!r}",
+            "/v1/agent/service/register",
+            body=json.dumps(dict(definition)).encode(),
+        )
 
     async def deregister(self, service_id: str) -> None:
         """PUT /v1/agent/service/deregister/ID."""
@@ -206,7 +222,9 @@ class ConsulClient:
         params = [("enable", "true" if enable else "false")]
         if reason:
             params.append(("reason", reason))
-        await self._put(f"maintenance mode for {service_id!r}", f"/v1/agent/service/maintenance/{_quote(service_id)}", params)
+        await self._put(
+            f"maintenance mode for {service_id!r}", f"/v1/agent/service/maintenance/{_quote(service_id)}", params
+        )
 
 
 def _quote(segment: str) -> str:
@@ -271,11 +289,15 @@ class ConsulRegistry:
 
     async def service_health(self, dep: ServiceHealth, index: int, wait: float) -> tuple[int, HealthView]:
         """`/v1/health/service` as templates see it: validated, sorted, host names resolvable."""
-        new_index, entries = await self.client.health_service(dep.service, tag=dep.tag, passing=True, index=index, wait=wait)
+        new_index, entries = await self.client.health_service(
+            dep.service, tag=dep.tag, passing=True, index=index, wait=wait
+        )
         try:
             view = health_view_from_entries(dep.service, entries)
         except ValueError as exc:
-            raise ConsulBadResponse(f"Consul's answer for service {dep.service!r} has an unexpected shape: {exc}") from None
+            raise ConsulBadResponse(
+                f"Consul's answer for service {dep.service!r} has an unexpected shape: {exc}"
+            ) from None
         hosts = {i.address for i in view.instances if is_hostname(i.address)}
         if hosts:
             known = await _resolvable(hosts, self.client.config.timeout)

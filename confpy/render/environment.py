@@ -35,7 +35,15 @@ _NOT_UPSTREAM_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 def _describe_char(char: str) -> str:
-    names = {" ": "a space", "\t": "a tab", "\n": "a newline", "\r": "a carriage return", ";": "';'", "{": "'{'", "}": "'}'"}
+    names = {
+        " ": "a space",
+        "\t": "a tab",
+        "\n": "a newline",
+        "\r": "a carriage return",
+        ";": "';'",
+        "{": "'{'",
+        "}": "'}'",
+    }
     if char in names:
         return names[char]
     if ord(char) < 0x20 or ord(char) == 0x7F:
@@ -65,7 +73,9 @@ def nginx_quote(value: Any) -> NginxQuoted:
     text = str(value)
     for char in text:
         if ord(char) < 0x20 or ord(char) == 0x7F or char == "$":
-            raise UnsafeValueError(f"value {_preview(text)} contains {_describe_char(char)}, which nginx_quote cannot write safely", text)
+            raise UnsafeValueError(
+                f"value {_preview(text)} contains {_describe_char(char)}, which nginx_quote cannot write safely", text
+            )
     return NginxQuoted('"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"')
 
 
@@ -188,7 +198,9 @@ class Fragment:
 class _RenderContext:
     """The functions one render hands to its template, recording what it asked for."""
 
-    def __init__(self, data: DataSource, template: TemplateConfig, remembered: Memory, fragments: dict[object, Fragment]) -> None:
+    def __init__(
+        self, data: DataSource, template: TemplateConfig, remembered: Memory, fragments: dict[object, Fragment]
+    ) -> None:
         self.data = data
         self.template = template
         self.remembered = remembered
@@ -306,7 +318,9 @@ class _RenderContext:
     def _claim(self, name: str, service: str) -> None:
         other = self.upstreams.setdefault(name, service)
         if other != service:
-            raise UnsafeValueError(f"services {other!r} and {service!r} both map to upstream {name!r}; rename one of them")
+            raise UnsafeValueError(
+                f"services {other!r} and {service!r} both map to upstream {name!r}; rename one of them"
+            )
 
     def _still_valid(self, fragment: Fragment) -> bool:
         current = self.data.peek
@@ -394,7 +408,9 @@ class FragmentExtension(Extension):
         render: _RenderContext = context["__confpy__"]
         return render.fragment((lineno, key), caller)
 
-    def _each(self, context: jinja2.runtime.Context, lineno: int, items: Iterable[object], caller: Callable[[object], str]) -> str:
+    def _each(
+        self, context: jinja2.runtime.Context, lineno: int, items: Iterable[object], caller: Callable[[object], str]
+    ) -> str:
         render: _RenderContext = context["__confpy__"]
         return "".join([render.fragment((lineno, item), caller, item) for item in items])
 
@@ -493,7 +509,9 @@ class TemplateRenderer:
             live=ctx.live,
         )
 
-    def _execute(self, compiled: jinja2.Template, ctx: _RenderContext, functions: Mapping[str, Callable[..., Any]]) -> str:
+    def _execute(
+        self, compiled: jinja2.Template, ctx: _RenderContext, functions: Mapping[str, Callable[..., Any]]
+    ) -> str:
         """Run the template; every failure becomes a RenderError naming file:line."""
         try:
             return compiled.render(__confpy__=ctx, **functions)
@@ -506,7 +524,9 @@ class TemplateRenderer:
             line = _template_line(exc.__traceback__, self.template.source)
             raise type(exc)(f"{self._where(line)}: {exc.message}") from None
         except jinja2.TemplateSyntaxError as exc:
-            raise RenderError(f"{exc.filename or self.template.source}:{exc.lineno}: template syntax error: {exc.message}") from None
+            raise RenderError(
+                f"{exc.filename or self.template.source}:{exc.lineno}: template syntax error: {exc.message}"
+            ) from None
         except jinja2.UndefinedError as exc:
             line = _template_line(exc.__traceback__, self.template.source)
             raise RenderError(f"{self._where(line)}: {exc.message}") from None
@@ -516,4 +536,3 @@ class TemplateRenderer:
         except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError) as exc:
             line = _template_line(exc.__traceback__, self.template.source)
             raise RenderError(f"{self._where(line)}: {type(exc).__name__}: {exc}") from None
-

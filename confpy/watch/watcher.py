@@ -73,8 +73,12 @@ class RegistryHealth:
         if self.down_since is not None:
             return
         self.down_since = self.wall_clock()
-        log.error("Consul unavailable since %s: %s (watching %s); retrying with backoff, nginx and the installed files stay as they are",
-                  time.strftime("%H:%M:%S", time.localtime(self.down_since)), exc, dep.describe())
+        log.error(
+            "Consul unavailable since %s: %s (watching %s); retrying with backoff, nginx and the installed files stay as they are",
+            time.strftime("%H:%M:%S", time.localtime(self.down_since)),
+            exc,
+            dep.describe(),
+        )
         self._changed()
 
     def success(self) -> None:
@@ -197,7 +201,12 @@ class Watcher:
         previous = self.index
         self.index = next_index(previous, new_index)
         if self.index == 0:
-            log.info("%s: Consul's index went backwards (%d -> %d); re-reading from 0", self.dep.describe(), previous, new_index)
+            log.info(
+                "%s: Consul's index went backwards (%d -> %d); re-reading from 0",
+                self.dep.describe(),
+                previous,
+                new_index,
+            )
         if self.has_value and value == self.last_value:
             return False
         self.last_value = value
