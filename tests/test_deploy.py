@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -209,3 +210,62 @@ def test_json_logs_have_stable_keys(
     lines = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
     assert lines and all(set(entry) == {"time", "level", "logger", "message"} for entry in lines)
     assert any(entry["message"].startswith("installed ") for entry in lines)
+
+
+def test_health_clears_a_consul_error_as_soon_as_consul_answers_again_and_metrics_are_conventional(
+    nginx: NginxInstance, backends: list[BackendServer], tmp_path: Path
+) -> None:
+    from confpy.lab import ConsulAPI, DevConsulProcess
+
+    dev = DevConsulProcess().start()
+    status_port = free_port()
+    config = write_config(tmp_path / "c.toml", dev.url, nginx, SHIPPED_TEMPLATE, status=f"127.0.0.1:{status_port}")
+    register_backends(ConsulAPI(dev.url), backends[:1])
+    assert run_confpy("-c", str(config), "--once", "--allow-no-reload").returncode == 0
+    nginx.start()
+    proc = ConfpyProcess(config).start()  # wait = 60s: its long polls would hide a recovery for a minute
+    base = f"http://127.0.0.1:{status_port}"
+    try:
+        assert wait_until(lambda: http_get(base + "/health") == (200, "ok\n"), 15), proc.output()
+        port = dev.port
+        dev.kill()
+        assert wait_until(lambda: http_get(base + "/health")[0] == 503, 15), proc.output()
+        dev = DevConsulProcess(port).start()
+        register_backends(ConsulAPI(dev.url), backends[:1])
+        assert wait_until(lambda: http_get(base + "/health") == (200, "ok\n"), 10), proc.output()
+        metrics = http_get(base + "/metrics")[1]
+        assert 'confpy_build_info{version="' in metrics and "process_resident_memory_bytes" in metrics
+        assert "confpy_reloads_skipped_total" in metrics and "_created" not in metrics
+    finally:
+        proc.stop()
+        dev.stop()
+
+
+def test_no_timestamp_when_stderr_is_the_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+    import os
+
+    from confpy.cli import setup_logging
+
+    def logged(environ: dict[str, str], name: str) -> str:
+        path = tmp_path / name
+        with path.open("w") as stream:
+            monkeypatch.setattr(sys, "stderr", stream)
+            info = os.fstat(stream.fileno())
+            env = {
+                key.replace("DEV", str(info.st_dev)): value.replace("DEV", str(info.st_dev)).replace(
+                    "INO", str(info.st_ino)
+                )
+                for key, value in environ.items()
+            }
+            setup_logging("info", "text", env)
+            logging.getLogger("confpy.test").info("installed /etc/nginx/conf.d/upstreams.conf")
+        monkeypatch.undo()
+        return path.read_text()
+
+    assert logged({"JOURNAL_STREAM": "DEV:INO"}, "journal") == "INFO installed /etc/nginx/conf.d/upstreams.conf\n"
+    plain = logged({}, "plain")
+    assert plain[:4].isdigit() and plain.endswith(" INFO installed /etc/nginx/conf.d/upstreams.conf\n")
+    other = logged({"JOURNAL_STREAM": "1:2"}, "other")  # the journal is some other stream: keep the timestamp
+    assert other[:4].isdigit()
+    setup_logging("warning")
