@@ -34,6 +34,8 @@ def http_get(url: str) -> tuple[int, str]:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+    except urllib.error.URLError as exc:  # not listening yet
+        return 0, str(exc.reason)
 
 
 def test_debian_layout_destination_in_sites_enabled_ten_changes_reach_traffic(
