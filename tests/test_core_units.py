@@ -58,6 +58,7 @@ class FakeRegistry:
         self.calls: list[tuple[Dependency, int]] = []
         self.changed = asyncio.Event()
         self.closed = False
+        self.down = False
 
     def set(self, dep: Dependency, value: object, index: int | None = None) -> None:
         self.index = index if index is not None else self.index + 1
@@ -75,6 +76,10 @@ class FakeRegistry:
                 if index == 0 or current != index:
                     return current, value
             await self.changed.wait()
+
+    async def ping(self) -> None:
+        if self.down:
+            raise ConsulUnreachable("cannot reach Consul at fake: connection refused")
 
     async def close(self) -> None:
         self.closed = True
@@ -352,6 +357,7 @@ def test_registry_down_at_start_is_recorded_for_readiness_and_health(tmp_path: P
     async def scenario() -> None:
         registry, clock = FakeRegistry(), FakeClock()
         registry.failures = [ConsulUnreachable("cannot reach Consul at fake: connection refused")]
+        registry.down = True
         daemon = _daemon(tmp_path, WEB, registry, clock)
         sent: list[tuple[str, ...]] = []
         daemon.notifier.notify = lambda *lines: sent.append(lines)  # type: ignore[method-assign]
@@ -372,3 +378,26 @@ def test_change_lines_name_what_changed() -> None:
     assert describe_change(_view(1, 2), _view(2, 3)) == "+127.0.0.1:3 -127.0.0.1:1"
     assert describe_change(_view(1), _view(*range(1, 20))) == "+18 members"
     assert describe_change(("a", "b"), ("b", "c")) == "+c -a"
+
+
+def test_a_probe_notices_the_registry_is_back_while_every_watch_still_blocks(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        registry, clock = FakeRegistry(), FakeClock()
+        daemon = _daemon(tmp_path, WEB, registry, clock)
+        registry.set(ServiceHealth("web"), _view(1))
+        await daemon._start()
+        await _drain(daemon)
+        await daemon._run_due()
+        # An outage: the watch's next query fails; afterwards it blocks in a long poll that, as
+        # against a restarted Consul with lower indexes, would answer only after its whole wait.
+        registry.down = True
+        daemon.health.failure(ServiceHealth("web"), ConsulUnreachable("connection refused"))
+        await _drain(daemon)
+        assert not daemon.health.reachable and daemon.probe is not None
+        registry.down = False
+        await _drain(daemon)
+        assert daemon.health.reachable, "the probe saw the registry answer"
+        assert daemon.probe.done()
+        await daemon._stop()
+
+    run(scenario)

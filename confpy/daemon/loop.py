@@ -168,6 +168,7 @@ class Daemon:
         self.data = DataSource()
         self.first_fetches = asyncio.Semaphore(FIRST_FETCH_CONCURRENCY)
         self.watches = WatchSet(self._new_watcher)
+        self.probe: asyncio.Task[None] | None = None
         self.memories: dict[Path, Memory] = {}  # read once the locks are held (and 0.1's files moved)
         self.templates = {
             t.destination: TemplateState(t, checksum=installed_checksum(t.destination)) for t in config.templates
@@ -224,6 +225,9 @@ class Daemon:
 
     async def _stop(self) -> None:
         """Stop watching and release everything this configuration holds (bounded, never hangs)."""
+        if self.probe is not None:
+            self.probe.cancel()
+            await asyncio.gather(self.probe, return_exceptions=True)
         await self.watches.stop_all()
         if self.observer is not None:
             self.observer.stop()  # its thread is a daemon thread: no join, stopping must be quick
@@ -283,10 +287,29 @@ class Daemon:
         self.metrics.consul_up.set(1 if self.health.reachable else 0)
         if not self.health.reachable:
             self._ready(f"waiting for Consul: {self.health.last_error}")
+            if self.probe is None or self.probe.done():
+                self.probe = asyncio.get_running_loop().create_task(self._probe_registry(), name="registry probe")
         elif not all(t.complete_once for t in self.templates.values()):
             self.notifier.notify("STATUS=Consul answers; waiting for every dependency's first answer")
 
     # --- events ----------------------------------------------------------------------------
+
+    async def _probe_registry(self) -> None:
+        """During an outage, ask the registry something cheap until it answers.
+
+        The watches retry their blocking queries on their own, but a blocking query against a
+        restarted registry may legitimately wait its whole `wait` (60 s) before it answers: this
+        probe is what tells /health (and systemd's STATUS) that the registry is back, at once.
+        """
+        delay = self.settings.initial_backoff
+        while not self.health.reachable:
+            await self.sleep(delay)
+            try:
+                await self.registry.ping()
+            except RegistryError:
+                delay = min(delay * 2, self.settings.max_backoff)
+                continue
+            self.health.success()
 
     def _handle(self, event: Event) -> None:
         if isinstance(event, ValueEvent):

@@ -41,6 +41,10 @@ class Registry(Protocol):
         """
         ...
 
+    async def ping(self) -> None:
+        """A cheap non-blocking request: returns when the registry answers, else raises RegistryError."""
+        ...
+
     async def close(self) -> None:
         """Release connections."""
         ...

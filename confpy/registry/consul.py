@@ -182,6 +182,16 @@ class ConsulClient:
         except ValueError:
             raise ConsulBadResponse(f"Consul's answer to {what} is not valid JSON: {_short(text)}") from None
 
+    async def read_plain(self, path: str, what: str) -> Any:
+        """GET a JSON endpoint that has no X-Consul-Index (status endpoints)."""
+        status, _, body = await self.request("GET", path, what)
+        text = body.decode("utf-8", "replace")
+        _raise_for_status(status, text, what)
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise ConsulBadResponse(f"Consul's answer to {what} is not valid JSON: {_short(text)}") from None
+
     async def health_service(
         self, name: str, *, tag: str | None = None, passing: bool = True, index: int = 0, wait: float | None = None
     ) -> tuple[int, Any]:
@@ -279,6 +289,10 @@ class ConsulRegistry:
 
     async def close(self) -> None:
         await self.client.close()
+
+    async def ping(self) -> None:
+        """GET /v1/status/leader: answered at once by any agent that is up."""
+        await self.client.read_plain("/v1/status/leader", "the leader status")
 
     async def fetch(self, dep: Dependency, index: int, wait: float) -> tuple[int, object]:
         if isinstance(dep, ServiceHealth):
