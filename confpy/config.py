@@ -348,13 +348,16 @@ def consul_from_env(
     if "token" not in values:
         credentials = environ.get("CREDENTIALS_DIRECTORY", "")
         credential = Path(credentials, "consul-token") if credentials else None
+        token = ""
         if credential is not None and credential.is_file():
             try:
-                values["token"] = credential.read_text(encoding="utf-8").strip()
+                token = credential.read_text(encoding="utf-8").strip()
             except (OSError, UnicodeDecodeError) as exc:
                 raise ConfigError(f"{credential}: cannot read the Consul token credential: {exc}") from None
-        elif environ.get("CONSUL_HTTP_TOKEN"):
-            values["token"] = environ["CONSUL_HTTP_TOKEN"]
+        # An empty credential is the unit's default (SetCredential=consul-token:): no token given.
+        token = token or environ.get("CONSUL_HTTP_TOKEN", "")
+        if token:
+            values["token"] = token
     consul = ConsulConfig(**values)
     return _with_checked_address(consul, origin.get("address", "the default address"))
 

@@ -186,6 +186,8 @@ def test_the_token_comes_from_the_systemd_credential_before_the_environment(tmp_
     assert parse(MINIMAL, env).consul.token == "from-credential"
     assert parse('[consul]\ntoken = "from-file"\n' + MINIMAL, env).consul.token == "from-file"
     assert parse(MINIMAL, {"CONSUL_HTTP_TOKEN": "from-env"}).consul.token == "from-env"
+    (tmp_path / "consul-token").write_text("")  # the unit's empty default: no credential given
+    assert parse(MINIMAL, env).consul.token == "from-env"
 
 
 def test_state_dir_default(tmp_path: Path) -> None:
