@@ -124,10 +124,18 @@ def _context(args: argparse.Namespace, environ: Mapping[str, str]) -> AdminConte
     return AdminContext(consul_from_env(environ))
 
 
-async def nginx_members(context: AdminContext) -> dict[str, set[str]] | None:
+@dataclass(frozen=True)
+class NginxView:
+    """What nginx serves per upstream, and (live mode) the members its balancer has paused."""
+
+    members: dict[str, set[str]]
+    paused: dict[str, set[str]]
+
+
+async def nginx_members(context: AdminContext) -> NginxView | None:
     """The members nginx serves per upstream: from the admin API in live mode, else the rendered files."""
     if context.live_listen:
-        from confpy.apply.live import LiveAdmin, LivePushError
+        from confpy.apply.live import LiveAdmin, LivePushError, passive_unavailable
 
         admin = LiveAdmin(context.live_listen)
         try:
@@ -136,14 +144,18 @@ async def nginx_members(context: AdminContext) -> dict[str, set[str]] | None:
             return None
         finally:
             await admin.close()
-        return {
+        members: dict[str, set[str]] = {
             name: {
-                format_endpoint(m["host"], int(m["port"])) for m in entry.get("members") or [] if isinstance(m, dict)
+                str(format_endpoint(m["host"], int(m["port"])))
+                for m in entry.get("members") or []
+                if isinstance(m, dict)
             }
             for name, entry in data.items()
             if isinstance(entry, dict)
         }
-    return rendered_members(list(context.destinations))
+        return NginxView(members, {name: set(paused) for name, paused in passive_unavailable(data).items()})
+    rendered = rendered_members(list(context.destinations))
+    return None if rendered is None else NginxView(rendered, {})
 
 
 @dataclass(frozen=True)
@@ -237,7 +249,8 @@ async def cmd_list(client: ConsulClient, args: argparse.Namespace, context: Admi
         if args.service and not instances:
             raise ConfpyError(f"service {name!r} has no registered instance in Consul (unknown service?)")
         upstream = upstream_name_for(name) if name else name
-        members = None if rendered is None else rendered.get(upstream, set())
+        members = None if rendered is None else rendered.members.get(upstream, set())
+        paused = set() if rendered is None else rendered.paused.get(upstream, set())
         report.append(
             {
                 "service": name,
@@ -250,6 +263,7 @@ async def cmd_list(client: ConsulClient, args: argparse.Namespace, context: Admi
                         "status": i.status,
                         "tags": list(i.tags),
                         "in_nginx": None if members is None else i.endpoint in members,
+                        "paused_by_nginx": i.endpoint in paused,
                     }
                     for i in instances
                 ],
@@ -263,6 +277,8 @@ async def cmd_list(client: ConsulClient, args: argparse.Namespace, context: Admi
         print(f"{item['service']} (upstream {item['upstream']})")
         for inst in item["instances"]:
             in_nginx = {True: "in nginx", False: "not in nginx", None: "nginx: unknown (no -c)"}[inst["in_nginx"]]
+            if inst["paused_by_nginx"]:
+                in_nginx = "paused by nginx (failed requests)"
             print(
                 f"  {inst['endpoint']:<28} {inst['status']:<12} weight {inst['weight']:<4} {in_nginx:<14} id {inst['id']}"
             )

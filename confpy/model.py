@@ -19,6 +19,26 @@ _HOST_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _NGINX_TIME = re.compile(r"^[0-9]{1,9}(?:ms|s|m|h|d|w|M|y)?$")
 
 
+_NGINX_TIME_UNITS = {
+    "ms": 0.001,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+    "d": 86400.0,
+    "w": 604800.0,
+    "M": 2592000.0,
+    "y": 31536000.0,
+}
+
+
+def nginx_time_seconds(text: str) -> float:
+    """An nginx time (`10s`, `500ms`, `1m`, a bare number of seconds) in seconds; ValueError if not one."""
+    match = re.fullmatch(r"([0-9]{1,9})(ms|s|m|h|d|w|M|y)?", text)
+    if match is None:
+        raise ValueError(f"{text!r} is not an nginx time such as 10s")
+    return int(match.group(1)) * _NGINX_TIME_UNITS[match.group(2) or "s"]
+
+
 def is_hostname(text: str) -> bool:
     """RFC 1123 host name: dot-separated labels of letters, digits and inner hyphens."""
     if not text or len(text) > 253:
@@ -80,13 +100,20 @@ class ServiceInstance:
         return format_endpoint(self.address, self.port)
 
     @property
+    def backup(self) -> bool:
+        """A backup member (tag `backup`, or meta `backup` = `true`): used only when no other is available."""
+        return "backup" in self.tags or self.meta.get("backup") == "true"
+
+    @property
     def server(self) -> SafeStr:
-        """The arguments of an nginx `server` line: `endpoint weight=N [max_fails=N] [fail_timeout=T]`."""
+        """The arguments of an nginx `server` line: `endpoint weight=N [max_fails=N] [fail_timeout=T] [backup]`."""
         text = f"{self.endpoint} weight={self.weight}"
         if self.max_fails is not None:
             text += f" max_fails={self.max_fails}"
         if self.fail_timeout:
             text += f" fail_timeout={self.fail_timeout}"
+        if self.backup:
+            text += " backup"
         return SafeStr(text)
 
     def sort_key(self) -> tuple[str, str, str, int]:

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from confpy.lab import BackendServer, ConsulAPI, DevConsulProcess, NginxInstance, write_config
+from confpy.lab import BackendServer, ConfpyProcess, ConsulAPI, DevConsulProcess, NginxInstance, free_port, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_TEMPLATE = ROOT / "templates" / "nginx-upstreams.conf.j2"
@@ -99,3 +103,35 @@ def run_confpy(*args: str, env: dict[str, str] | None = None, timeout: float = 6
 def register_backends(api: ConsulAPI, servers: list[BackendServer], name: str = "web", **extra: object) -> None:
     for number, server in enumerate(servers, start=1):
         api.register(name, server.port, id=f"{name}-{number}", **extra)
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[ConfpyProcess]]:
+    """confpy daemons a test starts; killed at the end whatever happened."""
+    started: list[ConfpyProcess] = []
+    yield started
+    for proc in started:
+        proc.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def hung_port() -> Iterator[int]:
+    """A port that accepts connections (kernel backlog) and never answers: a hung Consul."""
+    port = free_port()
+    hung = socket.socket()
+    hung.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    hung.bind(("127.0.0.1", port))
+    hung.listen(64)
+    yield port
+    hung.close()
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """GET on loopback: (status, body); (0, reason) while nothing listens yet."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except urllib.error.URLError as exc:
+        return 0, str(exc.reason)

@@ -6,12 +6,9 @@ import json
 import signal
 import socket
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
-import pytest
 
 from confpy.lab import (
     BackendServer,
@@ -24,17 +21,9 @@ from confpy.lab import (
     write_config,
 )
 
-from .conftest import SHIPPED_TEMPLATE, ConsulUnderTest, dev_consul_only, register_backends, run_confpy
+from .conftest import SHIPPED_TEMPLATE, ConsulUnderTest, dev_consul_only, http_get, register_backends, run_confpy
 
 ALL = {"App server 1", "App server 2", "App server 3"}
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[ConfpyProcess]]:
-    started: list[ConfpyProcess] = []
-    yield started
-    for proc in started:
-        proc.stop(signal.SIGKILL)
 
 
 def start_daemon(
@@ -50,14 +39,6 @@ def start_daemon(
 
 def settles(nginx: NginxInstance, expected: set[str], timeout: float = 15) -> bool:
     return wait_until(lambda: set(nginx.bodies(6)) == expected, timeout, interval=0.05)
-
-
-def http_get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def test_registration_reaches_traffic_without_any_command(
@@ -155,11 +136,11 @@ def test_consul_restart_with_lower_indexes_recovers_without_churn(
 def test_a_consul_that_never_answers_is_detected_and_retried(
     nginx: NginxInstance, backends: list[BackendServer], tmp_path: Path, daemons: list[ConfpyProcess]
 ) -> None:
-    port = free_port()
-    hung = socket.socket()
+    hung = socket.socket()  # accepts connections (kernel backlog) and never answers; closed below
     hung.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    hung.bind(("127.0.0.1", port))
-    hung.listen(16)  # accepts connections (kernel backlog) and never answers
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)
+    port = int(hung.getsockname()[1])
     config = write_config(tmp_path / "c.toml", f"http://127.0.0.1:{port}", nginx, SHIPPED_TEMPLATE, consul_wait="1s")
     proc = ConfpyProcess(config).start()
     daemons.append(proc)

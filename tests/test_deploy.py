@@ -7,7 +7,6 @@ import json
 import signal
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 from confpy.config import load_config
 from confpy.lab import BackendServer, ConfpyProcess, NginxInstance, free_port, wait_until, write_config
 
-from .conftest import SHIPPED_TEMPLATE, ConsulUnderTest, register_backends, run_confpy
+from .conftest import SHIPPED_TEMPLATE, ConsulUnderTest, http_get, register_backends, run_confpy
 
 
 @pytest.fixture
@@ -26,16 +25,6 @@ def debian_nginx(tmp_path: Path) -> Iterator[NginxInstance]:
         yield instance
     finally:
         instance.stop()
-
-
-def http_get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except urllib.error.URLError as exc:  # not listening yet
-        return 0, str(exc.reason)
 
 
 def test_debian_layout_destination_in_sites_enabled_ten_changes_reach_traffic(

@@ -314,3 +314,24 @@ def test_a_pass_without_its_data_records_what_it_needs_instead_of_failing(tmp_pa
     data.set(ServiceHealth("web"), health_view_from_entries("web", []))  # with all data, the error counts
     with pytest.raises(RenderError, match=r"t\.conf\.j2:1: .*no element 0"):
         r.render(data, Memory())
+
+
+def test_backup_members_render_as_nginx_backup_servers(tmp_path: Path) -> None:
+    text = render(
+        renderer(tmp_path),
+        data_for(
+            {
+                "web": [
+                    entry("w1", 80),
+                    entry("w2", 81, tags=["nginx", "backup"]),
+                    entry("w3", 82, meta={"backup": "true"}),
+                ]
+            }
+        ),
+    )
+    servers = [line.strip() for line in text.splitlines() if line.strip().startswith("server ")]
+    assert servers == [
+        "server 127.0.0.1:80 weight=1;",
+        "server 127.0.0.1:81 weight=1 backup;",
+        "server 127.0.0.1:82 weight=1 backup;",
+    ]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import signal
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -31,14 +30,6 @@ from .conftest import SHIPPED_TEMPLATE, ConsulUnderTest, dev_consul_only, regist
 STOP_LIMIT = 2.0
 
 
-@pytest.fixture
-def daemons() -> Iterator[list[ConfpyProcess]]:
-    started: list[ConfpyProcess] = []
-    yield started
-    for proc in started:
-        proc.stop(signal.SIGKILL)
-
-
 def stop_time(proc: ConfpyProcess, sig: int = signal.SIGTERM) -> tuple[int, float]:
     """Send `sig`; return (exit code, seconds until the process exited)."""
     assert proc.proc is not None and proc.proc.poll() is None, proc.output()
@@ -48,18 +39,6 @@ def stop_time(proc: ConfpyProcess, sig: int = signal.SIGTERM) -> tuple[int, floa
     took = time.monotonic() - started
     print(f"stopped by {signal.Signals(sig).name} in {took * 1000:.0f} ms")
     return code, took
-
-
-@pytest.fixture
-def hung_port() -> Iterator[int]:
-    """A port that accepts connections (kernel backlog) and never answers."""
-    port = free_port()
-    hung = socket.socket()
-    hung.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    hung.bind(("127.0.0.1", port))
-    hung.listen(64)
-    yield port
-    hung.close()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

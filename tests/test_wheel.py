@@ -93,6 +93,21 @@ def localize(doc: dict[str, Any], consul_url: str, nginx: NginxInstance, state: 
     return doc
 
 
+def bootstrap_then_follow_a_change(
+    bin_dir: Path, config: Path, consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer]
+) -> None:
+    """One sync before nginx runs (the bootstrap case), then a registration reaches traffic."""
+    register_backends(consul.api, backends[:1])
+    out = run_installed(bin_dir, "-c", str(config), "--once", "--allow-no-reload")
+    assert out.returncode == 0, out.stderr
+    nginx.start()
+    assert wait_until(lambda: set(nginx.bodies(3)) == {"App server 1"}, 10)
+    consul.api.register("web", backends[1].port, id="web-2")
+    out = run_installed(bin_dir, "-c", str(config), "--once")
+    assert out.returncode == 0, out.stderr
+    assert wait_until(lambda: set(nginx.bodies(6)) == {"App server 1", "App server 2"}, 10)
+
+
 def test_readme_minimal_config_from_an_installed_wheel(
     installed: Path, consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], tmp_path: Path
 ) -> None:
@@ -109,15 +124,7 @@ def test_readme_minimal_config_from_an_installed_wheel(
     )
     config = tmp_path / "confpy.toml"
     config.write_text(as_toml(doc))
-    register_backends(consul.api, backends[:1])
-    out = run_installed(installed, "-c", str(config), "--once", "--allow-no-reload")  # nginx is not started yet
-    assert out.returncode == 0, out.stderr
-    nginx.start()
-    assert wait_until(lambda: set(nginx.bodies(3)) == {"App server 1"}, 10)
-    consul.api.register("web", backends[1].port, id="web-2")
-    out = run_installed(installed, "-c", str(config), "--once")
-    assert out.returncode == 0, out.stderr
-    assert wait_until(lambda: set(nginx.bodies(4)) == {"App server 1", "App server 2"}, 10)
+    bootstrap_then_follow_a_change(installed, config, consul, nginx, backends)
     assert run_installed(installed, "-c", str(config), "--once", "--dry-run").returncode == 0
     listing = run_installed(installed, "templates")
     assert (
@@ -139,14 +146,6 @@ def test_live_mode_example_from_an_installed_wheel(
         doc["nginx"]["live_listen"] = f"127.0.0.1:{free_port()}"
         config = tmp_path / "confpy.toml"
         config.write_text(as_toml(doc))
-        register_backends(consul.api, backends[:1])
-        out = run_installed(installed, "-c", str(config), "--once", "--allow-no-reload")
-        assert out.returncode == 0, out.stderr
-        nginx.start()
-        assert wait_until(lambda: set(nginx.bodies(3)) == {"App server 1"}, 10)
-        consul.api.register("web", backends[1].port, id="web-2")
-        out = run_installed(installed, "-c", str(config), "--once")
-        assert out.returncode == 0, out.stderr
-        assert wait_until(lambda: set(nginx.bodies(6)) == {"App server 1", "App server 2"}, 10)
+        bootstrap_then_follow_a_change(installed, config, consul, nginx, backends)
     finally:
         nginx.stop()

@@ -14,7 +14,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,15 @@ from confpy.apply.files import StateStore, atomic_write, read_bytes
 from confpy.apply.nginx import NginxReloader
 from confpy.config import Config, split_host_port
 from confpy.errors import ConfpyError
-from confpy.model import ServiceInstance
+from confpy.model import ServiceInstance, format_endpoint, nginx_time_seconds
 from confpy.render.environment import RenderResult
 
 log = logging.getLogger(__name__)
 
 ADMIN_TIMEOUT = 5.0
+# nginx's own defaults for a `server` line, which the Lua balancer follows.
+DEFAULT_MAX_FAILS = 1
+DEFAULT_FAIL_TIMEOUT = 10.0
 INITIAL_RETRY = 0.25
 # How often to look (locally, with psutil) for an nginx that reloaded or restarted.
 CHECK_INTERVAL = 5.0
@@ -55,20 +58,53 @@ def resolve_ip(address: str) -> str:
         return address
 
 
+@dataclass(frozen=True, order=True)
+class LiveMember:
+    """One member as the Lua balancer takes it: nginx's `server` parameters, times in seconds."""
+
+    host: str
+    port: int
+    weight: int = 1
+    max_fails: int = DEFAULT_MAX_FAILS
+    fail_timeout: float = DEFAULT_FAIL_TIMEOUT
+    backup: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"host": self.host, "port": self.port, "weight": self.weight}
+        data.update(max_fails=self.max_fails, fail_timeout=self.fail_timeout)
+        if self.backup:
+            data["backup"] = True
+        return data
+
+
 @dataclass(frozen=True)
 class LiveUpstream:
     """The members of one upstream, as pushed, and their version (a digest of the members)."""
 
     version: str
-    members: tuple[tuple[str, int, int], ...]
+    members: tuple[LiveMember, ...]
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": self.version, "members": [{"host": h, "port": p, "weight": w} for h, p, w in self.members]}
+        return {"version": self.version, "members": [m.to_json() for m in self.members]}
+
+
+def live_member(instance: ServiceInstance) -> LiveMember:
+    """An instance's member: nginx's defaults (max_fails=1, fail_timeout=10s) unless its meta says otherwise."""
+    return LiveMember(
+        host=resolve_ip(instance.address),
+        port=instance.port,
+        weight=instance.weight,
+        max_fails=DEFAULT_MAX_FAILS if instance.max_fails is None else instance.max_fails,
+        fail_timeout=DEFAULT_FAIL_TIMEOUT
+        if instance.fail_timeout is None
+        else nginx_time_seconds(instance.fail_timeout),
+        backup=instance.backup,
+    )
 
 
 def live_upstream(instances: Sequence[ServiceInstance]) -> LiveUpstream:
-    members = tuple(sorted({(resolve_ip(i.address), i.port, i.weight) for i in instances}))
-    digest = hashlib.sha256(json.dumps(members).encode()).hexdigest()[:16]
+    members = tuple(sorted({live_member(i) for i in instances}))
+    digest = hashlib.sha256(json.dumps([m.to_json() for m in members]).encode()).hexdigest()[:16]
     return LiveUpstream(digest, members)
 
 
@@ -128,6 +164,18 @@ class LiveAdmin:
             raise LivePushError(f"live admin API refused the members of {name!r} ({status}): {error}")
 
 
+def passive_unavailable(served: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """From GET /upstreams: the members nginx's balancer has paused, per upstream."""
+    paused: dict[str, dict[str, float]] = {}
+    for name, entry in served.items():
+        members = entry.get("members") if isinstance(entry, dict) else None
+        for member in members if isinstance(members, list) else []:
+            if isinstance(member, dict) and member.get("unavailable"):
+                endpoint = format_endpoint(str(member.get("host")), int(member.get("port", 0)))
+                paused.setdefault(str(name), {})[endpoint] = float(member.get("unavailable_until") or 0)
+    return paused
+
+
 class LiveUpstreams:
     """LiveUpstream values per upstream, computed once per member tuple (a render that reused a
     fragment hands over the very same tuple, so a thousand unchanged upstreams cost nothing)."""
@@ -176,6 +224,9 @@ class LiveStatus:
 
     last_error: str
     upstreams: Mapping[str, LiveUpstream]
+    # Members nginx's balancer has paused after failures (passive health) though the registry
+    # still calls them passing: upstream -> "host:port" -> Unix time until which it is paused.
+    unavailable: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
 
 class LiveSupervisor:
@@ -208,6 +259,8 @@ class LiveSupervisor:
         # Hooks for metrics: members lists pushed, pushes failed.
         self.on_pushed: Callable[[int], None] = lambda count: None
         self.on_failure: Callable[[], None] = lambda: None
+        self.on_unavailable: Callable[[Mapping[str, Mapping[str, float]]], None] = lambda members: None
+        self.unavailable: dict[str, dict[str, float]] = {}
 
     def state_path(self, destination: Path) -> Path:
         return self.state.live_path_for(destination)
@@ -319,10 +372,29 @@ class LiveSupervisor:
             if generation and generation != self.generation:
                 self.nginx_reloaded()
                 pushed += await self.push_or_schedule("nginx has new workers")
+            if generation:
+                await self.refresh_passive()
         return pushed
 
+    async def refresh_passive(self) -> None:
+        """Ask nginx which members its balancer has paused after failures (logged when it changes)."""
+        try:
+            served = await self.admin.upstreams()
+        except LivePushError:
+            return
+        unavailable = passive_unavailable(served)
+        for name, members in unavailable.items():
+            for member in sorted(set(members) - set(self.unavailable.get(name, {}))):
+                log.warning(
+                    "nginx paused %s of upstream %s after failed requests (passive health); Consul still says passing",
+                    member,
+                    name,
+                )
+        self.unavailable = unavailable
+        self.on_unavailable(unavailable)
+
     def status(self) -> LiveStatus:
-        return LiveStatus(self.error, dict(self.wanted))
+        return LiveStatus(self.error, dict(self.wanted), self.unavailable)
 
     async def close(self) -> None:
         await self.admin.close()

@@ -144,6 +144,7 @@ class Daemon:
         self.observer: BaseObserver | None = None
         self._locks = AsyncExitStack()
         self.rejected_series: set[str] = set()
+        self.unavailable_series: set[tuple[str, str]] = set()
         self.ready_sent = False
         self.stopping = False
         self.cycles = 0
@@ -157,6 +158,7 @@ class Daemon:
         if self.engine.live is not None:
             self.engine.live.on_pushed = self.metrics.live_pushes.inc
             self.engine.live.on_failure = self.metrics.live_push_failures.inc
+            self.engine.live.on_unavailable = self._count_unavailable
         self.registry = self.registry_factory(config)
         self.health = RegistryHealth(
             self.wall_clock,
@@ -363,6 +365,15 @@ class Daemon:
         if view.rejected or label in self.rejected_series:
             self.metrics.invalid_instances.labels(service=label).set(len(view.rejected))
             self.rejected_series.add(label)
+
+    def _count_unavailable(self, paused: Mapping[str, Mapping[str, float]]) -> None:
+        """confpy_live_member_unavailable: a series per paused member, removed when it is used again."""
+        now = {(name, member) for name, members in paused.items() for member in members}
+        for name, member in self.unavailable_series - now:
+            self.metrics.live_member_unavailable.remove(name, member)
+        for name, member in now:
+            self.metrics.live_member_unavailable.labels(upstream=name, member=member).set(1)
+        self.unavailable_series = now
 
     def _on_file_event(self, path: Path) -> None:
         for state in self.templates.values():

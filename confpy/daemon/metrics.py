@@ -38,6 +38,12 @@ class Metrics:
         self.live_push_failures = Counter(
             "confpy_live_push_failures", "Failed pushes to the live admin API", registry=r
         )
+        self.live_member_unavailable = Gauge(
+            "confpy_live_member_unavailable",
+            "1 for a live member nginx's balancer paused after failures while the registry still says passing",
+            ["upstream", "member"],
+            registry=r,
+        )
         self.consul_up = Gauge("confpy_consul_up", "1 when the last Consul request succeeded", registry=r)
         self.last_sync = Gauge(
             "confpy_last_successful_sync_timestamp_seconds", "Unix time of the last successful sync", registry=r

@@ -111,6 +111,9 @@ class StatusSnapshot:
                 "mode": self.mode,
                 "last_error": self.live.last_error if self.live else "",
                 "upstreams": {name: up.to_json() for name, up in self.live.upstreams.items()} if self.live else {},
+                "unavailable": {name: dict(members) for name, members in self.live.unavailable.items()}
+                if self.live
+                else {},
             },
         }
 

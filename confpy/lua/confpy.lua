@@ -11,6 +11,8 @@ local _M = { _VERSION = "0.1.0" }
 
 local DICT = "confpy_upstreams"
 local MAX_TRIES = 3             -- a request tries at most this many members (connect failures)
+local DEFAULT_MAX_FAILS = 1     -- nginx's defaults for a `server` line
+local DEFAULT_FAIL_TIMEOUT = 10
 
 local boot_members = nil        -- read from the state file by init(), in the master
 local known = {}                -- upstream names this configuration defines
@@ -53,10 +55,20 @@ local function check_members(members)
         if type(weight) ~= "number" or weight % 1 ~= 0 or weight < 1 then
             return nil, "member " .. i .. ": weight must be a positive integer"
         end
+        local max_fails, fail_timeout = m.max_fails or DEFAULT_MAX_FAILS, m.fail_timeout or DEFAULT_FAIL_TIMEOUT
+        if type(max_fails) ~= "number" or max_fails % 1 ~= 0 or max_fails < 0 then
+            return nil, "member " .. i .. ": max_fails must be a non-negative integer"
+        end
+        if type(fail_timeout) ~= "number" or fail_timeout <= 0 then
+            return nil, "member " .. i .. ": fail_timeout must be a positive number of seconds"
+        end
+        if m.backup ~= nil and type(m.backup) ~= "boolean" then return nil, "member " .. i .. ": backup must be true or false" end
+        if m.down ~= nil and type(m.down) ~= "boolean" then return nil, "member " .. i .. ": down must be true or false" end
         local key = host .. "|" .. port
         if seen[key] then return nil, "member " .. i .. " is listed twice" end
         seen[key] = true
-        clean[#clean + 1] = { host = host, port = port, weight = weight }
+        clean[#clean + 1] = { host = host, port = port, weight = weight, max_fails = max_fails,
+                              fail_timeout = fail_timeout, backup = m.backup == true, down = m.down == true }
     end
     return clean
 end
@@ -117,30 +129,75 @@ local function peers_for(name)
     if type(members) ~= "table" then return nil end
     local peers = {}
     for i, m in ipairs(members) do
-        peers[i] = { host = m.host, port = m.port, weight = m.weight, current = 0 }
+        peers[i] = { host = m.host, port = m.port, weight = m.weight, current = 0, key = name .. "|" .. m.host .. "|" .. m.port,
+                     max_fails = m.max_fails or DEFAULT_MAX_FAILS, fail_timeout = m.fail_timeout or DEFAULT_FAIL_TIMEOUT,
+                     backup = m.backup == true, down = m.down == true }
     end
     cached = { version = version, peers = peers }
     cache[name] = cached
     return cached
 end
 
--- Smooth weighted round-robin, as nginx's own: each pick adds every peer's weight to its
+-- Passive health, as nginx's own (max_fails, fail_timeout), shared by every worker:
+-- "f:KEY" counts a member's failures (it expires fail_timeout after the first), "u:KEY" marks it
+-- unavailable until it expires fail_timeout later; then requests may try it again (a probe): one
+-- more failure makes it unavailable again, a success clears its count.
+
+local function unavailable(peer)
+    return peer.max_fails > 0 and shared():get("u:" .. peer.key) ~= nil
+end
+
+local function failed(peer)
+    if peer.max_fails == 0 then return end
+    local dict = shared()
+    local fails = dict:incr("f:" .. peer.key, 1, 0, peer.fail_timeout)
+    if fails and fails >= peer.max_fails then
+        dict:set("u:" .. peer.key, ngx.now() + peer.fail_timeout, peer.fail_timeout)
+        -- As nginx: once the pause is over, one more failure (the probe's) pauses it again at once.
+        dict:set("f:" .. peer.key, peer.max_fails - 1, 2 * peer.fail_timeout)
+        ngx.log(ngx.WARN, "confpy: ", peer.host, ":", peer.port, " of upstream ", peer.key:match("^[^|]+"),
+                " failed ", fails, " time(s); not used for ", peer.fail_timeout, "s")
+    end
+end
+
+local function succeeded(peer)
+    if peer.max_fails > 0 then shared():delete("f:" .. peer.key) end
+end
+
+-- Which peers this try may use: primaries that are neither down nor unavailable nor tried;
+-- else such backups; else, as nginx does rather than failing everything, any untried peer that
+-- is not down.
+local function candidates(peers, tried)
+    local primary, backup, any = {}, {}, {}
+    for _, peer in ipairs(peers) do
+        if not peer.down and not tried[peer.key] then
+            any[#any + 1] = peer
+            if not unavailable(peer) then
+                if peer.backup then backup[#backup + 1] = peer else primary[#primary + 1] = peer end
+            end
+        end
+    end
+    if #primary > 0 then return primary end
+    if #backup > 0 then return backup end
+    return any
+end
+
+-- Smooth weighted round-robin, as nginx's own: each pick adds every candidate's weight to its
 -- current weight, takes the largest, and subtracts the total from the one taken.
 local function pick(peers, tried)
     local best, total = nil, 0
-    for i, peer in ipairs(peers) do
-        if not tried[peer.host .. "|" .. peer.port] then
-            peer.current = peer.current + peer.weight
-            total = total + peer.weight
-            if best == nil or peer.current > peers[best].current then best = i end
-        end
+    for _, peer in ipairs(candidates(peers, tried)) do
+        peer.current = peer.current + peer.weight
+        total = total + peer.weight
+        if best == nil or peer.current > best.current then best = peer end
     end
     if best == nil then return nil end
-    peers[best].current = peers[best].current - total
-    return peers[best]
+    best.current = best.current - total
+    return best
 end
 
--- balancer_by_lua: choose the member for this try.
+-- balancer_by_lua: choose the member for this try. A try that failed before this one (nginx is
+-- retrying under proxy_next_upstream) counts against its member at once.
 function _M.balance(name)
     local entry = peers_for(name)
     if not entry or #entry.peers == 0 then
@@ -150,14 +207,24 @@ function _M.balance(name)
     local ctx = ngx.ctx
     local state = ctx.confpy
     if not state then
-        state = { tried = {} }
+        state = { tried = {}, tries = {}, name = name }
         ctx.confpy = state
         local more = math.min(#entry.peers, MAX_TRIES) - 1
         if more > 0 then balancer.set_more_tries(more) end
+    else
+        local last = state.tries[#state.tries]
+        if last and not last.counted then
+            local kind = balancer.get_last_failure()
+            if kind == "failed" or kind == "next" then
+                last.counted = true
+                failed(last.peer)
+            end
+        end
     end
     local peer = pick(entry.peers, state.tried)
     if not peer then return ngx.exit(502) end
-    state.tried[peer.host .. "|" .. peer.port] = true
+    state.tried[peer.key] = true
+    state.tries[#state.tries + 1] = { peer = peer }
     -- IPv6 addresses go to nginx in brackets, as in a `server` line.
     local host = peer.host:find(":", 1, true) and ("[" .. peer.host .. "]") or peer.host
     local ok, err = balancer.set_current_peer(host, peer.port)
@@ -166,6 +233,28 @@ function _M.balance(name)
         return ngx.exit(502)
     end
 end
+
+-- header_filter_by_lua and log_by_lua (the live template sets both for the whole http block):
+-- the last try's outcome. No response header from it means it failed (connect error, timeout,
+-- reset); with `proxy_next_upstream off` nothing else sees that failure. The header filter runs
+-- before the client has its answer, so the next request, in any worker, already avoids the
+-- member; the log phase covers responses that never reach a header filter.
+function _M.observe()
+    local state = ngx.ctx.confpy
+    if not state then return end
+    local last = state.tries[#state.tries]
+    if not last or last.counted then return end
+    last.counted = true
+    local header_times = ngx.var.upstream_header_time or ""
+    local last_time = header_times:match("([^,%s:]+)%s*$")
+    if last_time == nil or last_time == "-" then
+        failed(last.peer)
+    else
+        succeeded(last.peer)
+    end
+end
+
+_M.log = _M.observe
 
 -- The admin API ------------------------------------------------------------------------------
 
@@ -178,7 +267,16 @@ end
 
 local function describe(name)
     local version, members = load(name)
-    return { name = name, version = version, members = members or {} }
+    members = members or {}
+    local dict = shared()
+    for _, m in ipairs(members) do
+        local key = name .. "|" .. m.host .. "|" .. m.port
+        m.fails = dict:get("f:" .. key) or 0
+        local until_time = dict:get("u:" .. key)
+        m.unavailable_until = until_time  -- Unix time, or nil while the member is usable
+        m.unavailable = until_time ~= nil
+    end
+    return { name = name, version = version, members = members }
 end
 
 local function parse_member(text)
