@@ -214,21 +214,6 @@ def test_sighup_rereads_config_and_refuses_a_broken_one(
     assert settles(nginx, {"App server 2", "App server 3"}), proc.output()
 
 
-def test_sigterm_exits_zero_within_two_seconds(
-    consul: ConsulUnderTest,
-    nginx: NginxInstance,
-    backends: list[BackendServer],
-    config_file: Path,
-    daemons: list[ConfpyProcess],
-) -> None:
-    register_backends(consul.api, backends[:1])
-    proc = start_daemon(daemons, config_file, nginx)
-    assert settles(nginx, {"App server 1"})
-    assert proc.proc is not None
-    proc.proc.send_signal(signal.SIGTERM)
-    assert proc.proc.wait(timeout=2.0) == 0
-
-
 def test_startup_reloads_a_stale_nginx(
     consul: ConsulUnderTest,
     nginx: NginxInstance,
