@@ -116,14 +116,19 @@ def test_consul_restart_with_lower_indexes_recovers_without_churn(
         reloads = nginx.reload_count()
         port = dev.port
         dev.kill()
-        time.sleep(2.5)  # an outage: watchers fail and back off
+        # The outage as confpy sees it: its watches fail and back off.
+        assert wait_until(lambda: "Consul unavailable since" in proc.output(), 10), proc.output()
         assert nginx.destination.stat().st_mtime_ns == before.st_mtime_ns
         assert set(nginx.bodies(6)) == ALL  # nginx untouched, still serving
         dev = DevConsulProcess(port).start()
         api = ConsulAPI(dev.url)
         register_backends(api, backends)  # same members, much lower indexes
         assert wait_until(lambda: "Consul is back" in proc.output(), 20), proc.output()
-        time.sleep(1.0)
+        # Both watches have answered the restarted agent (its lower indexes make them re-read from
+        # 0) with the same data: nothing changed, so nothing can be pending.
+        for watch in ("service(web, tag=nginx)", "services(tag=nginx)"):
+            assert wait_until(lambda w=watch: f"{w}: Consul's index went backwards" in proc.output(), 20), proc.output()
+        assert "changed:" not in proc.output().split("Consul is back", 1)[1]
         assert nginx.reload_count() == reloads and nginx.destination.stat().st_mtime_ns == before.st_mtime_ns
         assert "Consul unavailable since" in proc.output() and proc.output().count("Consul unavailable since") == 1
         api.deregister("web-2")  # and it still follows changes after the restart
@@ -180,8 +185,9 @@ def test_edited_template_re_renders_and_a_broken_one_keeps_the_last_good_output(
     assert wait_until(lambda: "render failed, keeping the last good output" in proc.output(), 10), proc.output()
     assert f"{template}:2: template syntax error" in proc.output()
     assert nginx.destination.read_bytes() == good
-    consul.api.deregister("web-3")  # a broken template does not stop the daemon
-    time.sleep(0.5)
+    consul.api.deregister("web-3")  # a broken template does not stop the daemon: it sees the change
+    assert wait_until(lambda: "changed: -127.0.0.1" in proc.output(), 10), proc.output()
+    assert wait_until(lambda: proc.output().count("render failed, keeping the last good output") >= 2, 10)
     assert proc.proc is not None and proc.proc.poll() is None
     template.write_text(SHIPPED_TEMPLATE.read_text())
     assert settles(nginx, {"App server 1", "App server 2"}), proc.output()
