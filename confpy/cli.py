@@ -138,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--http-addr", default="127.0.0.1:8500", help="address to serve the HTTP API on (port 0: any free port)"
     )
     dev.add_argument("--node", default="", help="node name (default: this host's name)")
+    dev.add_argument(
+        "--shuffle",
+        action="store_true",
+        help="answer health entries in a new random order each time (Consul's order is stable): for testing clients",
+    )
 
     from confpy import admin
 
@@ -250,7 +255,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if args.command == "dev-consul":
             from confpy.devconsul.server import serve
 
-            return serve(args.http_addr, args.node)
+            return serve(args.http_addr, args.node, args.shuffle)
         if args.command == "upstream":
             from confpy import admin
 

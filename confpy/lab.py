@@ -75,14 +75,23 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.02) -> bool:
 class DevConsulProcess:
     """`confpy dev-consul` as a subprocess on a free port."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, shuffle: bool = False) -> None:
         self.port = port
+        self.shuffle = shuffle
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
 
     def start(self, timeout: float = 15.0) -> DevConsulProcess:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "confpy", "dev-consul", "--http-addr", f"{LOOPBACK}:{self.port}"],
+            [
+                sys.executable,
+                "-m",
+                "confpy",
+                "dev-consul",
+                "--http-addr",
+                f"{LOOPBACK}:{self.port}",
+                *(["--shuffle"] if self.shuffle else []),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,

@@ -53,7 +53,8 @@ def consul() -> Iterator[ConsulUnderTest]:
         yield ConsulUnderTest(REAL_CONSUL, api, None)
         _clean_real_agent(api)
         return
-    proc = DevConsulProcess().start()
+    # Shuffled answers: every test proves confpy does not depend on Consul's order.
+    proc = DevConsulProcess(shuffle=True).start()
     try:
         yield ConsulUnderTest(proc.url, ConsulAPI(proc.url), proc)
     finally:

@@ -17,7 +17,7 @@ import pytest
 
 from confpy.devconsul.register import RegisterError, decode_service
 from confpy.devconsul.state import CRITICAL, AgentState
-from confpy.lab import BackendServer, ConsulAPI, wait_until
+from confpy.lab import BackendServer, ConsulAPI, DevConsulProcess, wait_until
 
 from .conftest import ConsulUnderTest, dev_consul_only
 
@@ -370,9 +370,43 @@ def test_unsupported_check_kinds_are_refused_clearly() -> None:
 
 @dev_consul_only
 def test_dev_consul_exits_cleanly_on_sigterm() -> None:
-    from confpy.lab import DevConsulProcess
 
     proc = DevConsulProcess().start()
     assert proc.proc is not None
     proc.stop()
     assert proc.proc.returncode == 0
+
+
+def test_an_answer_before_the_body_is_read_does_not_break_the_connection(consul: ConsulUnderTest) -> None:
+    """A 404 for an unknown route with a JSON body, then a valid request on the same connection."""
+    import http.client
+
+    host, port = consul.url.split("//", 1)[1].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    try:
+        body = json.dumps({"Name": "web", "Port": 80}).encode()
+        conn.request("PUT", "/v1/agent/no/such/route", body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 404 and response.read() == b"404 page not found"
+        conn.request("GET", "/v1/catalog/services")
+        response = conn.getresponse()
+        assert response.status == 200 and isinstance(json.loads(response.read()), dict)
+    finally:
+        conn.close()
+
+
+@dev_consul_only
+def test_health_order_is_stable_unless_shuffled(consul: ConsulUnderTest) -> None:
+    stable = DevConsulProcess().start()
+    try:
+        api = ConsulAPI(stable.url)
+        for n in (5, 3, 9, 1, 7):
+            api.register("web", 8000 + n, id=f"web-{n}")
+        orders = {tuple(e["Service"]["ID"] for e in api.health("web")[1]) for _ in range(5)}
+        assert orders == {("web-1", "web-3", "web-5", "web-7", "web-9")}  # Consul's order: by ID, every time
+    finally:
+        stable.stop()
+    for n in (5, 3, 9, 1, 7):  # the suite's agent runs with --shuffle
+        consul.api.register("web", 8000 + n, id=f"web-{n}")
+    shuffled = {tuple(e["Service"]["ID"] for e in consul.api.health("web")[1]) for _ in range(20)}
+    assert len(shuffled) > 1

@@ -124,12 +124,29 @@ class Handler(BaseHTTPRequestHandler):
         self._send(status, text.encode(), "text/plain; charset=utf-8")
 
     def _body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
+        return self._request_body
+
+    def _read_body(self) -> None:
+        """Read the whole request body before answering, whatever the answer.
+
+        An answer sent before its request's body was read (a 404 for an unknown route, an error)
+        would leave the body on a kept-alive connection, to be parsed as the next request.
+        """
+        self._request_body = b""
+        raw = self.headers.get("Content-Length") or "0"
+        length = int(raw) if raw.isdigit() else 0
         if length > MAX_KV_VALUE + 1024 * 1024:
+            self.close_connection = True  # too large to read: answer, then drop the connection
             raise HTTPError(413, f"Request body({length} bytes) too large, max size: {MAX_KV_VALUE} bytes.")
-        return self.rfile.read(length) if length else b""
+        if length:
+            self._request_body = self.rfile.read(length)
 
     def _dispatch(self) -> None:
+        try:
+            self._read_body()
+        except HTTPError as exc:
+            self._text(exc.status, exc.text)
+            return
         url = urlsplit(self.path)
         path = unquote(url.path)
         query = Query(url.query)
@@ -400,9 +417,9 @@ class DevConsulServer(ThreadingHTTPServer):
     # default of 5 would drop the SYNs of a client opening hundreds of watches at once.
     request_queue_size = 4096
 
-    def __init__(self, host: str, port: int, node: str) -> None:
+    def __init__(self, host: str, port: int, node: str, shuffle: bool = False) -> None:
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.state = AgentState(node or socket.gethostname())
+        self.state = AgentState(node or socket.gethostname(), shuffle=shuffle)
         self.routes = ROUTES
         self.checks = CheckRunner(self.state)
         super().__init__((host, port), Handler)
@@ -429,14 +446,14 @@ class DevConsulServer(ThreadingHTTPServer):
         self.server_close()
 
 
-def serve(http_addr: str, node: str) -> int:
+def serve(http_addr: str, node: str, shuffle: bool = False) -> int:
     """`confpy dev-consul`: serve until SIGTERM/SIGINT, then exit 0."""
     try:
         host, port = split_host_port(http_addr)
     except ValueError as exc:
         raise ConfigError(f"--http-addr: {exc}") from None
     try:
-        server = DevConsulServer(host, port, node)
+        server = DevConsulServer(host, port, node, shuffle)
     except OSError as exc:
         raise ConfigError(f"--http-addr {http_addr}: cannot listen: {exc.strerror!s}") from None
     stop = threading.Event()

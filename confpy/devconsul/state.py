@@ -94,7 +94,9 @@ class AgentState:
         datacenter: str = "dc1",
         address: str = "127.0.0.1",
         clock: Callable[[], float] = time.monotonic,
+        shuffle: bool = False,
     ) -> None:
+        self.shuffle = shuffle
         self.node = node
         self.node_id = str(uuid.uuid4())
         self.datacenter = datacenter
@@ -433,7 +435,9 @@ class AgentState:
     def health_service(self, name: str, tags: list[str], passing: bool) -> list[dict[str, Any]]:
         node_checks = [c for c in self.checks.values() if not c.service_id]
         out = []
-        for sid in self.ids_by_name.get(name, {}):
+        # Consul answers in its state store's order (by node, then service ID), the same from call to
+        # call. `--shuffle` breaks that on purpose, to prove a client does not depend on any order.
+        for sid in sorted(self.ids_by_name.get(name, {})):
             s = self.services[sid]
             if not all(t in s.tags for t in tags):
                 continue
@@ -447,7 +451,8 @@ class AgentState:
                     "Checks": [self._check_json(c) for c in checks],
                 }
             )
-        random.shuffle(out)  # Consul gives no stable order; clients must not rely on one.
+        if self.shuffle:
+            random.shuffle(out)
         return out
 
     def catalog_services(self) -> dict[str, list[str]]:
