@@ -113,6 +113,7 @@ class AdminContext:
     consul: ConsulConfig
     destinations: tuple[Path, ...] = ()
     live_listen: str | None = None
+    live_token_file: Path | None = None
 
 
 def _context(args: argparse.Namespace, environ: Mapping[str, str]) -> AdminContext:
@@ -120,7 +121,9 @@ def _context(args: argparse.Namespace, environ: Mapping[str, str]) -> AdminConte
     if path_text:
         config = load_config(Path(path_text), environ)
         live = config.nginx.live_listen if config.nginx.mode == "live" else None
-        return AdminContext(config.consul, tuple(t.destination for t in config.templates), live)
+        return AdminContext(
+            config.consul, tuple(t.destination for t in config.templates), live, config.nginx.live_token_file
+        )
     return AdminContext(consul_from_env(environ))
 
 
@@ -134,10 +137,10 @@ class NginxView:
 
 async def nginx_members(context: AdminContext) -> NginxView | None:
     """The members nginx serves per upstream: from the admin API in live mode, else the rendered files."""
-    if context.live_listen:
+    if context.live_listen and context.live_token_file:
         from confpy.apply.live import LiveAdmin, LivePushError, passive_unavailable
 
-        admin = LiveAdmin(context.live_listen)
+        admin = LiveAdmin(context.live_listen, context.live_token_file)
         try:
             data = await admin.upstreams()
         except LivePushError:

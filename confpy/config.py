@@ -7,6 +7,7 @@ Every check names the file, the table and the key, and says what to fix. Unknown
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import shlex
 import signal
@@ -79,7 +80,10 @@ class NginxConfig:
     check_timeout: float = 30.0
     reload_timeout: float = 30.0
     mode: NginxMode = "reload"
-    live_listen: str = "127.0.0.1:9119"
+    # Live mode's admin API: a Unix socket in a folder only root may enter, by default.
+    live_listen: str = "unix:/run/confpy/admin.sock"
+    live_token_file: Path = Path("/var/lib/confpy/admin.token")
+    live_allow_remote: bool = False
     allow_no_reload: bool = False
 
 
@@ -262,6 +266,31 @@ def _listen(value: Any, label: str) -> str:
     return text
 
 
+def _admin_listen(value: Any, label: str) -> str:
+    """`unix:/absolute/path` or HOST:PORT."""
+    text: str = _str(value, label)
+    if text.startswith("unix:"):
+        if not text[5:].startswith("/"):
+            raise ConfigError(
+                f'{label}: {text!r}: a Unix socket needs an absolute path, e.g. "unix:/run/confpy/admin.sock"'
+            )
+        return text
+    return _listen(text, label)
+
+
+def is_loopback_listen(listen: str) -> bool:
+    """True for a Unix socket or a loopback address (127.0.0.0/8, ::1, localhost)."""
+    if listen.startswith("unix:"):
+        return True
+    host = split_host_port(listen)[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def split_host_port(text: str) -> tuple[str, int]:
     """Split "127.0.0.1:9118" or "[::1]:9118" into host and port; ValueError when malformed."""
     host, sep, port_text = text.rpartition(":")
@@ -316,7 +345,9 @@ _NGINX_SPEC: dict[str, Parser] = {
     "check_timeout": _duration,
     "reload_timeout": _duration,
     "mode": _choice("reload", "live"),
-    "live_listen": _listen,
+    "live_listen": _admin_listen,
+    "live_token_file": _str,
+    "live_allow_remote": _bool,
     "allow_no_reload": _bool,
 }
 _WAIT_SPEC: dict[str, Parser] = {"min": _duration, "max": _duration}
@@ -380,6 +411,16 @@ def _wait(where: _Where, table: str, data: Any, base: WaitConfig, problems: Prob
     if wait.max < wait.min:
         problems.add(f"{where.key(table, 'max')}: max ({wait.max:g}s) must not be less than min ({wait.min:g}s)")
     return wait
+
+
+def default_runtime_dir(environ: Mapping[str, str], state_dir: Path) -> Path:
+    """Where the admin socket goes: systemd's RuntimeDirectory ($RUNTIME_DIRECTORY), else
+    /run/confpy when this user may create it (root), else the state directory."""
+    if environ.get("RUNTIME_DIRECTORY"):
+        return Path(environ["RUNTIME_DIRECTORY"].split(":")[0])
+    if os.access("/run", os.W_OK):
+        return Path("/run/confpy")
+    return state_dir
 
 
 def default_state_dir(environ: Mapping[str, str]) -> Path:
@@ -455,7 +496,23 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
     nginx_values = _parse_table(where, "nginx", data.get("nginx", {}), _NGINX_SPEC, problems)
     if "pid_file" in nginx_values:
         nginx_values["pid_file"] = _resolve(folder, nginx_values["pid_file"])
+    state_values = _parse_table(where, "state", data.get("state", {}), {"dir": _str}, problems)
+    state_dir = _resolve(folder, state_values["dir"]) if state_values.get("dir") else default_state_dir(environ)
+    explicit_token = "live_token_file" in nginx_values
+    if explicit_token:
+        nginx_values["live_token_file"] = _resolve(folder, nginx_values["live_token_file"])
+    else:
+        nginx_values["live_token_file"] = state_dir / "admin.token"
+    if "live_listen" not in nginx_values:
+        nginx_values["live_listen"] = f"unix:{default_runtime_dir(environ, state_dir) / 'admin.sock'}"
     nginx = NginxConfig(**nginx_values)
+    if nginx.mode == "live" and not is_loopback_listen(nginx.live_listen):
+        if not (nginx.live_allow_remote and explicit_token):
+            problems.add(
+                f"{where.key('nginx', 'live_listen')}: {nginx.live_listen!r} is not a loopback address: anyone on that network "
+                "could move production traffic through the admin API; use the default Unix socket, or, to insist, set both "
+                "live_token_file (a secret file only confpy and nginx's master read) and live_allow_remote = true"
+            )
     if not nginx.check_cmd:
         problems.add(
             f"{where.key('nginx', 'check_cmd')}: must not be empty; confpy never installs a configuration nginx has not checked"
@@ -476,8 +533,6 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
         if destinations.count(dest) > 1:
             problems.add(f"{path}: two [[template]] tables write the same destination {dest}")
 
-    state_values = _parse_table(where, "state", data.get("state", {}), {"dir": _str}, problems)
-    state_dir = _resolve(folder, state_values["dir"]) if state_values.get("dir") else default_state_dir(environ)
     status = StatusConfig(**_parse_table(where, "status", data.get("status", {}), {"listen": _listen}, problems))
     log_config = LogConfig(
         **_parse_table(where, "log", data.get("log", {}), {"format": _choice("text", "json")}, problems)

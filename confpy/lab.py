@@ -480,3 +480,8 @@ class ConfpyProcess:
                 self.proc.wait(5)
         self._log_file.close()
         return self.proc.returncode
+
+
+def admin_token(config: Path) -> str:
+    """The live admin API's token confpy created for a lab configuration (its state folder)."""
+    return (config.parent / "confpy-state" / "admin.token").read_text().strip()

@@ -80,6 +80,7 @@ class SyncEngine:
                     "mode": config.nginx.mode,
                     "lua_dir": str(lua_dir()),
                     "live_listen": config.nginx.live_listen,
+                    "live_token_file": str(config.nginx.live_token_file),
                     "live_state_file": str(self.state.live_path_for(t.destination)),
                 },
             )
@@ -146,6 +147,8 @@ class SyncEngine:
         """Hold the locks of `destinations`, then clear what an interrupted confpy left behind."""
         destinations = sorted(set(destinations))
         self.state.prepare()
+        if self.live is not None:
+            self.live.prepare()
         async with destination_locks([self.state.lock_for(dest) for dest in destinations], timeout):
             for dest in destinations:
                 for leftover in remove_leftover_temp_files([dest, *self.state.own_files(dest)]):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from confpy.lab import BackendServer, NginxInstance, free_port, lua_available, wait_until, write_config
+from confpy.lab import BackendServer, NginxInstance, admin_token, free_port, lua_available, wait_until, write_config
 
 from .conftest import ROOT, ConsulUnderTest, run_confpy
 
@@ -71,7 +71,7 @@ class Gateway:
     def admin(self, path: str) -> dict[str, object]:
         conn = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=5)
         try:
-            conn.request("GET", path)
+            conn.request("GET", path, headers={"Authorization": f"Bearer {admin_token(self.config)}"})
             return dict(json.loads(conn.getresponse().read()))
         finally:
             conn.close()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from confpy.lab import ConfpyProcess, NginxInstance, free_port, lua_available, wait_until, write_config
+from confpy.lab import ConfpyProcess, NginxInstance, admin_token, free_port, lua_available, wait_until, write_config
 
 from .conftest import ROOT, ConsulUnderTest
 
@@ -66,7 +66,7 @@ class LiveLab:
         conn = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=5)
         try:
             payload = body if isinstance(body, bytes) or body is None else json.dumps(body)
-            conn.request(method, path, body=payload)
+            conn.request(method, path, body=payload, headers={"Authorization": f"Bearer {admin_token(self.config)}"})
             resp = conn.getresponse()
             return resp.status, json.loads(resp.read() or b"{}")
         finally:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import secrets
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -108,14 +110,59 @@ def live_upstream(instances: Sequence[ServiceInstance]) -> LiveUpstream:
     return LiveUpstream(digest, members)
 
 
-class LiveAdmin:
-    """A client for the Lua admin API (loopback HTTP, short timeouts, one kept-alive session)."""
+def ensure_admin_token(path: Path) -> None:
+    """Create the admin API's token (random, mode 0600) unless it exists; kept across restarts so a
+    running nginx, which read it at its last start or reload, keeps accepting confpy."""
+    if path.exists():
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise LivePushError(f"{path}: cannot create the live admin API's token: {exc.strerror}") from None
+    with os.fdopen(fd, "w") as token:
+        token.write(secrets.token_hex(32) + "\n")
 
-    def __init__(self, listen: str) -> None:
-        host, port = split_host_port(listen)
-        host = "127.0.0.1" if host in ("", "0.0.0.0") else ("::1" if host == "::" else host)
-        self.base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+def ensure_socket_dir(listen: str) -> None:
+    """A Unix socket's folder, mode 0700: nginx's master (root) creates the socket there with mode
+    0666, so the folder is what keeps everyone but root (confpy) out."""
+    if not listen.startswith("unix:"):
+        return
+    folder = Path(listen[5:]).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)
+    except OSError as exc:
+        raise LivePushError(f"{folder}: cannot prepare the admin socket's folder: {exc.strerror}") from None
+
+
+def read_admin_token(path: Path) -> str:
+    try:
+        return path.read_text(encoding="ascii").strip()
+    except OSError as exc:
+        raise LivePushError(
+            f"cannot read the live admin API's token {path}: {exc.strerror} (it is readable by root only)"
+        ) from None
+
+
+class LiveAdmin:
+    """A client for the Lua admin API: a Unix socket (or loopback TCP), the token on every request,
+    short timeouts, one kept-alive session."""
+
+    def __init__(self, listen: str, token_file: Path) -> None:
         self.listen = listen
+        self.token_file = token_file
+        self.socket_path: str | None = None
+        if listen.startswith("unix:"):
+            self.socket_path = listen[5:]
+            self.base = "http://confpy-admin"
+        else:
+            host, port = split_host_port(listen)
+            host = "127.0.0.1" if host in ("", "0.0.0.0") else ("::1" if host == "::" else host)
+            self.base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         self._session: aiohttp.ClientSession | None = None
 
     async def close(self) -> None:
@@ -125,8 +172,13 @@ class LiveAdmin:
 
     async def _request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         if self._session is None or self._session.closed:
+            connector = aiohttp.UnixConnector(path=self.socket_path) if self.socket_path else None
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=ADMIN_TIMEOUT), trust_env=False, skip_auto_headers=("User-Agent",)
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=ADMIN_TIMEOUT),
+                trust_env=False,
+                skip_auto_headers=("User-Agent",),
+                headers={"Authorization": f"Bearer {read_admin_token(self.token_file)}", "X-Confpy-Push": "1"},
             )
         try:
             async with self._session.request(method, self.base + path, json=body) as response:
@@ -227,6 +279,8 @@ class LiveStatus:
     # Members nginx's balancer has paused after failures (passive health) though the registry
     # still calls them passing: upstream -> "host:port" -> Unix time until which it is paused.
     unavailable: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    # Upstreams whose members were changed behind confpy's back, with when it last saw it.
+    drift: Mapping[str, float] = field(default_factory=dict)
 
 
 class LiveSupervisor:
@@ -245,7 +299,7 @@ class LiveSupervisor:
         self.state = state
         self.reloader = reloader
         self.clock = clock
-        self.admin = LiveAdmin(config.nginx.live_listen)
+        self.admin = LiveAdmin(config.nginx.live_listen, config.nginx.live_token_file)
         # What nginx is known to serve; None after a failure or when nginx may have restarted.
         self.known: dict[str, str | None] | None = None
         self._by_template: dict[Path, dict[str, LiveUpstream]] = {}
@@ -260,10 +314,18 @@ class LiveSupervisor:
         self.on_pushed: Callable[[int], None] = lambda count: None
         self.on_failure: Callable[[], None] = lambda: None
         self.on_unavailable: Callable[[Mapping[str, Mapping[str, float]]], None] = lambda members: None
+        self.on_drift: Callable[[str], None] = lambda name: None
+        self.drift_events: dict[str, float] = {}  # upstream -> Unix time of the last drift seen
+        self.clock_wall: Callable[[], float] = time.time
         self.unavailable: dict[str, dict[str, float]] = {}
 
     def state_path(self, destination: Path) -> Path:
         return self.state.live_path_for(destination)
+
+    def prepare(self) -> None:
+        """The admin API's token and socket folder, before nginx may need them."""
+        ensure_admin_token(self.config.nginx.live_token_file)
+        ensure_socket_dir(self.config.nginx.live_listen)
 
     def note(self, results: Sequence[RenderResult]) -> None:
         """Take each template's wanted members (a cycle may render only some templates: the
@@ -377,11 +439,17 @@ class LiveSupervisor:
         return pushed
 
     async def refresh_passive(self) -> None:
-        """Ask nginx which members its balancer has paused after failures (logged when it changes)."""
+        """Ask nginx what it serves: members changed behind confpy's back (drift) are logged, counted
+        and restored; members its balancer paused after failures are noted (logged when it changes)."""
         try:
             served = await self.admin.upstreams()
-        except LivePushError:
+        except LivePushError as exc:
+            log.debug("could not read nginx's members for drift and passive health: %s", exc)
             return
+        drifted = self.drift(served)
+        if drifted:
+            self.known = None  # push what differs, from what nginx really serves
+            await self.push_or_schedule("restoring members changed behind confpy's back")
         unavailable = passive_unavailable(served)
         for name, members in unavailable.items():
             for member in sorted(set(members) - set(self.unavailable.get(name, {}))):
@@ -393,8 +461,33 @@ class LiveSupervisor:
         self.unavailable = unavailable
         self.on_unavailable(unavailable)
 
+    def drift(self, served: Mapping[str, Any]) -> list[str]:
+        """Upstreams whose members in nginx are not the ones confpy pushed (a `+manual` or foreign version)."""
+        drifted: list[str] = []
+        if self.error or self.retry_at is not None:
+            return drifted  # confpy's own push is pending: nginx is expected to differ
+        for name, wanted in sorted(self.wanted.items()):
+            entry = served.get(name)
+            version = entry.get("version") if isinstance(entry, dict) else None
+            if version is None or version == wanted.version:
+                continue
+            members = entry.get("members") if isinstance(entry, dict) else None
+            count = len(members) if isinstance(members, list) else 0
+            log.warning(
+                "drift: upstream %s in nginx has version %s (%d members), not the %s confpy pushed; someone changed it "
+                "through the admin API (see nginx's error log); restoring",
+                name,
+                version,
+                count,
+                wanted.version,
+            )
+            self.drift_events[name] = self.clock_wall()
+            self.on_drift(name)
+            drifted.append(name)
+        return drifted
+
     def status(self) -> LiveStatus:
-        return LiveStatus(self.error, dict(self.wanted), self.unavailable)
+        return LiveStatus(self.error, dict(self.wanted), self.unavailable, dict(self.drift_events))
 
     async def close(self) -> None:
         await self.admin.close()

@@ -159,6 +159,7 @@ class Daemon:
             self.engine.live.on_pushed = self.metrics.live_pushes.inc
             self.engine.live.on_failure = self.metrics.live_push_failures.inc
             self.engine.live.on_unavailable = self._count_unavailable
+            self.engine.live.on_drift = lambda name: self.metrics.live_drift.labels(upstream=name).inc()
         self.registry = self.registry_factory(config)
         self.health = RegistryHealth(
             self.wall_clock,

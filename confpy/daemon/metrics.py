@@ -38,6 +38,12 @@ class Metrics:
         self.live_push_failures = Counter(
             "confpy_live_push_failures", "Failed pushes to the live admin API", registry=r
         )
+        self.live_drift = Counter(
+            "confpy_live_drift",
+            "Upstreams found in nginx with members confpy did not push (then restored)",
+            ["upstream"],
+            registry=r,
+        )
         self.live_member_unavailable = Gauge(
             "confpy_live_member_unavailable",
             "1 for a live member nginx's balancer paused after failures while the registry still says passing",

@@ -114,6 +114,7 @@ class StatusSnapshot:
                 "unavailable": {name: dict(members) for name, members in self.live.unavailable.items()}
                 if self.live
                 else {},
+                "drift": {name: _timestamp(when) for name, when in self.live.drift.items()} if self.live else {},
             },
         }
 

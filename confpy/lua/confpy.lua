@@ -6,6 +6,7 @@
 
 local cjson = require "cjson.safe"
 local balancer = require "ngx.balancer"
+local bit = require "bit"
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -15,6 +16,7 @@ local DEFAULT_MAX_FAILS = 1     -- nginx's defaults for a `server` line
 local DEFAULT_FAIL_TIMEOUT = 10
 
 local boot_members = nil        -- read from the state file by init(), in the master
+local token = nil               -- the admin API's token, read by init() (as root) from confpy's token file
 local known = {}                -- upstream names this configuration defines
 local cache = {}                -- per worker: name -> { version, peers } (peers keep SWRR state)
 
@@ -93,8 +95,19 @@ end
 
 -- init_by_lua: remember the upstream names and read the rendered state (the master runs this
 -- as root before forking workers, at start and at every reload).
-function _M.init(state_file, names)
+function _M.init(state_file, names, token_file)
     for _, name in ipairs(names) do known[name] = true end
+    if token_file then
+        local t = io.open(token_file, "r")
+        if t then
+            local text = (t:read("*a") or ""):gsub("%s+$", "")
+            t:close()
+            if #text >= 32 then token = text end
+        end
+        if not token then
+            ngx.log(ngx.ERR, "confpy: no usable admin token in ", token_file, "; the admin API refuses every request")
+        end
+    end
     local f = io.open(state_file, "r")
     if not f then return end
     local data = cjson.decode(f:read("*a") or "")
@@ -290,7 +303,35 @@ local function manual_version(version)
     return (version or "none") .. "+manual" .. ngx.now()
 end
 
+-- Compares in time independent of where the strings differ (the token's length is not secret).
+local function same(a, b)
+    if type(a) ~= "string" or type(b) ~= "string" or #a ~= #b then return false end
+    local diff = 0
+    for i = 1, #a do
+        diff = bit.bor(diff, bit.bxor(a:byte(i), b:byte(i)))
+    end
+    return diff == 0
+end
+
+local function authorized()
+    local header = ngx.req.get_headers()["Authorization"]
+    if type(header) ~= "string" then return false end
+    local given = header:match("^Bearer%s+(%S+)$")
+    return token ~= nil and given ~= nil and same(given, token)
+end
+
+-- Who changed what: every change that is not confpy's own push goes to nginx's error log.
+local function audit(method, uri, detail)
+    if ngx.req.get_headers()["X-Confpy-Push"] == "1" then return end
+    local peer = ngx.var.remote_addr
+    if peer == nil or peer == "" or peer == "unix:" then peer = "a client of the Unix socket" end
+    ngx.log(ngx.WARN, "confpy admin: ", method, " ", uri, " by ", peer, " (not confpy's own push): ", detail)
+end
+
 function _M.admin()
+    if not authorized() then
+        return reply(401, { error = "a valid token is required: Authorization: Bearer <the token in confpy's token file>" })
+    end
     local method = ngx.req.get_method()
     local uri = ngx.unescape_uri(ngx.var.uri)
     if uri == "/upstreams" or uri == "/upstreams/" then
@@ -317,6 +358,7 @@ function _M.admin()
         local version = body.version and tostring(body.version) or manual_version(nil)
         local ok, serr = store(name, version, members)
         if not ok then return reply(500, { error = "cannot store: " .. tostring(serr) }) end
+        audit(method, uri, #members .. " members, version " .. version)
         return reply(200, describe(name))
     end
 
@@ -335,6 +377,7 @@ function _M.admin()
         local clean, err = check_members(updated)
         if not clean then return reply(400, { error = err }) end
         store(name, manual_version(version), clean)
+        audit(method, uri, "added " .. member)
         return reply(200, describe(name))
     elseif method == "DELETE" then
         local kept, found = {}, false
@@ -346,6 +389,7 @@ function _M.admin()
             return reply(409, { error = "refusing to delete " .. member .. ": it is the last member of " .. name })
         end
         store(name, manual_version(version), kept)
+        audit(method, uri, "removed " .. member)
         return reply(200, describe(name))
     end
     return reply(405, { error = "use POST or DELETE" })
