@@ -29,6 +29,17 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
     assert "EnvironmentFile=-/etc/default/confpy" in lines
     assert "StateDirectory=confpy" in lines
     assert "#LoadCredential=consul-token:/etc/confpy/consul-token" in lines
+    for hardening in (
+        "SystemCallFilter=@system-service",
+        "UMask=0077",
+        "RuntimeDirectory=confpy",
+        "RuntimeDirectoryMode=0700",
+        "RuntimeDirectoryPreserve=yes",
+        "PrivateMounts=yes",
+    ):
+        assert hardening in lines, hardening
+    capabilities = next(line for line in lines if line.startswith("CapabilityBoundingSet="))
+    assert "CAP_SETUID" not in capabilities and "CAP_NET_BIND_SERVICE" not in capabilities
     # verify insists that ExecStart exists: point it at this checkout's interpreter.
     local = tmp_path / "confpy.service"
     local.write_text(unit.replace("/usr/local/bin/confpy", f"{sys.executable} -m confpy"))
