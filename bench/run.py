@@ -93,9 +93,9 @@ class World:
             for n, p in enumerate(self.ports, start=1)
         )
         self.nginx = NginxInstance(tmp / "nginx", extra_http=static, workers=workers, lua=live)
-        self.admin_port = free_port()
         self.status_port = free_port()
-        extra = f'mode = "live"\nlive_listen = "127.0.0.1:{self.admin_port}"' if live else ""
+        # live mode as deployed by default: the admin API on a Unix socket in a root-only folder, with the token
+        extra = f'mode = "live"\nlive_listen = "unix:{tmp}/run/admin.sock"' if live else ""
         self.config = write_config(
             tmp / "confpy.toml",
             self.consul.url,
