@@ -410,3 +410,21 @@ def test_health_order_is_stable_unless_shuffled(consul: ConsulUnderTest) -> None
         consul.api.register("web", 8000 + n, id=f"web-{n}")
     shuffled = {tuple(e["Service"]["ID"] for e in consul.api.health("web")[1]) for _ in range(20)}
     assert len(shuffled) > 1
+
+
+def test_parameters_consul_would_refuse_are_refused(consul: ConsulUnderTest) -> None:
+    api = consul.api
+    api.register("web", 8081, id="web-1")
+    for path in ("/v1/health/service/web?dc=dc2", "/v1/catalog/services?dc=dc2", "/v1/kv/a?dc=dc2"):
+        code, _, body = api.request("GET", path)
+        assert (code, body) == (500, b"No path to datacenter"), path
+    assert api.request("GET", "/v1/health/service/web?dc=dc1")[0] == 200  # its own datacenter is fine
+    code, _, body = api.request("GET", "/v1/kv/")  # an empty key: a watch on it must not block forever
+    assert (code, body) == (400, b"Missing key name")
+    assert api.request("PUT", "/v1/kv/", b"x")[:3:2] == (400, b"Missing key name")
+    assert api.request("GET", "/v1/kv/?recurse")[0] in (200, 404)  # listing the root is allowed
+    code, _, body = api.request("PUT", "/v1/kv/lock?acquire=3f9b2c1e-0000-4000-8000-000000000000", b"x")
+    assert (code, body) == (500, b'invalid session "3f9b2c1e-0000-4000-8000-000000000000"')
+    code, _, body = api.request("PUT", "/v1/kv/lock?cas=0&release=s", b"x")
+    assert code == 400 and body.startswith(b"Conflicting flags: ")
+    assert api.request("GET", "/v1/kv/lock")[0] == 404  # nothing was written

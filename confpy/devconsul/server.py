@@ -11,7 +11,7 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 from confpy.config import split_host_port
 from confpy.devconsul.checks import CheckRunner
@@ -57,6 +57,13 @@ class Query:
 
     def all(self, key: str) -> list[str]:
         return self.values.get(key, [])
+
+
+def check_datacenter(state: AgentState, query: Query) -> None:
+    """`?dc=` naming another datacenter: this single-node agent has no path to it (Consul's 500)."""
+    dc = query.get("dc")
+    if dc and dc != state.datacenter:
+        raise HTTPError(500, "No path to datacenter")
 
 
 def blocking_params(query: Query) -> tuple[int, float]:
@@ -171,6 +178,7 @@ class Handler(BaseHTTPRequestHandler):
     def health_service(self, state: AgentState, name: str, query: Query) -> None:
         if not name:
             raise HTTPError(400, "Missing service name")
+        check_datacenter(state, query)
         index, wait = blocking_params(query)
         passing = False
         if query.has("passing"):
@@ -195,6 +203,7 @@ class Handler(BaseHTTPRequestHandler):
         self._json(200, data, new_index, query.has("pretty"))
 
     def catalog_services(self, state: AgentState, rest: str, query: Query) -> None:
+        check_datacenter(state, query)
         index, wait = blocking_params(query)
         new_index, data = state.blocking(
             "catalog",
@@ -207,6 +216,7 @@ class Handler(BaseHTTPRequestHandler):
         self._json(200, data, new_index, query.has("pretty"))
 
     def catalog_service(self, state: AgentState, name: str, query: Query) -> None:
+        check_datacenter(state, query)
         if not name:
             raise HTTPError(400, "Missing service name")
         index, wait = blocking_params(query)
@@ -314,6 +324,20 @@ class Handler(BaseHTTPRequestHandler):
     # --- KV --------------------------------------------------------------------------------
 
     def kv(self, state: AgentState, key: str, query: Query) -> None:
+        check_datacenter(state, query)
+        # As Consul's KVS endpoint: a key is required but to list (`recurse`, `keys`) or delete a tree.
+        listing = self.command == "GET" and (query.has("recurse") or query.has("keys"))
+        if not key and not listing and not (self.command == "DELETE" and query.has("recurse")):
+            raise HTTPError(400, "Missing key name")
+        if self.command == "PUT":
+            exclusive = [flag for flag in ("cas", "acquire", "release") if query.has(flag)]
+            if len(exclusive) > 1:
+                raise HTTPError(
+                    400, "Conflicting flags: " + urlencode(sorted((k, v) for k in query.values for v in query.all(k)))
+                )
+            for flag in ("acquire", "release"):
+                if query.has(flag):  # no sessions in this agent: every session is unknown, as Consul says
+                    raise HTTPError(500, f'invalid session "{query.get(flag)}"')
         if self.command == "GET":
             self._kv_get(state, key, query)
         elif self.command == "PUT":
