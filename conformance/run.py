@@ -43,7 +43,7 @@ OUT_OF_SCOPE_TESTS = {
     "gateway": "gateways",
     "kind_proxy": "Connect proxies",
     "central_config": "config entries",
-    "peer": "cluster peering",
+    "service_peer": "cluster peering",
 }
 # Out of scope, by file, with the reason (dev-consul is a single-node development agent).
 OUT_OF_SCOPE = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -23,6 +24,7 @@ from confpy.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MAX_KV_VALUE = 512 * 1024
+AGENT_VERSION = "1.20.0"  # the Consul version whose API dev-consul follows
 _GO_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
 _GO_FALSE = {"0", "f", "F", "FALSE", "false", "False"}
 
@@ -310,16 +312,52 @@ class Handler(BaseHTTPRequestHandler):
                     "NodeName": state.node,
                     "NodeID": state.node_id,
                     "Server": True,
-                    "Version": "1.20.0",
+                    "Version": AGENT_VERSION,
                     "Revision": "confpy-dev",
                 },
                 "Member": {"Name": state.node, "Addr": state.address, "Port": 8301, "Status": 1},
                 "Meta": {"consul-network-segment": ""},
+                # What `consul agent -dev` reports besides; a single server that leads itself.
+                "Stats": {
+                    "agent": {
+                        "check_monitors": "0",
+                        "check_ttls": "0",
+                        "checks": str(len(state.checks)),
+                        "services": str(len(state.services)),
+                    },
+                    "build": {
+                        "prerelease": "",
+                        "revision": "confpy-dev",
+                        "version": AGENT_VERSION,
+                        "version_metadata": "",
+                    },
+                    "consul": {
+                        "acl": "disabled",
+                        "bootstrap": "true",
+                        "known_datacenters": "1",
+                        "leader": "true",
+                        "leader_addr": f"{state.address}:8300",
+                        "server": "true",
+                    },
+                    "runtime": {"arch": "amd64", "cpu_count": str(os.cpu_count() or 1), "os": "linux"},
+                },
+                "Coord": {"Vec": [0.0] * 8, "Error": 1.5, "Adjustment": 0.0, "Height": 1e-05},
+                "DebugConfig": {
+                    "Datacenter": state.datacenter,
+                    "NodeName": state.node,
+                    "ServerMode": True,
+                    "DevMode": True,
+                    "ACLsEnabled": False,
+                },
+                "xDS": {"SupportedProxies": {}, "Port": -1, "Ports": {"TLS": -1, "Plaintext": -1}},
             },
         )
 
     def status_leader(self, state: AgentState, rest: str, query: Query) -> None:
         self._json(200, f"{state.address}:8300")
+
+    def status_peers(self, state: AgentState, rest: str, query: Query) -> None:
+        self._json(200, [f"{state.address}:8300"])
 
     # --- KV --------------------------------------------------------------------------------
 
@@ -428,6 +466,7 @@ ROUTES = [
     ("/v1/agent/services", {"GET"}, Handler.agent_services),
     ("/v1/agent/self", {"GET"}, Handler.agent_self),
     ("/v1/status/leader", {"GET"}, Handler.status_leader),
+    ("/v1/status/peers", {"GET"}, Handler.status_peers),
     ("/v1/kv/", {"GET", "PUT", "DELETE"}, Handler.kv),
 ]
 
