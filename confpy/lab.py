@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -21,7 +22,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 LOOPBACK = "127.0.0.1"
 LUA_MODULES_DIR = "/usr/lib/nginx/modules"
@@ -44,12 +45,41 @@ def lua_available() -> bool:
     )
 
 
+class _PortBook:
+    """Ports handed out by free_port in this process (never twice)."""
+
+    given: ClassVar[set[int]] = set()
+    rng: ClassVar[random.Random] = random.Random()
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port that was free a moment ago."""
+    """A TCP port that is free now, below the kernel's ephemeral range, not handed out before.
+
+    Below the ephemeral range, because a port chosen now is bound later (nginx starts after its
+    configuration is written): meanwhile any outgoing connection, or a server binding port 0,
+    could take a port from the ephemeral range.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    high = _ephemeral_start() - 1
+    for _ in range(200):
+        port = _PortBook.rng.randint(max(1024, high - 12000), high)
+        if port in _PortBook.given:
+            continue
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _PortBook.given.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def nginx_binary() -> str:
