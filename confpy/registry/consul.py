@@ -173,22 +173,21 @@ class ConsulClient:
         self, path: str, what: str, *, params: Sequence[tuple[str, str]] = (), index: int = 0, wait: float | None = None
     ) -> tuple[int, Any]:
         """GET a JSON endpoint; (X-Consul-Index, decoded body). Error statuses raise ConsulBadResponse."""
-        status, headers, body = await self.request("GET", path, what, params=params, index=index, wait=wait)
-        text = body.decode("utf-8", "replace")
-        _raise_for_status(status, text, what)
-        new_index = _parse_index(headers.get("X-Consul-Index"), what)
-        try:
-            return new_index, json.loads(text)
-        except ValueError:
-            raise ConsulBadResponse(f"Consul's answer to {what} is not valid JSON: {_short(text)}") from None
+        headers, data = await self._get_json(path, what, params, index, wait)
+        return _parse_index(headers.get("X-Consul-Index"), what), data
 
     async def read_plain(self, path: str, what: str) -> Any:
         """GET a JSON endpoint that has no X-Consul-Index (status endpoints)."""
-        status, _, body = await self.request("GET", path, what)
+        return (await self._get_json(path, what))[1]
+
+    async def _get_json(
+        self, path: str, what: str, params: Sequence[tuple[str, str]] = (), index: int = 0, wait: float | None = None
+    ) -> tuple[Mapping[str, str], Any]:
+        status, headers, body = await self.request("GET", path, what, params=params, index=index, wait=wait)
         text = body.decode("utf-8", "replace")
         _raise_for_status(status, text, what)
         try:
-            return json.loads(text)
+            return headers, json.loads(text)
         except ValueError:
             raise ConsulBadResponse(f"Consul's answer to {what} is not valid JSON: {_short(text)}") from None
 
