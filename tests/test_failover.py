@@ -146,7 +146,10 @@ def test_a_member_that_comes_back_is_probed_then_used_again(
                 "used again after fail_timeout"
             )
             bodies = [gateway.get() for _ in range(20)]
-            assert bodies.count("App server 3") == 10 and bodies.count("App server 1") == 10  # its share again
+            # Its share again: round-robin state is per worker, so each worker alternates on its own
+            # and the totals may differ by at most one per worker.
+            assert bodies.count("App server 3") + bodies.count("App server 1") == 20, bodies
+            assert abs(bodies.count("App server 3") - bodies.count("App server 1")) <= WORKERS, bodies
         finally:
             back.stop()
     finally:
