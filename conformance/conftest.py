@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import os
+import socket
 
 import pytest
 import requests
@@ -23,9 +24,21 @@ def _unset_consul_token() -> None:
     os.environ.pop("CONSUL_HTTP_TOKEN", None)
 
 
+def _agent_port() -> int:
+    """8500 when free: py-consul's checks probe http://localhost:8500, the agent itself inside its container."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", 8500))
+        except OSError:
+            return 0
+    return 8500
+
+
 @pytest.fixture
 def consul_instance():  # type: ignore[no-untyped-def]
-    agent = DevConsulProcess().start()
+    # As py-consul's container, which is started with {"enable_script_checks": true}.
+    agent = DevConsulProcess(port=_agent_port(), script_checks=True).start()
     try:
         version = requests.get(f"{agent.url}/v1/agent/self", timeout=10).json()["Config"]["Version"]
         yield ConsulInstance(agent, agent.port, version)

@@ -143,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="answer health entries in a new random order each time (Consul's order is stable): for testing clients",
     )
+    dev.add_argument(
+        "--enable-script-checks",
+        action="store_true",
+        help="run script checks (`Args`) registered through the API, as Consul's enable_script_checks; off by default",
+    )
 
     from confpy import admin
 
@@ -255,7 +260,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if args.command == "dev-consul":
             from confpy.devconsul.server import serve
 
-            return serve(args.http_addr, args.node, args.shuffle)
+            return serve(args.http_addr, args.node, args.shuffle, args.enable_script_checks)
         if args.command == "upstream":
             from confpy import admin
 

@@ -105,9 +105,10 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.02) -> bool:
 class DevConsulProcess:
     """`confpy dev-consul` as a subprocess on a free port."""
 
-    def __init__(self, port: int = 0, shuffle: bool = False) -> None:
+    def __init__(self, port: int = 0, shuffle: bool = False, script_checks: bool = False) -> None:
         self.port = port
         self.shuffle = shuffle
+        self.script_checks = script_checks
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
 
@@ -121,6 +122,7 @@ class DevConsulProcess:
                 "--http-addr",
                 f"{LOOPBACK}:{self.port}",
                 *(["--shuffle"] if self.shuffle else []),
+                *(["--enable-script-checks"] if self.script_checks else []),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,

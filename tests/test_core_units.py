@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -401,3 +402,40 @@ def test_a_probe_notices_the_registry_is_back_while_every_watch_still_blocks(tmp
         await daemon._stop()
 
     run(scenario)
+
+
+class TestFilterExpressions:
+    """dev-consul's `?filter=` language (go-bexpr) on one health entry, no server."""
+
+    ENTRY = {
+        "Node": {"Node": "n1", "Meta": {}},
+        "Service": {"ID": "web-1", "Tags": ["nginx", "blue"], "Meta": {"version": "2"}, "Port": 8081},
+        "Checks": [{"CheckID": "serfHealth", "Status": "passing"}, {"CheckID": "c", "Status": "critical"}],
+    }
+
+    def holds(self, expression: str) -> bool:
+        from confpy.devconsul.bexpr import compile_filter
+
+        return compile_filter(expression, self.ENTRY)(self.ENTRY)
+
+    def test_operators(self) -> None:
+        assert self.holds('"blue" in Service.Tags') and not self.holds('"red" in Service.Tags')
+        assert self.holds('"red" not in Service.Tags')
+        assert self.holds("Service.Port == 8081") and self.holds('Service.Port != "80"')
+        assert self.holds("Service.Tags contains `nginx`") and self.holds('Service.ID matches "^web-[0-9]+$"')
+        assert self.holds("Service.Meta.zone is empty") and self.holds("Service.Meta.version is not empty")
+        assert self.holds('Service.Meta["version"] == 2')
+        assert self.holds("Checks.Status == critical") and self.holds('"passing" in Checks.Status')
+        assert self.holds('not (Node.Node == "n2") and (Service.Port == 1 or Service.Port == 8081)')
+
+    def test_bad_expressions_are_refused_with_consuls_words(self) -> None:
+        from confpy.devconsul.bexpr import FilterError, compile_filter
+
+        for expression, words in (
+            ("Service.Nope == 1", 'Selector "Service.Nope" is not valid'),
+            ("not a valid expression((", "no match found"),
+            ("Service.ID ==", "expected: a value"),
+            ("", "no match found"),
+        ):
+            with pytest.raises(FilterError, match=re.escape(words)):
+                compile_filter(expression, self.ENTRY)

@@ -11,9 +11,11 @@ import json
 import threading
 import time
 from typing import Any
+from urllib.parse import urlencode
 
 import consul as pyconsul
 import pytest
+from consul.check import Check
 
 from confpy.devconsul.register import RegisterError, decode_service
 from confpy.devconsul.state import CRITICAL, AgentState
@@ -364,7 +366,7 @@ def test_deregister_critical_service_after_has_a_one_minute_floor() -> None:
 
 @dev_consul_only
 def test_unsupported_check_kinds_are_refused_clearly() -> None:
-    with pytest.raises(RegisterError, match="supports TTL, HTTP and TCP checks, not grpc"):
+    with pytest.raises(RegisterError, match="supports script, TTL, HTTP and TCP checks, not grpc"):
         decode_service({"Name": "web", "Check": {"GRPC": "127.0.0.1:1", "Interval": "1s"}})
 
 
@@ -428,3 +430,118 @@ def test_parameters_consul_would_refuse_are_refused(consul: ConsulUnderTest) -> 
     code, _, body = api.request("PUT", "/v1/kv/lock?cas=0&release=s", b"x")
     assert code == 400 and body.startswith(b"Conflicting flags: ")
     assert api.request("GET", "/v1/kv/lock")[0] == 404  # nothing was written
+
+
+def test_filter_expressions_select_as_consul_and_bad_ones_are_400(consul: ConsulUnderTest) -> None:
+    api = consul.api
+    api.register("web", 8081, id="web-1", tags=["nginx", "blue"], Meta={"version": "2"})
+    api.register("web", 8082, id="web-2", tags=["nginx"], Meta={"version": "1"})
+    cases = {
+        '"blue" in Service.Tags': ["web-1"],
+        'Service.Meta.version == "1"': ["web-2"],
+        "Service.Meta.version != `1` and Service.Port == 8081": ["web-1"],
+        'Checks.Status == "passing"': ["web-1", "web-2"],
+        'not ("blue" in Service.Tags) or Service.ID matches "^web-1$"': ["web-1", "web-2"],
+        "Service.Meta.zone is empty": ["web-1", "web-2"],
+    }
+    for expression, wanted in cases.items():
+        code, _, body = api.request("GET", "/v1/health/service/web?" + urlencode({"filter": expression}))
+        assert code == 200 and sorted(e["Service"]["ID"] for e in json.loads(body)) == wanted, expression
+    code, _, body = api.request("GET", "/v1/health/service/web?" + urlencode({"filter": "Service.Nope == 1"}))
+    assert (code, body) == (400, b'Failed to create evaluator for expression: Selector "Service.Nope" is not valid')
+    code, _, body = api.request("GET", "/v1/catalog/nodes?" + urlencode({"filter": "not a valid expression(("}))
+    assert code == 400 and body.startswith(b"Failed to create evaluator for expression: ")
+    code, _, body = api.request("GET", "/v1/agent/services?" + urlencode({"filter": '"blue" in Tags'}))
+    assert code == 200 and list(json.loads(body)) == ["web-1"]
+
+
+def test_unknown_peer_answers_empty_as_consul_does(consul: ConsulUnderTest) -> None:
+    api = consul.api
+    api.register("web", 8081, id="web-1")
+    for path in ("/v1/health/service/web?peer=nobody", "/v1/catalog/service/web?peer=nobody"):
+        code, headers, body = api.request("GET", path)
+        assert (code, json.loads(body)) == (200, []) and int(headers["X-Consul-Index"]) >= 1, path
+    assert len(json.loads(api.request("GET", "/v1/health/service/web")[2])) == 1
+
+
+def test_catalog_nodes_register_and_deregister(consul: ConsulUnderTest) -> None:
+    c = client(consul)
+    own = c.agent.self()["Config"]["NodeName"]
+    assert c.catalog.register("n1", "10.1.10.11", service={"service": "s1", "port": 80}, check={"name": "c1"})
+    assert c.catalog.register("n2", "10.1.10.12", service={"service": "s1", "tags": ["primary"]})
+    assert [n["Node"] for n in c.catalog.nodes()[1]] == sorted([own, "n1", "n2"])
+    node = c.catalog.node("n1")[1]
+    assert node["Node"]["Address"] == "10.1.10.11" and set(node["Services"]) == {"s1"}
+    assert c.catalog.node("nowhere")[1] is None
+    # A catalog check with no status is critical, as Consul stores it: n1's instance is not passing.
+    assert [e["Node"]["Node"] for e in c.health.service("s1", passing=True)[1]] == ["n2"]
+    assert {x["Node"] for x in c.catalog.service("s1", tag="primary")[1]} == {"n2"}
+    assert c.catalog.deregister("n1", check_id="c1")
+    assert sorted(e["Node"]["Node"] for e in c.health.service("s1", passing=True)[1]) == ["n1", "n2"]
+    assert c.catalog.deregister("n2")
+    assert [n["Node"] for n in c.catalog.nodes()[1]] == sorted([own, "n1"])
+    with pytest.raises(pyconsul.ConsulException, match="No path to datacenter"):
+        c.catalog.register("n3", "10.1.10.13", dc="dc2")
+
+
+def test_agent_checks_node_maintenance_and_health_state(consul: ConsulUnderTest) -> None:
+    c = client(consul)
+    c.agent.service.register("web", service_id="web-1", port=8081)
+    assert c.agent.check.register("web-ttl", Check.ttl("30s"), service_id="web-1")
+    assert set(c.agent.checks()) == {"web-ttl"}  # serfHealth is the catalog's, not the agent's
+    assert c.health.service("web", passing=True)[1] == []  # a new check starts critical
+    c.agent.check.ttl_pass("web-ttl")
+    assert [e["Service"]["ID"] for e in c.health.service("web", passing=True)[1]] == ["web-1"]
+    assert {ch["CheckID"] for ch in c.health.state("passing")[1]} == {"serfHealth", "web-ttl"}
+    c.agent.maintenance("true", "kernel upgrade")
+    assert c.agent.checks()["_node_maintenance"]["Notes"] == "kernel upgrade"
+    assert c.health.service("web", passing=True)[1] == []  # a node check takes every service out
+    c.agent.maintenance("false")
+    assert [e["Service"]["ID"] for e in c.health.service("web", passing=True)[1]] == ["web-1"]
+    assert c.agent.check.deregister("web-ttl") and set(c.agent.checks()) == set()
+    code, _, body = consul.api.request("PUT", "/v1/agent/check/deregister/web-ttl")
+    assert code == 404 and body.startswith(b'Unknown check ID "web-ttl"')
+    code, _, body = consul.api.request(
+        "PUT", "/v1/agent/check/register", json.dumps({"Name": "x", "TTL": "10s", "ServiceID": "nope"}).encode()
+    )
+    assert (code, body) == (404, b'ServiceID "nope" does not exist')
+    code, _, body = consul.api.request("GET", "/v1/health/state/sleepy")
+    assert (code, body) == (400, b"Invalid check state")
+
+
+def test_script_checks_only_when_enabled(consul: ConsulUnderTest) -> None:
+    body = json.dumps({"Name": "s", "Args": ["/bin/true"], "Interval": "1s"}).encode()
+    code, _, text = consul.api.request("PUT", "/v1/agent/check/register", body)
+    assert code == 500 and b"Scripts are disabled on this agent" in text
+    agent = DevConsulProcess(script_checks=True).start()
+    try:
+        api = ConsulAPI(agent.url)
+        assert api.request("PUT", "/v1/agent/check/register", body)[0] == 200
+        failing = json.dumps({"Name": "f", "Args": ["/bin/sh", "-c", "exit 1"], "Interval": "1s"}).encode()
+        assert api.request("PUT", "/v1/agent/check/register", failing)[0] == 200
+
+        def statuses() -> dict[str, str]:
+            checks = json.loads(api.request("GET", "/v1/agent/checks")[2])
+            return {cid: ch["Status"] for cid, ch in checks.items()}
+
+        assert wait_until(lambda: statuses() == {"s": "passing", "f": "warning"}, 10), statuses()
+    finally:
+        agent.stop()
+
+
+@dev_consul_only
+def test_agent_leave_stops_the_agent() -> None:
+    agent = DevConsulProcess().start()
+    assert agent.proc is not None
+    assert ConsulAPI(agent.url).request("PUT", "/v1/agent/leave")[0] == 200
+    assert agent.proc.wait(10) == 0
+
+
+def test_tagged_addresses_are_written_back_in_consuls_case(consul: ConsulUnderTest) -> None:
+    c = client(consul)
+    c.agent.service.register("tagged", tagged_addresses={"lan": {"address": "10.0.0.1", "port": 8080}})
+    assert c.agent.services()["tagged"]["TaggedAddresses"] == {"lan": {"Address": "10.0.0.1", "Port": 8080}}
+    assert set(c.agent.services()["tagged"]) == {
+        "ID", "Service", "Tags", "Meta", "Port", "Address", "TaggedAddresses", "Weights", "EnableTagOverride",
+        "Datacenter",
+    }  # fmt: skip

@@ -1,6 +1,6 @@
 """The agent's check runners: TTL expiry, HTTP and TCP checks at their interval, and the reaper.
 
-As in Consul: an interval below 1 s is raised to 1 s, the first run of a check is staggered
+As in Consul: script checks (when enabled) pass on exit 0 and warn on exit 1; an interval below 1 s is raised to 1 s, the first run of a check is staggered
 randomly within its interval, HTTP 2xx is passing, 429 warning and anything else critical, a TCP
 connect is passing, and services critical past DeregisterCriticalServiceAfter (at least 1 min)
 are removed by a reaper that runs every 30 s.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import socket
+import subprocess
 import threading
 import urllib.error
 import urllib.request
@@ -61,6 +62,26 @@ def run_tcp_check(check: CheckEntry) -> tuple[str, str]:
         return CRITICAL, f"dial tcp {check.tcp}: {getattr(exc, 'strerror', None) or exc}"
 
 
+def run_script_check(check: CheckEntry) -> tuple[str, str]:
+    """Run a script check (only registered with --enable-script-checks): exit 0 passing, 1 warning."""
+    try:
+        # The operator enabled script checks; the arguments run without a shell.
+        done = subprocess.run(check.args, capture_output=True, timeout=check.timeout or 30.0, check=False)
+    except subprocess.TimeoutExpired:
+        return CRITICAL, f"Timed out ({check.timeout or 30.0}s) running check"
+    except OSError as exc:
+        return CRITICAL, f"Failed to exec: {exc.strerror}"
+    output = (done.stdout + done.stderr)[:MAX_OUTPUT].decode("utf-8", "replace")
+    if done.returncode == 0:
+        return PASSING, output
+    if done.returncode == 1:
+        return WARNING, output
+    return CRITICAL, output
+
+
+RUNNERS = {"http": run_http_check, "tcp": run_tcp_check, "script": run_script_check}
+
+
 class CheckRunner:
     """One scheduler thread plus a small pool that runs HTTP/TCP checks."""
 
@@ -83,7 +104,7 @@ class CheckRunner:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     def _run(self, check: CheckEntry) -> None:
-        status, output = run_http_check(check) if check.type == "http" else run_tcp_check(check)
+        status, output = RUNNERS[check.type](check)
         with self.state.cond:
             current = self.state.checks.get(check.check_id)
             same = current is not None and current.create_index == check.create_index

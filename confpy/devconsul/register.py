@@ -55,6 +55,15 @@ def _decode_error(struct: str, field: str, value: Any, go_type: str) -> Register
     )
 
 
+def _top_level(raw: Any, go_type: str) -> dict[str, Any]:
+    """A request body that must be a JSON object, its keys normalized as Consul's decoder matches them."""
+    if not isinstance(raw, dict):
+        raise RegisterError(
+            400, f"Request decode failed: json: cannot unmarshal {_json_type(raw)} into Go value of type {go_type}"
+        )
+    return _normalized(raw)
+
+
 def _string(data: dict[str, Any], key: str, struct: str, field: str) -> str:
     value = data.get(key)
     if value is None:
@@ -117,8 +126,16 @@ def _is_any(address: str) -> bool:
         return False
 
 
-def decode_check(raw: Any) -> dict[str, Any] | None:
-    """One check definition -> the agent's fields; None for an empty definition."""
+SCRIPTS_DISABLED = (
+    "Scripts are disabled on this agent from remote calls; to enable, configure 'enable_script_checks' to true"
+)
+
+
+def decode_check(raw: Any, scripts: bool = False) -> dict[str, Any] | None:
+    """One check definition -> the agent's fields; None for an empty definition.
+
+    `scripts` is the agent's `enable_script_checks`: without it a script check is refused, as Consul does.
+    """
     if raw is None:
         return None
     if not isinstance(raw, dict):
@@ -144,11 +161,16 @@ def decode_check(raw: Any) -> dict[str, Any] | None:
     ):
         raise _decode_error(s, "Header", header, "map[string][]string")
     check["header"] = header
+    args = data.get("args")
+    if args is not None and (not isinstance(args, list) or not all(isinstance(a, str) for a in args)):
+        raise _decode_error(s, "ScriptArgs", args, "[]string")
+    check["args"] = list(args or [])
+    if check["args"] and not scripts:
+        raise RegisterError(500, SCRIPTS_DISABLED)
     unsupported = [
         k
         for k in (
             "script",
-            "args",
             "grpc",
             "h2ping",
             "udp",
@@ -167,9 +189,9 @@ def decode_check(raw: Any) -> dict[str, Any] | None:
         return None
     if unsupported:
         raise RegisterError(
-            400, f"Invalid check: confpy dev-consul supports TTL, HTTP and TCP checks, not {unsupported[0]}"
+            400, f"Invalid check: confpy dev-consul supports script, TTL, HTTP and TCP checks, not {unsupported[0]}"
         )
-    interval_check = bool(check["http"] or check["tcp"])
+    interval_check = bool(check["http"] or check["tcp"] or check["args"])
     if check["interval"] > 0 and check["ttl"] > 0:
         raise RegisterError(400, "Invalid check: Interval and TTL cannot both be specified")
     if interval_check and check["interval"] <= 0:
@@ -183,18 +205,115 @@ def decode_check(raw: Any) -> dict[str, Any] | None:
     if check["deregister_after"]:
         # Consul raises DeregisterCriticalServiceAfter to its one-minute minimum.
         check["deregister_after"] = max(check["deregister_after"], 60.0)
-    check["type"] = "http" if check["http"] else "tcp" if check["tcp"] else "ttl"
+    check["type"] = "http" if check["http"] else "tcp" if check["tcp"] else "script" if check["args"] else "ttl"
     return check
 
 
-def decode_service(raw: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A register body -> (service fields, check definitions), or RegisterError with Consul's text."""
-    if not isinstance(raw, dict):
+def decode_agent_check(raw: Any, scripts: bool = False) -> dict[str, Any]:
+    """A `PUT /v1/agent/check/register` body: a check definition with its name, ID and service."""
+    data = _top_level(raw, "structs.CheckDefinition")
+    name = _string(data, "name", "CheckDefinition", "Name")
+    service_id = _string(data, "serviceid", "CheckDefinition", "ServiceID")
+    check = decode_check(raw, scripts) or {}
+    if not name:
+        raise RegisterError(400, "Missing check name")
+    if not check:
         raise RegisterError(
             400,
-            f"Request decode failed: json: cannot unmarshal {_json_type(raw)} into Go value of type structs.ServiceDefinition",
+            "Must provide TTL or Script/DockerContainerID/HTTP/TCP/UDP/H2PING/GRPC/AliasNode/AliasService/OSService and Interval",
         )
-    data = _normalized(raw)
+    return {**check, "name": name, "service_id": service_id}
+
+
+def decode_tagged_addresses(value: Any, struct: str) -> dict[str, dict[str, Any]]:
+    """A service's TaggedAddresses, keys as Consul writes them back: {"lan": {"Address": ..., "Port": ...}}."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _decode_error(struct, "TaggedAddresses", value, "map[string]structs.ServiceAddress")
+    out: dict[str, dict[str, Any]] = {}
+    for tag, item in value.items():
+        if not isinstance(item, dict):
+            raise _decode_error(struct, "TaggedAddresses", item, "structs.ServiceAddress")
+        fields = _normalized(item)
+        port = fields.get("port", 0)
+        if isinstance(port, bool) or not isinstance(port, int):
+            raise _decode_error("ServiceAddress", "Port", port, "int")
+        out[tag] = {"Address": _string(fields, "address", "ServiceAddress", "Address"), "Port": port}
+    return out
+
+
+def decode_catalog_register(raw: Any) -> tuple[dict[str, Any], dict[str, Any] | None, list[dict[str, Any]]]:
+    """A `PUT /v1/catalog/register` body -> (node, service or None, checks), with Consul's checks and texts."""
+    data = _top_level(raw, "structs.RegisterRequest")
+    r = "RegisterRequest"
+    node = {
+        "name": _string(data, "node", r, "Node"),
+        "id": _string(data, "id", r, "ID"),
+        "address": _string(data, "address", r, "Address"),
+        "datacenter": _string(data, "datacenter", r, "Datacenter"),
+        "tagged_addresses": _string_map(data, "taggedaddresses", r, "TaggedAddresses"),
+        "meta": _string_map(data, "nodemeta", r, "NodeMeta"),
+        "skip_node_update": bool(data.get("skipnodeupdate")),
+    }
+    if not node["name"]:
+        raise RegisterError(400, "Must provide node")
+    if not node["address"] and not node["skip_node_update"]:
+        raise RegisterError(400, "Must provide address if SkipNodeUpdate is not set")
+    service: dict[str, Any] | None = None
+    raw_service = data.get("service")
+    if raw_service is not None:
+        if not isinstance(raw_service, dict):
+            raise _decode_error(r, "Service", raw_service, "structs.NodeService")
+        fields = _normalized(raw_service)
+        sn = "NodeService"
+        name = _string(fields, "service", sn, "Service")
+        if not name:
+            raise RegisterError(400, "Must provide service name with ID")
+        port = fields.get("port", 0) or 0
+        if isinstance(port, bool) or not isinstance(port, int):
+            raise _decode_error(sn, "Port", port, "int")
+        tags = fields.get("tags") or []
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise _decode_error(sn, "Tags", tags, "[]string")
+        service = {
+            "id": _string(fields, "id", sn, "ID") or name,
+            "name": name,
+            "tags": tags,
+            "address": _string(fields, "address", sn, "Address"),
+            "tagged_addresses": decode_tagged_addresses(fields.get("taggedaddresses"), sn),
+            "meta": _string_map(fields, "meta", sn, "Meta"),
+            "port": port,
+            "kind": _string(fields, "kind", sn, "Kind"),
+        }
+        validate_meta(service["meta"])
+    raw_checks = ([data["check"]] if data.get("check") is not None else []) + list(data.get("checks") or [])
+    checks = []
+    for raw_check in raw_checks:
+        if not isinstance(raw_check, dict):
+            raise _decode_error(r, "Check", raw_check, "structs.HealthCheck")
+        fields = _normalized(raw_check)
+        hc = "HealthCheck"
+        status = _string(fields, "status", hc, "Status")
+        if status and status not in VALID_STATUSES:
+            raise RegisterError(400, "Status for checks must 'passing', 'warning', 'critical'")
+        check = {
+            "check_id": _string(fields, "checkid", hc, "CheckID") or _string(fields, "name", hc, "Name"),
+            "name": _string(fields, "name", hc, "Name"),
+            "status": status,
+            "notes": _string(fields, "notes", hc, "Notes"),
+            "output": _string(fields, "output", hc, "Output"),
+            "service_id": _string(fields, "serviceid", hc, "ServiceID"),
+        }
+        if not check["check_id"]:
+            raise RegisterError(400, "Missing check ID")
+        checks.append(check)
+    return node, service, checks
+
+
+def decode_service(raw: Any, scripts: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A register body -> (service fields, check definitions), or RegisterError with Consul's text."""
+    data = _top_level(raw, "structs.ServiceDefinition")
     s = "ServiceDefinition"
     name = _string(data, "name", s, "Name")
     tags = data.get("tags")
@@ -229,7 +348,7 @@ def decode_service(raw: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         "name": name,
         "tags": list(tags or []),
         "address": _string(data, "address", s, "Address"),
-        "tagged_addresses": data.get("taggedaddresses") or {},
+        "tagged_addresses": decode_tagged_addresses(data.get("taggedaddresses"), s),
         "meta": _string_map(data, "meta", s, "Meta"),
         "port": int(port),
         "weights": weights,
@@ -255,5 +374,5 @@ def decode_service(raw: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             raise RegisterError(400, "Invalid Weights: Warning must be greater or equal than 0")
     validate_meta(service["meta"])
     service["id"] = service["id"] or name
-    checks = [c for c in (decode_check(r) for r in raw_checks) if c is not None]
+    checks = [c for c in (decode_check(r, scripts) for r in raw_checks) if c is not None]
     return service, checks

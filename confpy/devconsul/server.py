@@ -6,18 +6,39 @@ import base64
 import json
 import logging
 import os
+import queue
+import select
 import signal
 import socket
 import sys
 import threading
+import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 from confpy.config import split_host_port
+from confpy.devconsul.bexpr import FilterError, compile_filter
 from confpy.devconsul.checks import CheckRunner
-from confpy.devconsul.register import VALID_STATUSES, RegisterError, decode_service
-from confpy.devconsul.state import CRITICAL, DEFAULT_WAIT, PASSING, WARNING, AgentState
+from confpy.devconsul.register import (
+    VALID_STATUSES,
+    RegisterError,
+    decode_agent_check,
+    decode_catalog_register,
+    decode_service,
+)
+from confpy.devconsul.state import (
+    ALL_VIEW,
+    CRITICAL,
+    DEFAULT_WAIT,
+    PASSING,
+    SERF_CHECK,
+    WARNING,
+    AgentState,
+    CheckEntry,
+    ServiceEntry,
+)
 from confpy.durations import parse_go_duration
 from confpy.errors import ConfigError
 
@@ -61,11 +82,27 @@ class Query:
         return self.values.get(key, [])
 
 
+# `?peer=` names a cluster peer; this agent has none, so as Consul for an unknown peer the
+# answer is an empty list (not an error). `?merge-central-config` merges config entries, of which
+# there are none here: the answer is the same as without it.
+
+
 def check_datacenter(state: AgentState, query: Query) -> None:
     """`?dc=` naming another datacenter: this single-node agent has no path to it (Consul's 500)."""
     dc = query.get("dc")
     if dc and dc != state.datacenter:
         raise HTTPError(500, "No path to datacenter")
+
+
+def enable_flag(query: Query) -> bool:
+    """The maintenance endpoints' `enable`, with Consul's texts."""
+    if not query.has("enable"):
+        raise HTTPError(400, "Missing value for enable")
+    raw = query.get("enable")
+    try:
+        return parse_go_bool(raw)
+    except ValueError:
+        raise HTTPError(400, f'Invalid value for enable: "{raw}"') from None
 
 
 def blocking_params(query: Query) -> tuple[int, float]:
@@ -87,6 +124,26 @@ def blocking_params(query: Query) -> tuple[int, float]:
     if query.has("stale") and query.has("consistent"):
         raise HTTPError(400, "Cannot specify ?stale with ?consistent, conflicting semantics.")
     return index, wait
+
+
+def _sample_service() -> ServiceEntry:
+    return ServiceEntry("", "", [""], "", {"lan": {"Address": "", "Port": 0}}, {}, 0, {}, False, "", 0, 0)
+
+
+def filtered(query: Query, items: list[Any], sample: Any) -> list[Any]:
+    """`?filter=`: the items the expression holds for; a bad expression is Consul's 400."""
+    expression = query.get("filter")
+    if not expression:
+        return items
+    try:
+        predicate = compile_filter(expression, sample)
+    except FilterError as exc:
+        raise HTTPError(400, str(exc)) from None
+    return [item for item in items if predicate(item)]
+
+
+LOG_LEVELS = ("trace", "debug", "info", "warn", "error")
+ORIGIN = {"Vec": [0.0] * 8, "Error": 1.5, "Adjustment": 0.0, "Height": 1e-05}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -162,7 +219,7 @@ class Handler(BaseHTTPRequestHandler):
         state = self.server.state
         try:
             for prefix, methods, handler in self.server.routes:
-                if path == prefix or (prefix.endswith("/") and path.startswith(prefix)):
+                if path == prefix or (prefix.endswith("/") and prefix != "/" and path.startswith(prefix)):
                     if self.command not in methods:
                         raise HTTPError(405, f"method {self.command} not allowed")
                     handler(self, state, path[len(prefix) :], query)
@@ -189,24 +246,132 @@ class Handler(BaseHTTPRequestHandler):
                 passing = True if raw == "" else parse_go_bool(raw)
             except ValueError:
                 raise HTTPError(400, "Invalid value for ?passing") from None
-        if query.get("filter"):
-            raise HTTPError(
-                400, "Failed to create evaluator for expression: confpy dev-consul does not support ?filter"
-            )
         tags = query.all("tag")
+        sample = {
+            "Node": state.node_json(state.nodes[state.node]),
+            "Service": state.service_json(_sample_service()),
+            "Checks": [state.check_json(CheckEntry("", "", PASSING))],
+        }
+        filtered(query, [], sample)  # refuse a bad expression before blocking
         new_index, data = state.blocking(
             f"health:{name}",
             lambda: state.health_index(name),
             lambda: state.services_table_index,
-            lambda: state.health_service(name, tags, passing),
+            lambda: [] if query.get("peer") else state.health_service(name, tags, passing),
             index,
             wait,
         )
+        self._json(200, filtered(query, data, sample), new_index, query.has("pretty"))
+
+    def _read_all(self, state: AgentState, query: Query, view: str, body: Callable[[], Any], sample: Any) -> None:
+        """A blocking read of a listing, filtered as `?filter=` says."""
+        check_datacenter(state, query)
+        index, wait = blocking_params(query)
+        filtered(query, [], sample)
+        new_index, data = state.blocking(
+            view, lambda: state.view_index.get(view, 0), lambda: state.services_table_index, body, index, wait
+        )
+        self._json(200, filtered(query, data, sample), new_index, query.has("pretty"))
+
+    def health_checks(self, state: AgentState, name: str, query: Query) -> None:
+        if not name:
+            raise HTTPError(400, "Missing service name")
+        sample = state.check_json(CheckEntry("", "", PASSING))
+        self._read_all(state, query, f"health:{name}", lambda: state.health_checks(name), sample)
+
+    def health_node(self, state: AgentState, node: str, query: Query) -> None:
+        if not node:
+            raise HTTPError(400, "Missing node name")
+        sample = state.check_json(CheckEntry("", "", PASSING))
+        self._read_all(state, query, ALL_VIEW, lambda: state.health_node(node), sample)
+
+    def health_state(self, state: AgentState, wanted: str, query: Query) -> None:
+        if not wanted:
+            raise HTTPError(400, "Missing check state")
+        if wanted not in ("any", PASSING, WARNING, CRITICAL):
+            raise HTTPError(400, "Invalid check state")
+        sample = state.check_json(CheckEntry("", "", PASSING))
+        self._read_all(state, query, ALL_VIEW, lambda: state.health_state(wanted), sample)
+
+    def catalog_nodes(self, state: AgentState, rest: str, query: Query) -> None:
+        sample = state.node_json(state.nodes[state.node])
+        self._read_all(state, query, ALL_VIEW, state.catalog_nodes, sample)
+
+    def catalog_node(self, state: AgentState, node: str, query: Query) -> None:
+        if not node:
+            raise HTTPError(400, "Missing node name")
+        check_datacenter(state, query)
+        index, wait = blocking_params(query)
+        sample = state.service_json(_sample_service())
+        filtered(query, [], sample)
+        new_index, data = state.blocking(
+            ALL_VIEW,
+            lambda: state.view_index.get(ALL_VIEW, 0),
+            lambda: state.services_table_index,
+            lambda: state.catalog_node(node),
+            index,
+            wait,
+        )
+        if data is not None and query.get("filter"):
+            # The expression is evaluated against each entry of the Services map.
+            data["Services"] = {sid: svc for sid, svc in data["Services"].items() if filtered(query, [svc], sample)}
         self._json(200, data, new_index, query.has("pretty"))
+
+    def catalog_datacenters(self, state: AgentState, rest: str, query: Query) -> None:
+        self._json(200, [state.datacenter])
+
+    def catalog_connect(self, state: AgentState, name: str, query: Query) -> None:
+        if not name:
+            raise HTTPError(400, "Missing service name")
+        # No service here is Connect-capable (no proxies, no native Connect): always the empty list.
+        sample = state.catalog_service_row_sample(_sample_service())
+        self._read_all(state, query, f"catalog:{name}", list, sample)
+
+    def catalog_register(self, state: AgentState, rest: str, query: Query) -> None:
+        check_datacenter(state, query)
+        node, service, checks = decode_catalog_register(self._json_body())
+        if node["datacenter"] and node["datacenter"] != state.datacenter:
+            raise HTTPError(500, "No path to datacenter")
+        state.catalog_register(node, service, checks)
+        self._json(200, True)
+
+    def catalog_deregister(self, state: AgentState, rest: str, query: Query) -> None:
+        check_datacenter(state, query)
+        raw = self._json_body()
+        if not isinstance(raw, dict):
+            raise HTTPError(
+                400, "Request decode failed: json: cannot unmarshal into Go value of type structs.DeregisterRequest"
+            )
+        data = {k.lower(): v for k, v in raw.items()}
+        node = str(data.get("node") or "")
+        if not node:
+            raise HTTPError(400, "Must provide node")
+        dc = str(data.get("datacenter") or "")
+        if dc and dc != state.datacenter:
+            raise HTTPError(500, "No path to datacenter")
+        state.catalog_deregister(node, str(data.get("serviceid") or ""), str(data.get("checkid") or ""))
+        self._json(200, True)
 
     def catalog_services(self, state: AgentState, rest: str, query: Query) -> None:
         check_datacenter(state, query)
         index, wait = blocking_params(query)
+        sample = state.catalog_service_row_sample(_sample_service())
+        filtered(query, [], sample)
+        if query.get("filter"):
+            # The expression sees each service instance; the answer groups the matching ones by name.
+            new_index, rows = state.blocking(
+                "catalog",
+                lambda: state.view_index.get("catalog", 0),
+                lambda: state.services_table_index,
+                state.catalog_service_rows,
+                index,
+                wait,
+            )
+            names: dict[str, set[str]] = {}
+            for row in filtered(query, rows, sample):
+                names.setdefault(row["ServiceName"], set()).update(row["ServiceTags"])
+            self._json(200, {n: sorted(t) for n, t in sorted(names.items())}, new_index, query.has("pretty"))
+            return
         new_index, data = state.blocking(
             "catalog",
             lambda: state.view_index.get("catalog", 0),
@@ -223,29 +388,135 @@ class Handler(BaseHTTPRequestHandler):
             raise HTTPError(400, "Missing service name")
         index, wait = blocking_params(query)
         tags = query.all("tag")
+        sample = state.catalog_service_row_sample(_sample_service())
+        filtered(query, [], sample)
         new_index, data = state.blocking(
             f"catalog:{name}",
             lambda: state.view_index.get(f"catalog:{name}", 0),
             lambda: state.services_table_index,
-            lambda: state.catalog_service(name, tags),
+            lambda: [] if query.get("peer") else state.catalog_service(name, tags),
             index,
             wait,
         )
-        self._json(200, data, new_index, query.has("pretty"))
+        self._json(200, filtered(query, data, sample), new_index, query.has("pretty"))
 
     # --- agent writes ----------------------------------------------------------------------
 
-    def register(self, state: AgentState, rest: str, query: Query) -> None:
-        body = self._body()
+    def _json_body(self) -> Any:
         try:
-            raw = json.loads(body or b"null")
+            raw = json.loads(self._body() or b"null")
         except ValueError as exc:
             raise HTTPError(400, f"Request decode failed: {exc}") from None
         if raw is None:
             raise HTTPError(400, "Request decode failed: EOF")
-        service, checks = decode_service(raw)
+        return raw
+
+    def register(self, state: AgentState, rest: str, query: Query) -> None:
+        service, checks = decode_service(self._json_body(), self.server.script_checks)
         state.register(service, checks)
         self._text(200, "")
+
+    def check_register(self, state: AgentState, rest: str, query: Query) -> None:
+        check = decode_agent_check(self._json_body(), self.server.script_checks)
+        try:
+            state.register_check(check)
+        except KeyError:
+            raise HTTPError(404, f'ServiceID "{check["service_id"]}" does not exist') from None
+        self._text(200, "")
+
+    def check_deregister(self, state: AgentState, check_id: str, query: Query) -> None:
+        if not state.deregister_check(check_id):
+            raise HTTPError(
+                404, f'Unknown check ID "{check_id}". Ensure that the check ID is passed, not the check name.'
+            )
+        self._text(200, "")
+
+    def agent_checks(self, state: AgentState, rest: str, query: Query) -> None:
+        with state.cond:
+            # serfHealth is the catalog's (the leader registers it), not the agent's local state.
+            checks = [(cid, state.check_json(c, indexes=False)) for cid, c in state.checks.items() if cid != SERF_CHECK]
+        sample = state.check_json(CheckEntry("", "", PASSING))
+        keep = {id(c) for c in filtered(query, [c for _, c in checks], sample)}
+        self._json(200, {cid: c for cid, c in checks if id(c) in keep})
+
+    def node_maintenance(self, state: AgentState, rest: str, query: Query) -> None:
+        enable = enable_flag(query)
+        state.set_node_maintenance(enable, query.get("reason"))
+        self._text(200, "")
+
+    def agent_members(self, state: AgentState, rest: str, query: Query) -> None:
+        self._json(200, [member_json(state, wan=query.has("wan") and query.get("wan") not in _GO_FALSE)])
+
+    def force_leave(self, state: AgentState, node: str, query: Query) -> None:
+        if node not in (state.node, f"{state.node}.{state.datacenter}"):
+            raise HTTPError(500, f"agent: No node found with name '{node}'")
+        self._text(200, "")
+
+    def agent_reload(self, state: AgentState, rest: str, query: Query) -> None:
+        self._text(200, "")  # no configuration files to read again: the agent is its flags
+
+    def agent_leave(self, state: AgentState, rest: str, query: Query) -> None:
+        self._text(200, "")
+        self.server.leave()
+
+    def agent_metrics(self, state: AgentState, rest: str, query: Query) -> None:
+        if query.get("format") == "prometheus":
+            # As an agent without telemetry.prometheus_retention_time: 200, empty, and why.
+            self._send(
+                200,
+                b"",
+                "text/plain; version=0.0.4; charset=utf-8",
+                {"X-Consul-Reason": "Prometheus is not enabled since its retention time is not positive"},
+            )
+            return
+        with state.cond:
+            services = sum(len(v) for v in state.node_services.values())
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S +0000 UTC", time.gmtime(time.time() // 10 * 10))
+        self._json(
+            200,
+            {
+                "Timestamp": stamp,
+                "Gauges": [
+                    {"Name": "consul.catalog.services", "Value": float(services), "Labels": {}},
+                    {"Name": "consul.runtime.num_goroutines", "Value": float(threading.active_count()), "Labels": {}},
+                ],
+                "Points": [],
+                "Counters": [],
+                "Samples": [],
+            },
+        )
+
+    def agent_monitor(self, state: AgentState, rest: str, query: Query) -> None:
+        level = query.get("loglevel", "info").lower() or "info"
+        if level not in LOG_LEVELS:
+            raise HTTPError(400, f"Unknown log level: {query.get('loglevel')}")
+        # Stream the agent's log lines as they come, until the client goes away or the agent stops.
+        lines: queue.Queue[str] = queue.Queue(maxsize=512)
+        handler = _QueueHandler(lines)
+        handler.setLevel(logging.DEBUG if level in ("trace", "debug") else getattr(logging, level.upper()))
+        logging.getLogger("confpy.devconsul").addHandler(handler)
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.flush()
+            while not state.closing:
+                readable, _, _ = select.select([self.connection], [], [], 0)
+                if readable and not self.connection.recv(1, socket.MSG_PEEK):
+                    break  # the client closed its end
+                try:
+                    line = lines.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                data = (line + "\n").encode()
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.flush()
+        except OSError:
+            pass  # the client went away mid-write
+        finally:
+            logging.getLogger("confpy.devconsul").removeHandler(handler)
+            self.close_connection = True
 
     def deregister(self, state: AgentState, sid: str, query: Query) -> None:
         state.deregister(sid)
@@ -254,13 +525,7 @@ class Handler(BaseHTTPRequestHandler):
     def maintenance(self, state: AgentState, sid: str, query: Query) -> None:
         if not sid:
             raise HTTPError(400, "Missing service ID")
-        if not query.has("enable"):
-            raise HTTPError(400, "Missing value for enable")
-        raw = query.get("enable")
-        try:
-            enable = parse_go_bool(raw)
-        except ValueError:
-            raise HTTPError(400, f'Invalid value for enable: "{raw}"') from None
+        enable = enable_flag(query)
         if not state.set_maintenance(sid, enable, query.get("reason")):
             raise HTTPError(404, f'No service registered with ID "{sid}"')
         self._text(200, "")
@@ -296,12 +561,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def agent_services(self, state: AgentState, rest: str, query: Query) -> None:
         with state.cond:
-            data = {
-                sid: {**state._service_json(s), "Datacenter": state.datacenter}
-                for sid, s in state.services.items()
-                if sid != "consul"
-            }
-        self._json(200, data)
+            services = [(sid, state.agent_service_json(s)) for sid, s in state.services.items() if sid != "consul"]
+        sample = {**state.agent_service_json(_sample_service()), "Kind": "", "TaggedAddresses": {}}
+        keep = {id(s) for s in filtered(query, [s for _, s in services], sample)}
+        self._json(200, {sid: s for sid, s in services if id(s) in keep})
 
     def agent_self(self, state: AgentState, rest: str, query: Query) -> None:
         self._json(
@@ -315,7 +578,7 @@ class Handler(BaseHTTPRequestHandler):
                     "Version": AGENT_VERSION,
                     "Revision": "confpy-dev",
                 },
-                "Member": {"Name": state.node, "Addr": state.address, "Port": 8301, "Status": 1},
+                "Member": member_json(state, wan=False),
                 "Meta": {"consul-network-segment": ""},
                 # What `consul agent -dev` reports besides; a single server that leads itself.
                 "Stats": {
@@ -341,7 +604,7 @@ class Handler(BaseHTTPRequestHandler):
                     },
                     "runtime": {"arch": "amd64", "cpu_count": str(os.cpu_count() or 1), "os": "linux"},
                 },
-                "Coord": {"Vec": [0.0] * 8, "Error": 1.5, "Adjustment": 0.0, "Height": 1e-05},
+                "Coord": state.coordinates.get(state.node, dict(ORIGIN)),
                 "DebugConfig": {
                     "Datacenter": state.datacenter,
                     "NodeName": state.node,
@@ -352,6 +615,56 @@ class Handler(BaseHTTPRequestHandler):
                 "xDS": {"SupportedProxies": {}, "Port": -1, "Ports": {"TLS": -1, "Plaintext": -1}},
             },
         )
+
+    # --- network coordinates -----------------------------------------------------------------
+
+    def coordinate_datacenters(self, state: AgentState, rest: str, query: Query) -> None:
+        # The WAN pool's view: this one server, at the origin until an update says otherwise.
+        coord = state.coordinates.get(state.node, dict(ORIGIN))
+        self._json(
+            200,
+            [{"Datacenter": state.datacenter, "AreaID": "wan", "Coordinates": [{"Node": state.node, "Coord": coord}]}],
+        )
+
+    def coordinate_nodes(self, state: AgentState, rest: str, query: Query) -> None:
+        self._read_all(state, query, "coordinates", state.coordinate_entries, None)
+
+    def coordinate_node(self, state: AgentState, node: str, query: Query) -> None:
+        check_datacenter(state, query)
+        index, wait = blocking_params(query)
+        new_index, data = state.blocking(
+            "coordinates",
+            lambda: state.view_index.get("coordinates", 0),
+            lambda: state.services_table_index,
+            lambda: state.coordinate_entries(node),
+            index,
+            wait,
+        )
+        if not data:
+            self._send(404, b"", "text/plain; charset=utf-8", {"X-Consul-Index": str(new_index)})
+            return
+        self._json(200, data, new_index, query.has("pretty"))
+
+    def coordinate_update(self, state: AgentState, rest: str, query: Query) -> None:
+        check_datacenter(state, query)
+        raw = self._json_body()
+        data = {k.lower(): v for k, v in raw.items()} if isinstance(raw, dict) else {}
+        coord = data.get("coord")
+        if not isinstance(coord, dict):
+            raise HTTPError(400, "Request decode failed: missing Coord")
+        state.update_coordinate(str(data.get("node") or ""), coord)
+        self._json(200, True)
+
+    def root(self, state: AgentState, rest: str, query: Query) -> None:
+        # As an agent with its UI enabled (as `consul agent -dev`): / sends browsers to /ui/.
+        self._send(301, b"", "text/html; charset=utf-8", {"Location": "/ui/"})
+
+    def ui(self, state: AgentState, rest: str, query: Query) -> None:
+        page = (
+            "<!doctype html><title>confpy dev-consul</title>"
+            f"<p>confpy dev-consul {AGENT_VERSION} (node {state.node}) has no web UI; use the HTTP API under /v1/.</p>"
+        )
+        self._send(200, page.encode(), "text/html; charset=utf-8")
 
     def status_leader(self, state: AgentState, rest: str, query: Query) -> None:
         self._json(200, f"{state.address}:8300")
@@ -452,10 +765,74 @@ class Handler(BaseHTTPRequestHandler):
         )
 
 
+class _QueueHandler(logging.Handler):
+    """Log records for one /v1/agent/monitor stream (dropped when the reader falls behind)."""
+
+    def __init__(self, lines: queue.Queue[str]) -> None:
+        super().__init__()
+        self.lines = lines
+        self.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.put_nowait(self.format(record))
+        except queue.Full:
+            pass
+
+
+def member_json(state: AgentState, wan: bool) -> dict[str, Any]:
+    """This agent as a serf member (LAN, or WAN where members are named node.dc)."""
+    return {
+        "Name": f"{state.node}.{state.datacenter}" if wan else state.node,
+        "Addr": state.address,
+        "Port": 8302 if wan else 8301,
+        "Tags": {
+            "acls": "0",
+            "build": f"{AGENT_VERSION}:confpy-dev",
+            "dc": state.datacenter,
+            "id": state.node_id,
+            "port": "8300",
+            "raft_vsn": "3",
+            "role": "consul",
+            "segment": "",
+            "vsn": "2",
+            "vsn_max": "3",
+            "vsn_min": "2",
+            "wan_join_port": "8302",
+        },
+        "Status": 1,
+        "ProtocolMin": 1,
+        "ProtocolMax": 5,
+        "ProtocolCur": 2,
+        "DelegateMin": 2,
+        "DelegateMax": 5,
+        "DelegateCur": 4,
+    }
+
+
 ROUTES = [
     ("/v1/health/service/", {"GET", "HEAD"}, Handler.health_service),
+    ("/v1/health/checks/", {"GET", "HEAD"}, Handler.health_checks),
+    ("/v1/health/node/", {"GET", "HEAD"}, Handler.health_node),
+    ("/v1/health/state/", {"GET", "HEAD"}, Handler.health_state),
     ("/v1/catalog/services", {"GET", "HEAD"}, Handler.catalog_services),
     ("/v1/catalog/service/", {"GET", "HEAD"}, Handler.catalog_service),
+    ("/v1/catalog/connect/", {"GET", "HEAD"}, Handler.catalog_connect),
+    ("/v1/catalog/nodes", {"GET", "HEAD"}, Handler.catalog_nodes),
+    ("/v1/catalog/node/", {"GET", "HEAD"}, Handler.catalog_node),
+    ("/v1/catalog/datacenters", {"GET", "HEAD"}, Handler.catalog_datacenters),
+    ("/v1/catalog/register", {"PUT"}, Handler.catalog_register),
+    ("/v1/catalog/deregister", {"PUT"}, Handler.catalog_deregister),
+    ("/v1/agent/check/register", {"PUT"}, Handler.check_register),
+    ("/v1/agent/check/deregister/", {"PUT"}, Handler.check_deregister),
+    ("/v1/agent/checks", {"GET"}, Handler.agent_checks),
+    ("/v1/agent/maintenance", {"PUT"}, Handler.node_maintenance),
+    ("/v1/agent/members", {"GET"}, Handler.agent_members),
+    ("/v1/agent/force-leave/", {"PUT"}, Handler.force_leave),
+    ("/v1/agent/reload", {"PUT"}, Handler.agent_reload),
+    ("/v1/agent/leave", {"PUT"}, Handler.agent_leave),
+    ("/v1/agent/metrics", {"GET"}, Handler.agent_metrics),
+    ("/v1/agent/monitor", {"GET"}, Handler.agent_monitor),
     ("/v1/agent/service/register", {"PUT"}, Handler.register),
     ("/v1/agent/service/deregister/", {"PUT"}, Handler.deregister),
     ("/v1/agent/service/maintenance/", {"PUT"}, Handler.maintenance),
@@ -468,6 +845,12 @@ ROUTES = [
     ("/v1/status/leader", {"GET"}, Handler.status_leader),
     ("/v1/status/peers", {"GET"}, Handler.status_peers),
     ("/v1/kv/", {"GET", "PUT", "DELETE"}, Handler.kv),
+    ("/v1/coordinate/datacenters", {"GET"}, Handler.coordinate_datacenters),
+    ("/v1/coordinate/nodes", {"GET"}, Handler.coordinate_nodes),
+    ("/v1/coordinate/node/", {"GET"}, Handler.coordinate_node),
+    ("/v1/coordinate/update", {"PUT"}, Handler.coordinate_update),
+    ("/ui/", {"GET", "HEAD"}, Handler.ui),
+    ("/", {"GET", "HEAD"}, Handler.root),
 ]
 
 
@@ -480,9 +863,12 @@ class DevConsulServer(ThreadingHTTPServer):
     # default of 5 would drop the SYNs of a client opening hundreds of watches at once.
     request_queue_size = 4096
 
-    def __init__(self, host: str, port: int, node: str, shuffle: bool = False) -> None:
+    def __init__(self, host: str, port: int, node: str, shuffle: bool = False, script_checks: bool = False) -> None:
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.state = AgentState(node or socket.gethostname(), shuffle=shuffle)
+        self.script_checks = script_checks
+        # Set by PUT /v1/agent/leave (and by `serve`'s signal handlers): the agent stops.
+        self.left = threading.Event()
         self.routes = ROUTES
         self.checks = CheckRunner(self.state)
         super().__init__((host, port), Handler)
@@ -502,6 +888,9 @@ class DevConsulServer(ThreadingHTTPServer):
         thread.start()
         return thread
 
+    def leave(self) -> None:
+        self.left.set()
+
     def stop(self) -> None:
         self.state.close()
         self.checks.stop()
@@ -509,17 +898,17 @@ class DevConsulServer(ThreadingHTTPServer):
         self.server_close()
 
 
-def serve(http_addr: str, node: str, shuffle: bool = False) -> int:
+def serve(http_addr: str, node: str, shuffle: bool = False, script_checks: bool = False) -> int:
     """`confpy dev-consul`: serve until SIGTERM/SIGINT, then exit 0."""
     try:
         host, port = split_host_port(http_addr)
     except ValueError as exc:
         raise ConfigError(f"--http-addr: {exc}") from None
     try:
-        server = DevConsulServer(host, port, node, shuffle)
+        server = DevConsulServer(host, port, node, shuffle, script_checks)
     except OSError as exc:
         raise ConfigError(f"--http-addr {http_addr}: cannot listen: {exc.strerror!s}") from None
-    stop = threading.Event()
+    stop = server.left
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     server.start()

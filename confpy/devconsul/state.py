@@ -22,6 +22,12 @@ MAINT_DEFAULT_REASON = (
     "Maintenance mode is enabled for this service, but no reason was provided. This is a default message."
 )
 SERF_CHECK = "serfHealth"
+NODE_MAINT_CHECK = "_node_maintenance"
+NODE_MAINT_NAME = "Node Maintenance Mode"
+NODE_MAINT_DEFAULT_REASON = (
+    "Maintenance mode is enabled for this node, but no reason was provided. This is a default message."
+)
+ALL_VIEW = "all"  # touched by every catalog write: the node and state listings block on it
 MAX_WAIT = 600.0
 DEFAULT_WAIT = 300.0
 
@@ -38,6 +44,20 @@ class ServiceEntry:
     weights: dict[str, int]
     enable_tag_override: bool
     kind: str
+    create_index: int
+    modify_index: int
+    node: str = ""
+
+
+@dataclass
+class NodeEntry:
+    """A node of the catalog: the agent's own, or one registered through /v1/catalog/register."""
+
+    name: str
+    id: str
+    address: str
+    tagged_addresses: dict[str, str]
+    meta: dict[str, str]
     create_index: int
     modify_index: int
 
@@ -65,6 +85,8 @@ class CheckEntry:
     modify_index: int = 0
     critical_since: float | None = None
     ttl_deadline: float | None = None
+    args: list[str] = field(default_factory=list)
+    node: str = ""
 
 
 @dataclass
@@ -86,7 +108,8 @@ def go_duration_text(seconds: float) -> str:
 
 
 class AgentState:
-    """All of the agent's data behind one lock, with blocking reads."""
+    """The catalog (the agent's node and nodes registered through the catalog) and KV behind one lock,
+    with blocking reads."""
 
     def __init__(
         self,
@@ -109,18 +132,33 @@ class AgentState:
         self.view_conds: dict[str, threading.Condition] = {}
         self.index = 10
         self.closing = False
-        self.services: dict[str, ServiceEntry] = {}
-        # IDs by service name, as Consul's state store indexes them: a health query reads one
+        self.nodes: dict[str, NodeEntry] = {}
+        # Services and checks by node; the agent's own node's are the agent's local state.
+        self.node_services: dict[str, dict[str, ServiceEntry]] = {node: {}}
+        self.node_checks: dict[str, dict[str, CheckEntry]] = {node: {}}
+        self.services = self.node_services[node]
+        self.checks = self.node_checks[node]
+        # (node, ID) by service name, as Consul's state store indexes them: a health query reads one
         # service's entries, not the whole catalog (a thousand watches would each scan it).
-        self.ids_by_name: dict[str, dict[str, None]] = {}
-        self.checks: dict[str, CheckEntry] = {}
+        self.ids_by_name: dict[str, dict[tuple[str, str], None]] = {}
         self.kv: dict[str, KVEntry] = {}
         self.kv_tombstones: dict[str, int] = {}
         self.view_index: dict[str, int] = {}
         self.services_table_index = 1
         self.kv_table_index = 1
         self.listeners: list[Callable[[], None]] = []
+        # Network coordinates by node, as the agents' RTT estimation writes them (here: the API).
+        self.coordinates: dict[str, dict[str, Any]] = {}
         self.node_create_index = self._next()
+        self.nodes[node] = NodeEntry(
+            node,
+            self.node_id,
+            address,
+            {"lan": address, "lan_ipv4": address, "wan": address, "wan_ipv4": address},
+            {"consul-network-segment": ""},
+            self.node_create_index,
+            self.node_create_index,
+        )
         self.checks[SERF_CHECK] = CheckEntry(
             SERF_CHECK,
             "Serf Health Status",
@@ -128,6 +166,7 @@ class AgentState:
             output="Agent alive and reachable",
             create_index=self.node_create_index,
             modify_index=self.node_create_index,
+            node=node,
         )
         self.register({"id": "consul", "name": "consul", "port": 8300, "tags": [], "meta": {"raft_version": "3"}}, [])
 
@@ -138,7 +177,7 @@ class AgentState:
         return self.index
 
     def _touch(self, index: int, views: Iterable[str]) -> None:
-        for view in views:
+        for view in [*views, ALL_VIEW]:
             self.view_index[view] = index
             self._wake(view)
 
@@ -192,16 +231,44 @@ class AgentState:
     # --- services --------------------------------------------------------------------------
 
     def register(self, service: dict[str, Any], checks: list[dict[str, Any]]) -> None:
-        """Register (or replace) a service and its checks; `service` and `checks` are validated."""
+        """Register (or replace) a service and its checks on the agent's node; both are validated."""
         with self.cond:
             self._register_locked(service, checks)
 
-    def _register_locked(self, service: dict[str, Any], checks: list[dict[str, Any]]) -> None:
-        index = self._next()
-        sid = service["id"]
-        old = self.services.get(sid)
-        entry = ServiceEntry(
-            id=sid,
+    def _put_service(self, node: str, entry: ServiceEntry) -> set[str]:
+        """Store a service on a node; return the views it changed."""
+        services = self.node_services[node]
+        old = services.get(entry.id)
+        views = set(self._service_views(entry.name))
+        if old is not None:
+            views.update(self._service_views(old.name))
+            self.ids_by_name.get(old.name, {}).pop((node, entry.id), None)
+        services[entry.id] = entry
+        self.ids_by_name.setdefault(entry.name, {})[(node, entry.id)] = None
+        for existing in self.node_checks[node].values():
+            if existing.service_id == entry.id:
+                existing.service_tags = list(entry.tags)
+                existing.service_name = entry.name
+        return views
+
+    def _drop_service(self, node: str, sid: str) -> set[str]:
+        """Remove a service and its checks from a node; return the views it changed."""
+        old = self.node_services[node].pop(sid, None)
+        if old is None:
+            return set()
+        names = self.ids_by_name.get(old.name, {})
+        names.pop((node, sid), None)
+        if not names:
+            self.ids_by_name.pop(old.name, None)
+        checks = self.node_checks[node]
+        for check_id in [c.check_id for c in checks.values() if c.service_id == sid]:
+            del checks[check_id]
+        return set(self._service_views(old.name))
+
+    def _new_service(self, service: dict[str, Any], node: str, index: int) -> ServiceEntry:
+        old = self.node_services[node].get(service["id"])
+        return ServiceEntry(
+            id=service["id"],
             name=service["name"],
             tags=list(service.get("tags") or []),
             address=service.get("address", ""),
@@ -213,48 +280,51 @@ class AgentState:
             kind=service.get("kind", ""),
             create_index=old.create_index if old else index,
             modify_index=index,
+            node=node,
         )
-        views = set(self._service_views(entry.name))
-        if old is not None and old.name != entry.name:
-            views.update(self._service_views(old.name))
-        if old is not None:
-            self.ids_by_name.get(old.name, {}).pop(sid, None)
-        self.services[sid] = entry
-        self.ids_by_name.setdefault(entry.name, {})[sid] = None
+
+    def _new_check(self, check: dict[str, Any], check_id: str, node: str, index: int) -> CheckEntry:
+        previous = self.node_checks[node].get(check_id)
+        same = previous is not None and previous.service_id == check.get("service_id", "")
+        status = check.get("status") or (previous.status if previous and same else CRITICAL)
+        ttl = float(check.get("ttl") or 0.0)
+        service = self.node_services[node].get(check.get("service_id", ""))
+        return CheckEntry(
+            check_id=check_id,
+            name=check.get("name") or "",
+            status=status,
+            notes=check.get("notes", ""),
+            output=check.get("output") or (previous.output if previous and same else ""),
+            service_id=check.get("service_id", ""),
+            service_name=service.name if service else "",
+            service_tags=list(service.tags) if service else [],
+            type=check.get("type", ""),
+            interval=float(check.get("interval") or 0.0),
+            timeout=float(check.get("timeout") or 0.0),
+            ttl=ttl,
+            http=check.get("http", ""),
+            method=check.get("method") or "GET",
+            header=dict(check.get("header") or {}),
+            tcp=check.get("tcp", ""),
+            deregister_after=float(check.get("deregister_after") or 0.0),
+            create_index=previous.create_index if previous else index,
+            modify_index=index,
+            critical_since=self.clock() if status == CRITICAL else None,
+            ttl_deadline=self.clock() + ttl if ttl else None,
+            args=list(check.get("args") or []),
+            node=node,
+        )
+
+    def _register_locked(self, service: dict[str, Any], checks: list[dict[str, Any]]) -> None:
+        index = self._next()
+        sid = service["id"]
+        entry = self._new_service(service, self.node, index)
+        views = self._put_service(self.node, entry)
         self.services_table_index = index
         for number, check in enumerate(checks, start=1):
             check_id = check.get("check_id") or (f"service:{sid}:{number}" if len(checks) > 1 else f"service:{sid}")
-            previous = self.checks.get(check_id)
-            status = check.get("status") or (previous.status if previous and previous.service_id == sid else CRITICAL)
-            ttl = float(check.get("ttl") or 0.0)
-            new = CheckEntry(
-                check_id=check_id,
-                name=check.get("name") or f"Service '{entry.name}' check",
-                status=status,
-                notes=check.get("notes", ""),
-                output=previous.output if previous and previous.service_id == sid else "",
-                service_id=sid,
-                service_name=entry.name,
-                service_tags=list(entry.tags),
-                type=check["type"],
-                interval=float(check.get("interval") or 0.0),
-                timeout=float(check.get("timeout") or 0.0),
-                ttl=ttl,
-                http=check.get("http", ""),
-                method=check.get("method") or "GET",
-                header=dict(check.get("header") or {}),
-                tcp=check.get("tcp", ""),
-                deregister_after=float(check.get("deregister_after") or 0.0),
-                create_index=previous.create_index if previous else index,
-                modify_index=index,
-                critical_since=self.clock() if status == CRITICAL else None,
-                ttl_deadline=self.clock() + ttl if ttl else None,
-            )
-            self.checks[check_id] = new
-        for existing in self.checks.values():
-            if existing.service_id == sid:
-                existing.service_tags = list(entry.tags)
-                existing.service_name = entry.name
+            named = {"name": f"Service '{entry.name}' check", **{k: v for k, v in check.items() if v}}
+            self.checks[check_id] = self._new_check({**named, "service_id": sid}, check_id, self.node, index)
         self._touch(index, views | {"catalog"})
         for listener in self.listeners:
             listener()
@@ -262,18 +332,45 @@ class AgentState:
     def deregister(self, sid: str) -> bool:
         """Remove a service and its checks; False when there was none (still a 200, as in Consul)."""
         with self.cond:
-            old = self.services.pop(sid, None)
-            if old is None:
+            if sid not in self.services:
                 return False
-            names = self.ids_by_name.get(old.name, {})
-            names.pop(sid, None)
-            if not names:
-                self.ids_by_name.pop(old.name, None)
             index = self._next()
-            for check_id in [c.check_id for c in self.checks.values() if c.service_id == sid]:
-                del self.checks[check_id]
+            views = self._drop_service(self.node, sid)
             self.services_table_index = index
-            self._touch(index, set(self._service_views(old.name)) | {"catalog"})
+            self._touch(index, views | {"catalog"})
+            return True
+
+    def _service_check_views(self, node: str, service_id: str) -> list[str]:
+        """The health views a check changes: its service's, or every service on its node for a node check."""
+        services = self.node_services.get(node, {})
+        if service_id:
+            service = services.get(service_id)
+            return [f"health:{service.name}"] if service else []
+        return [f"health:{s.name}" for s in services.values()]
+
+    def register_check(self, check: dict[str, Any]) -> None:
+        """/v1/agent/check/register: a check of the agent's node, on a service of it or on the node."""
+        with self.cond:
+            service_id = check.get("service_id", "")
+            if service_id and service_id not in self.services:
+                raise KeyError(service_id)
+            index = self._next()
+            check_id = check.get("check_id") or check["name"]
+            self.checks[check_id] = self._new_check(check, check_id, self.node, index)
+            self._touch(index, self._service_check_views(self.node, service_id))
+        for listener in self.listeners:
+            listener()
+
+    def deregister_check(self, check_id: str) -> bool:
+        """Remove one of the agent's checks; False when it has none of that ID."""
+        with self.cond:
+            check = self.checks.get(check_id)
+            if check is None or check_id == SERF_CHECK:
+                return False
+            index = self._next()
+            views = self._service_check_views(self.node, check.service_id)
+            del self.checks[check_id]
+            self._touch(index, views)
             return True
 
     def set_maintenance(self, sid: str, enable: bool, reason: str) -> bool:
@@ -282,30 +379,37 @@ class AgentState:
             service = self.services.get(sid)
             if service is None:
                 return False
-            check_id = MAINT_PREFIX + sid
-            if enable:
-                if check_id in self.checks:
-                    return True
-                index = self._next()
-                self.checks[check_id] = CheckEntry(
-                    check_id,
-                    MAINT_NAME,
-                    CRITICAL,
-                    notes=reason or MAINT_DEFAULT_REASON,
-                    service_id=sid,
-                    service_name=service.name,
-                    service_tags=list(service.tags),
-                    create_index=index,
-                    modify_index=index,
-                    critical_since=None,
-                )
-            else:
-                if check_id not in self.checks:
-                    return True
-                index = self._next()
-                del self.checks[check_id]
-            self._touch(index, self._service_views(service.name))
+            self._maintenance_check(MAINT_PREFIX + sid, MAINT_NAME, reason or MAINT_DEFAULT_REASON, enable, sid)
             return True
+
+    def set_node_maintenance(self, enable: bool, reason: str) -> None:
+        """Add or remove `_node_maintenance`: a critical node check takes every service of the node out."""
+        with self.cond:
+            self._maintenance_check(NODE_MAINT_CHECK, NODE_MAINT_NAME, reason or NODE_MAINT_DEFAULT_REASON, enable, "")
+
+    def _maintenance_check(self, check_id: str, name: str, notes: str, enable: bool, sid: str) -> None:
+        if enable == (check_id in self.checks):
+            return
+        index = self._next()
+        views = self._service_check_views(self.node, sid)
+        if enable:
+            service = self.services.get(sid)
+            self.checks[check_id] = CheckEntry(
+                check_id,
+                name,
+                CRITICAL,
+                notes=notes,
+                service_id=sid,
+                service_name=service.name if service else "",
+                service_tags=list(service.tags) if service else [],
+                create_index=index,
+                modify_index=index,
+                critical_since=None,
+                node=self.node,
+            )
+        else:
+            del self.checks[check_id]
+        self._touch(index, views)
 
     def update_check(self, check_id: str, status: str, output: str | None = None) -> None:
         """Set a check's status and output (TTL updates, check runners); a no-op change bumps nothing."""
@@ -326,12 +430,7 @@ class AgentState:
             check.output = new_output
             index = self._next()
             check.modify_index = index
-            views = (
-                [f"health:{s.name}" for s in self.services.values()]
-                if not check.service_id
-                else [f"health:{check.service_name}"]
-            )
-            self._touch(index, views)
+            self._touch(index, self._service_check_views(self.node, check.service_id))
 
     def expire_ttls(self) -> float | None:
         """Turn checks whose TTL lapsed critical; return the next deadline (or None)."""
@@ -372,26 +471,82 @@ class AgentState:
             self.deregister(sid)
         return sorted(doomed)
 
+    # --- the catalog's own writes ------------------------------------------------------------
+
+    def catalog_register(
+        self,
+        node: dict[str, Any],
+        service: dict[str, Any] | None,
+        checks: list[dict[str, Any]],
+    ) -> None:
+        """/v1/catalog/register: a node (unless skip_node_update), a service and checks on it."""
+        with self.cond:
+            index = self._next()
+            name = node["name"]
+            views: set[str] = {"catalog", "nodes"}
+            existing = self.nodes.get(name)
+            if existing is None or not node.get("skip_node_update"):
+                self.nodes[name] = NodeEntry(
+                    name,
+                    node.get("id") or (existing.id if existing else str(uuid.uuid4())),
+                    node.get("address") or (existing.address if existing else ""),
+                    dict(node.get("tagged_addresses") or (existing.tagged_addresses if existing else {})),
+                    dict(node.get("meta") or (existing.meta if existing else {})),
+                    existing.create_index if existing else index,
+                    index,
+                )
+                views.update(self._service_check_views(name, "") if existing else [])
+            self.node_services.setdefault(name, {})
+            self.node_checks.setdefault(name, {})
+            if service is not None:
+                views |= self._put_service(name, self._new_service(service, name, index))
+            for check in checks:
+                check_id = check.get("check_id") or check.get("name") or ""
+                self.node_checks[name][check_id] = self._new_check(check, check_id, name, index)
+                views.update(self._service_check_views(name, check.get("service_id", "")))
+            self.services_table_index = index
+            self._touch(index, views)
+
+    def catalog_deregister(self, name: str, service_id: str, check_id: str) -> None:
+        """/v1/catalog/deregister: one service, one check, or the whole node with all on it."""
+        with self.cond:
+            if name not in self.nodes:
+                return
+            index = self._next()
+            views: set[str] = {"catalog", "nodes"}
+            if service_id:
+                views |= self._drop_service(name, service_id)
+            elif check_id:
+                check = self.node_checks[name].pop(check_id, None)
+                if check is not None:
+                    views.update(self._service_check_views(name, check.service_id))
+            else:
+                for sid in list(self.node_services[name]):
+                    views |= self._drop_service(name, sid)
+                self.node_checks[name].clear()
+                if name != self.node:
+                    del self.nodes[name], self.node_services[name], self.node_checks[name]
+            self.services_table_index = index
+            self._touch(index, views)
+
     # --- reads -----------------------------------------------------------------------------
 
-    def _node_json(self) -> dict[str, Any]:
+    def node_json(self, node: NodeEntry) -> dict[str, Any]:
         return {
-            "ID": self.node_id,
-            "Node": self.node,
-            "Address": self.address,
+            "ID": node.id,
+            "Node": node.name,
+            "Address": node.address,
             "Datacenter": self.datacenter,
-            "TaggedAddresses": {
-                "lan": self.address,
-                "lan_ipv4": self.address,
-                "wan": self.address,
-                "wan_ipv4": self.address,
-            },
-            "Meta": {"consul-network-segment": ""},
-            "CreateIndex": self.node_create_index,
-            "ModifyIndex": self.node_create_index,
+            "TaggedAddresses": dict(node.tagged_addresses),
+            "Meta": dict(node.meta),
+            "CreateIndex": node.create_index,
+            "ModifyIndex": node.modify_index,
         }
 
-    def _service_json(self, s: ServiceEntry) -> dict[str, Any]:
+    def _node_json(self) -> dict[str, Any]:
+        return self.node_json(self.nodes[self.node])
+
+    def service_json(self, s: ServiceEntry) -> dict[str, Any]:
         return {
             "ID": s.id,
             "Service": s.name,
@@ -409,9 +564,31 @@ class AgentState:
             "ModifyIndex": s.modify_index,
         }
 
-    def _check_json(self, c: CheckEntry) -> dict[str, Any]:
+    _service_json = service_json
+
+    def agent_service_json(self, s: ServiceEntry) -> dict[str, Any]:
+        """The agent endpoint's shape: no raft indexes, and no Kind, TaggedAddresses, Proxy or Connect
+        for a plain service (Consul leaves empty ones out there)."""
+        data: dict[str, Any] = {
+            "ID": s.id,
+            "Service": s.name,
+            "Tags": list(s.tags),
+            "Meta": dict(s.meta),
+            "Port": s.port,
+            "Address": s.address,
+            "Weights": dict(s.weights),
+            "EnableTagOverride": s.enable_tag_override,
+            "Datacenter": self.datacenter,
+        }
+        if s.kind:
+            data["Kind"] = s.kind
+        if s.tagged_addresses:
+            data["TaggedAddresses"] = dict(s.tagged_addresses)
+        return data
+
+    def check_json(self, c: CheckEntry, indexes: bool = True) -> dict[str, Any]:
         return {
-            "Node": self.node,
+            "Node": c.node or self.node,
             "CheckID": c.check_id,
             "Name": c.name,
             "Status": c.status,
@@ -425,77 +602,136 @@ class AgentState:
             "Timeout": go_duration_text(c.timeout),
             "ExposedPort": 0,
             "Definition": {},
-            "CreateIndex": c.create_index,
-            "ModifyIndex": c.modify_index,
+            "CreateIndex": c.create_index if indexes else 0,
+            "ModifyIndex": c.modify_index if indexes else 0,
         }
+
+    _check_json = check_json
 
     def health_index(self, name: str) -> int:
         return self.view_index.get(f"health:{name}", 0)
 
+    def _sorted_checks(self, node: str) -> list[CheckEntry]:
+        return [c for _, c in sorted(self.node_checks.get(node, {}).items())]
+
     def health_service(self, name: str, tags: list[str], passing: bool) -> list[dict[str, Any]]:
-        node_checks = [c for c in self.checks.values() if not c.service_id]
         out = []
         # Consul answers in its state store's order (by node, then service ID), the same from call to
         # call. `--shuffle` breaks that on purpose, to prove a client does not depend on any order.
-        for sid in sorted(self.ids_by_name.get(name, {})):
-            s = self.services[sid]
+        for node_name, sid in sorted(self.ids_by_name.get(name, {})):
+            s = self.node_services[node_name][sid]
             if not all(t in s.tags for t in tags):
                 continue
-            checks = node_checks + [c for c in self.checks.values() if c.service_id == s.id]
+            checks = [c for c in self._sorted_checks(node_name) if not c.service_id or c.service_id == sid]
             if passing and any(c.status != PASSING for c in checks):
                 continue
             out.append(
                 {
-                    "Node": self._node_json(),
-                    "Service": self._service_json(s),
-                    "Checks": [self._check_json(c) for c in checks],
+                    "Node": self.node_json(self.nodes[node_name]),
+                    "Service": self.service_json(s),
+                    "Checks": [self.check_json(c) for c in checks],
                 }
             )
         if self.shuffle:
             random.shuffle(out)
         return out
 
+    def health_checks(self, name: str) -> list[dict[str, Any]]:
+        """/v1/health/checks/:service: the checks of every instance of a service."""
+        out: list[dict[str, Any]] = []
+        for node_name, sid in sorted(self.ids_by_name.get(name, {})):
+            out.extend(self.check_json(c) for c in self._sorted_checks(node_name) if c.service_id == sid)
+        return out
+
+    def health_node(self, node: str) -> list[dict[str, Any]]:
+        """/v1/health/node/:node: every check of one node."""
+        return [self.check_json(c) for c in self._sorted_checks(node)]
+
+    def health_state(self, state: str) -> list[dict[str, Any]]:
+        """/v1/health/state/:state: every check in that state (`any` for all), by node then check ID."""
+        return [
+            self.check_json(c)
+            for node in sorted(self.node_checks)
+            for c in self._sorted_checks(node)
+            if state == "any" or c.status == state
+        ]
+
     def catalog_services(self) -> dict[str, list[str]]:
         names: dict[str, set[str]] = {}
-        for s in self.services.values():
-            names.setdefault(s.name, set()).update(s.tags)
+        for services in self.node_services.values():
+            for s in services.values():
+                names.setdefault(s.name, set()).update(s.tags)
         return {name: sorted(tags) for name, tags in sorted(names.items())}
 
+    def catalog_row(self, node: NodeEntry, s: ServiceEntry) -> dict[str, Any]:
+        """One /v1/catalog/service row: the node's fields (its Meta as NodeMeta) and the service's, prefixed."""
+        row = self.node_json(node)
+        del row["CreateIndex"], row["ModifyIndex"]
+        row["NodeMeta"] = row.pop("Meta")
+        return {
+            **row,
+            "ServiceKind": s.kind,
+            "ServiceID": s.id,
+            "ServiceName": s.name,
+            "ServiceTags": list(s.tags),
+            "ServiceAddress": s.address,
+            "ServiceTaggedAddresses": dict(s.tagged_addresses) if s.tagged_addresses else None,
+            "ServiceWeights": dict(s.weights),
+            "ServiceMeta": dict(s.meta),
+            "ServicePort": s.port,
+            "ServiceEnableTagOverride": s.enable_tag_override,
+            "ServiceProxy": {"Mode": "", "MeshGateway": {}, "Expose": {}},
+            "ServiceConnect": {},
+            "CreateIndex": s.create_index,
+            "ModifyIndex": s.modify_index,
+        }
+
+    def catalog_service_row_sample(self, s: ServiceEntry) -> dict[str, Any]:
+        return self.catalog_row(self.nodes[self.node], s)
+
     def catalog_service(self, name: str, tags: list[str]) -> list[dict[str, Any]]:
-        node = self._node_json()
         out = []
-        for s in self.services.values():
-            if s.name != name or not all(t in s.tags for t in tags):
-                continue
-            out.append(
-                {
-                    "ID": node["ID"],
-                    "Node": node["Node"],
-                    "Address": node["Address"],
-                    "Datacenter": node["Datacenter"],
-                    "TaggedAddresses": node["TaggedAddresses"],
-                    "NodeMeta": node["Meta"],
-                    "ServiceKind": s.kind,
-                    "ServiceID": s.id,
-                    "ServiceName": s.name,
-                    "ServiceTags": list(s.tags),
-                    "ServiceAddress": s.address,
-                    "ServiceTaggedAddresses": dict(s.tagged_addresses) if s.tagged_addresses else None,
-                    "ServiceWeights": dict(s.weights),
-                    "ServiceMeta": dict(s.meta),
-                    "ServicePort": s.port,
-                    "ServiceEnableTagOverride": s.enable_tag_override,
-                    "ServiceProxy": {"Mode": "", "MeshGateway": {}, "Expose": {}},
-                    "ServiceConnect": {},
-                    "CreateIndex": s.create_index,
-                    "ModifyIndex": s.modify_index,
-                }
-            )
+        for node_name, sid in sorted(self.ids_by_name.get(name, {})):
+            s = self.node_services[node_name][sid]
+            if all(t in s.tags for t in tags):
+                out.append(self.catalog_row(self.nodes[node_name], s))
         return out
+
+    def catalog_service_rows(self) -> list[dict[str, Any]]:
+        """Every service instance of the catalog as /v1/catalog/service rows (what ?filter sees there)."""
+        return [row for name in sorted(self.ids_by_name) for row in self.catalog_service(name, [])]
+
+    def catalog_nodes(self) -> list[dict[str, Any]]:
+        return [self.node_json(n) for _, n in sorted(self.nodes.items())]
+
+    def catalog_node(self, name: str) -> dict[str, Any] | None:
+        node = self.nodes.get(name)
+        if node is None:
+            return None
+        services = self.node_services.get(name, {})
+        return {
+            "Node": self.node_json(node),
+            "Services": {sid: self.service_json(s) for sid, s in sorted(services.items())},
+        }
+
+    def update_coordinate(self, node: str, coord: dict[str, Any]) -> None:
+        """/v1/coordinate/update; as Consul, an update for a node the catalog does not know is dropped."""
+        with self.cond:
+            if node not in self.nodes:
+                return
+            self.coordinates[node] = coord
+            self._touch(self._next(), ["coordinates"])
+
+    def coordinate_entries(self, node: str | None = None) -> list[dict[str, Any]]:
+        return [
+            {"Node": name, "Segment": "", "Coord": coord}
+            for name, coord in sorted(self.coordinates.items())
+            if node is None or name == node
+        ]
 
     def checks_for_runner(self) -> list[CheckEntry]:
         with self.cond:
-            return [c for c in self.checks.values() if c.type in ("http", "tcp")]
+            return [c for c in self.checks.values() if c.type in ("http", "tcp", "script")]
 
     # --- KV --------------------------------------------------------------------------------
 
