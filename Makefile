@@ -18,7 +18,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 venv: $(VENV)/.installed
 
 # nginx from Debian, with the Lua module live mode uses, installed only when something is missing.
-NGINX_PACKAGES := nginx-light libnginx-mod-http-lua lua-resty-core lua-cjson
+# openssl makes the certificates of the TLS tests.
+NGINX_PACKAGES := nginx-light libnginx-mod-http-lua lua-resty-core lua-cjson openssl
 nginx:
 	@missing=$$(for p in $(NGINX_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
 	if [ -n "$$missing" ] && ! { [ -x /usr/sbin/nginx ] && [ "$$missing" = "nginx-light" ]; }; then \

@@ -148,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run script checks (`Args`) registered through the API, as Consul's enable_script_checks; off by default",
     )
+    dev.add_argument("--tls-cert", default="", help="serve HTTPS with this certificate (PEM)")
+    dev.add_argument("--tls-key", default="", help="the certificate's private key (PEM)")
+    dev.add_argument(
+        "--tls-ca", default="", help="require client certificates signed by this CA (Consul's verify_incoming)"
+    )
 
     from confpy import admin
 
@@ -258,9 +263,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             sys.stdout.write(example_config(live=args.live))
             return EXIT_OK
         if args.command == "dev-consul":
-            from confpy.devconsul.server import serve
+            from confpy.devconsul.server import serve, tls_context
 
-            return serve(args.http_addr, args.node, args.shuffle, args.enable_script_checks)
+            tls = tls_context(args.tls_cert, args.tls_key, args.tls_ca)
+            return serve(args.http_addr, args.node, args.shuffle, args.enable_script_checks, tls)
         if args.command == "upstream":
             from confpy import admin
 

@@ -19,13 +19,14 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from confpy.builtin import BUILTIN_PREFIX, template_path
-from confpy.durations import parse_go_duration
+from confpy.durations import format_go_duration, parse_go_duration
 from confpy.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/confpy/confpy.toml")
 DEFAULT_CONSUL_ADDRESS = "http://127.0.0.1:8500"
 
 OnEmpty = Literal["keep", "render"]
+Consistency = Literal["default", "stale", "consistent"]
 NginxMode = Literal["reload", "live"]
 LogFormat = Literal["text", "json"]
 SYSTEM_STATE_DIR = Path("/var/lib/confpy")
@@ -37,15 +38,37 @@ class ConsulConfig:
 
     address: str = DEFAULT_CONSUL_ADDRESS
     token: str = ""
+    token_file: str = ""
     datacenter: str = ""
+    namespace: str = ""
+    partition: str = ""
     ca_file: str = ""
+    ca_path: str = ""
     cert_file: str = ""
     key_file: str = ""
+    tls_server_name: str = ""
     verify: bool = True
     wait: float = 60.0
     timeout: float = 10.0
     max_backoff: float = 60.0
     max_response_bytes: int = 32 * 1024 * 1024
+    consistency: Consistency = "default"
+    max_stale: float = 0.0
+    use_cache: bool = False
+
+    def query_params(self) -> list[tuple[str, str]]:
+        """What every read sends besides its own parameters: dc, ns, partition, consistency, cache."""
+        out: list[tuple[str, str]] = []
+        for key, value in (("dc", self.datacenter), ("ns", self.namespace), ("partition", self.partition)):
+            if value:
+                out.append((key, value))
+        if self.consistency != "default":
+            out.append((self.consistency, ""))
+        if self.max_stale:
+            out.append(("max_stale", format_go_duration(self.max_stale)))
+        if self.use_cache:
+            out.append(("cached", ""))
+        return out
 
     @property
     def scheme(self) -> str:
@@ -327,16 +350,40 @@ def _parse_table(
 _CONSUL_SPEC: dict[str, Parser] = {
     "address": _str,
     "token": _str,
+    "token_file": _str,
     "datacenter": _str,
+    "namespace": _str,
+    "partition": _str,
     "ca_file": _str,
+    "ca_path": _str,
     "cert_file": _str,
     "key_file": _str,
+    "tls_server_name": _str,
     "verify": _bool,
     "wait": _duration,
     "timeout": _duration,
     "max_backoff": _duration,
     "max_response_bytes": _int,
+    "consistency": _choice("default", "stale", "consistent"),
+    "max_stale": _duration,
+    "use_cache": _bool,
 }
+# The consul CLI's environment variables, by the [consul] key each stands for.
+CONSUL_ENVIRONMENT = {
+    "address": "CONSUL_HTTP_ADDR",
+    "token": "CONSUL_HTTP_TOKEN",
+    "token_file": "CONSUL_HTTP_TOKEN_FILE",
+    "ca_file": "CONSUL_CACERT",
+    "ca_path": "CONSUL_CAPATH",
+    "cert_file": "CONSUL_CLIENT_CERT",
+    "key_file": "CONSUL_CLIENT_KEY",
+    "verify": "CONSUL_HTTP_SSL_VERIFY",
+    "tls_server_name": "CONSUL_TLS_SERVER_NAME",
+    "namespace": "CONSUL_NAMESPACE",
+    "partition": "CONSUL_PARTITION",
+}
+_GO_BOOLS = {"1": True, "t": True, "T": True, "TRUE": True, "true": True, "True": True}
+_GO_BOOLS.update({"0": False, "f": False, "F": False, "FALSE": False, "false": False, "False": False})
 _NGINX_SPEC: dict[str, Parser] = {
     "pid_file": _str,
     "check_cmd": _command,
@@ -364,33 +411,75 @@ _TEMPLATE_SPEC: dict[str, Parser] = {
 def consul_from_env(
     environ: Mapping[str, str], file_values: Mapping[str, Any] | None = None, where: str = ""
 ) -> ConsulConfig:
-    """[consul] as the `consul` CLI resolves it: a key written in the file beats the environment,
-    which beats the default (decided by whether the key is present, not by its value).
+    """[consul] as the `consul` CLI resolves it: a key written in the file beats the environment
+    (CONSUL_HTTP_ADDR, CONSUL_CACERT, ... see CONSUL_ENVIRONMENT), which beats the default, decided
+    by whether the key is present, not by its value.
 
-    The token: the file's `token`, else systemd's credential `consul-token`
-    ($CREDENTIALS_DIRECTORY/consul-token), else $CONSUL_HTTP_TOKEN. An error names where the
-    value came from.
+    The token, first found: the file's `token` or `token_file`; systemd's credential `consul-token`
+    ($CREDENTIALS_DIRECTORY/consul-token); $CONSUL_HTTP_TOKEN; $CONSUL_HTTP_TOKEN_FILE (the CLI's
+    order). CONSUL_HTTP_SSL=true makes an address without a scheme https. Every error names where
+    the value came from (the variable or the file key).
     """
     values = dict(file_values or {})
     origin = {key: f"{where}: [consul] {key}" if where else f"[consul] {key}" for key in values}
-    if "address" not in values and environ.get("CONSUL_HTTP_ADDR"):
-        values["address"] = environ["CONSUL_HTTP_ADDR"]
-        origin["address"] = "$CONSUL_HTTP_ADDR"
-    if "token" not in values:
-        credentials = environ.get("CREDENTIALS_DIRECTORY", "")
-        credential = Path(credentials, "consul-token") if credentials else None
-        token = ""
-        if credential is not None and credential.is_file():
-            try:
-                token = credential.read_text(encoding="utf-8").strip()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ConfigError(f"{credential}: cannot read the Consul token credential: {exc}") from None
-        # An empty credential is the unit's default (SetCredential=consul-token:): no token given.
-        token = token or environ.get("CONSUL_HTTP_TOKEN", "")
-        if token:
-            values["token"] = token
+    if "token" in values and "token_file" in values:
+        raise ConfigError(f"{origin['token']}: set token or token_file, not both")
+    file_token = "token" in values or "token_file" in values
+    for key, variable in CONSUL_ENVIRONMENT.items():
+        if key in values or key in ("token", "token_file") or not environ.get(variable):
+            continue
+        raw = environ[variable]
+        if key == "verify":
+            if raw not in _GO_BOOLS:
+                raise ConfigError(f"${variable}: {raw!r} is not a boolean (true or false)")
+            values[key] = _GO_BOOLS[raw]
+        else:
+            values[key] = raw
+        origin[key] = f"${variable}"
+    if "address" in values and "://" not in values["address"] and environ.get("CONSUL_HTTP_SSL") in _GO_BOOLS:
+        if _GO_BOOLS[environ["CONSUL_HTTP_SSL"]]:
+            values["address"] = "https://" + values["address"]
+    if not file_token:
+        _token_from_environment(environ, values, origin)
+    if values.get("token_file"):
+        values["token"] = _read_token_file(Path(values["token_file"]), origin["token_file"])
+    for key in ("ca_file", "cert_file", "key_file"):
+        if values.get(key) and not Path(values[key]).is_file():
+            raise ConfigError(f"{origin[key]}: {values[key]} is not a readable file")
+    if values.get("ca_path") and not Path(values["ca_path"]).is_dir():
+        raise ConfigError(f"{origin['ca_path']}: {values['ca_path']} is not a folder of CA certificates")
+    if values.get("key_file") and not values.get("cert_file"):
+        raise ConfigError(f"{origin['key_file']}: a client key needs its certificate (cert_file / CONSUL_CLIENT_CERT)")
+    if values.get("use_cache") and values.get("consistency") == "consistent":
+        raise ConfigError(
+            f'{origin["use_cache"]}: the agent cache cannot answer consistent reads; use consistency = "default" or "stale"'
+        )
     consul = ConsulConfig(**values)
     return _with_checked_address(consul, origin.get("address", "the default address"))
+
+
+def _token_from_environment(environ: Mapping[str, str], values: dict[str, Any], origin: dict[str, str]) -> None:
+    credentials = environ.get("CREDENTIALS_DIRECTORY", "")
+    credential = Path(credentials, "consul-token") if credentials else None
+    if credential is not None and credential.is_file():
+        # An empty credential is the unit's default (SetCredential=consul-token:): no token given.
+        token = _read_token_file(credential, "the systemd credential consul-token")
+        if token:
+            values["token"] = token
+            return
+    if environ.get("CONSUL_HTTP_TOKEN"):
+        values["token"] = environ["CONSUL_HTTP_TOKEN"]
+    elif environ.get("CONSUL_HTTP_TOKEN_FILE"):
+        values["token_file"] = environ["CONSUL_HTTP_TOKEN_FILE"]
+        origin["token_file"] = "$" + CONSUL_ENVIRONMENT["token_file"]
+
+
+def _read_token_file(path: Path, origin: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"{origin}: cannot read the Consul token from {path}: {reason}") from None
 
 
 def _with_checked_address(consul: ConsulConfig, origin: str) -> ConsulConfig:

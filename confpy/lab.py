@@ -13,6 +13,7 @@ import random
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
@@ -102,13 +104,57 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.02) -> bool:
     return bool(predicate())
 
 
+@dataclass(frozen=True)
+class LabPKI:
+    """A CA, a server certificate for 127.0.0.1 and `consul.test`, a client certificate, and a
+    second CA that signed neither (for the wrong-CA case); PEM files made with Debian's openssl."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path
+
+    @classmethod
+    def make(cls, folder: Path) -> LabPKI:
+        folder.mkdir(parents=True, exist_ok=True)
+
+        def openssl(*args: str) -> None:
+            subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+        for ca in ("ca", "other-ca"):
+            openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=confpy test {ca}",
+                    "-keyout", f"{ca}.key", "-out", f"{ca}.pem")  # fmt: skip
+        for name, extension in (
+            ("server", "subjectAltName=IP:127.0.0.1,DNS:consul.test,DNS:localhost\nextendedKeyUsage=serverAuth"),
+            ("client", "extendedKeyUsage=clientAuth"),
+        ):
+            openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
+                    "-out", f"{name}.csr")  # fmt: skip
+            (folder / f"{name}.ext").write_text(extension + "\n")
+            openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                    "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem")  # fmt: skip
+        return cls(
+            folder / "ca.pem",
+            folder / "server.pem",
+            folder / "server.key",
+            folder / "client.pem",
+            folder / "client.key",
+            folder / "other-ca.pem",
+        )
+
+
 class DevConsulProcess:
     """`confpy dev-consul` as a subprocess on a free port."""
 
-    def __init__(self, port: int = 0, shuffle: bool = False, script_checks: bool = False) -> None:
+    def __init__(
+        self, port: int = 0, shuffle: bool = False, script_checks: bool = False, tls: tuple[str, ...] = ()
+    ) -> None:
         self.port = port
         self.shuffle = shuffle
         self.script_checks = script_checks
+        self.tls = tls  # dev-consul's TLS flags, e.g. ("--tls-cert", CERT, "--tls-key", KEY)
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
 
@@ -123,6 +169,7 @@ class DevConsulProcess:
                 f"{LOOPBACK}:{self.port}",
                 *(["--shuffle"] if self.shuffle else []),
                 *(["--enable-script-checks"] if self.script_checks else []),
+                *self.tls,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -138,7 +185,7 @@ class DevConsulProcess:
             ready.set()
 
         threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(timeout) or "http://" not in line[0]:
+        if not ready.wait(timeout) or "://" not in line[0]:
             self.stop()
             raise RuntimeError(f"dev-consul did not start: {line!r}")
         self.url = line[0].split(" on ", 1)[1].split()[0]
@@ -163,8 +210,9 @@ class DevConsulProcess:
 class ConsulAPI:
     """A few Consul HTTP calls over urllib, for tests, the demo and benchmarks."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, tls: ssl.SSLContext | None = None) -> None:
         self.url = url.rstrip("/")
+        self.tls = tls
 
     def request(
         self, method: str, path: str, body: Any = None, timeout: float = 10.0
@@ -172,7 +220,7 @@ class ConsulAPI:
         data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
         req = urllib.request.Request(self.url + path, data=data, method=method)  # noqa: S310 - loopback test URL
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - loopback test URL
+            with urllib.request.urlopen(req, timeout=timeout, context=self.tls) as resp:  # noqa: S310 - loopback test URL
                 return resp.status, dict(resp.headers), resp.read()
         except urllib.error.HTTPError as exc:
             return exc.code, dict(exc.headers), exc.read()

@@ -47,18 +47,27 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
     assert config.state.dir == tmp_path / "state"
 
 
-def test_full_contract_parses() -> None:
-    config = parse("""
+def test_full_contract_parses(tmp_path: Path) -> None:
+    for name in ("ca.pem", "c.pem", "k.pem"):
+        (tmp_path / name).write_text("pem\n")
+    config = parse(f"""
 [consul]
 address = "https://consul.internal:8501"
 token = "s3cret"
 datacenter = "dc2"
-ca_file = "/etc/ssl/ca.pem"
-cert_file = "/etc/ssl/c.pem"
-key_file = "/etc/ssl/k.pem"
+namespace = "team-a"
+partition = "edge"
+ca_file = "{tmp_path}/ca.pem"
+ca_path = "{tmp_path}"
+cert_file = "{tmp_path}/c.pem"
+key_file = "{tmp_path}/k.pem"
+tls_server_name = "consul.internal"
 verify = false
 wait = "90s"
 max_backoff = "30s"
+consistency = "stale"
+max_stale = "2m"
+use_cache = true
 
 [nginx]
 pid_file = "/var/run/nginx.pid"
@@ -76,13 +85,21 @@ destination = "/etc/nginx/conf.d/a.conf"
 mode = "0640"
 backup = false
 on_empty = "render"
-wait = { min = "0s", max = "1s" }
+wait = {{ min = "0s", max = "1s" }}
 
 [[template]]
 source = "builtin:nginx-upstreams-live.conf.j2"
 destination = "/etc/nginx/conf.d/b.conf"
 """)
     assert config.consul.scheme == "https" and config.consul.host == "consul.internal" and config.consul.port == 8501
+    assert config.consul.query_params() == [
+        ("dc", "dc2"),
+        ("ns", "team-a"),
+        ("partition", "edge"),
+        ("stale", ""),
+        ("max_stale", "120s"),
+        ("cached", ""),
+    ]
     assert config.nginx.check_cmd == ("/usr/sbin/nginx", "-t", "-c", "/etc/nginx/my conf.conf")
     assert config.nginx.reload_cmd == ("systemctl", "reload", "nginx")
     assert config.nginx.reload_signal == signal.SIGUSR2
@@ -139,7 +156,7 @@ def test_environment_fills_address_and_token_but_the_file_wins() -> None:
             '[[template]]\nsource = "builtin:nope.j2"\ndestination = "b"\n',
             "no shipped template 'nope.j2'; shipped: nginx-upstreams",
         ),
-        ('[consul]\ntoken_file = "/x"\n' + MINIMAL, "[consul] token_file: unknown key; known keys:"),
+        ('[consul]\ntokn = "/x"\n' + MINIMAL, "[consul] tokn: unknown key; did you mean 'token'?"),
         ('[status]\nlisten = "9118"\n' + MINIMAL, "[status] listen: '9118' is not HOST:PORT"),
         ('[consul]\naddress = "ftp://x"\n' + MINIMAL, "is not http(s)://HOST:PORT"),
     ],

@@ -10,6 +10,7 @@ import queue
 import select
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -87,6 +88,14 @@ class Query:
 # there are none here: the answer is the same as without it.
 
 
+def check_enterprise(query: Query) -> None:
+    """Namespaces and admin partitions are Consul Enterprise's; its community edition (which
+    dev-consul follows) accepts only `default` and refuses any other, on every endpoint."""
+    for key, feature in (("ns", "Namespaces"), ("partition", "Partitions")):
+        if query.get(key) not in ("", "default"):
+            raise HTTPError(400, f'Invalid query parameter: "{key}" - {feature} are a Consul Enterprise feature')
+
+
 def check_datacenter(state: AgentState, query: Query) -> None:
     """`?dc=` naming another datacenter: this single-node agent has no path to it (Consul's 500)."""
     dc = query.get("dc")
@@ -153,10 +162,24 @@ class Handler(BaseHTTPRequestHandler):
     server: DevConsulServer
 
     def setup(self) -> None:
+        self.tls_failed = False
+        if isinstance(self.request, ssl.SSLSocket):
+            # The handshake runs here, in the connection's own thread, bounded, not in accept().
+            self.request.settimeout(10)
+            try:
+                self.request.do_handshake()
+            except (ssl.SSLError, OSError) as exc:
+                log.info("TLS handshake with %s failed: %s", self.client_address, exc)
+                self.tls_failed = True
+            self.request.settimeout(None)
         super().setup()
         # Headers and body go out in two writes: without TCP_NODELAY, Nagle and the client's
         # delayed ACK hold the body back ~40 ms, which a real Consul (Go) never does.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def handle(self) -> None:
+        if not self.tls_failed:
+            super().handle()
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
@@ -183,8 +206,36 @@ class Handler(BaseHTTPRequestHandler):
                 "X-Consul-LastContact": "0",
                 "X-Consul-Effective-Consistency": "leader",
             }
+            headers.update(self._consistency_headers(index))
         text = json.dumps(data, indent=4 if pretty else None)
         self._send(status, text.encode(), "application/json", headers)
+
+    def _consistency_headers(self, index: int) -> dict[str, str]:
+        """`?stale`/`?consistent` and `?cached` as a single server that leads itself answers them.
+
+        The leader is this agent, so LastContact is always 0; with `?cached` the agent cache reports
+        a HIT while the view's index is the one it filled the entry at, with its Age in seconds.
+        """
+        query = self._query
+        headers = {}
+        if query.has("stale"):
+            headers["X-Consul-Effective-Consistency"] = "stale"
+        elif query.has("consistent"):
+            headers["X-Consul-Effective-Consistency"] = "consistent"
+        if query.has("cached"):
+            key = (
+                urlsplit(self.path).path
+                + "?"
+                + urlencode(sorted((k, v) for k in query.values if k not in ("index", "wait") for v in query.all(k)))
+            )
+            now = time.monotonic()
+            filled = self.server.cache.get(key)
+            if filled is not None and filled[0] == index:
+                headers.update({"X-Cache": "HIT", "Age": str(int(now - filled[1]))})
+            else:
+                self.server.cache[key] = (index, now)
+                headers.update({"X-Cache": "MISS", "Age": "0"})
+        return headers
 
     def _text(self, status: int, text: str) -> None:
         self._send(status, text.encode(), "text/plain; charset=utf-8")
@@ -208,6 +259,7 @@ class Handler(BaseHTTPRequestHandler):
             self._request_body = self.rfile.read(length)
 
     def _dispatch(self) -> None:
+        self._query = Query("")
         try:
             self._read_body()
         except HTTPError as exc:
@@ -215,9 +267,10 @@ class Handler(BaseHTTPRequestHandler):
             return
         url = urlsplit(self.path)
         path = unquote(url.path)
-        query = Query(url.query)
+        query = self._query = Query(url.query)
         state = self.server.state
         try:
+            check_enterprise(query)
             for prefix, methods, handler in self.server.routes:
                 if path == prefix or (prefix.endswith("/") and prefix != "/" and path.startswith(prefix)):
                     if self.command not in methods:
@@ -863,22 +916,35 @@ class DevConsulServer(ThreadingHTTPServer):
     # default of 5 would drop the SYNs of a client opening hundreds of watches at once.
     request_queue_size = 4096
 
-    def __init__(self, host: str, port: int, node: str, shuffle: bool = False, script_checks: bool = False) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        node: str,
+        shuffle: bool = False,
+        script_checks: bool = False,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.state = AgentState(node or socket.gethostname(), shuffle=shuffle)
         self.script_checks = script_checks
         # Set by PUT /v1/agent/leave (and by `serve`'s signal handlers): the agent stops.
         self.left = threading.Event()
+        # The agent cache's entries for ?cached reads: (index, filled at) by path and query.
+        self.cache: dict[str, tuple[int, float]] = {}
+        self.tls = tls
         self.routes = ROUTES
         self.checks = CheckRunner(self.state)
         super().__init__((host, port), Handler)
+        if tls is not None:
+            self.socket = tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
 
     @property
     def url(self) -> str:
         raw_host, port = self.server_address[:2]
         host = raw_host.decode() if isinstance(raw_host, bytes) else str(raw_host)
         host_text = f"[{host}]" if ":" in host else host
-        return f"http://{host_text}:{port}"
+        return f"{'https' if self.tls else 'http'}://{host_text}:{port}"
 
     def start(self) -> threading.Thread:
         self.checks.start()
@@ -898,14 +964,40 @@ class DevConsulServer(ThreadingHTTPServer):
         self.server_close()
 
 
-def serve(http_addr: str, node: str, shuffle: bool = False, script_checks: bool = False) -> int:
-    """`confpy dev-consul`: serve until SIGTERM/SIGINT, then exit 0."""
+def tls_context(cert: str, key: str, ca: str) -> ssl.SSLContext | None:
+    """HTTPS as Consul's `tls.https` (cert and key); a CA makes client certificates required, as
+    Consul's `verify_incoming`. None without a certificate."""
+    if not cert and not key and not ca:
+        return None
+    if not cert or not key:
+        raise ConfigError("--tls-cert and --tls-key go together: HTTPS needs the certificate and its key")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+        if ca:
+            context.load_verify_locations(cafile=ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"--tls-cert/--tls-key/--tls-ca: cannot load {cert}, {key} or {ca or '(no CA)'}: {exc}"
+        ) from None
+    return context
+
+
+def serve(
+    http_addr: str,
+    node: str,
+    shuffle: bool = False,
+    script_checks: bool = False,
+    tls: ssl.SSLContext | None = None,
+) -> int:
+    """`confpy dev-consul`: serve until SIGTERM/SIGINT or PUT /v1/agent/leave, then exit 0."""
     try:
         host, port = split_host_port(http_addr)
     except ValueError as exc:
         raise ConfigError(f"--http-addr: {exc}") from None
     try:
-        server = DevConsulServer(host, port, node, shuffle, script_checks)
+        server = DevConsulServer(host, port, node, shuffle, script_checks, tls)
     except OSError as exc:
         raise ConfigError(f"--http-addr {http_addr}: cannot listen: {exc.strerror!s}") from None
     stop = server.left

@@ -54,7 +54,7 @@ def _parse_index(raw: str | None, what: str) -> int:
 
 
 def ssl_context(config: ConsulConfig) -> ssl.SSLContext | bool:
-    """TLS settings for https:// addresses: CA file, client certificate, verification."""
+    """TLS settings for https:// addresses: CA file or folder, client certificate, verification."""
     if config.scheme != "https":
         return True
     if not config.verify:
@@ -62,7 +62,7 @@ def ssl_context(config: ConsulConfig) -> ssl.SSLContext | bool:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     else:
-        context = ssl.create_default_context(cafile=config.ca_file or None)
+        context = ssl.create_default_context(cafile=config.ca_file or None, capath=config.ca_path or None)
     if config.cert_file:
         context.load_cert_chain(config.cert_file, config.key_file or None)
     return context
@@ -103,10 +103,15 @@ class ConsulClient:
             await self._session.close()
             self._session = None
 
-    def _params(self, params: Sequence[tuple[str, str]], index: int, wait: float | None) -> list[tuple[str, str]]:
+    def _params(
+        self, params: Sequence[tuple[str, str]], index: int, wait: float | None, read: bool = True
+    ) -> list[tuple[str, str]]:
         out = list(params)
-        if self.config.datacenter:
-            out.append(("dc", self.config.datacenter))
+        given = {key for key, _ in params}
+        for key, value in self.config.query_params():
+            # A query's own dc (service(..., dc=...)) wins; consistency and cache apply to reads only.
+            if key not in given and (read or key in ("dc", "ns", "partition")):
+                out.append((key, value))
         if index > 0:
             out += [("index", str(index)), ("wait", format_go_duration(wait if wait is not None else self.config.wait))]
         return out
@@ -133,7 +138,12 @@ class ConsulClient:
         session = self._open()
         try:
             async with session.request(
-                method, path, params=self._params(params, index, wait), data=body, timeout=self._timeout(index, wait)
+                method,
+                path,
+                params=self._params(params, index, wait, read=method == "GET"),
+                data=body,
+                timeout=self._timeout(index, wait),
+                server_hostname=self.config.tls_server_name or None,
             ) as response:
                 chunks: list[bytes] = []
                 size = 0
@@ -158,16 +168,25 @@ class ConsulClient:
             ) from None
         except aiohttp.ClientSSLError as exc:
             raise ConsulUnreachable(
-                f"TLS with Consul at {self.address} failed for {what}: {_short(str(exc))}; check ca_file/cert_file"
+                f"TLS with Consul at {self.address} failed for {what}: {_short(str(exc))}; check ca_file/ca_path/cert_file (CONSUL_CACERT, CONSUL_CAPATH, CONSUL_CLIENT_CERT) and tls_server_name"
             ) from None
         except aiohttp.ClientConnectorError as exc:
             os_error = exc.os_error
             reason = os.strerror(os_error.errno) if os_error.errno else (os_error.strerror or str(os_error))
             raise ConsulUnreachable(f"cannot reach Consul at {self.address} for {what}: {reason.lower()}") from None
-        except (aiohttp.ClientError, OSError) as exc:
+        except aiohttp.ClientOSError as exc:
+            if "SSL" not in str(exc):
+                raise _unreachable(self.address, what, exc) from None
+            hint = (
+                "Consul requires a client certificate: set cert_file and key_file (CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY)"
+                if "CERTIFICATE_REQUIRED" in str(exc)
+                else "check ca_file/cert_file/key_file"
+            )
             raise ConsulUnreachable(
-                f"request to Consul at {self.address} for {what} failed: {_short(type(exc).__name__ + ' ' + str(exc))}"
+                f"TLS with Consul at {self.address} failed for {what}: {_short(str(exc))}; {hint}"
             ) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _unreachable(self.address, what, exc) from None
 
     async def read(
         self, path: str, what: str, *, params: Sequence[tuple[str, str]] = (), index: int = 0, wait: float | None = None
@@ -234,6 +253,12 @@ class ConsulClient:
         await self._put(
             f"maintenance mode for {service_id!r}", f"/v1/agent/service/maintenance/{_quote(service_id)}", params
         )
+
+
+def _unreachable(address: str, what: str, exc: BaseException) -> ConsulUnreachable:
+    return ConsulUnreachable(
+        f"request to Consul at {address} for {what} failed: {_short(type(exc).__name__ + ' ' + str(exc))}"
+    )
 
 
 def _quote(segment: str) -> str:
