@@ -159,6 +159,8 @@ class Config:
     state: StateConfig = field(default_factory=StateConfig)
     status: StatusConfig = field(default_factory=StatusConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    # The environment as read with the file (at start-up, again on SIGHUP): templates' env().
+    environ: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def wait_for(self, template: TemplateConfig) -> WaitConfig:
         """The quiescence that applies to `template`: its own, else the global one."""
@@ -636,6 +638,7 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
         state=StateConfig(state_dir),
         status=status,
         log=log_config,
+        environ=dict(environ),
     )
 
 

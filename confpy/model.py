@@ -8,6 +8,7 @@ produce these values; rendering and applying consume them.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -325,8 +326,14 @@ class Memory:
     members: dict[str, tuple[ServiceInstance, ...]] = field(default_factory=dict)
 
 
-def memory_key(service: str, tag: str | None) -> str:
-    return f"{service}|{tag or ''}"
+def memory_key(service: str, tag: str | None, dc: str | None = None, passing: bool = True) -> str:
+    """`service|tag` (as since 0.1), plus `|dc` and `|all` for another datacenter or non-passing too."""
+    key = f"{service}|{tag or ''}"
+    if dc:
+        key += f"|{dc}"
+    if not passing:
+        key += "|all"
+    return key
 
 
 MAX_LISTED_CHANGES = 6
@@ -343,6 +350,11 @@ def describe_change(old: object, new: object) -> str:
         changed = sorted(e for e in set(after) & set(before) if after[e] != before[e])
         parts = _listed("+", added) + _listed("-", removed) + _listed("~", changed)
         return " ".join(parts) if parts else "no member changed (only rejected instances)"
+    if isinstance(old, KVPair) or isinstance(new, KVPair):
+        # Values are not logged: KV often holds what an operator would not want in a journal.
+        if not isinstance(new, KVPair):
+            return "deleted"
+        return "written" if old is None else f"new value ({len(new.value)} bytes)"
     if isinstance(old, tuple) and isinstance(new, tuple):
         added_names = sorted(set(map(str, new)) - set(map(str, old)))
         removed_names = sorted(set(map(str, old)) - set(map(str, new)))
@@ -354,3 +366,128 @@ def _listed(sign: str, items: Sequence[str]) -> list[str]:
     if len(items) > MAX_LISTED_CHANGES:
         return [f"{sign}{len(items)} members" if sign != "~" else f"~{len(items)} changed"]
     return [f"{sign}{item}" for item in items]
+
+
+@dataclass(frozen=True, slots=True)
+class KVPair:
+    """One key of Consul's KV store: `path` is the whole key, `key` the part below the prefix asked
+    for (consul-template's `.Key` in `ls`/`tree`), `value` the UTF-8 text."""
+
+    key: str
+    path: str
+    value: str
+    flags: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """A catalog node: `nodes()` lists them, `node(name).node` is one."""
+
+    name: str
+    address: str
+    datacenter: str
+    tagged_addresses: Mapping[str, str]
+    meta: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeService:
+    """A service instance registered on a node, as `node(name).services` lists them."""
+
+    id: str
+    name: str
+    tags: tuple[str, ...]
+    address: str
+    port: int
+    meta: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeServices:
+    """`node(name)`: the node and its services (by ID)."""
+
+    node: NodeInfo
+    services: tuple[NodeService, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceTags:
+    """One service of the catalog with the union of its instances' tags: `services(detailed=True)`."""
+
+    name: str
+    tags: tuple[str, ...]
+
+
+def kv_pairs_from_entries(prefix: str, entries: Any) -> tuple[KVPair, ...]:
+    """`/v1/kv/PREFIX?recurse` -> pairs sorted by key (folder keys ending in `/` left out, as consul-template)."""
+    if entries is None:
+        return ()
+    if not isinstance(entries, list):
+        raise ValueError(f"expected a JSON list of keys, got {type(entries).__name__}")
+    pairs = []
+    for entry in entries:
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("Key"), str):
+            raise ValueError("a KV entry without a Key")
+        path = entry["Key"]
+        if path.endswith("/"):
+            continue
+        raw = entry.get("Value")
+        value = base64.b64decode(raw).decode("utf-8", "replace") if isinstance(raw, str) else ""
+        flags = entry.get("Flags") if isinstance(entry.get("Flags"), int) else 0
+        pairs.append(KVPair(path[len(prefix) :].lstrip("/") if prefix else path, path, value, int(flags or 0)))
+    return tuple(sorted(pairs, key=lambda p: p.path))
+
+
+def _str_map(value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        return {}
+    return {str(k): str(v) for k, v in value.items() if isinstance(v, (str, int))}
+
+
+def node_from_json(data: Mapping[str, Any]) -> NodeInfo:
+    if not isinstance(data.get("Node"), str):
+        raise ValueError("a node without a Node name")
+    return NodeInfo(
+        data["Node"],
+        _str_field(data, "Address"),
+        _str_field(data, "Datacenter"),
+        _str_map(data.get("TaggedAddresses")),
+        _str_map(data.get("Meta")),
+    )
+
+
+def nodes_from_json(entries: Any) -> tuple[NodeInfo, ...]:
+    if not isinstance(entries, list):
+        raise ValueError(f"expected a JSON list of nodes, got {type(entries).__name__}")
+    return tuple(sorted((node_from_json(e) for e in entries if isinstance(e, Mapping)), key=lambda n: n.name))
+
+
+def node_services_from_json(data: Any) -> NodeServices | None:
+    """`/v1/catalog/node/NAME`: None for an unknown node (Consul answers `null`)."""
+    if data is None:
+        return None
+    if not isinstance(data, Mapping) or not isinstance(data.get("Node"), Mapping):
+        raise ValueError("expected a JSON object with a Node")
+    raw = data.get("Services") or {}
+    services = []
+    for item in raw.values() if isinstance(raw, Mapping) else []:
+        if not isinstance(item, Mapping):
+            continue
+        port = item.get("Port")
+        services.append(
+            NodeService(
+                _str_field(item, "ID"),
+                _str_field(item, "Service"),
+                tuple(t for t in item.get("Tags") or [] if isinstance(t, str)),
+                _str_field(item, "Address"),
+                port if isinstance(port, int) and not isinstance(port, bool) else 0,
+                _str_map(item.get("Meta")),
+            )
+        )
+    return NodeServices(node_from_json(data["Node"]), tuple(sorted(services, key=lambda s: s.id)))
+
+
+def service_tags_from_catalog(services: Any, tag: str | None) -> tuple[ServiceTags, ...]:
+    """`/v1/catalog/services` with tags, as `catalog_names` but keeping each service's tags."""
+    names = catalog_names(services, tag)
+    return tuple(ServiceTags(name, tuple(sorted(str(t) for t in services[name] or []))) for name in names)

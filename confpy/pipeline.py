@@ -83,6 +83,7 @@ class SyncEngine:
                     "live_token_file": str(config.nginx.live_token_file),
                     "live_state_file": str(self.state.live_path_for(t.destination)),
                 },
+                environ=config.environ,
             )
             for t in config.templates
         }

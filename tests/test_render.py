@@ -12,7 +12,7 @@ import pytest
 from confpy.config import TemplateConfig
 from confpy.errors import RenderError, UnsafeValueError
 from confpy.model import Memory, health_view_from_entries
-from confpy.registry.base import CatalogServices, ServiceHealth
+from confpy.registry.base import CatalogServices, KVTree, ServiceHealth
 from confpy.render.environment import DataSource, TemplateRenderer, nginx_quote, upstream_name_for
 
 from .conftest import SHIPPED_TEMPLATE
@@ -45,8 +45,12 @@ def entry(
     }
 
 
+SETTINGS = "confpy/upstreams/"
+
+
 def data_for(services: dict[str, list[dict[str, Any]]], tag: str | None = "nginx") -> DataSource:
     data = DataSource()
+    data.set(KVTree(SETTINGS), ())  # no per-upstream settings in KV
     data.set(CatalogServices(tag), tuple(sorted(services)))
     for name, entries in services.items():
         data.set(ServiceHealth(name, tag), health_view_from_entries(name, entries))
@@ -204,7 +208,7 @@ def test_missing_data_makes_an_incomplete_render_that_names_its_dependencies(tmp
     data = DataSource()
     data.set(CatalogServices("nginx"), ("web",))
     result = renderer(tmp_path).render(data, Memory())
-    assert result.missing == {ServiceHealth("web", "nginx")}
+    assert result.missing == {ServiceHealth("web", "nginx"), KVTree(SETTINGS)}  # what the web block reads
 
 
 def test_on_empty_keep_uses_remembered_members_and_render_gets_a_valid_placeholder(tmp_path: Path) -> None:
@@ -304,10 +308,11 @@ def test_shipped_templates_render_the_same_bytes_from_cache_and_from_scratch(tmp
 def test_a_pass_without_its_data_records_what_it_needs_instead_of_failing(tmp_path: Path) -> None:
     r = renderer(tmp_path, "{{ service('web')[0].port }} {{ (service('api') | first).port }}")
     data = DataSource()
-    first = r.render(data, Memory())  # stops at web[0]: web is what it needs first
-    assert not first.complete and first.missing == {ServiceHealth("web")}
+    # Placeholders stand in for the missing services ([0] and | first included): one pass names both.
+    first = r.render(data, Memory())
+    assert not first.complete and first.missing == {ServiceHealth("web"), ServiceHealth("api")}
     data.set(ServiceHealth("web"), health_view_from_entries("web", [entry("w1", 80)]))
-    second = r.render(data, Memory())  # then api, in the next round
+    second = r.render(data, Memory())
     assert not second.complete and second.missing == {ServiceHealth("api")}
     data.set(ServiceHealth("api"), health_view_from_entries("api", [entry("a1", 81, name="api")]))
     assert render(r, data) == "80 81"

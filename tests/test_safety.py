@@ -25,7 +25,7 @@ from confpy.errors import InstallError, RenderError
 from confpy.lab import BackendServer, ConfpyProcess, NginxInstance, wait_until, write_config
 from confpy.model import Memory, health_view_from_entries, without_unresolvable
 from confpy.pipeline import SyncEngine
-from confpy.registry.base import CatalogServices, ServiceHealth
+from confpy.registry.base import CatalogServices, KVTree, ServiceHealth
 from confpy.registry.consul import ConsulClient, ConsulRegistry
 from confpy.render.environment import DataSource, TemplateRenderer
 
@@ -137,6 +137,7 @@ def test_any_consul_answer_renders_a_valid_config_or_is_refused(
     prefix = tmp_path_factory.mktemp("prop")
     nginx = NginxInstance(prefix / "nginx")
     data = DataSource()
+    data.set(KVTree("confpy/upstreams/"), ())
     data.set(CatalogServices("nginx"), tuple(sorted(set(names))))
     for name in set(names):
         data.set(ServiceHealth(name, "nginx"), without_unresolvable(health_view_from_entries(name, entries), _resolves))

@@ -52,13 +52,18 @@ class Registry(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class ServiceHealth:
-    """The passing instances of one service: `service(name, tag=None)`."""
+    """The instances of one service: `service(name, tag=None, dc=None, passing=True)`."""
 
     service: str
     tag: str | None = None
+    dc: str | None = None
+    passing: bool = True
 
     def describe(self) -> str:
-        return f"service({self.service}, tag={self.tag})" if self.tag else f"service({self.service})"
+        extra = [f"tag={self.tag}"] if self.tag else []
+        extra += [f"dc={self.dc}"] if self.dc else []
+        extra += [] if self.passing else ["passing=False"]
+        return f"service({', '.join([self.service, *extra])})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,4 +76,69 @@ class CatalogServices:
         return f"services(tag={self.tag})" if self.tag else "services()"
 
 
-AnyDependency = ServiceHealth | CatalogServices
+@dataclass(frozen=True, slots=True)
+class KVKey:
+    """One KV key: `key(path)`, `key_or_default(path, default)`; its value is a KVPair or None."""
+
+    path: str
+
+    def describe(self) -> str:
+        return f"key({self.path})"
+
+
+@dataclass(frozen=True, slots=True)
+class KVTree:
+    """Every key under a prefix (`?recurse`): `ls`, `tree` and `keys` read it."""
+
+    prefix: str
+
+    def describe(self) -> str:
+        return f"tree({self.prefix})"
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogNodes:
+    """The catalog's nodes: `nodes()`."""
+
+    def describe(self) -> str:
+        return "nodes()"
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogNode:
+    """One node and its services: `node(name)`."""
+
+    name: str
+
+    def describe(self) -> str:
+        return f"node({self.name})"
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogDatacenters:
+    """The datacenters Consul knows: `datacenters()` (not a blocking endpoint: polled)."""
+
+    def describe(self) -> str:
+        return "datacenters()"
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogServiceTags:
+    """The catalog's services with their tags: `services(detailed=True)`."""
+
+    tag: str | None = None
+
+    def describe(self) -> str:
+        return f"services(tag={self.tag}, detailed)" if self.tag else "services(detailed)"
+
+
+AnyDependency = (
+    ServiceHealth
+    | CatalogServices
+    | KVKey
+    | KVTree
+    | CatalogNodes
+    | CatalogNode
+    | CatalogDatacenters
+    | CatalogServiceTags
+)

@@ -25,10 +25,31 @@ import aiohttp
 from confpy.config import ConsulConfig
 from confpy.durations import format_go_duration
 from confpy.errors import ConsulBadResponse, ConsulError, ConsulUnreachable
-from confpy.model import HealthView, catalog_names, health_view_from_entries, is_hostname, without_unresolvable
-from confpy.registry.base import CatalogServices, Dependency, ServiceHealth
+from confpy.model import (
+    HealthView,
+    catalog_names,
+    health_view_from_entries,
+    is_hostname,
+    kv_pairs_from_entries,
+    node_services_from_json,
+    nodes_from_json,
+    service_tags_from_catalog,
+    without_unresolvable,
+)
+from confpy.registry.base import (
+    CatalogDatacenters,
+    CatalogNode,
+    CatalogNodes,
+    CatalogServices,
+    CatalogServiceTags,
+    Dependency,
+    KVKey,
+    KVTree,
+    ServiceHealth,
+)
 
 _MAX_ERROR_BODY = 300
+DATACENTERS_POLL = 60.0
 _CHUNK = 65536
 
 
@@ -210,13 +231,36 @@ class ConsulClient:
         except ValueError:
             raise ConsulBadResponse(f"Consul's answer to {what} is not valid JSON: {_short(text)}") from None
 
+    async def read_optional(
+        self, path: str, what: str, *, params: Sequence[tuple[str, str]] = (), index: int = 0, wait: float | None = None
+    ) -> tuple[int, Any]:
+        """As `read`, but a 404 (a missing KV key, which Consul answers with its index) is (index, None)."""
+        status, headers, body = await self.request("GET", path, what, params=params, index=index, wait=wait)
+        if status == 404:
+            return _parse_index(headers.get("X-Consul-Index"), what), None
+        text = body.decode("utf-8", "replace")
+        _raise_for_status(status, text, what)
+        try:
+            return _parse_index(headers.get("X-Consul-Index"), what), json.loads(text)
+        except ValueError:
+            raise ConsulBadResponse(f"Consul's answer to {what} is not valid JSON: {_short(text)}") from None
+
     async def health_service(
-        self, name: str, *, tag: str | None = None, passing: bool = True, index: int = 0, wait: float | None = None
+        self,
+        name: str,
+        *,
+        tag: str | None = None,
+        passing: bool = True,
+        dc: str | None = None,
+        index: int = 0,
+        wait: float | None = None,
     ) -> tuple[int, Any]:
         """GET /v1/health/service/NAME (a blocking query when index > 0)."""
         params = [("passing", "1")] if passing else []
         if tag is not None:
             params.append(("tag", tag))
+        if dc:
+            params.append(("dc", dc))
         return await self.read(
             f"/v1/health/service/{_quote(name)}", f"health of service {name!r}", params=params, index=index, wait=wait
         )
@@ -259,6 +303,11 @@ def _unreachable(address: str, what: str, exc: BaseException) -> ConsulUnreachab
     return ConsulUnreachable(
         f"request to Consul at {address} for {what} failed: {_short(type(exc).__name__ + ' ' + str(exc))}"
     )
+
+
+def _quote_key(key: str) -> str:
+    """A KV key in a URL path: its `/` stay separators, everything else is escaped."""
+    return quote(key, safe="/")
 
 
 def _quote(segment: str) -> str:
@@ -319,16 +368,60 @@ class ConsulRegistry:
         await self.client.read_plain("/v1/status/leader", "the leader status")
 
     async def fetch(self, dep: Dependency, index: int, wait: float) -> tuple[int, object]:
-        if isinstance(dep, ServiceHealth):
-            return await self.service_health(dep, index, wait)
-        if isinstance(dep, CatalogServices):
-            return await self.catalog_services(dep, index, wait)
+        try:
+            if isinstance(dep, ServiceHealth):
+                return await self.service_health(dep, index, wait)
+            if isinstance(dep, CatalogServices):
+                return await self.catalog_services(dep, index, wait)
+            if isinstance(dep, CatalogServiceTags):
+                new_index, data = await self.client.catalog_services(index=index, wait=wait)
+                return new_index, service_tags_from_catalog(data, dep.tag)
+            if isinstance(dep, KVKey):
+                return await self.kv_key(dep, index, wait)
+            if isinstance(dep, KVTree):
+                new_index, data = await self.client.read_optional(
+                    f"/v1/kv/{_quote_key(dep.prefix)}", f"KV prefix {dep.prefix!r}", params=[("recurse", "")],
+                    index=index, wait=wait,
+                )  # fmt: skip
+                return new_index, kv_pairs_from_entries(dep.prefix, data)
+            if isinstance(dep, CatalogNodes):
+                new_index, data = await self.client.read(
+                    "/v1/catalog/nodes", "the catalog's nodes", index=index, wait=wait
+                )
+                return new_index, nodes_from_json(data)
+            if isinstance(dep, CatalogNode):
+                new_index, data = await self.client.read(
+                    f"/v1/catalog/node/{_quote(dep.name)}", f"node {dep.name!r}", index=index, wait=wait
+                )
+                return new_index, node_services_from_json(data)
+            if isinstance(dep, CatalogDatacenters):
+                return await self.datacenters(index, wait)
+        except ValueError as exc:
+            raise ConsulBadResponse(f"Consul's answer for {dep.describe()} has an unexpected shape: {exc}") from None
         raise ConsulBadResponse(f"Consul cannot answer {dep.describe()}")
+
+    async def kv_key(self, dep: KVKey, index: int, wait: float) -> tuple[int, object]:
+        """One key: a KVPair, or None while it does not exist (the watch still blocks on it)."""
+        new_index, data = await self.client.read_optional(
+            f"/v1/kv/{_quote_key(dep.path)}", f"KV key {dep.path!r}", index=index, wait=wait
+        )
+        pairs = kv_pairs_from_entries("", data)
+        return new_index, next((p for p in pairs if p.path == dep.path), None)
+
+    async def datacenters(self, index: int, wait: float) -> tuple[int, object]:
+        """`/v1/catalog/datacenters` has no blocking form: after the first answer, ask again once
+        per DATACENTERS_POLL (or the query's wait, if shorter), as consul-template polls it."""
+        if index > 0:
+            await asyncio.sleep(min(wait, DATACENTERS_POLL))
+        data = await self.client.read_plain("/v1/catalog/datacenters", "the datacenters")
+        if not isinstance(data, list) or not all(isinstance(d, str) for d in data):
+            raise ValueError("expected a JSON list of datacenter names")
+        return index + 1, tuple(data)
 
     async def service_health(self, dep: ServiceHealth, index: int, wait: float) -> tuple[int, HealthView]:
         """`/v1/health/service` as templates see it: validated, sorted, host names resolvable."""
         new_index, entries = await self.client.health_service(
-            dep.service, tag=dep.tag, passing=True, index=index, wait=wait
+            dep.service, tag=dep.tag, passing=dep.passing, dc=dep.dc, index=index, wait=wait
         )
         try:
             view = health_view_from_entries(dep.service, entries)

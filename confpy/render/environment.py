@@ -24,8 +24,9 @@ from jinja2.ext import Extension
 from confpy import __version__
 from confpy.config import TemplateConfig
 from confpy.errors import RenderError, UnsafeValueError
-from confpy.model import HealthView, Memory, SafeStr, ServiceInstance, memory_key
+from confpy.model import HealthView, Memory, SafeStr, ServiceInstance, ServiceTags, memory_key
 from confpy.registry.base import AnyDependency, CatalogServices, Dependency, ServiceHealth
+from confpy.render.functions import RegistryFunctions, parse_json, pending, to_json
 
 # What may stand unquoted inside an nginx directive: printable ASCII without whitespace, the
 # directive terminator, block braces, quotes, comments, variables or escapes.
@@ -99,6 +100,32 @@ def nginx_safe(value: Any) -> Any:
             text,
         )
     return value
+
+
+def service_dependency(name: Any, tag: Any, dc: Any, passing: Any) -> ServiceHealth:
+    """`service(name, tag=None, dc=None, passing=True)`, and consul-template's `name@dc` form.
+
+    Its `tag.name` form is refused rather than guessed: a dot is valid inside a service name.
+    """
+    if not isinstance(name, str) or not name:
+        raise RenderError(f"service() needs a service name (a non-empty string), got {name!r}")
+    if tag is not None and not isinstance(tag, str):
+        raise RenderError(f"service({name!r}, tag=...) needs a string tag, got {tag!r}")
+    if dc is not None and (not isinstance(dc, str) or not dc):
+        raise RenderError(f"service({name!r}, dc=...) needs a datacenter name, got {dc!r}")
+    if not isinstance(passing, bool):
+        raise RenderError(f"service({name!r}, passing=...) needs true or false, got {passing!r}")
+    if "@" in name:
+        base, _, at = name.partition("@")
+        if not base or not at or "@" in at or dc is not None:
+            raise RenderError(f"service({name!r}): write name@dc once, or dc=..., not both")
+        if "." in base:
+            raise RenderError(
+                f"service({name!r}): consul-template's tag.name@dc form is ambiguous here (a service name may "
+                f"contain dots); write service({base.rpartition('.')[2]!r}, tag={base.rpartition('.')[0]!r}, dc={at!r})"
+            )
+        name, dc = base, at
+    return ServiceHealth(name, tag, dc, passing)
 
 
 @functools.lru_cache(maxsize=65536)
@@ -199,7 +226,12 @@ class _RenderContext:
     """The functions one render hands to its template, recording what it asked for."""
 
     def __init__(
-        self, data: DataSource, template: TemplateConfig, remembered: Memory, fragments: dict[object, Fragment]
+        self,
+        data: DataSource,
+        template: TemplateConfig,
+        remembered: Memory,
+        fragments: dict[object, Fragment],
+        environ: Mapping[str, str],
     ) -> None:
         self.data = data
         self.template = template
@@ -216,6 +248,7 @@ class _RenderContext:
         self.previous_fragments = fragments
         self.fragments: dict[object, Fragment] = {}
         self.recording: list[Fragment] = []
+        self.functions = RegistryFunctions(self.lookup, self._warn, environ)
 
     def origin_of(self, value: str) -> str | None:
         """Which registry field a refused value came from (searched only when refusing)."""
@@ -228,8 +261,8 @@ class _RenderContext:
             return f"service name {value[:80]!r}"
         return None
 
-    def _lookup(self, dep: AnyDependency) -> object | None:
-        """Record that the template uses `dep`; its value, or None while the registry has not answered."""
+    def lookup(self, dep: AnyDependency) -> tuple[bool, object]:
+        """Record that the template uses `dep`; (whether the registry answered yet, its value)."""
         self.dependencies.add(dep)
         found, value = self.data.get(dep)
         for fragment in self.recording:
@@ -237,25 +270,26 @@ class _RenderContext:
             fragment.complete = fragment.complete and found
         if not found:
             self.missing.add(dep)
-            return None
-        return value
+        return found, value
+
+    def _lookup(self, dep: AnyDependency) -> object | None:
+        """As `lookup`: the value, or None while the registry has not answered."""
+        found, value = self.lookup(dep)
+        return value if found else None
 
     def _remember(self, key: str, members: tuple[ServiceInstance, ...]) -> None:
         self.memory.members[key] = members
         for fragment in self.recording:
             fragment.members[key] = members
 
-    def service(self, name: Any, tag: Any = None) -> list[ServiceInstance]:
-        if not isinstance(name, str) or not name:
-            raise RenderError(f"service() needs a service name (a non-empty string), got {name!r}")
-        if tag is not None and not isinstance(tag, str):
-            raise RenderError(f"service({name!r}, tag=...) needs a string tag, got {tag!r}")
-        dep = ServiceHealth(str(name), str(tag) if tag is not None else None)
+    def service(self, name: Any, tag: Any = None, dc: Any = None, passing: Any = True) -> list[ServiceInstance]:
+        dep = service_dependency(name, tag, dc, passing)
         value = self._lookup(dep)
         if value is None:
-            return []
+            placeholder: list[ServiceInstance] = pending()
+            return placeholder
         assert isinstance(value, HealthView)
-        key = memory_key(dep.service, dep.tag)
+        key = memory_key(dep.service, dep.tag, dep.dc, dep.passing)
         if value.instances:
             self._remember(key, value.instances)
             self.handed.append(value.instances)
@@ -280,13 +314,16 @@ class _RenderContext:
         for fragment in self.recording:
             fragment.warnings.append(text)
 
-    def services(self, tag: Any = None) -> list[str]:
+    def services(self, tag: Any = None, detailed: bool = False) -> list[str] | list[ServiceTags]:
         if tag is not None and not isinstance(tag, str):
             raise RenderError(f"services(tag=...) needs a string tag, got {tag!r}")
+        if detailed:
+            return self.functions.services_detailed(tag)
         dep = CatalogServices(str(tag) if tag is not None else None)
         value = self._lookup(dep)
         if value is None:
-            return []
+            names: list[str] = pending()
+            return names
         assert isinstance(value, tuple)
         self.names.append(value)
         return list(value)
@@ -441,8 +478,14 @@ def _template_line(tb: TracebackType | None, source: Path) -> int | None:
 class TemplateRenderer:
     """Renders one `[[template]]` source; reloads it when the file changes on disk."""
 
-    def __init__(self, template: TemplateConfig, extra_globals: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        template: TemplateConfig,
+        extra_globals: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
         self.template = template
+        self.environ: Mapping[str, str] = environ if environ is not None else {}
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(str(template.source.parent)),
             undefined=jinja2.StrictUndefined,
@@ -457,6 +500,8 @@ class TemplateRenderer:
         self._compiled: jinja2.Template | None = None
         self._fragments: dict[object, Fragment] = {}
         self.env.filters["nginx_quote"] = nginx_quote
+        self.env.filters["to_json"] = to_json
+        self.env.filters["parse_json"] = parse_json
         self.env.filters["upstream_name"] = _upstream_name_filter
         self.env.tests["upstream_mappable"] = _upstream_mappable_test
         self.env.globals["confpy"] = {"version": __version__, **(extra_globals or {})}
@@ -480,12 +525,23 @@ class TemplateRenderer:
         compiled = self.load()
         if compiled is not self._compiled:
             self._compiled, self._fragments = compiled, {}  # an edited template: nothing cached is valid
-        ctx = _RenderContext(data, self.template, remembered, self._fragments)
+        ctx = _RenderContext(data, self.template, remembered, self._fragments, self.environ)
+        more = ctx.functions
         functions: dict[str, Callable[..., Any]] = {
             "service": ctx.service,
             "services": ctx.services,
             "upstream_name": ctx.upstream_name,
             "live_upstream": ctx.live_upstream,
+            "key": more.key,
+            "key_or_default": more.key_or_default,
+            "ls": more.ls,
+            "tree": more.tree,
+            "keys": more.keys,
+            "nodes": more.nodes,
+            "node": more.node,
+            "datacenters": more.datacenters,
+            "env": more.env,
+            "upstream_settings": more.upstream_settings,
         }
         try:
             text = self._execute(compiled, ctx, functions)
