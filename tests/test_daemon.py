@@ -178,7 +178,7 @@ def test_edited_template_re_renders_and_a_broken_one_keeps_the_last_good_output(
     register_backends(consul.api, backends)
     proc = start_daemon(daemons, config, nginx)
     assert settles(nginx, ALL)
-    template.write_text(template.read_text().replace("keepalive 16;", "keepalive 32;"))
+    template.write_text(template.read_text().replace("keepalive {{ settings.keepalive }};", "keepalive 32;"))
     assert wait_until(lambda: "keepalive 32;" in nginx.destination.read_text(), 10), proc.output()
     good = nginx.destination.read_bytes()
     template.write_text("upstream web {\n{% for i in service('web' %}\n}\n")
@@ -332,7 +332,7 @@ def test_check_failure_keeps_previous_files_and_the_daemon_running(
     template = tmp_path / "t.conf.j2"
     # Meta `extra` lands in the config unquoted-but-safe: a valid token nginx still rejects.
     extra = "keepalive 16;{% for i in service(name, 'nginx') if i.meta.get('extra') %} {{ i.meta.extra }};{% endfor %}"
-    template.write_text(SHIPPED_TEMPLATE.read_text().replace("keepalive 16;", extra))
+    template.write_text(SHIPPED_TEMPLATE.read_text().replace("keepalive {{ settings.keepalive }};", extra))
     config = write_config(tmp_path / "c.toml", consul.url, nginx, template)
     register_backends(consul.api, backends[:2])
     proc = start_daemon(daemons, config, nginx)

@@ -126,7 +126,9 @@ def test_dry_run_asks_nginx_about_the_candidates_and_changes_nothing(
     assert not nginx.destination.exists()
     # A template nginx refuses (an unknown directive): the dry run says so with nginx's words and the live path.
     bad_template = tmp_path / "bad.conf.j2"
-    bad_template.write_text(SHIPPED_TEMPLATE.read_text().replace("keepalive 16;", "keepalive_bogus 16;"))
+    bad_template.write_text(
+        SHIPPED_TEMPLATE.read_text().replace("keepalive {{ settings.keepalive }};", "keepalive_bogus 16;")
+    )
     bad = write_config(tmp_path / "bad.toml", consul.url, nginx, bad_template)
     refused = run_confpy("-c", str(bad), "--once", "--dry-run")
     assert refused.returncode == 1

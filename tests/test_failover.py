@@ -58,10 +58,10 @@ class Gateway:
         proc = run_confpy("-c", str(self.config), "--once", "--allow-no-reload")
         assert proc.returncode == 0, proc.stderr
 
-    def get(self) -> str:
+    def get(self, path: str = "/") -> str:
         conn = http.client.HTTPConnection("127.0.0.1", self.strict_port, timeout=5)
         try:
-            conn.request("GET", "/")
+            conn.request("GET", path)
             response = conn.getresponse()
             body = response.read().decode().strip()
             return body if response.status == 200 else f"HTTP {response.status}"
@@ -221,3 +221,60 @@ def test_paused_members_show_on_status_metrics_and_upstream_list(
     finally:
         daemon.stop()
         gateway.nginx.stop()
+
+
+def test_live_mode_balances_as_kv_says_without_a_reload(consul: ConsulUnderTest, tmp_path: Path) -> None:
+    """`hash $arg_user consistent` from KV: each user sticks to one member, users spread over all,
+    and when a member leaves only its users move; pushed to the Lua balancer, no reload."""
+    servers = [BackendServer(f"App server {n}").start() for n in (1, 2, 3)]
+    gateway = Gateway(tmp_path, consul, live=True)
+    api = consul.api
+    try:
+        for n, server in enumerate(servers, start=1):
+            api.register("web", server.port, id=f"web-{n}")
+        gateway.sync()
+        gateway.nginx.start()
+        gateway.sync()
+        reloads = gateway.nginx.reload_count()
+        assert api.request("PUT", "/v1/kv/confpy/upstreams/web/balance", b"hash $arg_user consistent")[0] == 200
+        gateway.sync()
+        assert gateway.admin("/upstreams/web")["balance"] == {"method": "hash", "key": "$arg_user", "consistent": True}
+        assert gateway.nginx.reload_count() == reloads  # members and balance went through the admin API
+
+        def placement() -> dict[str, str]:
+            chosen = {}
+            for user in range(30):
+                answers = {gateway.get(f"/?user=u{user}") for _ in range(4)}
+                assert len(answers) == 1, (user, answers)  # sticky, in both workers
+                chosen[f"u{user}"] = answers.pop()
+            return chosen
+
+        before = placement()
+        assert set(before.values()) == {"App server 1", "App server 2", "App server 3"}
+        api.deregister("web-3")
+        gateway.sync()
+        after = placement()
+        assert all(after[u] == before[u] for u in before if before[u] != "App server 3")  # consistent hashing
+        assert "App server 3" not in after.values()
+        api.request("DELETE", "/v1/kv/confpy/upstreams/web/balance")
+        gateway.sync()
+        assert gateway.admin("/upstreams/web")["balance"] == {"method": "round_robin"}
+        assert len({gateway.get("/?user=u1") for _ in range(6)}) == 2  # round-robin again
+        conn = http.client.HTTPConnection("127.0.0.1", gateway.admin_port, timeout=5)
+        members = [{"host": "127.0.0.1", "port": servers[0].port}]
+        for balance, words in (
+            (
+                {"method": "hash", "key": "$arg_user; rm"},
+                "balance.key must be nginx variables, e.g. $remote_addr or $host$request_uri",
+            ),
+            ({"method": "sticky"}, "balance.method must be round_robin, least_conn, ip_hash, hash or random"),
+        ):
+            body = json.dumps({"members": members, "balance": balance})
+            conn.request("PUT", "/upstreams/web", body, {"Authorization": f"Bearer {admin_token(gateway.config)}"})
+            response = conn.getresponse()
+            assert (response.status, json.loads(response.read())["error"]) == (400, words)
+        conn.close()
+    finally:
+        gateway.nginx.stop()
+        for server in servers:
+            server.stop()

@@ -20,7 +20,7 @@ from confpy.registry.base import (
     KVTree,
     ServiceHealth,
 )
-from confpy.render.environment import DataSource, TemplateRenderer, service_dependency
+from confpy.render.environment import DataSource, ServiceName, TemplateRenderer, service_dependency
 from confpy.render.functions import parse_upstream_settings
 
 from .conftest import SHIPPED_TEMPLATE
@@ -112,6 +112,8 @@ def test_service_datacenter_and_the_consul_template_forms() -> None:
         service_dependency("blue.web@dc2", None, None, True)
     with pytest.raises(RenderError, match=r"name@dc once, or dc=\.\.\., not both"):
         service_dependency("web@dc2", None, "dc3", True)
+    # A name the catalog lists is literal: a service really named `a@b` is not service `a` in dc `b`.
+    assert service_dependency(ServiceName("a@b"), "nginx", None, True) == ServiceHealth("a@b", "nginx")
 
 
 def test_upstream_settings_are_whitelisted_and_bad_ones_left_out_with_a_warning() -> None:

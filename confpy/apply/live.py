@@ -29,6 +29,7 @@ from confpy.config import Config, split_host_port
 from confpy.errors import ConfpyError
 from confpy.model import ServiceInstance, format_endpoint, nginx_time_seconds
 from confpy.render.environment import RenderResult
+from confpy.render.functions import UpstreamSettings
 
 log = logging.getLogger(__name__)
 
@@ -81,33 +82,46 @@ class LiveMember:
 
 @dataclass(frozen=True)
 class LiveUpstream:
-    """The members of one upstream, as pushed, and their version (a digest of the members)."""
+    """The members of one upstream, as pushed, its balancing method (None: round-robin), and their
+    version (a digest of both)."""
 
     version: str
     members: tuple[LiveMember, ...]
+    balance: Mapping[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": self.version, "members": [m.to_json() for m in self.members]}
+        data: dict[str, Any] = {"version": self.version, "members": [m.to_json() for m in self.members]}
+        if self.balance is not None:
+            data["balance"] = dict(self.balance)
+        return data
 
 
-def live_member(instance: ServiceInstance) -> LiveMember:
-    """An instance's member: nginx's defaults (max_fails=1, fail_timeout=10s) unless its meta says otherwise."""
+NO_SETTINGS = UpstreamSettings()
+
+
+def live_member(instance: ServiceInstance, settings: UpstreamSettings = NO_SETTINGS) -> LiveMember:
+    """An instance's member: its meta's max_fails/fail_timeout, else the upstream's KV settings, else
+    nginx's defaults (max_fails=1, fail_timeout=10s); backup by tag or meta, or by KV `backup_tag`."""
+    max_fails = instance.max_fails if instance.max_fails is not None else settings.max_fails
+    fail_timeout = instance.fail_timeout or settings.fail_timeout
     return LiveMember(
         host=resolve_ip(instance.address),
         port=instance.port,
         weight=instance.weight,
-        max_fails=DEFAULT_MAX_FAILS if instance.max_fails is None else instance.max_fails,
-        fail_timeout=DEFAULT_FAIL_TIMEOUT
-        if instance.fail_timeout is None
-        else nginx_time_seconds(instance.fail_timeout),
-        backup=instance.backup,
+        max_fails=DEFAULT_MAX_FAILS if max_fails is None else max_fails,
+        fail_timeout=DEFAULT_FAIL_TIMEOUT if fail_timeout is None else nginx_time_seconds(fail_timeout),
+        backup=instance.backup or (settings.backup_tag is not None and settings.backup_tag in instance.tags),
     )
 
 
-def live_upstream(instances: Sequence[ServiceInstance]) -> LiveUpstream:
-    members = tuple(sorted({live_member(i) for i in instances}))
-    digest = hashlib.sha256(json.dumps([m.to_json() for m in members]).encode()).hexdigest()[:16]
-    return LiveUpstream(digest, members)
+def live_upstream(instances: Sequence[ServiceInstance], settings: UpstreamSettings = NO_SETTINGS) -> LiveUpstream:
+    members = tuple(sorted({live_member(i, settings) for i in instances}))
+    balance = settings.balance_json()
+    listed: list[Any] = [m.to_json() for m in members]
+    if balance is not None:  # round-robin upstreams keep the digest they had before balance existed
+        listed.append(balance)
+    digest = hashlib.sha256(json.dumps(listed).encode()).hexdigest()[:16]
+    return LiveUpstream(digest, members, balance)
 
 
 def ensure_admin_token(path: Path) -> None:
@@ -233,20 +247,22 @@ class LiveUpstreams:
     fragment hands over the very same tuple, so a thousand unchanged upstreams cost nothing)."""
 
     def __init__(self) -> None:
-        self._cache: dict[str, tuple[tuple[ServiceInstance, ...], LiveUpstream]] = {}
+        self._cache: dict[str, tuple[tuple[ServiceInstance, ...], UpstreamSettings, LiveUpstream]] = {}
 
-    def get(self, name: str, instances: tuple[ServiceInstance, ...]) -> LiveUpstream:
+    def get(
+        self, name: str, instances: tuple[ServiceInstance, ...], settings: UpstreamSettings = NO_SETTINGS
+    ) -> LiveUpstream:
         cached = self._cache.get(name)
-        if cached is None or cached[0] is not instances:
-            cached = self._cache[name] = (instances, live_upstream(instances))
-        return cached[1]
+        if cached is None or cached[0] is not instances or cached[1] != settings:
+            cached = self._cache[name] = (instances, settings, live_upstream(instances, settings))
+        return cached[2]
 
     def desired(self, result: RenderResult) -> dict[str, LiveUpstream]:
         """The members every live upstream of `result` should have (upstreams with none keep what nginx has)."""
         wanted: dict[str, LiveUpstream] = {}
         for name, instances in result.live.items():
             if instances:
-                wanted[name] = self.get(name, instances)
+                wanted[name] = self.get(name, instances, result.live_settings.get(name, NO_SETTINGS))
             else:
                 log.warning(
                     "%s: upstream %s has no member to push; nginx keeps its current members",
@@ -258,7 +274,9 @@ class LiveUpstreams:
     def state_bytes(self, result: RenderResult) -> bytes:
         """A live template's member state file, as nginx's init_by_lua reads it."""
         upstreams = {
-            name: self.get(name, instances).to_json() for name, instances in sorted(result.live.items()) if instances
+            name: self.get(name, instances, result.live_settings.get(name, NO_SETTINGS)).to_json()
+            for name, instances in sorted(result.live.items())
+            if instances
         }
         return (
             json.dumps({"version": 1, "upstreams": upstreams}, sort_keys=True, separators=(",", ":")) + "\n"

@@ -1,5 +1,6 @@
 -- confpy live mode: upstream members live in a shared dictionary, pushed by confpy (or people)
--- through a small admin API, and a smooth weighted round-robin balancer picks from them.
+-- through a small admin API, and a balancer picks from them: smooth weighted round-robin (nginx's
+-- default), or least_conn, ip_hash, hash KEY [consistent], random when the upstream's balance says so.
 -- Member changes need no reload. The members confpy last pushed are also in a state file that
 -- confpy writes atomically before every push; nginx loads it at start and on reload, so a
 -- restarted nginx serves the last known members before confpy says anything.
@@ -18,7 +19,9 @@ local DEFAULT_FAIL_TIMEOUT = 10
 local boot_members = nil        -- read from the state file by init(), in the master
 local token = nil               -- the admin API's token, read by init() (as root) from confpy's token file
 local known = {}                -- upstream names this configuration defines
-local cache = {}                -- per worker: name -> { version, peers } (peers keep SWRR state)
+local cache = {}                -- per worker: name -> { version, peers, balance } (peers keep SWRR state)
+local active = {}               -- per worker: member key -> requests in flight (least_conn)
+local METHODS = { round_robin = true, least_conn = true, ip_hash = true, hash = true, random = true }
 
 local function shared()
     return ngx.shared[DICT]
@@ -75,12 +78,33 @@ local function check_members(members)
     return clean
 end
 
--- Storage: "m:NAME" holds the JSON member list, "v:NAME" its version (checked on every request).
+-- An upstream's balancing method: nil is round-robin; a hash key is nginx variables only ($a$b).
+local function check_balance(b)
+    if b == nil then return { method = "round_robin" } end
+    if type(b) ~= "table" or not METHODS[b.method] then
+        return nil, "balance.method must be round_robin, least_conn, ip_hash, hash or random"
+    end
+    if b.method == "hash" then
+        if type(b.key) ~= "string" or b.key:sub(1, 1) ~= "$" or b.key:gsub("%$[%a_][%w_]*", "") ~= "" then
+            return nil, "balance.key must be nginx variables, e.g. $remote_addr or $host$request_uri"
+        end
+        if b.consistent ~= nil and type(b.consistent) ~= "boolean" then return nil, "balance.consistent must be true or false" end
+        return { method = "hash", key = b.key, consistent = b.consistent == true }
+    end
+    return { method = b.method }
+end
 
-local function store(name, version, members)
+-- Storage: "m:NAME" holds the JSON member list, "b:NAME" the balancing method, "v:NAME" the
+-- version (checked on every request, and written last).
+
+local function store(name, version, members, balance)
     local dict = shared()
     local ok, err = dict:set("m:" .. name, cjson.encode(members))
     if not ok then return nil, err end
+    if balance ~= nil then
+        ok, err = dict:set("b:" .. name, cjson.encode(balance))
+        if not ok then return nil, err end
+    end
     return dict:set("v:" .. name, version)
 end
 
@@ -124,9 +148,10 @@ function _M.init_worker()
     for name, entry in pairs(boot_members) do
         if known[name] and type(entry) == "table" then
             local members = check_members(entry.members)
+            local balance = check_balance(entry.balance)
             local version = load(name)
-            if members and version ~= entry.version then
-                store(name, tostring(entry.version), members)
+            if members and balance and version ~= entry.version then
+                store(name, tostring(entry.version), members, balance)
             end
         end
     end
@@ -146,7 +171,8 @@ local function peers_for(name)
                      max_fails = m.max_fails or DEFAULT_MAX_FAILS, fail_timeout = m.fail_timeout or DEFAULT_FAIL_TIMEOUT,
                      backup = m.backup == true, down = m.down == true }
     end
-    cached = { version = version, peers = peers }
+    local balance = cjson.decode(dict:get("b:" .. name) or "") or { method = "round_robin" }
+    cached = { version = version, peers = peers, balance = balance }
     cache[name] = cached
     return cached
 end
@@ -197,9 +223,9 @@ end
 
 -- Smooth weighted round-robin, as nginx's own: each pick adds every candidate's weight to its
 -- current weight, takes the largest, and subtracts the total from the one taken.
-local function pick(peers, tried)
+local function round_robin(cands)
     local best, total = nil, 0
-    for _, peer in ipairs(candidates(peers, tried)) do
+    for _, peer in ipairs(cands) do
         peer.current = peer.current + peer.weight
         total = total + peer.weight
         if best == nil or peer.current > best.current then best = peer end
@@ -207,6 +233,65 @@ local function pick(peers, tried)
     if best == nil then return nil end
     best.current = best.current - total
     return best
+end
+
+-- least_conn: the fewest requests in flight per unit of weight, ties by round-robin. Counts are
+-- this worker's (as nginx's least_conn without a zone).
+local function least_conn(cands)
+    local tied, best = {}, nil
+    for _, peer in ipairs(cands) do
+        local load = (active[peer.key] or 0) / peer.weight
+        if best == nil or load < best then tied, best = { peer }, load
+        elseif load == best then tied[#tied + 1] = peer end
+    end
+    return round_robin(tied)
+end
+
+local function random_pick(cands)
+    local total = 0
+    for _, peer in ipairs(cands) do total = total + peer.weight end
+    local point = math.random() * total
+    for _, peer in ipairs(cands) do
+        point = point - peer.weight
+        if point < 0 then return peer end
+    end
+    return cands[#cands]
+end
+
+-- The request's hash key: ip_hash uses a client's first three IPv4 octets (as nginx), or the whole
+-- address; hash expands the configured variables.
+local function hash_key(balance)
+    if balance.method == "ip_hash" then
+        local addr = ngx.var.remote_addr or ""
+        return addr:match("^(%d+%.%d+%.%d+)%.%d+$") or addr
+    end
+    return (balance.key:gsub("%$([%a_][%w_]*)", function(var) return ngx.var[var] or "" end))
+end
+
+-- hash: the key picks a member by its hash over the candidates; with `consistent`, by the highest
+-- hash of key and member (rendezvous hashing): adding or removing one member moves only its keys.
+-- Weights are not used by hash methods here.
+local function hashed(cands, balance)
+    if #cands == 0 then return nil end
+    local key = hash_key(balance)
+    if not balance.consistent then
+        return cands[ngx.crc32_long(key) % #cands + 1]
+    end
+    local best, best_score = nil, -1
+    for _, peer in ipairs(cands) do
+        local score = ngx.crc32_long(key .. "|" .. peer.key)
+        if score > best_score then best, best_score = peer, score end
+    end
+    return best
+end
+
+local function pick(entry, tried)
+    local cands = candidates(entry.peers, tried)
+    local method = entry.balance.method
+    if method == "least_conn" then return least_conn(cands) end
+    if method == "random" then return #cands > 0 and random_pick(cands) or nil end
+    if method == "ip_hash" or method == "hash" then return hashed(cands, entry.balance) end
+    return round_robin(cands)
 end
 
 -- balancer_by_lua: choose the member for this try. A try that failed before this one (nginx is
@@ -234,9 +319,10 @@ function _M.balance(name)
             end
         end
     end
-    local peer = pick(entry.peers, state.tried)
+    local peer = pick(entry, state.tried)
     if not peer then return ngx.exit(502) end
     state.tried[peer.key] = true
+    active[peer.key] = (active[peer.key] or 0) + 1
     state.tries[#state.tries + 1] = { peer = peer }
     -- IPv6 addresses go to nginx in brackets, as in a `server` line.
     local host = peer.host:find(":", 1, true) and ("[" .. peer.host .. "]") or peer.host
@@ -252,9 +338,21 @@ end
 -- reset); with `proxy_next_upstream off` nothing else sees that failure. The header filter runs
 -- before the client has its answer, so the next request, in any worker, already avoids the
 -- member; the log phase covers responses that never reach a header filter.
+-- The log phase ends the request: its tries are no longer in flight (least_conn's counts).
+local function release(state)
+    if state.released then return end
+    state.released = true
+    for _, try in ipairs(state.tries) do
+        local key = try.peer.key
+        local count = (active[key] or 1) - 1
+        active[key] = count > 0 and count or nil
+    end
+end
+
 function _M.observe()
     local state = ngx.ctx.confpy
     if not state then return end
+    if ngx.get_phase() == "log" then release(state) end
     local last = state.tries[#state.tries]
     if not last or last.counted then return end
     last.counted = true
@@ -289,7 +387,8 @@ local function describe(name)
         m.unavailable_until = until_time  -- Unix time, or nil while the member is usable
         m.unavailable = until_time ~= nil
     end
-    return { name = name, version = version, members = members }
+    local balance = cjson.decode(dict:get("b:" .. name) or "") or { method = "round_robin" }
+    return { name = name, version = version, members = members, balance = balance }
 end
 
 local function parse_member(text)
@@ -355,8 +454,10 @@ function _M.admin()
         if type(body) ~= "table" then return reply(400, { error = "body must be JSON: {\"version\": ..., \"members\": [...]}" }) end
         local members, err = check_members(body.members)
         if not members then return reply(400, { error = err }) end
+        local balance, berr = check_balance(body.balance)
+        if not balance then return reply(400, { error = berr }) end
         local version = body.version and tostring(body.version) or manual_version(nil)
-        local ok, serr = store(name, version, members)
+        local ok, serr = store(name, version, members, balance)
         if not ok then return reply(500, { error = "cannot store: " .. tostring(serr) }) end
         audit(method, uri, #members .. " members, version " .. version)
         return reply(200, describe(name))

@@ -26,7 +26,7 @@ from confpy.config import TemplateConfig
 from confpy.errors import RenderError, UnsafeValueError
 from confpy.model import HealthView, Memory, SafeStr, ServiceInstance, ServiceTags, memory_key
 from confpy.registry.base import AnyDependency, CatalogServices, Dependency, ServiceHealth
-from confpy.render.functions import RegistryFunctions, parse_json, pending, to_json
+from confpy.render.functions import RegistryFunctions, UpstreamSettings, parse_json, pending, to_json
 
 # What may stand unquoted inside an nginx directive: printable ASCII without whitespace, the
 # directive terminator, block braces, quotes, comments, variables or escapes.
@@ -102,8 +102,14 @@ def nginx_safe(value: Any) -> Any:
     return value
 
 
+class ServiceName(str):
+    """A name as the catalog lists it (`services()`): always the service's literal name, so a
+    catalog service whose name contains `@` is never read as `name@dc`."""
+
+
 def service_dependency(name: Any, tag: Any, dc: Any, passing: Any) -> ServiceHealth:
-    """`service(name, tag=None, dc=None, passing=True)`, and consul-template's `name@dc` form.
+    """`service(name, tag=None, dc=None, passing=True)`, and consul-template's `name@dc` form for a
+    name written in the template (names from `services()` are taken literally).
 
     Its `tag.name` form is refused rather than guessed: a dot is valid inside a service name.
     """
@@ -115,7 +121,7 @@ def service_dependency(name: Any, tag: Any, dc: Any, passing: Any) -> ServiceHea
         raise RenderError(f"service({name!r}, dc=...) needs a datacenter name, got {dc!r}")
     if not isinstance(passing, bool):
         raise RenderError(f"service({name!r}, passing=...) needs true or false, got {passing!r}")
-    if "@" in name:
+    if "@" in name and not isinstance(name, ServiceName):
         base, _, at = name.partition("@")
         if not base or not at or "@" in at or dc is not None:
             raise RenderError(f"service({name!r}): write name@dc once, or dc=..., not both")
@@ -125,7 +131,7 @@ def service_dependency(name: Any, tag: Any, dc: Any, passing: Any) -> ServiceHea
                 f"contain dots); write service({base.rpartition('.')[2]!r}, tag={base.rpartition('.')[0]!r}, dc={at!r})"
             )
         name, dc = base, at
-    return ServiceHealth(name, tag, dc, passing)
+    return ServiceHealth(str(name), tag, dc, passing)
 
 
 @functools.lru_cache(maxsize=65536)
@@ -159,6 +165,7 @@ class RenderResult:
     kept: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     live: Mapping[str, tuple[ServiceInstance, ...]] = field(default_factory=dict)
+    live_settings: Mapping[str, UpstreamSettings] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -217,6 +224,7 @@ class Fragment:
     kept: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     live: dict[str, tuple[ServiceInstance, ...]] = field(default_factory=dict)
+    live_settings: dict[str, UpstreamSettings] = field(default_factory=dict)
     upstreams: list[tuple[str, str]] = field(default_factory=list)
     complete: bool = True
     text: str = ""
@@ -242,6 +250,7 @@ class _RenderContext:
         self.kept: list[str] = []
         self.warnings: list[str] = []
         self.live: dict[str, tuple[ServiceInstance, ...]] = {}
+        self.live_settings: dict[str, UpstreamSettings] = {}
         self.upstreams: dict[str, str] = {}
         self.handed: list[tuple[ServiceInstance, ...]] = []
         self.names: list[tuple[str, ...]] = []
@@ -326,15 +335,21 @@ class _RenderContext:
             return names
         assert isinstance(value, tuple)
         self.names.append(value)
-        return list(value)
+        listed: list[str] = [ServiceName(n) for n in value]
+        return listed
 
-    def live_upstream(self, service: Any, instances: Any) -> str:
-        """Live mode: name the upstream and hand its members to the pusher instead of the file."""
+    def live_upstream(self, service: Any, instances: Any, settings: Any = None) -> str:
+        """Live mode: name the upstream and hand its members (and its KV settings, when given) to the
+        pusher instead of the file."""
         name = self.upstream_name(service)
         members = tuple(i for i in instances if isinstance(i, ServiceInstance))
         self.live[name] = members
         for fragment in self.recording:
             fragment.live[name] = members
+        if isinstance(settings, UpstreamSettings) and settings != UpstreamSettings():
+            self.live_settings[name] = settings
+            for fragment in self.recording:
+                fragment.live_settings[name] = settings
         return name
 
     def upstream_mappable(self, service: Any) -> bool:
@@ -381,6 +396,8 @@ class _RenderContext:
                 self.warnings.extend(fragment.warnings)
             if fragment.live:
                 self.live.update(fragment.live)
+            if fragment.live_settings:
+                self.live_settings.update(fragment.live_settings)
             return
         for key, members in fragment.members.items():
             self._remember(key, members)
@@ -390,10 +407,12 @@ class _RenderContext:
             self._warn(text)
         for outer in self.recording:
             outer.live.update(fragment.live)
+            outer.live_settings.update(fragment.live_settings)
             outer.upstreams.extend(fragment.upstreams)
             outer.reads.update(fragment.reads)
             outer.remembered.update(fragment.remembered)
         self.live.update(fragment.live)
+        self.live_settings.update(fragment.live_settings)
 
     def fragment(self, key: object, body: Callable[..., str], *args: object) -> str:
         """`{% fragment key %}...{% endfragment %}`: the body's text, reused while its data is unchanged."""
@@ -563,6 +582,7 @@ class TemplateRenderer:
             kept=tuple(ctx.kept),
             warnings=tuple(dict.fromkeys(ctx.warnings)),
             live=ctx.live,
+            live_settings=ctx.live_settings,
         )
 
     def _execute(

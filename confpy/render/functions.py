@@ -107,10 +107,20 @@ class UpstreamSettings:
 
     balance: str = "round_robin"
     directives: tuple[SafeStr, ...] = ()
+    hash_key: str | None = None
+    consistent: bool = False
     keepalive: int = DEFAULT_KEEPALIVE
     max_fails: int | None = None
     fail_timeout: str | None = None
     backup_tag: str | None = None
+
+    def balance_json(self) -> dict[str, Any] | None:
+        """The balancing method as live mode's Lua balancer takes it; None for round-robin."""
+        if self.balance == "round_robin":
+            return None
+        if self.balance == "hash":
+            return {"method": "hash", "key": self.hash_key, "consistent": self.consistent}
+        return {"method": self.balance}
 
     def server(self, instance: ServiceInstance) -> SafeStr:
         text = str(instance.server)
@@ -145,6 +155,8 @@ def parse_upstream_settings(service: str, pairs: Mapping[str, str], prefix: str)
                     continue
                 values["balance"] = "hash"
                 values["directives"] = (SafeStr(" ".join(words) + ";"),)
+                values["hash_key"] = words[1]
+                values["consistent"] = len(words) == 3
             else:
                 refuse(
                     key, value, "balance is round_robin, least_conn, ip_hash, random or `hash $variable [consistent]`"
