@@ -95,3 +95,51 @@ def test_another_datacenter_is_asked_for_not_answered_empty(
     config = write_config(tmp_path / "c.toml", consul.url, nginx, template)
     done = run_confpy("-c", str(config), "--once", "--allow-no-reload")
     assert done.returncode != 0 and "No path to datacenter" in done.stderr, done.stderr
+
+
+def test_every_template_function_against_dev_consul(
+    consul: ConsulUnderTest, nginx: NginxInstance, backends: list[BackendServer], tmp_path: Path
+) -> None:
+    """One `--once` render through the real client: KV (present, missing, prefixes), nodes, a node,
+    datacenters, env, JSON, detailed services and the first pass's [0] / | first, all answered by
+    dev-consul's HTTP API."""
+    api = consul.api
+    register_backends(api, backends[:2], tags=["nginx", "blue"])
+    for key, value in (("app/name", b"shop"), ("app/limits/rate", b"10r/s"), ("app/limits/burst", b"20"),
+                       ("app/limits/deep/x", b"1"), ("app/json", b'{"zone": "eu"}')):  # fmt: skip
+        assert api.request("PUT", f"/v1/kv/{key}", value)[0] == 200
+    assert api.request("PUT", "/v1/catalog/register", {"Node": "edge-1", "Address": "10.9.0.1",
+                       "Service": {"Service": "cache", "ID": "cache-1", "Port": 6379}})[0] == 200  # fmt: skip
+    template = tmp_path / "all.j2"
+    template.write_text(
+        "# {{ service('web')[0].port > 0 }} {{ (service('web') | first).name }}\n"
+        "# {{ key('app/name') }} {{ key_or_default('app/missing', 'dflt') }}\n"
+        "# ls {% for p in ls('app/limits') %}{{ p.key }}={{ p.value }} {% endfor %}|\n"
+        "# tree {{ tree('app/limits') | map(attribute='key') | join(',') }}\n"
+        "# keys {{ keys('app/limits/') | join(',') }}\n"
+        "# nodes {{ nodes() | map(attribute='name') | select('equalto', 'edge-1') | list | length }}\n"
+        "# node {% for s in node('edge-1').services %}{{ s.id }}:{{ s.port }}{% endfor %} {{ node('nope') is none }}\n"
+        "# dc {{ datacenters() | join(',') }} env {{ env('CONFPY_TEST_REGION', 'none') }}\n"
+        "# json {{ (key('app/json') | parse_json).zone }}\n"
+        "# detailed {% for s in services(detailed=True) %}{{ s.name }}[{{ s.tags | join('+') }}] {% endfor %}|\n"
+        "upstream web { server 127.0.0.1:9 down; }\n"  # what the lab's nginx.conf proxies to
+    )
+    config = write_config(tmp_path / "c.toml", consul.url, nginx, template)
+    done = run_confpy("-c", str(config), "--once", "--allow-no-reload", env={"CONFPY_TEST_REGION": "eu-1"})
+    assert done.returncode == 0, done.stderr
+    assert nginx.destination.read_text().splitlines() == [
+        "# on web",
+        "# shop dflt",
+        "# ls burst=20 rate=10r/s |",
+        "# tree burst,deep/x,rate",
+        "# keys app/limits/burst,app/limits/deep/x,app/limits/rate",
+        "# nodes 1",
+        "# node cache-1:6379 on",
+        "# dc dc1 env eu-1",
+        "# json eu",
+        "# detailed cache[] web[blue+nginx] |",
+        "upstream web { server 127.0.0.1:9 down; }",
+    ]
+    template.write_text("{{ key('app/missing') }}\n")
+    missing = run_confpy("-c", str(config), "--once", "--allow-no-reload")
+    assert missing.returncode == 1 and "key('app/missing'): Consul's KV has no such key" in missing.stderr
