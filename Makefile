@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
 
-.PHONY: all venv nginx lua test lint typecheck unit conformance demo bench clean
+.PHONY: all venv nginx browser lua test lint typecheck unit conformance demo bench clean
 
 all: test
 
@@ -27,6 +27,16 @@ nginx:
 		$(APT) update -qq && $(APT) install -y -qq $$missing >/dev/null; \
 	fi
 
+# The status page's browser tests: Debian's Chromium and its driver (Selenium is pointed at them,
+# so nothing is downloaded at run time), installed only when missing.
+BROWSER_PACKAGES := chromium chromium-driver
+browser:
+	@missing=$$(for p in $(BROWSER_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing with apt-get: $$missing"; \
+		$(APT) update -qq && $(APT) install -y -qq $$missing >/dev/null; \
+	fi
+
 lint: venv
 	$(BIN)/ruff check confpy tests bench conformance
 	$(BIN)/ruff format --check confpy tests bench conformance
@@ -42,7 +52,7 @@ CONFORMANCE_FLOOR := 55
 conformance: venv
 	PATH="$$PATH:/usr/sbin" $(BIN)/python conformance/run.py --min-pass $(CONFORMANCE_FLOOR)
 
-test: venv nginx lint typecheck unit conformance
+test: venv nginx browser lint typecheck unit conformance
 
 demo: venv nginx
 	PATH="$$PATH:/usr/sbin" $(BIN)/confpy demo

@@ -114,7 +114,7 @@ class Demo:
             raise RuntimeError(f"confpy did not render {self.nginx.destination}:\n{self.confpy.output()}")
         self.nginx.start()
         self.out(f"  nginx gateway on http://127.0.0.1:{self.nginx.port}/ (includes {self.nginx.destination})")
-        self.out(f"  confpy daemon running, status on http://127.0.0.1:{self.status_port}/status")
+        self.out(f"  confpy daemon running, status page on http://127.0.0.1:{self.status_port}/")
 
     def story(self) -> None:
         started = time.monotonic()
@@ -182,6 +182,7 @@ class Demo:
         self.out(f"  curl http://127.0.0.1:{self.nginx.port}/")
         self.out(f"  confpy upstream list -c {config}")
         self.out(f"  confpy upstream drain web {self.endpoint(1)}")
+        self.out(f"  open http://127.0.0.1:{self.status_port}/ in a browser: the status page, live")
         self.out(f"  curl http://127.0.0.1:{self.status_port}/status")
         self.out(f"  cat {self.nginx.destination}")
         try:

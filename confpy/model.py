@@ -255,12 +255,80 @@ def instance_from_health_entry(entry: Mapping[str, Any], shared: _Shared | None 
     )
 
 
+@dataclass(frozen=True, slots=True)
+class MemberHealth:
+    """An instance that is not passing (so not served), as the status page shows it."""
+
+    id: str
+    node: str
+    endpoint: str
+    weight: int
+    status: str  # "warning", "critical" or "maintenance"
+    output: str  # the first line of the worst check's output (or its notes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "node": self.node,
+            "endpoint": self.endpoint,
+            "status": self.status,
+            "output": self.output,
+        }
+
+
 @dataclass(frozen=True)
 class HealthView:
-    """The passing instances of one service (sorted), and the ones rejected as unusable."""
+    """The passing instances of one service (sorted), the ones rejected as unusable, and those
+    Consul does not call passing (for the status page; templates never see them)."""
 
     instances: tuple[ServiceInstance, ...]
     rejected: tuple[RejectedInstance, ...] = ()
+    unhealthy: tuple[MemberHealth, ...] = ()
+
+
+_STATUS_RANK = {"passing": 0, "warning": 1, "critical": 2}
+MAINTENANCE_CHECKS = ("_service_maintenance:", "_node_maintenance")
+
+
+def split_passing(entries: Any) -> tuple[Any, tuple[MemberHealth, ...]]:
+    """`/v1/health/service` without `?passing` -> (the entries `?passing` would give, the others).
+
+    As Consul's `?passing`: an entry passes when every check (the node's and the service's) does.
+    """
+    if not isinstance(entries, list):
+        return entries, ()
+    passing, others = [], []
+    for entry in entries:
+        checks = entry.get("Checks") if isinstance(entry, Mapping) else None
+        if not isinstance(checks, list):
+            passing.append(entry)
+            continue
+        worst: Mapping[str, Any] | None = None
+        for check in checks:
+            if isinstance(check, Mapping) and check.get("Status") != "passing":
+                rank = _STATUS_RANK.get(str(check.get("Status")), 2)
+                if worst is None or rank > _STATUS_RANK.get(str(worst.get("Status")), 2):
+                    worst = check
+        if worst is None:
+            passing.append(entry)
+            continue
+        service = entry.get("Service") if isinstance(entry.get("Service"), Mapping) else {}
+        node = entry.get("Node") if isinstance(entry.get("Node"), Mapping) else {}
+        address = str(service.get("Address") or node.get("Address") or "")
+        weights: Mapping[str, Any] = service["Weights"] if isinstance(service.get("Weights"), Mapping) else {}
+        check_id = str(worst.get("CheckID") or "")
+        text = str(worst.get("Output") or worst.get("Notes") or "").strip()
+        others.append(
+            MemberHealth(
+                id=str(service.get("ID") or "?")[:200],
+                node=str(node.get("Node") or "")[:200],
+                endpoint=f"[{address}]:{service.get('Port')}" if ":" in address else f"{address}:{service.get('Port')}",
+                weight=weights.get("Passing", 1) if isinstance(weights.get("Passing", 1), int) else 1,
+                status="maintenance" if check_id.startswith(MAINTENANCE_CHECKS) else str(worst.get("Status")),
+                output=text.splitlines()[0][:300] if text else "",
+            )
+        )
+    return passing, tuple(sorted(others, key=lambda m: (m.node, m.id)))
 
 
 def health_view_from_entries(service_name: str, entries: Any) -> HealthView:
@@ -299,7 +367,7 @@ def without_unresolvable(view: HealthView, resolves: Callable[[str], bool]) -> H
             )
         else:
             kept.append(instance)
-    return HealthView(tuple(kept), tuple(rejected))
+    return HealthView(tuple(kept), tuple(rejected), view.unhealthy)
 
 
 def catalog_names(services: Any, tag: str | None) -> tuple[str, ...]:
@@ -349,7 +417,13 @@ def describe_change(old: object, new: object) -> str:
         removed = sorted(set(before) - set(after))
         changed = sorted(e for e in set(after) & set(before) if after[e] != before[e])
         parts = _listed("+", added) + _listed("-", removed) + _listed("~", changed)
-        return " ".join(parts) if parts else "no member changed (only rejected instances)"
+        if parts:
+            return " ".join(parts)
+        if old.unhealthy != new.unhealthy:
+            return "no member changed; not passing: " + (
+                " ".join(f"{m.id} {m.status}" for m in new.unhealthy[:MAX_LISTED_CHANGES]) or "none"
+            )
+        return "no member changed (only rejected instances)"
     if isinstance(old, KVPair) or isinstance(new, KVPair):
         # Values are not logged: KV often holds what an operator would not want in a journal.
         if not isinstance(new, KVPair):

@@ -34,6 +34,7 @@ from confpy.daemon.metrics import Metrics
 from confpy.daemon.quiescence import Quiescence
 from confpy.daemon.status import StatusServer, StatusSnapshot, TemplateStatus
 from confpy.daemon.systemd import SystemdNotifier
+from confpy.daemon.timeline import Timeline
 from confpy.errors import CheckError, ConfigError, ConfpyError, RegistryError, RenderError
 from confpy.model import HealthView, Memory, describe_change
 from confpy.pipeline import SyncEngine
@@ -95,6 +96,7 @@ class TemplateState:
     last_reload: float | None = None
     last_error: str = ""
     checksum: str = ""
+    kept: tuple[str, ...] = ()
 
 
 class _SourceHandler(FileSystemEventHandler):
@@ -161,9 +163,11 @@ class Daemon:
             self.engine.live.on_unavailable = self._count_unavailable
             self.engine.live.on_drift = lambda name: self.metrics.live_drift.labels(upstream=name).inc()
         self.registry = self.registry_factory(config)
+        self.timeline = Timeline(self.wall_clock)
+        self.consul_was_down = False
         self.health = RegistryHealth(
             self.wall_clock,
-            on_change=lambda: self.events.put_nowait(RegistryEvent()),
+            on_change=self._registry_changed,
             on_request=self.metrics.consul_requests.inc,
             on_error=self._registry_error,
         )
@@ -241,6 +245,15 @@ class Daemon:
 
     # --- readiness and status --------------------------------------------------------------
 
+    def _registry_changed(self) -> None:
+        """Consul lost or back: the timeline says so (not its first answer), the loop re-evaluates."""
+        if not self.health.reachable:
+            self.timeline.record("consul_down", f"Consul unreachable: {self.health.last_error}")
+        elif self.consul_was_down:
+            self.timeline.record("consul_up", "Consul answers again")
+        self.consul_was_down = not self.health.reachable
+        self.events.put_nowait(RegistryEvent())
+
     def _publish(self) -> None:
         """Replace the snapshot the status endpoint reads."""
         live = self.engine.live.status() if self.engine.live is not None else None
@@ -263,6 +276,7 @@ class Daemon:
                     last_reload=t.last_reload,
                     last_error=t.last_error,
                     dependencies=tuple(sorted(d.describe() for d in t.deps)),
+                    kept=t.kept,
                 )
                 for t in self.templates.values()
             ),
@@ -272,6 +286,8 @@ class Daemon:
             pending=tuple(sorted(str(key) for key in self.quiescence.waiting())),
             cycles=self.cycles,
             not_reloaded=self.not_reloaded,
+            timeline=self.timeline.events(),
+            pid_file=str(self.config.nginx.pid_file),
         )
 
     def _ready(self, status: str) -> None:
@@ -335,7 +351,9 @@ class Daemon:
         if not self.data.set(dep, event.value):
             return
         if found:
-            log.info("%s changed: %s (index %d)", dep.describe(), describe_change(old, event.value), event.index)
+            change = describe_change(old, event.value)
+            log.info("%s changed: %s (index %d)", dep.describe(), change, event.index)
+            self.timeline.record("change", change, dep.describe())
         for state in self.templates.values():
             if dep not in state.deps:
                 continue
@@ -452,10 +470,12 @@ class Daemon:
             report = await self.engine.install(results, reason, check_stale=check_stale)
         except CheckError as exc:
             self.metrics.check_failures.inc()
+            self.timeline.record("check_failed", f"nginx -t failed, the previous files were restored: {exc}")
             self._sync_failed(results, exc)
             return
         except ConfpyError as exc:
             self.metrics.install_failures.inc()
+            self.timeline.record("rollback", f"install failed, the previous files stay: {exc}")
             self._sync_failed(results, exc)
             return
         now = self.wall_clock()
@@ -465,6 +485,7 @@ class Daemon:
             state = self.templates[result.template.destination]
             state.installed_once = True
             state.last_error = ""
+            state.kept = result.kept
             if result.content is not None:
                 state.checksum = "sha256:" + hashlib.sha256(result.content).hexdigest()
             if reloaded and result.template.destination in report.changed:
@@ -473,11 +494,18 @@ class Daemon:
             self._note_reload(None, reloaded=True)
             self.metrics.reloads.inc()
             done = self.clock()
-            for path in report.changed:
-                if path in first_change:
-                    self.metrics.change_to_reload.observe(done - first_change[path])
+            latencies = [done - first_change[path] for path in report.changed if path in first_change]
+            for latency in latencies:
+                self.metrics.change_to_reload.observe(latency)
+            self.timeline.record(
+                "reload",
+                f"reloaded nginx for {', '.join(p.name for p in report.changed)} ({reason})",
+                latency=max(latencies) if latencies else None,
+            )
         if self.engine.live is not None:
-            await self.engine.live.push_or_schedule()
+            pushed = await self.engine.live.push_or_schedule()
+            if pushed:
+                self.timeline.record("push", f"pushed members of {', '.join(sorted(pushed))} to nginx (no reload)")
         self.engine.remember(results, self.memories)
         if report.not_reloaded is None:
             await self._recheck_reload(now=True)

@@ -1,4 +1,5 @@
-"""The opt-in status endpoint on the daemon's own event loop: /health, /status (JSON), /metrics.
+"""The opt-in status endpoint on the daemon's own event loop: the status page (/, /events),
+/health, /status (JSON), /metrics.
 
 It reads one immutable `StatusSnapshot` that the daemon replaces as things happen, so a request
 never sees a half-updated state and nothing is shared across threads.
@@ -6,6 +7,8 @@ never sees a half-updated state and nothing is shared across threads.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -16,13 +19,20 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from confpy import __version__
 from confpy.apply.live import LiveStatus
 from confpy.config import split_host_port
 from confpy.daemon.metrics import Metrics
+from confpy.daemon.page import CSP, SCRIPT, STYLE, StatusPage
+from confpy.daemon.timeline import TimelineEvent
 from confpy.errors import ConfigError
 from confpy.model import HealthView
 
 log = logging.getLogger(__name__)
+
+EVENTS_POLL = 0.25  # how often an open page's event stream looks for a change
+EVENTS_KEEPALIVE = 15.0
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
 def _timestamp(value: float | None) -> str | None:
@@ -40,9 +50,11 @@ class TemplateStatus:
     last_reload: float | None
     last_error: str
     dependencies: tuple[str, ...]
+    kept: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "kept": list(self.kept),
             "source": self.source,
             "destination": self.destination,
             "checksum": self.checksum,
@@ -70,6 +82,19 @@ class StatusSnapshot:
     pending: tuple[str, ...] = ()
     cycles: int = 0
     not_reloaded: str = ""
+    timeline: tuple[TimelineEvent, ...] = ()
+    pid_file: str = ""
+
+    def state(self) -> tuple[str, str]:
+        """The page's header: ("ok" | "degraded" | "failing", why). Failing: nginx refused the last
+        sync's files (or it failed otherwise); degraded: nginx still serves good files but something
+        needs attention (Consul unreachable, a reload skipped, live pushes failing, still starting)."""
+        ok, reason = self.health()
+        if ok:
+            return "ok", "all is well: nginx serves what Consul says"
+        if not self.last_sync_ok and self.registry_reachable and not self.waiting_for_first_answer:
+            return "failing", reason
+        return "degraded", reason
 
     def health(self) -> tuple[bool, str]:
         """/health: OK when the last sync succeeded and the registry is reachable."""
@@ -98,12 +123,14 @@ class StatusSnapshot:
             "not_reloaded": self.not_reloaded,
             "cycles": self.cycles,
             "templates": [t.to_json() for t in self.templates],
+            "timeline": [event.to_json() for event in self.timeline],
             "services": {
                 label: {
                     "instances": [
                         {"id": i.id, "address": i.address, "port": i.port, "weight": i.weight} for i in view.instances
                     ],
                     "rejected": [str(r) for r in view.rejected],
+                    "not_passing": [m.to_json() for m in view.unhealthy],
                 }
                 for label, view in sorted(self.services.items())
             },
@@ -126,7 +153,13 @@ class StatusServer:
         self.listen = listen
         self.snapshot = snapshot
         self.metrics = metrics
+        self.page = StatusPage(__version__)
+        self.closing = asyncio.Event()
         app = web.Application()
+        app.router.add_get("/", self._page)
+        app.router.add_get("/events", self._events)
+        app.router.add_get("/static/status.js", self._script)
+        app.router.add_get("/static/status.css", self._style)
         app.router.add_get("/health", self._health)
         app.router.add_get("/status", self._status)
         app.router.add_get("/metrics", self._metrics)
@@ -142,10 +175,51 @@ class StatusServer:
         except OSError as exc:
             await self._runner.cleanup()
             raise ConfigError(f"[status] listen = {self.listen!r}: cannot listen: {exc.strerror}") from None
-        log.info("status endpoint on http://%s (/health, /status, /metrics)", self.listen)
+        log.info("status page on http://%s/ (and /health, /status, /metrics)", self.listen)
 
     async def stop(self) -> None:
+        self.closing.set()  # event streams end within one poll, so the server stops at once
         await self._runner.cleanup()
+
+    async def _page(self, request: web.Request) -> web.Response:
+        return web.Response(
+            text=self.page.render(self.snapshot()),
+            content_type="text/html",
+            charset="utf-8",
+            headers={**SECURITY_HEADERS, "Content-Security-Policy": CSP},
+        )
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        """Server-Sent Events: `data: <fingerprint>` whenever what the page shows changed."""
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", **SECURITY_HEADERS}
+        )
+        await response.prepare(request)
+        last, quiet = "", 0.0
+        try:
+            while not self.closing.is_set():
+                fingerprint = hashlib.sha256(
+                    json.dumps(self.snapshot().to_json(), sort_keys=True).encode()
+                ).hexdigest()[:16]
+                if fingerprint != last:
+                    await response.write(f"data: {fingerprint}\n\n".encode())
+                    last, quiet = fingerprint, 0.0
+                elif quiet >= EVENTS_KEEPALIVE:
+                    await response.write(b": still here\n\n")  # proxies drop silent connections
+                    quiet = 0.0
+                try:
+                    await asyncio.wait_for(self.closing.wait(), EVENTS_POLL)
+                except TimeoutError:
+                    quiet += EVENTS_POLL
+        except (ConnectionResetError, ConnectionError):
+            pass  # the page went away
+        return response
+
+    async def _script(self, request: web.Request) -> web.Response:
+        return web.Response(text=SCRIPT, content_type="text/javascript", charset="utf-8", headers=SECURITY_HEADERS)
+
+    async def _style(self, request: web.Request) -> web.Response:
+        return web.Response(text=STYLE, content_type="text/css", charset="utf-8", headers=SECURITY_HEADERS)
 
     async def _health(self, request: web.Request) -> web.Response:
         ok, reason = self.snapshot().health()
@@ -159,4 +233,6 @@ class StatusServer:
         return web.Response(body=self.metrics.render_text(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _not_found(self, request: web.Request) -> web.Response:
-        return web.Response(status=404, text="not found: try /health, /status or /metrics\n", content_type="text/plain")
+        return web.Response(
+            status=404, text="not found: try /, /health, /status or /metrics\n", content_type="text/plain"
+        )

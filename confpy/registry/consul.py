@@ -27,6 +27,7 @@ from confpy.durations import format_go_duration
 from confpy.errors import ConsulBadResponse, ConsulError, ConsulUnreachable
 from confpy.model import (
     HealthView,
+    MemberHealth,
     catalog_names,
     health_view_from_entries,
     is_hostname,
@@ -34,6 +35,7 @@ from confpy.model import (
     node_services_from_json,
     nodes_from_json,
     service_tags_from_catalog,
+    split_passing,
     without_unresolvable,
 )
 from confpy.registry.base import (
@@ -420,11 +422,18 @@ class ConsulRegistry:
 
     async def service_health(self, dep: ServiceHealth, index: int, wait: float) -> tuple[int, HealthView]:
         """`/v1/health/service` as templates see it: validated, sorted, host names resolvable."""
+        # Without `?passing`: the same blocking index (any check change moves it either way), and the
+        # members that are not passing are kept aside for the status page; templates see `?passing`'s.
         new_index, entries = await self.client.health_service(
-            dep.service, tag=dep.tag, passing=dep.passing, dc=dep.dc, index=index, wait=wait
+            dep.service, tag=dep.tag, passing=False, dc=dep.dc, index=index, wait=wait
         )
+        unhealthy: tuple[MemberHealth, ...] = ()
+        if dep.passing:
+            entries, unhealthy = split_passing(entries)
         try:
             view = health_view_from_entries(dep.service, entries)
+            if unhealthy:
+                view = HealthView(view.instances, view.rejected, unhealthy)
         except ValueError as exc:
             raise ConsulBadResponse(
                 f"Consul's answer for service {dep.service!r} has an unexpected shape: {exc}"

@@ -1,0 +1,371 @@
+"""The status page: `GET /` on the status listener, server-rendered from one StatusSnapshot.
+
+Readable with JavaScript off (and in a terminal browser); a small script (`/static/status.js`)
+keeps it live: it listens to `/events` (Server-Sent Events: one long request, and the browser
+reconnects by itself; a poll would ask every second whether anything changed) and on each event
+fetches `/` again and swaps the page's content, so the page never reloads. Everything is served
+by confpy under a strict Content-Security-Policy (no inline script or style, nothing from
+elsewhere). Every registry value is HTML-escaped (Jinja2 autoescape): names, meta and check
+outputs are hostile by default here too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
+
+import jinja2
+import markupsafe
+import psutil
+
+from confpy.apply.nginx import current_workers, nginx_master, process_start_time
+from confpy.daemon.timeline import TimelineEvent
+from confpy.errors import ReloadError, UnsafeValueError
+from confpy.model import HealthView
+from confpy.render.environment import upstream_name_for
+
+if TYPE_CHECKING:  # status.py serves this page and imports it; the snapshot type is only annotated here
+    from confpy.daemon.status import StatusSnapshot
+
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>confpy: {{ state }}</title>
+<link rel="stylesheet" href="/static/status.css">
+</head>
+<body>
+<div id="page">
+<header id="state" class="{{ state }}">
+  <h1>confpy {{ version }}: <span id="verdict">{{ state }}</span></h1>
+  <p id="reason">{{ reason }}</p>
+  <p class="small">as of {{ now }} &middot; {{ mode }} mode &middot; {{ cycles }} cycles &middot;
+    <a href="/status">/status</a> &middot; <a href="/metrics">/metrics</a> &middot; <a href="/health">/health</a></p>
+</header>
+<main>
+<section id="consul">
+  <h2>Consul</h2>
+  <p>{{ consul_address }}:
+  {% if consul_reachable %}<span class="badge ok">reachable</span>
+  {% else %}<span class="badge failing">unreachable</span> {{ consul_error }}{% endif %}</p>
+</section>
+<section id="nginx">
+  <h2>nginx</h2>
+  <ul>
+    <li>master: {{ master }}</li>
+    <li>last reload: {{ last_reload or "none since confpy started" }}</li>
+    {% if not_reloaded %}<li class="warn">installed but not reloaded: {{ not_reloaded }}</li>{% endif %}
+    {% if check_error %}<li class="error" id="check-error">last check: {{ check_error }}</li>{% endif %}
+  </ul>
+</section>
+<section id="upstreams">
+  <h2>Upstreams</h2>
+  {% for up in upstreams %}
+  <article class="upstream" data-upstream="{{ up.upstream }}">
+    <h3>{{ up.upstream }} <span class="small">{{ up.label }}</span>
+      {% if up.kept %}<span class="badge degraded">kept by on_empty: no passing instance</span>{% endif %}
+      {% if up.latencies %}{{ sparkline(up.latencies) }}{% endif %}</h3>
+    <table>
+      <thead><tr><th>member</th><th>weight</th><th>health</th><th>nginx</th><th>node / id</th><th>meta</th></tr></thead>
+      <tbody>
+      {% for m in up.members %}
+        <tr class="member"><td class="endpoint">{{ m.endpoint }}</td><td>{{ m.weight }}</td>
+          <td><span class="badge {{ 'ok' if m.health == 'passing' else 'degraded' if m.health == 'warning' else 'failing' }}">{{ m.health }}</span>
+            {% if m.output %}<span class="small">{{ m.output }}</span>{% endif %}</td>
+          <td>{% if m.serving is none %}?{% elif m.serving %}<span class="badge ok">serving</span>{% else %}<span class="badge degraded">not yet</span>{% endif %}
+            {% if m.paused %}<span class="badge failing">paused by nginx (failed requests)</span>{% endif %}</td>
+          <td>{{ m.node }} / {{ m.id }}</td>
+          <td>{% for k, v in m.meta %}<code>{{ k }}={{ v }}</code> {% endfor %}</td></tr>
+      {% else %}
+        <tr><td colspan="6">no instance</td></tr>
+      {% endfor %}
+      {% for r in up.rejected %}
+        <tr class="rejected"><td colspan="6"><span class="badge failing">left out</span> {{ r }}</td></tr>
+      {% endfor %}
+      </tbody>
+    </table>
+  </article>
+  {% else %}
+  <p>No upstream yet{% if waiting %}: waiting for Consul's first answer{% endif %}.</p>
+  {% endfor %}
+</section>
+<section id="templates">
+  <h2>Templates</h2>
+  <table>
+    <thead><tr><th>destination</th><th>last render</th><th>last reload</th><th>last error</th></tr></thead>
+    <tbody>
+    {% for t in templates %}
+      <tr><td>{{ t.destination }}</td><td>{{ t.last_render }}</td><td>{{ t.last_reload }}</td><td>{{ t.last_error }}</td></tr>
+    {% endfor %}
+    </tbody>
+  </table>
+</section>
+<section id="timeline">
+  <h2>Last {{ events | length }} events</h2>
+  <table>
+    <thead><tr><th>time</th><th>event</th><th>what</th><th>change to reload</th></tr></thead>
+    <tbody>
+    {% for e in events %}
+      <tr class="event {{ e.kind }}"><td>{{ e.time }}</td><td>{{ e.kind }}</td><td>{% if e.subject %}{{ e.subject }}: {% endif %}{{ e.text }}</td>
+        <td>{% if e.latency is not none %}{{ "%.0f" | format(e.latency * 1000) }} ms{% endif %}</td></tr>
+    {% else %}
+      <tr><td colspan="4">nothing yet</td></tr>
+    {% endfor %}
+    </tbody>
+  </table>
+</section>
+</main>
+</div>
+<script src="/static/status.js"></script>
+</body>
+</html>
+"""
+
+SCRIPT = """\
+// confpy's status page: live without reloading the page. Each Server-Sent Event from /events
+// means "something changed": fetch the page again and swap its content in place.
+(function () {
+  "use strict";
+  var busy = false, again = false;
+  function refresh() {
+    if (busy) { again = true; return; }
+    busy = true;
+    fetch("/", { cache: "no-store" }).then(function (response) {
+      return response.text();
+    }).then(function (html) {
+      var fresh = new DOMParser().parseFromString(html, "text/html");
+      var page = fresh.getElementById("page"), current = document.getElementById("page");
+      if (page && current) { current.replaceWith(page); document.title = fresh.title; }
+    }).catch(function () {}).finally(function () {
+      busy = false;
+      if (again) { again = false; refresh(); }
+    });
+  }
+  if (window.EventSource) { new EventSource("/events").onmessage = refresh; }
+})();
+"""
+
+STYLE = """\
+body { font: 14px/1.4 system-ui, sans-serif; margin: 0; color: #1b1f23; background: #f6f8fa; }
+header { padding: 12px 20px; color: #fff; }
+header.ok { background: #1a7f37; } header.degraded { background: #9a6700; } header.failing { background: #cf222e; }
+header h1 { margin: 0; font-size: 20px; } header p { margin: 4px 0 0; } header a { color: #fff; }
+main { padding: 8px 20px 40px; }
+section { margin-top: 16px; }
+h2 { font-size: 16px; border-bottom: 1px solid #d0d7de; padding-bottom: 4px; }
+h3 { font-size: 14px; margin: 12px 0 4px; }
+table { border-collapse: collapse; width: 100%; background: #fff; }
+th, td { text-align: left; padding: 3px 8px; border-bottom: 1px solid #eaeef2; vertical-align: top; }
+.small { font-size: 12px; color: #57606a; font-weight: normal; } header .small { color: #eee; }
+.badge { display: inline-block; padding: 0 6px; border-radius: 8px; font-size: 12px; color: #fff; }
+.badge.ok { background: #1a7f37; } .badge.degraded { background: #9a6700; } .badge.failing { background: #cf222e; }
+.warn { color: #9a6700; } .error { color: #cf222e; white-space: pre-wrap; }
+code { font-size: 12px; background: #eaeef2; padding: 0 3px; }
+svg.spark { vertical-align: middle; margin-left: 8px; }
+tr.event.check_failed td, tr.event.rollback td, tr.event.consul_down td { color: #cf222e; }
+"""
+
+
+@dataclass(frozen=True)
+class MemberRow:
+    endpoint: str
+    weight: int
+    node: str
+    id: str
+    meta: tuple[tuple[str, str], ...]
+    serving: bool | None
+    paused: bool
+    health: str = "passing"
+    output: str = ""
+
+
+@dataclass(frozen=True)
+class UpstreamView:
+    upstream: str
+    label: str
+    members: tuple[MemberRow, ...]
+    rejected: tuple[str, ...]
+    kept: bool
+    latencies: tuple[float, ...]
+
+
+def _clock(value: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(value)) if value else ""
+
+
+def _without_credentials(address: str) -> str:
+    parts = urlsplit(address)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _master(pid_file: str) -> str:
+    """The nginx master and its current worker generation (when those workers started)."""
+    try:
+        master = nginx_master(Path(pid_file))
+    except ReloadError as exc:
+        return str(exc)
+    if master is None:
+        return f"not running (no live master in {pid_file})"
+    try:
+        workers = current_workers(master)
+        started = min((process_start_time(w) for w in workers), default=None)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        workers, started = [], None
+    generation = f"; {len(workers)} workers started {_clock(started)}" if started else ""
+    return f"PID {master.pid}{generation}"
+
+
+def _latencies(events: tuple[TimelineEvent, ...]) -> dict[str, list[float]]:
+    """Per service label, the change-to-reload time of each change that a reload carried."""
+    pending: set[str] = set()
+    out: dict[str, list[float]] = {}
+    for event in events:
+        if event.kind == "change" and event.subject:
+            pending.add(event.subject)
+        elif event.kind == "reload" and event.latency is not None:
+            for label in pending:
+                out.setdefault(label, []).append(event.latency)
+            pending.clear()
+    return out
+
+
+def sparkline(values: tuple[float, ...]) -> markupsafe.Markup:
+    """Bars of the recent change-to-reload times, in inline SVG (no chart library)."""
+    width, height, bar = 120, 18, 6
+    shown = values[-(width // bar) :]
+    top = max(shown) or 1.0
+    rect = markupsafe.Markup('<rect x="{}" y="{:.1f}" width="{}" height="{:.1f}" fill="#0969da"></rect>')
+    bars = markupsafe.Markup("").join(
+        rect.format(i * bar, height - max(1.0, v / top * height), bar - 1, max(1.0, v / top * height))
+        for i, v in enumerate(shown)
+    )
+    title = f"change to reload: last {shown[-1] * 1000:.0f} ms, max {top * 1000:.0f} ms"
+    svg = markupsafe.Markup(
+        '<svg class="spark" width="{}" height="{}" role="img" aria-label="{}"><title>{}</title>{}</svg>'
+    )
+    return svg.format(width, height, title, title, bars)
+
+
+class StatusPage:
+    """Renders the page from a snapshot; reads the installed files to tell what nginx serves."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+        env = jinja2.Environment(
+            autoescape=True, trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined
+        )
+        env.globals["sparkline"] = sparkline
+        self.template = env.from_string(PAGE)
+
+    def render(self, snapshot: StatusSnapshot) -> str:
+        state, reason = snapshot.state()
+        events = snapshot.timeline
+        return self.template.render(
+            state=state,
+            reason=reason,
+            version=self.version,
+            now=_clock(time.time()),
+            mode=snapshot.mode,
+            cycles=snapshot.cycles,
+            consul_address=_without_credentials(snapshot.registry_address),
+            consul_reachable=snapshot.registry_reachable,
+            consul_error=snapshot.registry_error,
+            master=_master(snapshot.pid_file),
+            last_reload=_clock(max((t.last_reload or 0 for t in snapshot.templates), default=0) or None),
+            not_reloaded=snapshot.not_reloaded,
+            check_error="" if snapshot.last_sync_ok else snapshot.last_sync_error,
+            upstreams=self._upstreams(snapshot, _latencies(events)),
+            waiting=snapshot.waiting_for_first_answer,
+            templates=[
+                {
+                    "destination": t.destination,
+                    "last_render": _clock(t.last_render),
+                    "last_reload": _clock(t.last_reload),
+                    "last_error": t.last_error,
+                }
+                for t in snapshot.templates
+            ],
+            events=[
+                {"time": _clock(e.at), "kind": e.kind, "text": e.text, "subject": e.subject, "latency": e.latency}
+                for e in reversed(events)
+            ],
+        )
+
+    def _upstreams(self, snapshot: StatusSnapshot, latencies: Mapping[str, list[float]]) -> list[UpstreamView]:
+        installed = "\n".join(_read(Path(t.destination)) for t in snapshot.templates)
+        kept = {label for t in snapshot.templates for label in t.kept}
+        views = []
+        for label, view in sorted(snapshot.services.items()):
+            name = view.instances[0].name if view.instances else label
+            try:
+                upstream = upstream_name_for(name)
+            except UnsafeValueError:
+                upstream = name
+            views.append(
+                UpstreamView(
+                    upstream=upstream,
+                    label=label,
+                    members=self._members(snapshot, upstream, view, installed),
+                    rejected=tuple(str(r) for r in view.rejected),
+                    kept=label in kept,
+                    latencies=tuple(latencies.get(label, ())),
+                )
+            )
+        return views
+
+    @staticmethod
+    def _members(snapshot: StatusSnapshot, upstream: str, view: HealthView, installed: str) -> tuple[MemberRow, ...]:
+        live = snapshot.live
+        pushed: set[str] | None = None
+        paused: Mapping[str, float] = {}
+        if live is not None:
+            up = live.upstreams.get(upstream)
+            pushed = {f"{m.host}:{m.port}" for m in up.members} if up is not None else set()
+            paused = live.unavailable.get(upstream, {})
+        rows = []
+        for i in view.instances:
+            endpoint = str(i.endpoint)
+            if pushed is not None:
+                serving: bool | None = endpoint in pushed or f"{i.address}:{i.port}" in pushed
+            else:
+                serving = f"server {endpoint} " in installed if installed else None
+            rows.append(
+                MemberRow(endpoint, i.weight, i.node, i.id, tuple(sorted(i.meta.items())), serving, endpoint in paused)
+            )
+        for member in view.unhealthy:  # not passing: Consul keeps them out of the templates
+            served = member.endpoint in pushed if pushed is not None else f"server {member.endpoint} " in installed
+            rows.append(
+                MemberRow(
+                    member.endpoint,
+                    member.weight,
+                    member.node,
+                    member.id,
+                    (),
+                    served,
+                    False,
+                    member.status,
+                    member.output,
+                )
+            )
+        return tuple(rows)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
