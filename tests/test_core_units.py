@@ -20,6 +20,7 @@ import pytest
 from confpy.config import WaitConfig, parse_config
 from confpy.daemon.loop import Daemon
 from confpy.daemon.quiescence import Quiescence
+from confpy.daemon.status import StatusSnapshot
 from confpy.errors import ConsulUnreachable, RegistryError
 from confpy.model import HealthView, health_view_from_entries
 from confpy.registry.base import CatalogServices, Dependency, ServiceHealth
@@ -439,3 +440,46 @@ class TestFilterExpressions:
         ):
             with pytest.raises(FilterError, match=re.escape(words)):
                 compile_filter(expression, self.ENTRY)
+
+
+class TestStatusPage:
+    """The page and its verdict from snapshots, no server."""
+
+    def snapshot(self, **changes: object) -> StatusSnapshot:
+        base: dict[str, object] = {
+            "registry_address": "https://user:secret@consul.example:8501",
+            "registry_reachable": True,
+            "registry_error": "",
+            "waiting_for_first_answer": False,
+            "last_sync_ok": True,
+            "last_sync_error": "",
+        }
+        return StatusSnapshot(**{**base, **changes})  # type: ignore[arg-type]
+
+    def test_verdicts(self) -> None:
+        assert self.snapshot().state()[0] == "ok"
+        assert self.snapshot(registry_reachable=False, registry_error="refused").state() == (
+            "degraded",
+            "Consul unreachable: refused",
+        )
+        assert self.snapshot(not_reloaded="nginx is not running").state()[0] == "degraded"
+        failing = self.snapshot(last_sync_ok=False, last_sync_error='unknown directive "x"')
+        assert failing.state() == ("failing", 'last sync failed: unknown directive "x"')
+
+    def test_escaped_no_credentials_and_latency_bars(self) -> None:
+        from confpy.daemon.page import StatusPage
+        from confpy.daemon.timeline import Timeline
+
+        view = health_view_from_entries(
+            "<b>x</b>",
+            [{"Node": {"Node": "n1", "Address": "10.0.0.1"},
+              "Service": {"ID": "a", "Service": "<b>x</b>", "Port": 80, "Meta": {"m": "<i>y</i>"}}, "Checks": []}],
+        )  # fmt: skip
+        timeline = Timeline(lambda: 1_700_000_000.0)
+        timeline.record("change", "+10.0.0.1:80", "service(<b>x</b>)")
+        timeline.record("reload", "reloaded nginx", latency=0.25)
+        page = StatusPage("0").render(self.snapshot(services={"service(<b>x</b>)": view}, timeline=timeline.events()))
+        assert "&lt;b&gt;x&lt;/b&gt;" in page and "<b>x</b>" not in page and "&lt;i&gt;y&lt;/i&gt;" in page
+        assert "secret" not in page and "https://consul.example:8501" in page
+        assert '<svg class="spark"' in page and "change to reload: last 250 ms" in page
+        assert '<script src="/static/status.js"></script>' in page and "<script>" not in page
