@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
 
-.PHONY: all venv nginx browser lua test lint typecheck unit conformance demo bench clean
+.PHONY: all venv nginx browser etcd lua test lint typecheck unit conformance demo bench clean
 
 all: test
 
@@ -23,6 +23,15 @@ NGINX_PACKAGES := nginx-light libnginx-mod-http-lua lua-resty-core lua-cjson ope
 nginx:
 	@missing=$$(for p in $(NGINX_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
 	if [ -n "$$missing" ] && ! { [ -x /usr/sbin/nginx ] && [ "$$missing" = "nginx-light" ]; }; then \
+		echo "installing with apt-get: $$missing"; \
+		$(APT) update -qq && $(APT) install -y -qq $$missing >/dev/null; \
+	fi
+
+# etcd as a registry: a real etcd (etcd-server) and etcdctl (etcd-client), installed only when missing.
+ETCD_PACKAGES := etcd-server etcd-client
+etcd:
+	@missing=$$(for p in $(ETCD_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
 		echo "installing with apt-get: $$missing"; \
 		$(APT) update -qq && $(APT) install -y -qq $$missing >/dev/null; \
 	fi
@@ -52,7 +61,7 @@ CONFORMANCE_FLOOR := 55
 conformance: venv
 	PATH="$$PATH:/usr/sbin" $(BIN)/python conformance/run.py --min-pass $(CONFORMANCE_FLOOR)
 
-test: venv nginx browser lint typecheck unit conformance
+test: venv nginx browser etcd lint typecheck unit conformance
 
 demo: venv nginx
 	PATH="$$PATH:/usr/sbin" $(BIN)/confpy demo

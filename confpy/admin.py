@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confpy.config import ConsulConfig, consul_from_env, load_config, split_host_port
+from confpy.config import ConsulConfig, EtcdConfig, consul_from_env, load_config, split_host_port
 from confpy.errors import ConfigError, ConfpyError
 from confpy.model import format_endpoint, normalize_address
 from confpy.registry.consul import ConsulClient
@@ -90,6 +90,9 @@ def add_parser(sub: Any) -> None:
     add.add_argument("--check-path", default="/health", help="path of the HTTP check (default /health)")
     add.add_argument("--check-interval", default="1s", help="check interval (default 1s)")
     add.add_argument("--check-timeout", default="1s", help="check timeout (default 1s)")
+    add.add_argument(
+        "--ttl", type=int, default=0, help="etcd: register under a lease of this many seconds, kept alive until Ctrl-C"
+    )
 
     for name, text in (
         ("del", "deregister an instance"),
@@ -111,6 +114,7 @@ class AdminContext:
     """What the commands know: Consul's settings, and where nginx's members can be seen."""
 
     consul: ConsulConfig
+    etcd: EtcdConfig | None = None
     destinations: tuple[Path, ...] = ()
     live_listen: str | None = None
     live_token_file: Path | None = None
@@ -122,7 +126,11 @@ def _context(args: argparse.Namespace, environ: Mapping[str, str]) -> AdminConte
         config = load_config(Path(path_text), environ)
         live = config.nginx.live_listen if config.nginx.mode == "live" else None
         return AdminContext(
-            config.consul, tuple(t.destination for t in config.templates), live, config.nginx.live_token_file
+            config.consul,
+            config.etcd,
+            tuple(t.destination for t in config.templates),
+            live,
+            config.nginx.live_token_file,
         )
     return AdminContext(consul_from_env(environ))
 
@@ -396,4 +404,11 @@ async def _dispatch(client: ConsulClient, args: argparse.Namespace, context: Adm
 def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """Run one `confpy upstream ...` command."""
     context = _context(args, environ)
+    if context.etcd is not None:
+        from confpy import admin_etcd
+
+        try:
+            return asyncio.run(admin_etcd.dispatch(context.etcd, args))
+        except KeyboardInterrupt:
+            return 0  # `add --ttl` ends here: the lease is no longer kept alive and expires
     return asyncio.run(_dispatch(ConsulClient(context.consul), args, context))

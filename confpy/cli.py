@@ -203,10 +203,10 @@ def run_templates(args: argparse.Namespace) -> int:
 async def sync_once(config: Config, dry_run: bool) -> SyncReport:
     """`--once`: one sync through the same render and install steps the daemon uses."""
     from confpy.pipeline import SyncEngine
-    from confpy.registry.consul import ConsulClient, ConsulRegistry
+    from confpy.registry.factory import open_registry
 
     engine = SyncEngine(config)
-    registry = ConsulRegistry(ConsulClient(config.consul))
+    registry = open_registry(config)
     try:
         return await engine.sync_once(registry, dry_run=dry_run)
     finally:

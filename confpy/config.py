@@ -85,6 +85,26 @@ class ConsulConfig:
 
 
 @dataclass(frozen=True)
+class EtcdConfig:
+    """How to reach etcd (the alternative to Consul): its v3 JSON gateway on each endpoint."""
+
+    endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    prefix: str = ""  # services live under <prefix><service>/<host:port>
+    # Tags of an instance whose Metadata names none (etcd's plain `{"Addr": ...}` registrations):
+    # "nginx", so the shipped templates (services tagged nginx) see every service under the prefix.
+    default_tags: tuple[str, ...] = ("nginx",)
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    username: str = ""
+    password: str = ""
+    password_file: str = ""
+    timeout: float = 5.0
+    wait: float = 60.0
+    max_backoff: float = 60.0
+
+
+@dataclass(frozen=True)
 class WaitConfig:
     """Quiescence: render after `min` of calm, but never later than `max` after the first change."""
 
@@ -159,8 +179,21 @@ class Config:
     state: StateConfig = field(default_factory=StateConfig)
     status: StatusConfig = field(default_factory=StatusConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    etcd: EtcdConfig | None = None  # set: etcd is the registry instead of Consul
     # The environment as read with the file (at start-up, again on SIGHUP): templates' env().
     environ: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def registry_name(self) -> str:
+        return "etcd" if self.etcd is not None else "Consul"
+
+    @property
+    def registry_wait(self) -> float:
+        return self.etcd.wait if self.etcd is not None else self.consul.wait
+
+    @property
+    def registry_max_backoff(self) -> float:
+        return self.etcd.max_backoff if self.etcd is not None else self.consul.max_backoff
 
     def wait_for(self, template: TemplateConfig) -> WaitConfig:
         """The quiescence that applies to `template`: its own, else the global one."""
@@ -410,6 +443,78 @@ _TEMPLATE_SPEC: dict[str, Parser] = {
 }
 
 
+_ETCD_SPEC: dict[str, Parser] = {
+    "endpoints": lambda value, label: _str_list(value, label),
+    "prefix": _str,
+    "default_tags": lambda value, label: (
+        tuple(value) if isinstance(value, list) and all(isinstance(v, str) for v in value) else _bad_tags(label)
+    ),
+    "ca_file": _str,
+    "cert_file": _str,
+    "key_file": _str,
+    "username": _str,
+    "password": _str,
+    "password_file": _str,
+    "timeout": _duration,
+    "wait": _duration,
+    "max_backoff": _duration,
+}
+# etcdctl's environment variables, by the [etcd] key each stands for.
+ETCD_ENVIRONMENT = {
+    "endpoints": "ETCDCTL_ENDPOINTS",
+    "ca_file": "ETCDCTL_CACERT",
+    "cert_file": "ETCDCTL_CERT",
+    "key_file": "ETCDCTL_KEY",
+}
+
+
+def _bad_tags(label: str) -> tuple[str, ...]:
+    raise ConfigError(f'{label}: must be a list of tags, e.g. ["nginx"]')
+
+
+def _str_list(value: Any, label: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f'{label}: must be a non-empty list of URLs, e.g. ["http://127.0.0.1:2379"]')
+    return tuple(value)
+
+
+def etcd_from_env(environ: Mapping[str, str], file_values: Mapping[str, Any], where: str, folder: Path) -> EtcdConfig:
+    """[etcd] as etcdctl resolves it: a key in the file beats $ETCDCTL_* (ETCDCTL_ENDPOINTS is a
+    comma-separated list; ETCDCTL_USER is `name:password`), which beats the default."""
+    values = dict(file_values)
+    origin = {key: f"{where}: [etcd] {key}" for key in values}
+    for key, variable in ETCD_ENVIRONMENT.items():
+        if key not in values and environ.get(variable):
+            raw = environ[variable]
+            values[key] = tuple(e.strip() for e in raw.split(",") if e.strip()) if key == "endpoints" else raw
+            origin[key] = f"${variable}"
+    user_variable = "ETCDCTL_USER"
+    if "username" not in values and environ.get(user_variable):
+        name, _, secret = environ[user_variable].partition(":")
+        values["username"], values["password"] = name, secret
+        origin["username"] = "$" + user_variable
+    if values.get("password") and values.get("password_file"):
+        raise ConfigError(f"{origin['password_file']}: set password or password_file, not both")
+    if values.get("password_file"):
+        values["password"] = _read_token_file(Path(values["password_file"]), origin["password_file"])
+    for key in ("ca_file", "cert_file", "key_file"):
+        if values.get(key):
+            values[key] = str(_resolve(folder, values[key]))
+            if not Path(values[key]).is_file():
+                raise ConfigError(f"{origin[key]}: {values[key]} is not a readable file")
+    endpoints = []
+    for endpoint in values.get("endpoints", EtcdConfig.endpoints):
+        url = endpoint if "://" in endpoint else f"http://{endpoint}"
+        parsed = urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ConfigError(f"{origin.get('endpoints', '[etcd] endpoints')}: {endpoint!r} is not http(s)://HOST:PORT")
+        endpoints.append(url.rstrip("/"))
+    values["endpoints"] = tuple(endpoints)
+    return EtcdConfig(**values)
+
+
 def consul_from_env(
     environ: Mapping[str, str], file_values: Mapping[str, Any] | None = None, where: str = ""
 ) -> ConsulConfig:
@@ -575,7 +680,7 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     problems = Problems()
-    _check_keys(where, "", data, {"consul", "nginx", "wait", "template", "state", "status", "log"}, problems)
+    _check_keys(where, "", data, {"consul", "etcd", "nginx", "wait", "template", "state", "status", "log"}, problems)
     folder = path.resolve().parent
 
     consul_values = _parse_table(where, "consul", data.get("consul", {}), _CONSUL_SPEC, problems)
@@ -583,6 +688,12 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
         problems.add(f"{where.key('consul', 'max_response_bytes')}: must be a positive number of bytes")
         consul_values.pop("max_response_bytes")
     consul = problems.check(lambda: consul_from_env(environ, consul_values, str(path))) or ConsulConfig()
+    etcd: EtcdConfig | None = None
+    if "etcd" in data:
+        if "consul" in data:
+            problems.add(f"{path}: [consul] and [etcd] are both set; confpy follows one registry: keep one of them")
+        etcd_values = _parse_table(where, "etcd", data["etcd"], _ETCD_SPEC, problems)
+        etcd = problems.check(lambda: etcd_from_env(environ, etcd_values, str(path), folder))
 
     nginx_values = _parse_table(where, "nginx", data.get("nginx", {}), _NGINX_SPEC, problems)
     if "pid_file" in nginx_values:
@@ -638,6 +749,7 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
         state=StateConfig(state_dir),
         status=status,
         log=log_config,
+        etcd=etcd,
         environ=dict(environ),
     )
 

@@ -565,3 +565,144 @@ class ConfpyProcess:
 def admin_token(config: Path) -> str:
     """The live admin API's token confpy created for a lab configuration (its state folder)."""
     return (config.parent / "confpy-state" / "admin.token").read_text().strip()
+
+
+class EtcdMember:
+    """One etcd process of a loopback cluster."""
+
+    def __init__(self, name: str, folder: Path, client_port: int, peer_port: int, cluster: str) -> None:
+        self.name = name
+        self.url = f"http://{LOOPBACK}:{client_port}"
+        self.peer = f"http://{LOOPBACK}:{peer_port}"
+        self.folder = folder
+        self.cluster = cluster
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> EtcdMember:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        log = (self.folder / "etcd.log").open("ab")
+        self.proc = subprocess.Popen(
+            [
+                shutil.which("etcd") or "/usr/bin/etcd",
+                "--name", self.name,
+                "--data-dir", str(self.folder / "data"),
+                "--listen-client-urls", self.url,
+                "--advertise-client-urls", self.url,
+                "--listen-peer-urls", self.peer,
+                "--initial-advertise-peer-urls", self.peer,
+                "--initial-cluster", self.cluster,
+                "--initial-cluster-token", "confpy-lab",
+                "--initial-cluster-state", "new",
+                "--heartbeat-interval", "50",
+                "--election-timeout", "500",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        log.close()
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class EtcdCluster:
+    """A real etcd cluster (Debian's etcd-server) on loopback ports, data under `folder`."""
+
+    def __init__(self, folder: Path, size: int = 3) -> None:
+        ports = [(free_port(), free_port()) for _ in range(size)]
+        cluster = ",".join(f"m{n}=http://{LOOPBACK}:{peer}" for n, (_, peer) in enumerate(ports, start=1))
+        self.members = [
+            EtcdMember(f"m{n}", folder / f"m{n}", client, peer, cluster)
+            for n, (client, peer) in enumerate(ports, start=1)
+        ]
+        self.api = EtcdAPI([m.url for m in self.members])
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.url for m in self.members]
+
+    def start(self, timeout: float = 30.0) -> EtcdCluster:
+        for member in self.members:
+            member.start()
+        if not wait_until(self.healthy, timeout, interval=0.1):
+            self.stop()
+            raise RuntimeError("the etcd cluster did not become healthy")
+        return self
+
+    def healthy(self) -> bool:
+        return self.leader() is not None
+
+    def leader(self) -> EtcdMember | None:
+        for member in self.members:
+            if not member.running:
+                continue
+            try:
+                status = EtcdAPI([member.url]).call("/v3/maintenance/status", {})
+            except OSError:
+                continue
+            if status.get("leader") and status.get("leader") == status.get("header", {}).get("member_id"):
+                return member
+        return None
+
+    def stop(self) -> None:
+        for member in self.members:
+            member.kill()
+
+
+class EtcdAPI:
+    """etcd's JSON gateway over urllib, for tests and the demo: put (with leases), delete, compact."""
+
+    def __init__(self, endpoints: Sequence[str]) -> None:
+        self.endpoints = list(endpoints)
+
+    def call(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        last: OSError | None = None
+        for endpoint in self.endpoints:
+            request = urllib.request.Request(endpoint + path, data=json.dumps(body).encode(), method="POST")  # noqa: S310
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - loopback
+                    return dict(json.loads(response.read() or b"{}"))
+            except OSError as exc:
+                last = exc
+        raise last or OSError("no endpoint")
+
+    @staticmethod
+    def _b64(text: str) -> str:
+        import base64
+
+        return base64.b64encode(text.encode()).decode()
+
+    def put(self, key: str, value: str, lease: str = "") -> int:
+        body = {"key": self._b64(key), "value": self._b64(value), **({"lease": lease} if lease else {})}
+        return int(self.call("/v3/kv/put", body)["header"]["revision"])
+
+    def delete(self, key: str) -> None:
+        self.call("/v3/kv/deleterange", {"key": self._b64(key)})
+
+    def grant(self, ttl: int) -> str:
+        return str(self.call("/v3/lease/grant", {"TTL": str(ttl)})["ID"])
+
+    def keepalive(self, lease: str) -> None:
+        self.call("/v3/lease/keepalive", {"ID": lease})
+
+    def revoke(self, lease: str) -> None:
+        self.call("/v3/lease/revoke", {"ID": lease})
+
+    def compact(self, revision: int) -> None:
+        self.call("/v3/kv/compaction", {"revision": str(revision), "physical": True})
+
+    def register(self, service: str, port: int, lease: str = "", **metadata: Any) -> str:
+        """etcd's naming convention: `<service>/<host:port>` = {"Addr": "host:port", "Metadata": ...}."""
+        address = f"{LOOPBACK}:{port}"
+        value: dict[str, Any] = {"Addr": address}
+        if metadata:
+            value["Metadata"] = metadata
+        self.put(f"{service}/{address}", json.dumps(value), lease)
+        return f"{service}/{address}"

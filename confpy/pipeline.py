@@ -84,6 +84,7 @@ class SyncEngine:
                     "live_state_file": str(self.state.live_path_for(t.destination)),
                 },
                 environ=config.environ,
+                registry=config.registry_name,
             )
             for t in config.templates
         }

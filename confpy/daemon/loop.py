@@ -39,7 +39,7 @@ from confpy.errors import CheckError, ConfigError, ConfpyError, RegistryError, R
 from confpy.model import HealthView, Memory, describe_change
 from confpy.pipeline import SyncEngine
 from confpy.registry.base import Dependency, Registry
-from confpy.registry.consul import ConsulClient, ConsulRegistry
+from confpy.registry.factory import open_registry
 from confpy.render.environment import DataSource, RenderResult
 from confpy.watch.watcher import RegistryHealth, Sleep, Watcher, WatchSettings
 from confpy.watch.watchset import WatchSet
@@ -134,7 +134,7 @@ class Daemon:
     ) -> None:
         self.config_path = config_path
         self.environ = environ
-        self.registry_factory = registry_factory or (lambda c: ConsulRegistry(ConsulClient(c.consul)))
+        self.registry_factory = registry_factory or open_registry
         self.clock = clock
         self.wall_clock = wall_clock
         self.sleep = sleep
@@ -170,8 +170,9 @@ class Daemon:
             on_change=self._registry_changed,
             on_request=self.metrics.consul_requests.inc,
             on_error=self._registry_error,
+            name=config.registry_name,
         )
-        self.settings = WatchSettings(wait=config.consul.wait, max_backoff=config.consul.max_backoff)
+        self.settings = WatchSettings(wait=config.registry_wait, max_backoff=config.registry_max_backoff)
         self.data = DataSource()
         self.first_fetches = asyncio.Semaphore(FIRST_FETCH_CONCURRENCY)
         self.watches = WatchSet(self._new_watcher)

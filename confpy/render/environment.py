@@ -240,6 +240,7 @@ class _RenderContext:
         remembered: Memory,
         fragments: dict[object, Fragment],
         environ: Mapping[str, str],
+        registry: str = "Consul",
     ) -> None:
         self.data = data
         self.template = template
@@ -257,7 +258,7 @@ class _RenderContext:
         self.previous_fragments = fragments
         self.fragments: dict[object, Fragment] = {}
         self.recording: list[Fragment] = []
-        self.functions = RegistryFunctions(self.lookup, self._warn, environ)
+        self.functions = RegistryFunctions(self.lookup, self._warn, environ, registry)
 
     def origin_of(self, value: str) -> str | None:
         """Which registry field a refused value came from (searched only when refusing)."""
@@ -293,6 +294,8 @@ class _RenderContext:
 
     def service(self, name: Any, tag: Any = None, dc: Any = None, passing: Any = True) -> list[ServiceInstance]:
         dep = service_dependency(name, tag, dc, passing)
+        if dep.dc is not None:
+            self.functions.consul_only("datacenters()")
         value = self._lookup(dep)
         if value is None:
             placeholder: list[ServiceInstance] = pending()
@@ -502,8 +505,10 @@ class TemplateRenderer:
         template: TemplateConfig,
         extra_globals: Mapping[str, Any] | None = None,
         environ: Mapping[str, str] | None = None,
+        registry: str = "Consul",
     ) -> None:
         self.template = template
+        self.registry = registry
         self.environ: Mapping[str, str] = environ if environ is not None else {}
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(str(template.source.parent)),
@@ -544,7 +549,7 @@ class TemplateRenderer:
         compiled = self.load()
         if compiled is not self._compiled:
             self._compiled, self._fragments = compiled, {}  # an edited template: nothing cached is valid
-        ctx = _RenderContext(data, self.template, remembered, self._fragments, self.environ)
+        ctx = _RenderContext(data, self.template, remembered, self._fragments, self.environ, self.registry)
         more = ctx.functions
         functions: dict[str, Callable[..., Any]] = {
             "service": ctx.service,

@@ -191,10 +191,20 @@ def parse_upstream_settings(service: str, pairs: Mapping[str, str], prefix: str)
 class RegistryFunctions:
     """The functions a render hands its template besides `service()` and `services()`."""
 
-    def __init__(self, lookup: Lookup, warn: Callable[[str], None], environ: Mapping[str, str]) -> None:
+    def __init__(
+        self, lookup: Lookup, warn: Callable[[str], None], environ: Mapping[str, str], registry: str = "Consul"
+    ) -> None:
         self.lookup = lookup
         self.warn = warn
         self.environ = environ
+        self.registry = registry
+
+    def consul_only(self, what: str) -> None:
+        """Nodes and datacenters are Consul's: another registry says so at render time."""
+        if self.registry != "Consul":
+            raise RenderError(
+                f"{what} needs Consul; this configuration follows {self.registry}, which has no {what[:-2]}s"
+            )
 
     def key(self, path: Any) -> str:
         found, value = self.lookup(KVKey(_text(path, "key()")))
@@ -239,15 +249,18 @@ class RegistryFunctions:
         return list(value) if found and isinstance(value, tuple) else pending()
 
     def nodes(self) -> list[NodeInfo]:
+        self.consul_only("nodes()")
         return self._listing(CatalogNodes())
 
     def node(self, name: Any) -> NodeServices | None:
+        self.consul_only("node()")
         found, value = self.lookup(CatalogNode(_text(name, "node()")))
         if not found:
             return PLACEHOLDER  # type: ignore[return-value]
         return value if isinstance(value, NodeServices) else None
 
     def datacenters(self) -> list[str]:
+        self.consul_only("datacenters()")
         return self._listing(CatalogDatacenters())
 
     def services_detailed(self, tag: str | None) -> list[ServiceTags]:

@@ -49,7 +49,9 @@ class RegistryHealth:
         on_change: Callable[[], None] | None = None,
         on_request: Callable[[], None] | None = None,
         on_error: Callable[[RegistryError], None] | None = None,
+        name: str = "Consul",
     ) -> None:
+        self.name = name  # the registry, in log lines
         self.wall_clock = wall_clock
         self.on_change = on_change
         self.on_request = on_request
@@ -74,7 +76,8 @@ class RegistryHealth:
             return
         self.down_since = self.wall_clock()
         log.error(
-            "Consul unavailable since %s: %s (watching %s); retrying with backoff, nginx and the installed files stay as they are",
+            "%s unavailable since %s: %s (watching %s); retrying with backoff, nginx and the installed files stay as they are",
+            self.name,
             time.strftime("%H:%M:%S", time.localtime(self.down_since)),
             exc,
             dep.describe(),
@@ -91,7 +94,7 @@ class RegistryHealth:
         outage = self.wall_clock() - self.down_since
         self.down_since = None
         self.last_error = ""
-        log.info("Consul is back after %.1fs", outage)
+        log.info("%s is back after %.1fs", self.name, outage)
         self._changed()
 
     def _changed(self) -> None:
