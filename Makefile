@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
 
-.PHONY: all venv nginx browser etcd lua test lint typecheck unit conformance demo bench clean
+.PHONY: all venv nginx browser etcd demo-etcd lua test lint typecheck unit conformance demo bench clean
 
 all: test
 
@@ -65,6 +65,9 @@ test: venv nginx browser etcd lint typecheck unit conformance
 
 demo: venv nginx
 	PATH="$$PATH:/usr/sbin" $(BIN)/confpy demo
+
+demo-etcd: venv nginx etcd
+	PATH="$$PATH:/usr/sbin" $(BIN)/confpy demo --registry etcd
 
 bench: venv nginx
 	@command -v wrk >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq wrk >/dev/null; }

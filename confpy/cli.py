@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the end-to-end demo on loopback (dev-consul, backends, nginx, confpy)")
     demo.add_argument("--keep-running", action="store_true", help="leave everything up and print what to try by hand")
+    demo.add_argument(
+        "--registry", choices=["consul", "etcd"], default="consul", help="tell the story on dev-consul or a real etcd"
+    )
     return parser
 
 
@@ -274,7 +277,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if args.command == "demo":
             from confpy.demo import run_demo
 
-            return run_demo(keep_running=args.keep_running)
+            return run_demo(keep_running=args.keep_running, registry=args.registry)
         return run_main_job(args, environ)
     except ConfigError as exc:
         for problem in exc.problems:

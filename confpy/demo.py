@@ -20,6 +20,7 @@ from confpy.lab import (
     BackendServer,
     ConfpyProcess,
     DevConsulProcess,
+    EtcdCluster,
     NginxInstance,
     free_port,
     wait_until,
@@ -200,13 +201,93 @@ class Demo:
                 backend.stop()
             except OSError:
                 pass
-        self.consul.stop()
+        if self.consul.proc is not None:
+            self.consul.stop()
 
 
-def run_demo(keep_running: bool = False) -> int:
+class EtcdDemo(Demo):
+    """The same story with etcd as the registry: a real single-member etcd under the demo's folder,
+    registrations in etcd's naming convention, and a dead app server leaving with its lease."""
+
+    def __init__(self, workdir: Path, out: Callable[[str], None] = print) -> None:
+        super().__init__(workdir, out)
+        self.etcd = EtcdCluster(workdir / "etcd", size=1)
+        self.keepers: list[subprocess.Popen[str]] = []
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def setup(self) -> None:
+        self.out("== Setting up on loopback: etcd (etcd-server), three app servers, nginx, confpy")
+        self.etcd.start()
+        self.out(f"  etcd at {self.etcd.endpoints[0]} (data in {self.workdir / 'etcd'})")
+        for n in (1, 2, 3):
+            self.backends[n] = BackendServer(f"App server {n}").start()
+            self.out(f"  App server {n} at http://{self.endpoint(n)}/")
+        config = write_config(
+            self.workdir / "confpy.toml", "http://127.0.0.1:9", self.nginx, _template(),
+            wait_min="50ms", wait_max="1s", status=f"127.0.0.1:{self.status_port}",
+        )  # fmt: skip
+        text = config.read_text()
+        etcd = f'[etcd]\nendpoints = ["{self.etcd.endpoints[0]}"]\nmax_backoff = "1s"\n\n'
+        config.write_text(text[: text.index("[consul]")] + etcd + text[text.index("[nginx]") :])
+        self.out(f"  confpy configuration: {config}")
+        for n in (1, 2, 3):
+            self.run("upstream", "add", "-c", str(config), "web", self.endpoint(n))
+        self.confpy = ConfpyProcess(config).start()
+        if not wait_until(lambda: self.nginx.destination.exists(), STEP_TIMEOUT):
+            raise RuntimeError(f"confpy did not render {self.nginx.destination}:\n{self.confpy.output()}")
+        self.nginx.start()
+        self.out(f"  nginx gateway on http://127.0.0.1:{self.nginx.port}/ (includes {self.nginx.destination})")
+        self.out(f"  confpy daemon running, status page on http://127.0.0.1:{self.status_port}/")
+
+    def story(self) -> None:
+        config = str(self.workdir / "confpy.toml")
+        started = time.monotonic()
+        self.out("\n== 1. The gateway round-robins over App server 1, 2 and 3 (keys web/127.0.0.1:PORT in etcd)")
+        self.expect("three servers registered", {1, 2, 3}, started)
+
+        self.out("\n== 2. Take App server 3 out: traffic stays on 1 and 2")
+        self.run("upstream", "del", "-c", config, "web", self.endpoint(3))
+        self.expect("server 3 deleted", {1, 2}, time.monotonic())
+
+        self.out("\n== 3. An upstream never loses its last server")
+        self.run("upstream", "del", "-c", config, "web", self.endpoint(2))
+        self.expect("server 2 deleted", {1}, time.monotonic())
+        if self.run("upstream", "del", "-c", config, "web", self.endpoint(1)).returncode != 1:
+            raise RuntimeError("deleting the last server was not refused")
+        self.out("  -> refused (exit 1); App server 1 still serves:")
+        self.show_traffic(3)
+
+        self.out("\n== 4. App server 2 and 3 come back, each under a 2 s lease it keeps alive (as an app would)")
+        for n in (2, 3):
+            self.out(f"  $ confpy upstream add -c {config} web {self.endpoint(n)} --ttl 2   (in the background)")
+            keeper = subprocess.Popen(
+                [sys.executable, "-m", "confpy", "upstream", "add", "-c", config, "web", self.endpoint(n), "--ttl", "2"],
+                stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            self.keepers.append(keeper)
+        self.expect("servers 2 and 3 added", {1, 2, 3}, time.monotonic())
+
+        self.out(
+            "\n== 5. App server 2's keep-alive dies (as with a crashed app): its lease expires, the gateway stops using it"
+        )
+        started = time.monotonic()
+        self.keepers[0].kill()
+        self.expect("server 2's lease expired", {1, 3}, started, since="its keep-alive died")
+
+    def teardown(self) -> None:
+        for keeper in self.keepers:
+            keeper.kill()
+            keeper.wait(5)
+        super().teardown()
+        self.etcd.stop()
+
+
+def run_demo(keep_running: bool = False, registry: str = "consul") -> int:
     """Run the demo; exit 0 when every step was proved with real requests."""
     with tempfile.TemporaryDirectory(prefix="confpy-demo-") as tmp:
-        demo = Demo(Path(tmp))
+        demo = EtcdDemo(Path(tmp)) if registry == "etcd" else Demo(Path(tmp))
         try:
             demo.setup()
             demo.story()

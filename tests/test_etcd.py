@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from confpy.lab import BackendServer, ConfpyProcess, EtcdCluster, NginxInstance, wait_until, write_config
+from confpy.lab import BackendServer, ConfpyProcess, EtcdCluster, NginxInstance, free_port, wait_until, write_config
 
 from .conftest import SHIPPED_TEMPLATE, run_confpy
+
+LIVE_TEMPLATE = SHIPPED_TEMPLATE.with_name("nginx-upstreams-live.conf.j2")
 
 
 @pytest.fixture
@@ -48,9 +50,11 @@ def site(
     return Site(cluster, nginx, backends, tmp_path, daemons)
 
 
-def etcd_config(path: Path, cluster: EtcdCluster, nginx: NginxInstance, template: Path = SHIPPED_TEMPLATE) -> Path:
+def etcd_config(
+    path: Path, cluster: EtcdCluster, nginx: NginxInstance, template: Path = SHIPPED_TEMPLATE, nginx_extra: str = ""
+) -> Path:
     """The lab's configuration with [etcd] in place of [consul]."""
-    config = write_config(path, "http://127.0.0.1:9", nginx, template)
+    config = write_config(path, "http://127.0.0.1:9", nginx, template, nginx_extra=nginx_extra)
     text = config.read_text()
     etcd = f'[etcd]\nendpoints = {json.dumps(cluster.endpoints)}\nwait = "60s"\nmax_backoff = "1s"\ntimeout = "2s"\n\n'
     config.write_text(text[: text.index("[consul]")] + etcd + text[text.index("[nginx]") :])
@@ -188,3 +192,32 @@ def test_upstream_commands_on_etcd(cluster: EtcdCluster, nginx: NginxInstance, t
         assert leased.wait(10) == 0
     # No keep-alive any more: the lease expires and the member goes, as an app server that died.
     assert wait_until(lambda: "no service" in run_confpy("upstream", "list", "-c", config).stdout, 15)
+
+
+def test_live_mode_on_etcd_pushes_members_without_a_reload(
+    cluster: EtcdCluster, backends: list[BackendServer], tmp_path: Path, daemons: list[ConfpyProcess]
+) -> None:
+    nginx = NginxInstance(tmp_path / "nginx", lua=True)
+    live = f'mode = "live"\nlive_listen = "127.0.0.1:{free_port()}"'
+    config = etcd_config(tmp_path / "c.toml", cluster, nginx, LIVE_TEMPLATE, nginx_extra=live)
+    cluster.api.register("web", backends[0].port)
+    proc = ConfpyProcess(config).start()
+    daemons.append(proc)
+    try:
+        assert wait_until(nginx.destination.exists, 15), proc.output()
+        nginx.start()
+        assert serves(nginx, {"App server 1"}), proc.output()
+        reloads = nginx.reload_count()
+        cluster.api.register("web", backends[1].port)
+        assert serves(nginx, {"App server 1", "App server 2"}), proc.output()
+        cluster.api.delete(f"web/127.0.0.1:{backends[0].port}")
+        assert serves(nginx, {"App server 2"}), proc.output()
+        assert nginx.reload_count() == reloads  # members went through the Lua admin API
+    finally:
+        nginx.stop()
+
+
+def test_the_demo_on_etcd() -> None:
+    done = run_confpy("demo", "--registry", "etcd", timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("-> reached traffic") == 5 and "lease expired" in done.stdout
