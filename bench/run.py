@@ -32,6 +32,7 @@ from confpy.lab import (  # noqa: E402
     ConfpyProcess,
     ConsulAPI,
     DevConsulProcess,
+    EtcdCluster,
     NginxInstance,
     free_port,
     lua_available,
@@ -84,9 +85,11 @@ class World:
         wait_min: str = "0s",
         wait_max: str = "1s",
         workers: int = 2,
+        registry: str = "consul",
     ) -> None:
         self.consul = DevConsulProcess().start()
         self.api = ConsulAPI(self.consul.url)
+        self.etcd = EtcdCluster(tmp / "etcd", size=1).start() if registry == "etcd" else None
         self.ports = [free_port() for _ in range(backends)]
         static = "\n".join(
             f'server {{ listen 127.0.0.1:{p}; access_log off; location / {{ return 200 "App server {n}\\n"; }} }}'
@@ -106,12 +109,22 @@ class World:
             status=f"127.0.0.1:{self.status_port}",
             nginx_extra=extra,
         )
+        if self.etcd is not None:  # the same configuration with [etcd] in place of [consul]
+            text = self.config.read_text()
+            etcd = f'[etcd]\nendpoints = ["{self.etcd.endpoints[0]}"]\nmax_backoff = "2s"\n\n'
+            self.config.write_text(text[: text.index("[consul]")] + etcd + text[text.index("[nginx]") :])
         self.confpy: ConfpyProcess | None = None
 
     def register(self, n: int, name: str = "web") -> None:
+        if self.etcd is not None:
+            self.etcd.api.register(name, self.ports[n - 1])
+            return
         self.api.register(name, self.ports[n - 1], id=f"{name}-{n}")
 
     def deregister(self, n: int, name: str = "web") -> None:
+        if self.etcd is not None:
+            self.etcd.api.delete(f"{name}/127.0.0.1:{self.ports[n - 1]}")
+            return
         self.api.deregister(f"{name}-{n}")
 
     def start(self, timeout: float = 60) -> None:
@@ -134,6 +147,8 @@ class World:
             self.confpy.stop()
         self.nginx.stop()
         self.consul.stop()
+        if self.etcd is not None:
+            self.etcd.stop()
 
 
 def first_seen(port: int, body: str, timeout: float = 10.0) -> float:
@@ -218,14 +233,16 @@ def by_hand_limit(world: World, changes: int, variants: dict[int, bytes]) -> lis
         raise
 
 
-def bench_propagation(changes: int) -> None:
-    header(f"1. Propagation: Consul write -> first request served by the new member ({changes} changes, wait.min = 0)")
-    modes = ["reload"] + (["live"] if lua_available() else [])
+def bench_propagation(changes: int, registry: str = "consul") -> None:
+    header(
+        f"1. Propagation: registry write -> first request served by the new member ({changes} changes, wait.min = 0)"
+    )
+    modes = ["reload"] + (["live"] if lua_available() else []) + (["etcd"] if registry == "etcd" else [])
     results: dict[str, list[float]] = {}
     limit: list[float] = []
     for mode in modes:
         with tempfile.TemporaryDirectory() as tmp:
-            world = World(Path(tmp), live=mode == "live")
+            world = World(Path(tmp), live=mode == "live", registry="etcd" if mode == "etcd" else "consul")
             try:
                 world.register(1)
                 world.start()
@@ -254,7 +271,8 @@ def bench_propagation(changes: int) -> None:
                 world.stop()
     print(f"  by hand (write + nginx -t + SIGHUP): {fmt_ms(limit)}")
     for mode, values in results.items():
-        print(f"  confpy {mode:<6} mode:                {fmt_ms(values)}")
+        label = "reload mode on etcd" if mode == "etcd" else f"{mode} mode"
+        print(f"  confpy {label:<20}        {fmt_ms(values)}")
     base = percentiles(limit)
     for mode, values in results.items():
         mine = percentiles(values)
@@ -464,11 +482,14 @@ def main() -> int:
         "--changes", type=int, default=100, help="propagation: membership changes per mode (default 100)"
     )
     parser.add_argument("--seconds", type=int, default=30, help="churn: seconds of load per mode (default 30)")
+    parser.add_argument(
+        "--registry", choices=["consul", "etcd"], default="consul", help="propagation: also measure etcd (a real etcd)"
+    )
     parser.add_argument("--services", type=int, default=1000)
     parser.add_argument("--instances", type=int, default=10)
     args = parser.parse_args()
     if args.which in ("propagation", "all"):
-        bench_propagation(args.changes)
+        bench_propagation(args.changes, args.registry)
     if args.which in ("churn", "all"):
         bench_churn(args.seconds)
     if args.which in ("coalescing", "all"):
