@@ -127,7 +127,7 @@ class LabPKI:
             openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=confpy test {ca}",
                     "-keyout", f"{ca}.key", "-out", f"{ca}.pem")  # fmt: skip
         for name, extension in (
-            ("server", "subjectAltName=IP:127.0.0.1,DNS:consul.test,DNS:localhost\nextendedKeyUsage=serverAuth"),
+            ("server", "subjectAltName=IP:127.0.0.1,DNS:consul.test,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth"),
             ("client", "extendedKeyUsage=clientAuth"),
         ):
             openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
@@ -570,9 +570,12 @@ def admin_token(config: Path) -> str:
 class EtcdMember:
     """One etcd process of a loopback cluster."""
 
-    def __init__(self, name: str, folder: Path, client_port: int, peer_port: int, cluster: str) -> None:
+    def __init__(
+        self, name: str, folder: Path, client_port: int, peer_port: int, cluster: str, tls: LabPKI | None = None
+    ) -> None:
         self.name = name
-        self.url = f"http://{LOOPBACK}:{client_port}"
+        self.tls = tls
+        self.url = f"{'https' if tls else 'http'}://{LOOPBACK}:{client_port}"
         self.peer = f"http://{LOOPBACK}:{peer_port}"
         self.folder = folder
         self.cluster = cluster
@@ -595,6 +598,11 @@ class EtcdMember:
                 "--initial-cluster-state", "new",
                 "--heartbeat-interval", "50",
                 "--election-timeout", "500",
+                *(
+                    ["--cert-file", str(self.tls.server_cert), "--key-file", str(self.tls.server_key),
+                     "--trusted-ca-file", str(self.tls.ca), "--client-cert-auth"]
+                    if self.tls else []
+                ),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -615,14 +623,15 @@ class EtcdMember:
 class EtcdCluster:
     """A real etcd cluster (Debian's etcd-server) on loopback ports, data under `folder`."""
 
-    def __init__(self, folder: Path, size: int = 3) -> None:
+    def __init__(self, folder: Path, size: int = 3, tls: LabPKI | None = None) -> None:
         ports = [(free_port(), free_port()) for _ in range(size)]
         cluster = ",".join(f"m{n}=http://{LOOPBACK}:{peer}" for n, (_, peer) in enumerate(ports, start=1))
         self.members = [
-            EtcdMember(f"m{n}", folder / f"m{n}", client, peer, cluster)
+            EtcdMember(f"m{n}", folder / f"m{n}", client, peer, cluster, tls)
             for n, (client, peer) in enumerate(ports, start=1)
         ]
-        self.api = EtcdAPI([m.url for m in self.members])
+        self.tls = tls
+        self.api = EtcdAPI([m.url for m in self.members], tls)
 
     @property
     def endpoints(self) -> list[str]:
@@ -644,7 +653,7 @@ class EtcdCluster:
             if not member.running:
                 continue
             try:
-                status = EtcdAPI([member.url]).call("/v3/maintenance/status", {})
+                status = EtcdAPI([member.url], self.tls).call("/v3/maintenance/status", {})
             except OSError:
                 continue
             if status.get("leader") and status.get("leader") == status.get("header", {}).get("member_id"):
@@ -659,15 +668,22 @@ class EtcdCluster:
 class EtcdAPI:
     """etcd's JSON gateway over urllib, for tests and the demo: put (with leases), delete, compact."""
 
-    def __init__(self, endpoints: Sequence[str]) -> None:
+    def __init__(self, endpoints: Sequence[str], tls: LabPKI | None = None) -> None:
         self.endpoints = list(endpoints)
+        self.context: ssl.SSLContext | None = None
+        self.token = ""
+        if tls is not None:
+            self.context = ssl.create_default_context(cafile=str(tls.ca))
+            self.context.load_cert_chain(str(tls.client_cert), str(tls.client_key))
 
     def call(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
         last: OSError | None = None
         for endpoint in self.endpoints:
             request = urllib.request.Request(endpoint + path, data=json.dumps(body).encode(), method="POST")  # noqa: S310
+            if self.token:
+                request.add_header("Authorization", self.token)
             try:
-                with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - loopback
+                with urllib.request.urlopen(request, timeout=5, context=self.context) as response:  # noqa: S310
                     return dict(json.loads(response.read() or b"{}"))
             except OSError as exc:
                 last = exc

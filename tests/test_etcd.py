@@ -12,7 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from confpy.lab import BackendServer, ConfpyProcess, EtcdCluster, NginxInstance, free_port, wait_until, write_config
+from confpy.lab import (
+    BackendServer,
+    ConfpyProcess,
+    EtcdCluster,
+    LabPKI,
+    NginxInstance,
+    free_port,
+    wait_until,
+    write_config,
+)
 
 from .conftest import SHIPPED_TEMPLATE, run_confpy
 
@@ -221,3 +230,51 @@ def test_the_demo_on_etcd() -> None:
     done = run_confpy("demo", "--registry", "etcd", timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("-> reached traffic") == 5 and "lease expired" in done.stdout
+
+
+def test_etcd_over_tls_with_client_certificates(
+    nginx: NginxInstance, backends: list[BackendServer], tmp_path: Path
+) -> None:
+    pki = LabPKI.make(tmp_path / "pki")
+    cluster = EtcdCluster(tmp_path / "etcd", size=1, tls=pki).start()
+    try:
+        assert cluster.endpoints[0].startswith("https://")
+        cluster.api.register("web", backends[0].port)
+        config = etcd_config(tmp_path / "c.toml", cluster, nginx)
+        text = config.read_text()
+        tls = f'ca_file = "{pki.ca}"\ncert_file = "{pki.client_cert}"\nkey_file = "{pki.client_key}"\n'
+        config.write_text(text.replace("[etcd]\n", "[etcd]\n" + tls, 1))
+        done = run_confpy("-c", str(config), "--once", "--allow-no-reload")
+        assert done.returncode == 0, done.stderr
+        assert f"server 127.0.0.1:{backends[0].port} " in nginx.destination.read_text()
+        config.write_text(config.read_text().replace(f'ca_file = "{pki.ca}"', f'ca_file = "{pki.other_ca}"'))
+        done = run_confpy("-c", str(config), "--once", "--allow-no-reload")
+        assert done.returncode == 1 and "certificate verify failed" in done.stderr, done.stderr
+    finally:
+        cluster.stop()
+
+
+def test_etcd_with_authentication(nginx: NginxInstance, backends: list[BackendServer], tmp_path: Path) -> None:
+    cluster = EtcdCluster(tmp_path / "etcd", size=1).start()
+    try:
+        api = cluster.api
+        api.register("web", backends[0].port)
+        api.call("/v3/auth/user/add", {"name": "root", "password": "s3cret-pw"})
+        api.call("/v3/auth/user/grant", {"user": "root", "role": "root"})
+        api.call("/v3/auth/enable", {})
+        config = etcd_config(tmp_path / "c.toml", cluster, nginx)
+        done = run_confpy("-c", str(config), "--once", "--allow-no-reload")
+        assert done.returncode == 1 and "etcd refused" in done.stderr, done.stderr  # no user: refused, clearly
+        (tmp_path / "pw").write_text("s3cret-pw\n")
+        text = config.read_text().replace(
+            "[etcd]\n", f'[etcd]\nusername = "root"\npassword_file = "{tmp_path / "pw"}"\n', 1
+        )
+        config.write_text(text)
+        done = run_confpy("-c", str(config), "--once", "--allow-no-reload")
+        assert done.returncode == 0, done.stderr
+        assert "s3cret-pw" not in done.stderr and f"127.0.0.1:{backends[0].port}" in nginx.destination.read_text()
+        (tmp_path / "pw").write_text("wrong\n")
+        done = run_confpy("-c", str(config), "--once", "--allow-no-reload")
+        assert done.returncode == 1 and "etcd at" in done.stderr and "refused user 'root'" in done.stderr
+    finally:
+        cluster.stop()
