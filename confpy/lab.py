@@ -127,7 +127,10 @@ class LabPKI:
             openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=confpy test {ca}",
                     "-keyout", f"{ca}.key", "-out", f"{ca}.pem")  # fmt: skip
         for name, extension in (
-            ("server", "subjectAltName=IP:127.0.0.1,DNS:consul.test,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth"),
+            (
+                "server",
+                "subjectAltName=IP:127.0.0.1,DNS:consul.test,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth",
+            ),
             ("client", "extendedKeyUsage=clientAuth"),
         ):
             openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
