@@ -483,3 +483,21 @@ class TestStatusPage:
         assert "secret" not in page and "https://consul.example:8501" in page
         assert '<svg class="spark"' in page and "change to reload: last 250 ms" in page
         assert '<script src="/static/status.js"></script>' in page and "<script>" not in page
+
+    def test_kept_members_and_an_outage_are_shown(self) -> None:
+        from confpy.daemon.page import StatusPage
+
+        remembered = health_view_from_entries(
+            "web",
+            [{"Node": {"Node": "n1", "Address": "10.0.0.1"}, "Service": {"ID": "w1", "Service": "web", "Port": 80}}],
+        ).instances
+        snapshot = self.snapshot(
+            services={"service(web)": HealthView(())},
+            kept_members={"service(web)": remembered},
+            registry_reachable=False,
+            registry_error="connection refused",
+            registry_down_since=1_700_000_000.0,
+        )
+        page = StatusPage("0").render(snapshot)
+        assert "10.0.0.1:80" in page and ">kept<" in page and "kept by on_empty" in page
+        assert "unreachable since" in page and "connection refused" in page

@@ -93,7 +93,8 @@ def test_leased_registrations_reach_traffic_and_leave_with_their_lease(site: Sit
     api.put(f"web/127.0.0.1:{backends[1].port}", "not json")  # left out with a warning naming the key
     proc = start_gateway(cluster, nginx, tmp_path, daemons)
     assert serves(nginx, {"App server 1"}), proc.output()
-    assert f"etcd key 'web/127.0.0.1:{backends[1].port}'" in proc.output() or "value is not JSON" in proc.output()
+    bad = f"left out of the render: service 'web' instance 'web/127.0.0.1:{backends[1].port}': value is not JSON"
+    assert bad in proc.output(), proc.output()
 
     second = api.grant(30)
     api.register("web", backends[1].port, second, weight=1, tags=["nginx"])

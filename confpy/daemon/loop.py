@@ -36,9 +36,9 @@ from confpy.daemon.status import StatusServer, StatusSnapshot, TemplateStatus
 from confpy.daemon.systemd import SystemdNotifier
 from confpy.daemon.timeline import Timeline
 from confpy.errors import CheckError, ConfigError, ConfpyError, RegistryError, RenderError
-from confpy.model import HealthView, Memory, describe_change
+from confpy.model import HealthView, Memory, ServiceInstance, describe_change, memory_key
 from confpy.pipeline import SyncEngine
-from confpy.registry.base import Dependency, Registry
+from confpy.registry.base import Dependency, Registry, ServiceHealth
 from confpy.registry.factory import open_registry
 from confpy.render.environment import DataSource, RenderResult
 from confpy.watch.watcher import RegistryHealth, Sleep, Watcher, WatchSettings
@@ -289,7 +289,21 @@ class Daemon:
             not_reloaded=self.not_reloaded,
             timeline=self.timeline.events(),
             pid_file=str(self.config.nginx.pid_file),
+            registry_down_since=self.health.down_since,
+            kept_members=self._kept_members(),
         )
+
+    def _kept_members(self) -> dict[str, tuple[ServiceInstance, ...]]:
+        """The remembered members `on_empty = "keep"` holds in nginx, by service label."""
+        kept: dict[str, tuple[ServiceInstance, ...]] = {}
+        for state in self.templates.values():
+            memory = self.memories.get(state.config.destination)
+            for dep in state.deps:
+                if memory is not None and isinstance(dep, ServiceHealth) and dep.describe() in state.kept:
+                    members = memory.members.get(memory_key(dep.service, dep.tag, dep.dc, dep.passing))
+                    if members:
+                        kept[dep.describe()] = members
+        return kept
 
     def _ready(self, status: str) -> None:
         """READY=1 once: after the first sync, or once the reason it cannot happen yet is known.

@@ -25,7 +25,7 @@ import psutil
 from confpy.apply.nginx import current_workers, nginx_master, process_start_time
 from confpy.daemon.timeline import TimelineEvent
 from confpy.errors import ReloadError, UnsafeValueError
-from confpy.model import HealthView
+from confpy.model import HealthView, ServiceInstance
 from confpy.render.environment import upstream_name_for
 
 if TYPE_CHECKING:  # status.py serves this page and imports it; the snapshot type is only annotated here
@@ -57,7 +57,7 @@ PAGE = """<!doctype html>
   <h2>Consul</h2>
   <p>{{ consul_address }}:
   {% if consul_reachable %}<span class="badge ok">reachable</span>
-  {% else %}<span class="badge failing">unreachable</span> {{ consul_error }}{% endif %}</p>
+  {% else %}<span class="badge failing">unreachable since {{ consul_down_since }}</span> {{ consul_error }}{% endif %}</p>
 </section>
 <section id="nginx">
   <h2>nginx</h2>
@@ -80,7 +80,7 @@ PAGE = """<!doctype html>
       <tbody>
       {% for m in up.members %}
         <tr class="member"><td class="endpoint">{{ m.endpoint }}</td><td>{{ m.weight }}</td>
-          <td><span class="badge {{ 'ok' if m.health == 'passing' else 'degraded' if m.health == 'warning' else 'failing' }}">{{ m.health }}</span>
+          <td><span class="badge {{ 'ok' if m.health == 'passing' else 'degraded' if m.health in ('warning', 'kept') else 'failing' }}">{{ m.health }}</span>
             {% if m.output %}<span class="small">{{ m.output }}</span>{% endif %}</td>
           <td>{% if m.serving is none %}?{% elif m.serving %}<span class="badge ok">serving</span>{% else %}<span class="badge degraded">not yet</span>{% endif %}
             {% if m.paused %}<span class="badge failing">paused by nginx (failed requests)</span>{% endif %}</td>
@@ -284,6 +284,7 @@ class StatusPage:
             consul_address=_without_credentials(snapshot.registry_address),
             consul_reachable=snapshot.registry_reachable,
             consul_error=snapshot.registry_error,
+            consul_down_since=_clock(snapshot.registry_down_since),
             master=_master(snapshot.pid_file),
             last_reload=_clock(max((t.last_reload or 0 for t in snapshot.templates), default=0) or None),
             not_reloaded=snapshot.not_reloaded,
@@ -319,7 +320,7 @@ class StatusPage:
                 UpstreamView(
                     upstream=upstream,
                     label=label,
-                    members=self._members(snapshot, upstream, view, installed),
+                    members=self._members(snapshot, upstream, view, installed, snapshot.kept_members.get(label, ())),
                     rejected=tuple(str(r) for r in view.rejected),
                     kept=label in kept,
                     latencies=tuple(latencies.get(label, ())),
@@ -328,7 +329,13 @@ class StatusPage:
         return views
 
     @staticmethod
-    def _members(snapshot: StatusSnapshot, upstream: str, view: HealthView, installed: str) -> tuple[MemberRow, ...]:
+    def _members(
+        snapshot: StatusSnapshot,
+        upstream: str,
+        view: HealthView,
+        installed: str,
+        kept: tuple[ServiceInstance, ...] = (),
+    ) -> tuple[MemberRow, ...]:
         live = snapshot.live
         pushed: set[str] | None = None
         paused: Mapping[str, float] = {}
@@ -346,6 +353,13 @@ class StatusPage:
             rows.append(
                 MemberRow(endpoint, i.weight, i.node, i.id, tuple(sorted(i.meta.items())), serving, endpoint in paused)
             )
+        for i in kept:  # on_empty = "keep": the last known members, which nginx still has
+            endpoint = str(i.endpoint)
+            served = endpoint in pushed if pushed is not None else f"server {endpoint} " in installed
+            rows.append(
+                MemberRow(endpoint, i.weight, i.node, i.id, tuple(sorted(i.meta.items())), served, False, "kept",
+                          "last known member, kept by on_empty while the service has no passing instance")
+            )  # fmt: skip
         for member in view.unhealthy:  # not passing: Consul keeps them out of the templates
             served = member.endpoint in pushed if pushed is not None else f"server {member.endpoint} " in installed
             rows.append(

@@ -26,7 +26,7 @@ from confpy.daemon.metrics import Metrics
 from confpy.daemon.page import CSP, SCRIPT, STYLE, StatusPage
 from confpy.daemon.timeline import TimelineEvent
 from confpy.errors import ConfigError
-from confpy.model import HealthView
+from confpy.model import HealthView, ServiceInstance
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ class StatusSnapshot:
     not_reloaded: str = ""
     timeline: tuple[TimelineEvent, ...] = ()
     pid_file: str = ""
+    registry_down_since: float | None = None
+    kept_members: Mapping[str, tuple[ServiceInstance, ...]] = field(default_factory=dict)
 
     def state(self) -> tuple[str, str]:
         """The page's header: ("ok" | "degraded" | "failing", why). Failing: nginx refused the last
@@ -116,6 +118,7 @@ class StatusSnapshot:
                 "address": self.registry_address,
                 "reachable": self.registry_reachable,
                 "last_error": self.registry_error,
+                "down_since": _timestamp(self.registry_down_since),
             },
             "last_sync_ok": self.last_sync_ok,
             "last_sync_error": "" if self.last_sync_ok else self.last_sync_error,
