@@ -27,24 +27,25 @@ nginx:
 		$(APT) update -qq && $(APT) install -y -qq $$missing >/dev/null; \
 	fi
 
-# etcd as a registry: a real etcd (etcd-server) and etcdctl (etcd-client), installed only when missing.
-ETCD_PACKAGES := etcd-server etcd-client
-etcd:
-	@missing=$$(for p in $(ETCD_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
+# Install those of the Debian packages $(1) that are missing, with apt-get.
+define apt_install_missing
+	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing with apt-get: $$missing"; \
 		$(APT) update -qq && $(APT) install -y -qq $$missing >/dev/null; \
 	fi
+endef
+
+# etcd as a registry: a real etcd (etcd-server) and etcdctl (etcd-client), installed only when missing.
+ETCD_PACKAGES := etcd-server etcd-client
+etcd:
+	$(call apt_install_missing,$(ETCD_PACKAGES))
 
 # The status page's browser tests: Debian's Chromium and its driver (Selenium is pointed at them,
 # so nothing is downloaded at run time), installed only when missing.
 BROWSER_PACKAGES := chromium chromium-driver
 browser:
-	@missing=$$(for p in $(BROWSER_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-		echo "installing with apt-get: $$missing"; \
-		$(APT) update -qq && $(APT) install -y -qq $$missing >/dev/null; \
-	fi
+	$(call apt_install_missing,$(BROWSER_PACKAGES))
 
 lint: venv
 	$(BIN)/ruff check confpy tests bench conformance

@@ -90,6 +90,7 @@ class World:
         self.consul = DevConsulProcess().start()
         self.api = ConsulAPI(self.consul.url)
         self.etcd = EtcdCluster(tmp / "etcd", size=1).start() if registry == "etcd" else None
+        etcd_endpoints = self.etcd.endpoints if self.etcd is not None else []
         self.ports = [free_port() for _ in range(backends)]
         static = "\n".join(
             f'server {{ listen 127.0.0.1:{p}; access_log off; location / {{ return 200 "App server {n}\\n"; }} }}'
@@ -108,11 +109,8 @@ class World:
             wait_max=wait_max,
             status=f"127.0.0.1:{self.status_port}",
             nginx_extra=extra,
+            etcd_endpoints=etcd_endpoints,
         )
-        if self.etcd is not None:  # the same configuration with [etcd] in place of [consul]
-            text = self.config.read_text()
-            etcd = f'[etcd]\nendpoints = ["{self.etcd.endpoints[0]}"]\nmax_backoff = "2s"\n\n'
-            self.config.write_text(text[: text.index("[consul]")] + etcd + text[text.index("[nginx]") :])
         self.confpy: ConfpyProcess | None = None
 
     def register(self, n: int, name: str = "web") -> None:

@@ -91,10 +91,7 @@ class Demo:
 
     # --- the story -----------------------------------------------------------------------------
 
-    def setup(self) -> None:
-        self.out("== Setting up on loopback: dev-consul, three app servers, nginx, confpy")
-        self.consul.start()
-        self.out(f"  dev-consul (in-memory Consul agent) at {self.consul.url}")
+    def _backends_and_config(self, etcd_endpoints: list[str] | None = None) -> Path:
         for n in (1, 2, 3):
             self.backends[n] = BackendServer(f"App server {n}").start()
             self.out(f"  App server {n} at http://{self.endpoint(n)}/")
@@ -106,16 +103,27 @@ class Demo:
             wait_min="50ms",
             wait_max="1s",
             status=f"127.0.0.1:{self.status_port}",
+            etcd_endpoints=etcd_endpoints or (),
         )
         self.out(f"  confpy configuration: {config}")
-        for n in (1, 2, 3):
-            self.run("upstream", "add", "web", self.endpoint(n))
+        return config
+
+    def _start_gateway(self, config: Path) -> None:
         self.confpy = ConfpyProcess(config, env={"CONSUL_HTTP_ADDR": self.consul.url}).start()
         if not wait_until(lambda: self.nginx.destination.exists(), STEP_TIMEOUT):
             raise RuntimeError(f"confpy did not render {self.nginx.destination}:\n{self.confpy.output()}")
         self.nginx.start()
         self.out(f"  nginx gateway on http://127.0.0.1:{self.nginx.port}/ (includes {self.nginx.destination})")
         self.out(f"  confpy daemon running, status page on http://127.0.0.1:{self.status_port}/")
+
+    def setup(self) -> None:
+        self.out("== Setting up on loopback: dev-consul, three app servers, nginx, confpy")
+        self.consul.start()
+        self.out(f"  dev-consul (in-memory Consul agent) at {self.consul.url}")
+        config = self._backends_and_config()
+        for n in (1, 2, 3):
+            self.run("upstream", "add", "web", self.endpoint(n))
+        self._start_gateway(config)
 
     def story(self) -> None:
         started = time.monotonic()
@@ -221,25 +229,10 @@ class EtcdDemo(Demo):
         self.out("== Setting up on loopback: etcd (etcd-server), three app servers, nginx, confpy")
         self.etcd.start()
         self.out(f"  etcd at {self.etcd.endpoints[0]} (data in {self.workdir / 'etcd'})")
-        for n in (1, 2, 3):
-            self.backends[n] = BackendServer(f"App server {n}").start()
-            self.out(f"  App server {n} at http://{self.endpoint(n)}/")
-        config = write_config(
-            self.workdir / "confpy.toml", "http://127.0.0.1:9", self.nginx, _template(),
-            wait_min="50ms", wait_max="1s", status=f"127.0.0.1:{self.status_port}",
-        )  # fmt: skip
-        text = config.read_text()
-        etcd = f'[etcd]\nendpoints = ["{self.etcd.endpoints[0]}"]\nmax_backoff = "1s"\n\n'
-        config.write_text(text[: text.index("[consul]")] + etcd + text[text.index("[nginx]") :])
-        self.out(f"  confpy configuration: {config}")
+        config = self._backends_and_config(self.etcd.endpoints)
         for n in (1, 2, 3):
             self.run("upstream", "add", "-c", str(config), "web", self.endpoint(n))
-        self.confpy = ConfpyProcess(config).start()
-        if not wait_until(lambda: self.nginx.destination.exists(), STEP_TIMEOUT):
-            raise RuntimeError(f"confpy did not render {self.nginx.destination}:\n{self.confpy.output()}")
-        self.nginx.start()
-        self.out(f"  nginx gateway on http://127.0.0.1:{self.nginx.port}/ (includes {self.nginx.destination})")
-        self.out(f"  confpy daemon running, status page on http://127.0.0.1:{self.status_port}/")
+        self._start_gateway(config)
 
     def story(self) -> None:
         config = str(self.workdir / "confpy.toml")

@@ -495,16 +495,17 @@ def write_config(
     consul_wait: str = "60s",
     status: str = "",
     nginx_extra: str = "",
+    etcd_endpoints: Sequence[str] = (),
 ) -> Path:
-    """A confpy.toml for the lab."""
+    """A confpy.toml for the lab: Consul at `consul_url`, or etcd at `etcd_endpoints` when given."""
     status_table = f'\n[status]\nlisten = "{status}"\n' if status else ""
+    registry = (
+        f'[etcd]\nendpoints = {json.dumps(list(etcd_endpoints))}\nwait = "{consul_wait}"\nmax_backoff = "1s"\ntimeout = "2s"\n'
+        if etcd_endpoints
+        else f'[consul]\naddress = "{consul_url}"\nwait = "{consul_wait}"\nmax_backoff = "2s"\ntimeout = "2s"\n'
+    )
     path.write_text(f"""
-[consul]
-address = "{consul_url}"
-wait = "{consul_wait}"
-max_backoff = "2s"
-timeout = "2s"
-
+{registry}
 [nginx]
 pid_file = "{nginx.pid_file}"
 check_cmd = "{nginx.check_cmd}"

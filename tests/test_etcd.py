@@ -62,12 +62,8 @@ def site(
 def etcd_config(
     path: Path, cluster: EtcdCluster, nginx: NginxInstance, template: Path = SHIPPED_TEMPLATE, nginx_extra: str = ""
 ) -> Path:
-    """The lab's configuration with [etcd] in place of [consul]."""
-    config = write_config(path, "http://127.0.0.1:9", nginx, template, nginx_extra=nginx_extra)
-    text = config.read_text()
-    etcd = f'[etcd]\nendpoints = {json.dumps(cluster.endpoints)}\nwait = "60s"\nmax_backoff = "1s"\ntimeout = "2s"\n\n'
-    config.write_text(text[: text.index("[consul]")] + etcd + text[text.index("[nginx]") :])
-    return config
+    """The lab's configuration on this etcd cluster."""
+    return write_config(path, "", nginx, template, nginx_extra=nginx_extra, etcd_endpoints=cluster.endpoints)
 
 
 def start_gateway(
