@@ -19,7 +19,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from confpy.builtin import BUILTIN_PREFIX, template_path
-from confpy.durations import format_go_duration, parse_go_duration
+from confpy.durations import GO_TRUE, format_go_duration, parse_go_bool, parse_go_duration
 from confpy.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/confpy/confpy.toml")
@@ -417,8 +417,6 @@ CONSUL_ENVIRONMENT = {
     "namespace": "CONSUL_NAMESPACE",
     "partition": "CONSUL_PARTITION",
 }
-_GO_BOOLS = {"1": True, "t": True, "T": True, "TRUE": True, "true": True, "True": True}
-_GO_BOOLS.update({"0": False, "f": False, "F": False, "FALSE": False, "false": False, "False": False})
 _NGINX_SPEC: dict[str, Parser] = {
     "pid_file": _str,
     "check_cmd": _command,
@@ -537,15 +535,15 @@ def consul_from_env(
             continue
         raw = environ[variable]
         if key == "verify":
-            if raw not in _GO_BOOLS:
-                raise ConfigError(f"${variable}: {raw!r} is not a boolean (true or false)")
-            values[key] = _GO_BOOLS[raw]
+            try:
+                values[key] = parse_go_bool(raw)
+            except ValueError:
+                raise ConfigError(f"${variable}: {raw!r} is not a boolean (true or false)") from None
         else:
             values[key] = raw
         origin[key] = f"${variable}"
-    if "address" in values and "://" not in values["address"] and environ.get("CONSUL_HTTP_SSL") in _GO_BOOLS:
-        if _GO_BOOLS[environ["CONSUL_HTTP_SSL"]]:
-            values["address"] = "https://" + values["address"]
+    if "address" in values and "://" not in values["address"] and environ.get("CONSUL_HTTP_SSL") in GO_TRUE:
+        values["address"] = "https://" + values["address"]
     if not file_token:
         _token_from_environment(environ, values, origin)
     if values.get("token_file"):

@@ -1,8 +1,22 @@
-"""Go-style durations ("250ms", "1m30s"), as Consul and confpy's configuration write them."""
+"""Go-style values: durations ("250ms", "1m30s"), as Consul and confpy's configuration write them,
+and booleans as Go's strconv.ParseBool reads them (Consul's query parameters, CONSUL_* variables)."""
 
 from __future__ import annotations
 
 import re
+
+GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
+GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
+
+
+def parse_go_bool(text: str) -> bool:
+    """Go's strconv.ParseBool; ValueError for anything else."""
+    if text in GO_TRUE:
+        return True
+    if text in GO_FALSE:
+        return False
+    raise ValueError(text)
+
 
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")

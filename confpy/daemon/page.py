@@ -25,7 +25,7 @@ import psutil
 from confpy.apply.nginx import current_workers, nginx_master, process_start_time
 from confpy.daemon.timeline import TimelineEvent
 from confpy.errors import ReloadError, UnsafeValueError
-from confpy.model import HealthView, ServiceInstance
+from confpy.model import HealthView, ServiceInstance, format_endpoint
 from confpy.render.environment import upstream_name_for
 
 if TYPE_CHECKING:  # status.py serves this page and imports it; the snapshot type is only annotated here
@@ -341,40 +341,31 @@ class StatusPage:
         paused: Mapping[str, float] = {}
         if live is not None:
             up = live.upstreams.get(upstream)
-            pushed = {f"{m.host}:{m.port}" for m in up.members} if up is not None else set()
+            pushed = {str(format_endpoint(m.host, m.port)) for m in up.members} if up is not None else set()
             paused = live.unavailable.get(upstream, {})
-        rows = []
-        for i in view.instances:
-            endpoint = str(i.endpoint)
+
+        def served(endpoint: str) -> bool | None:
+            """Whether nginx has this member now: pushed (live mode), or in the installed file."""
             if pushed is not None:
-                serving: bool | None = endpoint in pushed or f"{i.address}:{i.port}" in pushed
-            else:
-                serving = f"server {endpoint} " in installed if installed else None
-            rows.append(
-                MemberRow(endpoint, i.weight, i.node, i.id, tuple(sorted(i.meta.items())), serving, endpoint in paused)
-            )
-        for i in kept:  # on_empty = "keep": the last known members, which nginx still has
-            endpoint = str(i.endpoint)
-            served = endpoint in pushed if pushed is not None else f"server {endpoint} " in installed
-            rows.append(
-                MemberRow(endpoint, i.weight, i.node, i.id, tuple(sorted(i.meta.items())), served, False, "kept",
-                          "last known member, kept by on_empty while the service has no passing instance")
-            )  # fmt: skip
-        for member in view.unhealthy:  # not passing: Consul keeps them out of the templates
-            served = member.endpoint in pushed if pushed is not None else f"server {member.endpoint} " in installed
-            rows.append(
-                MemberRow(
-                    member.endpoint,
-                    member.weight,
-                    member.node,
-                    member.id,
-                    (),
-                    served,
-                    False,
-                    member.status,
-                    member.output,
-                )
-            )
+                return endpoint in pushed
+            return f"server {endpoint} " in installed if installed else None
+
+        rows = [
+            MemberRow(str(i.endpoint), i.weight, i.node, i.id, tuple(sorted(i.meta.items())), served(str(i.endpoint)),
+                      str(i.endpoint) in paused)
+            for i in view.instances
+        ]  # fmt: skip
+        # on_empty = "keep": the last known members, which nginx still has.
+        rows += [
+            MemberRow(str(i.endpoint), i.weight, i.node, i.id, tuple(sorted(i.meta.items())), served(str(i.endpoint)),
+                      False, "kept", "last known member, kept by on_empty while the service has no passing instance")
+            for i in kept
+        ]  # fmt: skip
+        # Not passing: Consul keeps them out of the templates.
+        rows += [
+            MemberRow(m.endpoint, m.weight, m.node, m.id, (), served(m.endpoint), False, m.status, m.output)
+            for m in view.unhealthy
+        ]
         return tuple(rows)
 
 

@@ -40,15 +40,13 @@ from confpy.devconsul.state import (
     CheckEntry,
     ServiceEntry,
 )
-from confpy.durations import parse_go_duration
+from confpy.durations import GO_FALSE, parse_go_bool, parse_go_duration
 from confpy.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 MAX_KV_VALUE = 512 * 1024
 AGENT_VERSION = "1.20.0"  # the Consul version whose API dev-consul follows
-_GO_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
-_GO_FALSE = {"0", "f", "F", "FALSE", "false", "False"}
 
 
 class HTTPError(Exception):
@@ -56,15 +54,6 @@ class HTTPError(Exception):
         super().__init__(text)
         self.status = status
         self.text = text
-
-
-def parse_go_bool(text: str) -> bool:
-    """Go's strconv.ParseBool."""
-    if text in _GO_TRUE:
-        return True
-    if text in _GO_FALSE:
-        return False
-    raise ValueError(text)
 
 
 class Query:
@@ -498,7 +487,7 @@ class Handler(BaseHTTPRequestHandler):
         self._text(200, "")
 
     def agent_members(self, state: AgentState, rest: str, query: Query) -> None:
-        self._json(200, [member_json(state, wan=query.has("wan") and query.get("wan") not in _GO_FALSE)])
+        self._json(200, [member_json(state, wan=query.has("wan") and query.get("wan") not in GO_FALSE)])
 
     def force_leave(self, state: AgentState, node: str, query: Query) -> None:
         if node not in (state.node, f"{state.node}.{state.datacenter}"):
