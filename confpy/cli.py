@@ -78,7 +78,7 @@ def setup_logging(level: str, log_format: str = "text", environ: Mapping[str, st
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper()))
     # Libraries' connection chatter at DEBUG is not what operators want to read.
-    for noisy in ("urllib3", "watchdog", "aiohttp", "asyncio"):
+    for noisy in ("urllib3", "watchdog", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -8,6 +8,7 @@ rendered bytes and so needs a reload.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -20,8 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 import confpy
 from confpy.apply.files import StateStore, atomic_write, read_bytes
 from confpy.apply.nginx import NginxReloader
@@ -30,6 +29,7 @@ from confpy.errors import ConfpyError
 from confpy.model import ServiceInstance, format_endpoint, nginx_time_seconds
 from confpy.render.environment import RenderResult
 from confpy.render.functions import UpstreamSettings
+from confpy.wire.client import HTTPClient, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -177,28 +177,29 @@ class LiveAdmin:
             host, port = split_host_port(listen)
             host = "127.0.0.1" if host in ("", "0.0.0.0") else ("::1" if host == "::" else host)
             self.base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-        self._session: aiohttp.ClientSession | None = None
+        self._client: HTTPClient | None = None
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
     async def _request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.UnixConnector(path=self.socket_path) if self.socket_path else None
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=ADMIN_TIMEOUT),
-                trust_env=False,
-                skip_auto_headers=("User-Agent",),
+        if self._client is None:
+            self._client = HTTPClient(
+                self.base,
+                unix_path=self.socket_path,
+                connect_timeout=ADMIN_TIMEOUT,
                 headers={"Authorization": f"Bearer {read_admin_token(self.token_file)}", "X-Confpy-Push": "1"},
             )
+        payload = b"" if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if body is not None else None
         try:
-            async with self._session.request(method, self.base + path, json=body) as response:
-                text = (await response.read()).decode("utf-8", "replace")
-                status = response.status
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            async with asyncio.timeout(ADMIN_TIMEOUT):
+                response = await self._client.request(method, path, headers=headers, body=payload)
+            text = response.body.decode("utf-8", "replace")
+            status = response.status
+        except (TransportError, TimeoutError) as exc:
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             raise LivePushError(
                 f"live admin API at {self.listen} is unreachable ({reason}); is the live template included in nginx?"

@@ -186,7 +186,7 @@ class Daemon:
         self.not_reloaded = ""  # why installed files are not live in nginx yet (empty: they are)
         self.recheck_at: float | None = None
         self.quiescence.clear()
-        self._publish()
+        self._snapshot: StatusSnapshot | None = None
 
     def _new_watcher(self, dep: Dependency) -> Watcher:
         return Watcher(
@@ -256,12 +256,25 @@ class Daemon:
         self.events.put_nowait(RegistryEvent())
 
     def _publish(self) -> None:
-        """Replace the snapshot the status endpoint reads."""
+        """Something the status endpoint shows changed: the next read builds a new snapshot.
+
+        Built on demand, not here: this runs on every turn of the loop, and at a thousand services
+        a snapshot costs milliseconds that would sit between a Consul answer and its reload."""
+        self._snapshot = None
+
+    @property
+    def snapshot(self) -> StatusSnapshot:
+        """The immutable status the HTTP side reads (same loop: built when asked, then kept)."""
+        if self._snapshot is None:
+            self._snapshot = self._build_snapshot()
+        return self._snapshot
+
+    def _build_snapshot(self) -> StatusSnapshot:
         live = self.engine.live.status() if self.engine.live is not None else None
         services = {
             dep.describe(): value for dep, value in self.data.snapshot().items() if isinstance(value, HealthView)
         }
-        self.snapshot = StatusSnapshot(
+        return StatusSnapshot(
             registry_address=self.config.consul.address,
             registry_reachable=self.health.reachable,
             registry_error=self.health.last_error,

@@ -12,11 +12,10 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from confpy import __version__
@@ -27,6 +26,7 @@ from confpy.daemon.page import CSP, SCRIPT, STYLE, StatusPage
 from confpy.daemon.timeline import TimelineEvent
 from confpy.errors import ConfigError
 from confpy.model import HealthView, ServiceInstance
+from confpy.wire.server import Handler, HTTPServer, Reply, Request
 
 log = logging.getLogger(__name__)
 
@@ -158,84 +158,77 @@ class StatusServer:
         self.metrics = metrics
         self.page = StatusPage(__version__)
         self.closing = asyncio.Event()
-        app = web.Application()
-        app.router.add_get("/", self._page)
-        app.router.add_get("/events", self._events)
-        app.router.add_get("/static/status.js", self._script)
-        app.router.add_get("/static/status.css", self._style)
-        app.router.add_get("/health", self._health)
-        app.router.add_get("/status", self._status)
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_route("*", "/{tail:.*}", self._not_found)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        routes: dict[str, Handler] = {
+            "/": self._page,
+            "/events": self._events,
+            "/static/status.js": self._script,
+            "/static/status.css": self._style,
+            "/health": self._health,
+            "/status": self._status,
+            "/metrics": self._metrics,
+        }
+        self._server = HTTPServer(routes, self._not_found, f"confpy/{__version__}")
 
     async def start(self) -> None:
         host, port = split_host_port(self.listen)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True, shutdown_timeout=0.2)
         try:
-            await site.start()
+            await self._server.start(host, port)
         except OSError as exc:
-            await self._runner.cleanup()
             raise ConfigError(f"[status] listen = {self.listen!r}: cannot listen: {exc.strerror}") from None
         log.info("status page on http://%s/ (and /health, /status, /metrics)", self.listen)
 
     async def stop(self) -> None:
         self.closing.set()  # event streams end within one poll, so the server stops at once
-        await self._runner.cleanup()
+        await self._server.stop()
 
-    async def _page(self, request: web.Request) -> web.Response:
-        return web.Response(
-            text=self.page.render(self.snapshot()),
-            content_type="text/html",
-            charset="utf-8",
+    async def _page(self, request: Request) -> Reply:
+        return Reply(
+            body=self.page.render(self.snapshot()).encode(),
+            content_type="text/html; charset=utf-8",
             headers={**SECURITY_HEADERS, "Content-Security-Policy": CSP},
         )
 
-    async def _events(self, request: web.Request) -> web.StreamResponse:
+    async def _events(self, request: Request) -> Reply:
         """Server-Sent Events: `data: <fingerprint>` whenever what the page shows changed."""
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", **SECURITY_HEADERS}
+        return Reply(
+            content_type="text/event-stream",
+            headers={"Cache-Control": "no-store", **SECURITY_HEADERS},
+            stream=self._event_stream(),
         )
-        await response.prepare(request)
+
+    async def _event_stream(self) -> AsyncGenerator[bytes, None]:
         last, quiet = "", 0.0
-        try:
-            while not self.closing.is_set():
-                fingerprint = hashlib.sha256(
-                    json.dumps(self.snapshot().to_json(), sort_keys=True).encode()
-                ).hexdigest()[:16]
-                if fingerprint != last:
-                    await response.write(f"data: {fingerprint}\n\n".encode())
-                    last, quiet = fingerprint, 0.0
-                elif quiet >= EVENTS_KEEPALIVE:
-                    await response.write(b": still here\n\n")  # proxies drop silent connections
-                    quiet = 0.0
-                try:
-                    await asyncio.wait_for(self.closing.wait(), EVENTS_POLL)
-                except TimeoutError:
-                    quiet += EVENTS_POLL
-        except (ConnectionResetError, ConnectionError):
-            pass  # the page went away
-        return response
+        while not self.closing.is_set():
+            fingerprint = hashlib.sha256(json.dumps(self.snapshot().to_json(), sort_keys=True).encode()).hexdigest()[
+                :16
+            ]
+            if fingerprint != last:
+                yield f"data: {fingerprint}\n\n".encode()
+                last, quiet = fingerprint, 0.0
+            elif quiet >= EVENTS_KEEPALIVE:
+                yield b": still here\n\n"  # proxies drop silent connections
+                quiet = 0.0
+            try:
+                await asyncio.wait_for(self.closing.wait(), EVENTS_POLL)
+            except TimeoutError:
+                quiet += EVENTS_POLL
 
-    async def _script(self, request: web.Request) -> web.Response:
-        return web.Response(text=SCRIPT, content_type="text/javascript", charset="utf-8", headers=SECURITY_HEADERS)
+    async def _script(self, request: Request) -> Reply:
+        return Reply(body=SCRIPT.encode(), content_type="text/javascript; charset=utf-8", headers=SECURITY_HEADERS)
 
-    async def _style(self, request: web.Request) -> web.Response:
-        return web.Response(text=STYLE, content_type="text/css", charset="utf-8", headers=SECURITY_HEADERS)
+    async def _style(self, request: Request) -> Reply:
+        return Reply(body=STYLE.encode(), content_type="text/css; charset=utf-8", headers=SECURITY_HEADERS)
 
-    async def _health(self, request: web.Request) -> web.Response:
+    async def _health(self, request: Request) -> Reply:
         ok, reason = self.snapshot().health()
-        return web.Response(status=200 if ok else 503, text=reason + "\n", content_type="text/plain", charset="utf-8")
+        return Reply(200 if ok else 503, (reason + "\n").encode())
 
-    async def _status(self, request: web.Request) -> web.Response:
+    async def _status(self, request: Request) -> Reply:
         body = json.dumps(self.snapshot().to_json(), indent=2, sort_keys=True)
-        return web.Response(text=body, content_type="application/json")
+        return Reply(body=body.encode(), content_type="application/json; charset=utf-8")
 
-    async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.render_text(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def _metrics(self, request: Request) -> Reply:
+        return Reply(body=self.metrics.render_text(), content_type=CONTENT_TYPE_LATEST)
 
-    async def _not_found(self, request: web.Request) -> web.Response:
-        return web.Response(
-            status=404, text="not found: try /, /health, /status or /metrics\n", content_type="text/plain"
-        )
+    async def _not_found(self, request: Request) -> Reply:
+        return Reply(404, b"not found: try /, /health, /status or /metrics\n")

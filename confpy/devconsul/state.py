@@ -141,6 +141,9 @@ class AgentState:
         # (node, ID) by service name, as Consul's state store indexes them: a health query reads one
         # service's entries, not the whole catalog (a thousand watches would each scan it).
         self.ids_by_name: dict[str, dict[tuple[str, str], None]] = {}
+        # Each service name's tags for /v1/catalog/services, dropped when one of its instances changes:
+        # a write re-reads one name's instances, not the whole catalog (Consul's index does the same).
+        self.tags_by_name: dict[str, list[str]] = {}
         self.kv: dict[str, KVEntry] = {}
         self.kv_tombstones: dict[str, int] = {}
         self.view_index: dict[str, int] = {}
@@ -243,7 +246,9 @@ class AgentState:
         if old is not None:
             views.update(self._service_views(old.name))
             self.ids_by_name.get(old.name, {}).pop((node, entry.id), None)
+            self.tags_by_name.pop(old.name, None)
         services[entry.id] = entry
+        self.tags_by_name.pop(entry.name, None)
         self.ids_by_name.setdefault(entry.name, {})[(node, entry.id)] = None
         for existing in self.node_checks[node].values():
             if existing.service_id == entry.id:
@@ -258,6 +263,7 @@ class AgentState:
             return set()
         names = self.ids_by_name.get(old.name, {})
         names.pop((node, sid), None)
+        self.tags_by_name.pop(old.name, None)
         if not names:
             self.ids_by_name.pop(old.name, None)
         checks = self.node_checks[node]
@@ -657,11 +663,14 @@ class AgentState:
         ]
 
     def catalog_services(self) -> dict[str, list[str]]:
-        names: dict[str, set[str]] = {}
-        for services in self.node_services.values():
-            for s in services.values():
-                names.setdefault(s.name, set()).update(s.tags)
-        return {name: sorted(tags) for name, tags in sorted(names.items())}
+        out: dict[str, list[str]] = {}
+        for name in sorted(self.ids_by_name):
+            tags = self.tags_by_name.get(name)
+            if tags is None:
+                ids = self.ids_by_name[name]
+                tags = self.tags_by_name[name] = sorted({t for n, sid in ids for t in self.node_services[n][sid].tags})
+            out[name] = list(tags)
+        return out
 
     def catalog_row(self, node: NodeEntry, s: ServiceEntry) -> dict[str, Any]:
         """One /v1/catalog/service row: the node's fields (its Meta as NodeMeta) and the service's, prefixed."""

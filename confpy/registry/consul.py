@@ -1,26 +1,23 @@
-"""Consul's HTTP API as confpy uses it, on aiohttp: one session, bounded calls, clear errors.
+"""Consul's HTTP API as confpy uses it: one pool of kept-alive connections, bounded calls, clear errors.
 
 Every call is bounded: connecting times out after `timeout`, and a whole request after its wait,
 plus Consul's wait/16 jitter, plus `timeout`, so a Consul that accepts a connection and never
 answers is noticed. Bodies are read in chunks up to `max_response_bytes`. Errors come out as
 ConsulError subclasses whose messages say what to check; the token never appears in them.
 
-One session serves every watch: its connector has no per-host limit, so each blocking query holds
-its own kept-alive connection (a thousand watched services are a thousand idle sockets, no threads).
+One client serves every watch, with no limit on connections: each blocking query holds its own
+kept-alive connection (a thousand watched services are a thousand idle sockets, no threads).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 import ssl
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
-
-import aiohttp
 
 from confpy.config import ConsulConfig
 from confpy.durations import format_go_duration
@@ -49,10 +46,10 @@ from confpy.registry.base import (
     KVTree,
     ServiceHealth,
 )
+from confpy.wire.client import HTTPClient, TransportError
 
 _MAX_ERROR_BODY = 300
 DATACENTERS_POLL = 60.0
-_CHUNK = 65536
 
 
 def _short(text: str) -> str:
@@ -76,10 +73,10 @@ def _parse_index(raw: str | None, what: str) -> int:
     return index
 
 
-def ssl_context(config: ConsulConfig) -> ssl.SSLContext | bool:
+def ssl_context(config: ConsulConfig) -> ssl.SSLContext | None:
     """TLS settings for https:// addresses: CA file or folder, client certificate, verification."""
     if config.scheme != "https":
-        return True
+        return None
     if not config.verify:
         context = ssl.create_default_context()
         context.check_hostname = False
@@ -96,35 +93,33 @@ class ConsulClient:
 
     def __init__(self, config: ConsulConfig) -> None:
         self.config = config
-        self._session: aiohttp.ClientSession | None = None
+        self._client: HTTPClient | None = None
 
     @property
     def address(self) -> str:
         return self.config.address
 
-    def _open(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
+    def _open(self) -> HTTPClient:
+        if self._client is None:
             try:
                 tls = ssl_context(self.config)
             except (OSError, ssl.SSLError) as exc:
                 raise ConsulUnreachable(
                     f"cannot load the TLS files for Consul at {self.address}: {exc}; check ca_file/cert_file/key_file"
                 ) from None
-            connector = aiohttp.TCPConnector(limit=0, ssl=tls, enable_cleanup_closed=True, ttl_dns_cache=10)
-            self._session = aiohttp.ClientSession(
-                base_url=self.config.address,
-                connector=connector,
+            self._client = HTTPClient(
+                self.config.address,
+                tls=tls,
+                server_hostname=self.config.tls_server_name or None,
+                connect_timeout=self.config.timeout,
                 headers={"X-Consul-Token": self.config.token} if self.config.token else None,
-                auto_decompress=True,
-                trust_env=False,
-                skip_auto_headers=("User-Agent",),
             )
-        return self._session
+        return self._client
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
     def _params(
         self, params: Sequence[tuple[str, str]], index: int, wait: float | None, read: bool = True
@@ -139,12 +134,12 @@ class ConsulClient:
             out += [("index", str(index)), ("wait", format_go_duration(wait if wait is not None else self.config.wait))]
         return out
 
-    def _timeout(self, index: int, wait: float | None) -> aiohttp.ClientTimeout:
+    def _timeout(self, index: int, wait: float | None) -> float:
         total = self.config.timeout
         if index > 0:
             blocking = wait if wait is not None else self.config.wait
             total += blocking + blocking / 16
-        return aiohttp.ClientTimeout(total=total, sock_connect=self.config.timeout)
+        return total
 
     async def request(
         self,
@@ -158,58 +153,23 @@ class ConsulClient:
         wait: float | None = None,
     ) -> tuple[int, Mapping[str, str], bytes]:
         """One HTTP call; (status, headers, body). Transport failures raise ConsulUnreachable."""
-        session = self._open()
+        client = self._open()
         try:
-            async with session.request(
-                method,
-                path,
-                params=self._params(params, index, wait, read=method == "GET"),
-                data=body,
-                timeout=self._timeout(index, wait),
-                server_hostname=self.config.tls_server_name or None,
-            ) as response:
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.content.iter_chunked(_CHUNK):
-                    size += len(chunk)
-                    if size > self.config.max_response_bytes:
-                        raise ResponseTooLarge(
-                            f"Consul's answer to {what} is larger than max_response_bytes ({self.config.max_response_bytes} bytes); "
-                            "raise [consul] max_response_bytes if this catalog is really that large"
-                        )
-                    chunks.append(chunk)
-                return response.status, response.headers, b"".join(chunks)
-        except ConsulError:
-            raise
+            async with asyncio.timeout(self._timeout(index, wait)):
+                response = await client.request(
+                    method,
+                    path,
+                    params=self._params(params, index, wait, read=method == "GET"),
+                    body=body or b"",
+                    max_body=self.config.max_response_bytes,
+                )
         except TimeoutError:
             raise ConsulUnreachable(
                 f"Consul at {self.address} did not answer {what} in time (timeout {self.config.timeout:g}s plus the query's wait)"
             ) from None
-        except aiohttp.ClientConnectorDNSError as exc:
-            raise ConsulUnreachable(
-                f"cannot reach Consul at {self.address} for {what}: cannot resolve host {exc.host!r} ({_dns_reason(exc)})"
-            ) from None
-        except aiohttp.ClientSSLError as exc:
-            raise ConsulUnreachable(
-                f"TLS with Consul at {self.address} failed for {what}: {_short(str(exc))}; check ca_file/ca_path/cert_file (CONSUL_CACERT, CONSUL_CAPATH, CONSUL_CLIENT_CERT) and tls_server_name"
-            ) from None
-        except aiohttp.ClientConnectorError as exc:
-            os_error = exc.os_error
-            reason = os.strerror(os_error.errno) if os_error.errno else (os_error.strerror or str(os_error))
-            raise ConsulUnreachable(f"cannot reach Consul at {self.address} for {what}: {reason.lower()}") from None
-        except aiohttp.ClientOSError as exc:
-            if "SSL" not in str(exc):
-                raise _unreachable(self.address, what, exc) from None
-            hint = (
-                "Consul requires a client certificate: set cert_file and key_file (CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY)"
-                if "CERTIFICATE_REQUIRED" in str(exc)
-                else "check ca_file/cert_file/key_file"
-            )
-            raise ConsulUnreachable(
-                f"TLS with Consul at {self.address} failed for {what}: {_short(str(exc))}; {hint}"
-            ) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise _unreachable(self.address, what, exc) from None
+        except TransportError as exc:
+            raise _transport_error(self.address, what, exc, self.config.max_response_bytes) from None
+        return response.status, response.headers, response.body
 
     async def read(
         self, path: str, what: str, *, params: Sequence[tuple[str, str]] = (), index: int = 0, wait: float | None = None
@@ -301,10 +261,8 @@ class ConsulClient:
         )
 
 
-def _unreachable(address: str, what: str, exc: BaseException) -> ConsulUnreachable:
-    return ConsulUnreachable(
-        f"request to Consul at {address} for {what} failed: {_short(type(exc).__name__ + ' ' + str(exc))}"
-    )
+def _unreachable(address: str, what: str, exc: TransportError) -> ConsulUnreachable:
+    return ConsulUnreachable(f"request to Consul at {address} for {what} failed: {_short(exc.reason)}")
 
 
 def _quote_key(key: str) -> str:
@@ -316,11 +274,27 @@ def _quote(segment: str) -> str:
     return quote(segment, safe="")
 
 
-def _dns_reason(exc: aiohttp.ClientConnectorDNSError) -> str:
-    os_error = exc.os_error
-    if isinstance(os_error, socket.gaierror) and os_error.strerror:
-        return os_error.strerror
-    return str(os_error) or "name resolution failed"
+def _transport_error(address: str, what: str, exc: TransportError, limit: int) -> ConsulError:
+    """What went wrong on the wire, and what to check."""
+    if exc.kind == "too_large":
+        return ResponseTooLarge(
+            f"Consul's answer to {what} is larger than max_response_bytes ({limit} bytes); "
+            "raise [consul] max_response_bytes if this catalog is really that large"
+        )
+    if exc.kind == "dns":
+        return ConsulUnreachable(
+            f"cannot reach Consul at {address} for {what}: cannot resolve host {exc.host!r} ({exc.reason})"
+        )
+    if exc.kind == "connect":
+        return ConsulUnreachable(f"cannot reach Consul at {address} for {what}: {exc.reason}")
+    if exc.kind == "tls":
+        hint = (
+            "Consul requires a client certificate: set cert_file and key_file (CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY)"
+            if "CERTIFICATE_REQUIRED" in exc.reason
+            else "check ca_file/ca_path/cert_file (CONSUL_CACERT, CONSUL_CAPATH, CONSUL_CLIENT_CERT) and tls_server_name"
+        )
+        return ConsulUnreachable(f"TLS with Consul at {address} failed for {what}: {_short(exc.reason)}; {hint}")
+    return _unreachable(address, what, exc)
 
 
 def _raise_for_status(status: int, text: str, what: str) -> None:

@@ -20,8 +20,6 @@ import ssl
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import aiohttp
-
 from confpy.config import EtcdConfig
 from confpy.errors import RegistryError
 from confpy.model import (
@@ -31,6 +29,7 @@ from confpy.model import (
     health_view_from_entries,
 )
 from confpy.registry.base import CatalogServices, Dependency, KVKey, KVTree, ServiceHealth
+from confpy.wire.client import HTTPClient, TransportError
 
 _CHUNK = 65536
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
@@ -72,7 +71,8 @@ class EtcdClient:
 
     def __init__(self, config: EtcdConfig) -> None:
         self.config = config
-        self._session: aiohttp.ClientSession | None = None
+        self._clients: dict[str, HTTPClient] = {}
+        self._tls: ssl.SSLContext | None = None
         self._current = 0  # the endpoint that last answered
         self._token = ""
 
@@ -80,42 +80,50 @@ class EtcdClient:
     def address(self) -> str:
         return ", ".join(self.config.endpoints)
 
-    def _open(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            tls: ssl.SSLContext | bool = True
-            if any(e.startswith("https://") for e in self.config.endpoints):
+    def _client(self, endpoint: str) -> HTTPClient:
+        client = self._clients.get(endpoint)
+        if client is None:
+            if endpoint.startswith("https://") and self._tls is None:
                 try:
-                    context = ssl.create_default_context(cafile=self.config.ca_file or None)
+                    self._tls = ssl.create_default_context(cafile=self.config.ca_file or None)
                     if self.config.cert_file:
-                        context.load_cert_chain(self.config.cert_file, self.config.key_file or None)
+                        self._tls.load_cert_chain(self.config.cert_file, self.config.key_file or None)
                 except (OSError, ssl.SSLError) as exc:
+                    self._tls = None
                     raise EtcdError(
                         f"cannot load the TLS files for etcd: {exc}; check ca_file/cert_file/key_file"
                     ) from None
-                tls = context
-            connector = aiohttp.TCPConnector(limit=0, ssl=tls, enable_cleanup_closed=True)
-            self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
-        return self._session
+            client = self._clients[endpoint] = HTTPClient(endpoint, tls=self._tls, connect_timeout=self.config.timeout)
+        return client
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        clients, self._clients = self._clients, {}
+        for client in clients.values():
+            await client.close()
+
+    async def _post(self, endpoint: str, path: str, body: Mapping[str, Any]) -> tuple[int, bytes]:
+        """POST JSON to one endpoint within the timeout: (status, body)."""
+        headers = {"Content-Type": "application/json"}
+        if self._token:
+            headers["Authorization"] = self._token
+        async with asyncio.timeout(self.config.timeout):
+            response = await self._client(endpoint).request(
+                "POST", path, headers=headers, body=json.dumps(dict(body)).encode(), max_body=MAX_RESPONSE_BYTES
+            )
+        return response.status, response.body
 
     async def _authenticate(self, endpoint: str) -> None:
         if not self.config.username or self._token:
             return
         body = {"name": self.config.username, "password": self.config.password}
-        async with self._open().post(
-            f"{endpoint}/v3/auth/authenticate", json=body, timeout=self._timeout()
-        ) as response:
-            data = await response.json(content_type=None)
-        if response.status != 200 or not isinstance(data, Mapping) or not data.get("token"):
+        status, raw = await self._post(endpoint, "/v3/auth/authenticate", body)
+        try:
+            data = json.loads(raw or b"{}")
+        except ValueError:
+            data = raw[:200].decode("utf-8", "replace")
+        if status != 200 or not isinstance(data, Mapping) or not data.get("token"):
             raise EtcdError(f"etcd at {endpoint} refused user {self.config.username!r}: {_message(data)}")
         self._token = str(data["token"])
-
-    def _timeout(self, extra: float = 0.0) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(total=self.config.timeout + extra, sock_connect=self.config.timeout)
 
     async def call(self, path: str, body: Mapping[str, Any], what: str) -> Mapping[str, Any]:
         """POST one gateway call, failing over across the endpoints; the decoded answer."""
@@ -126,13 +134,8 @@ class EtcdClient:
             endpoint = endpoints[number]
             try:
                 await self._authenticate(endpoint)
-                headers = {"Authorization": self._token} if self._token else {}
-                async with self._open().post(
-                    f"{endpoint}{path}", json=dict(body), headers=headers, timeout=self._timeout()
-                ) as response:
-                    raw = await response.content.read(MAX_RESPONSE_BYTES + 1)
-                    status = response.status
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                status, raw = await self._post(endpoint, path, body)
+            except (TransportError, TimeoutError) as exc:
                 errors.append(f"{endpoint}: {type(exc).__name__} {exc}".strip())
                 continue
             self._current = number
@@ -160,18 +163,16 @@ class EtcdClient:
         """Wait for a change to the key (range) from `start_revision`: "changed", "compacted" or "timeout"."""
         create: dict[str, Any] = {**_key_range(key, prefix), "start_revision": str(start_revision)}
         endpoint = self.config.endpoints[self._current]
-        headers = {"Authorization": self._token} if self._token else {}
+        headers = {"Content-Type": "application/json"}
+        if self._token:
+            headers["Authorization"] = self._token
+        body = json.dumps({"create_request": create}).encode()
         try:
             async with asyncio.timeout(wait):
-                async with self._open().post(
-                    f"{endpoint}/v3/watch",
-                    json={"create_request": create},
-                    headers=headers,
-                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.timeout),
-                ) as response:
+                async with self._client(endpoint).stream("POST", "/v3/watch", headers=headers, body=body) as response:
                     if response.status != 200:
                         raise EtcdError(f"etcd refused a watch on {key!r}: {response.status}")
-                    async for line in response.content:
+                    async for line in response.lines():
                         if not line.strip():
                             continue
                         result = json.loads(line).get("result") or {}
@@ -184,7 +185,7 @@ class EtcdClient:
                     return "closed"
         except TimeoutError:
             return "timeout"
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
+        except (TransportError, ValueError) as exc:
             self._current = (self._current + 1) % len(self.config.endpoints)  # the next call tries another
             raise EtcdError(f"watch on etcd at {endpoint} failed: {type(exc).__name__} {exc}") from None
 

@@ -1,0 +1,177 @@
+"""confpy/wire: the h11 client and server on asyncio streams, against each other and against raw sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncGenerator, Awaitable, Callable
+
+import pytest
+
+from confpy.lab import free_port
+from confpy.wire.client import HTTPClient, TransportError
+from confpy.wire.server import HTTPServer, Reply, Request
+
+pytestmark = pytest.mark.asyncio
+
+
+async def _not_found(request: Request) -> Reply:
+    return Reply(404, b"not found\n")
+
+
+async def serving(routes: dict[str, Callable[[Request], Awaitable[Reply]]]) -> tuple[HTTPServer, int]:
+    server = HTTPServer(routes, _not_found, "test")
+    port = free_port()
+    await server.start("127.0.0.1", port)
+    return server, port
+
+
+async def test_kept_alive_connections_are_reused_and_bodies_arrive_whole() -> None:
+    peers: list[tuple[str, int]] = []
+    big = b"0123456789" * 300_000  # larger than any socket buffer: several writes and reads
+
+    async def echo(request: Request) -> Reply:
+        return Reply(body=big if request.query == "big" else request.query.encode(), headers={"X-Index": "7"})
+
+    server, port = await serving({"/echo": echo})
+    client = HTTPClient(f"http://127.0.0.1:{port}")
+    try:
+        first = await client.request("GET", "/echo", params=[("a", "b c"), ("recurse", "")])
+        assert (first.status, first.body, first.headers["x-index"], first.headers.get("X-INDEX")) == (
+            200,
+            b"a=b%20c&recurse=",
+            "7",
+            "7",
+        )
+        peers.append(client._idle[0].writer.get_extra_info("sockname"))
+        third = await client.request("GET", "/echo?big")
+        assert third.body == big
+        peers.append(client._idle[0].writer.get_extra_info("sockname"))
+        assert peers[0] == peers[1], "the second request did not reuse the kept-alive connection"
+        missing = await client.request("POST", "/nowhere", body=b"x")
+        assert (missing.status, missing.body) == (404, b"not found\n")
+        refused = await client.request("POST", "/echo", body=b"x")
+        assert refused.status == 405 and refused.headers["allow"] == "GET, HEAD"
+    finally:
+        await client.close()
+        await server.stop()
+
+
+async def test_an_answer_over_max_body_is_refused() -> None:
+    async def large(request: Request) -> Reply:
+        return Reply(body=b"x" * 5000)
+
+    server, port = await serving({"/large": large})
+    client = HTTPClient(f"http://127.0.0.1:{port}")
+    try:
+        with pytest.raises(TransportError) as caught:
+            await client.request("GET", "/large", max_body=4096)
+        assert caught.value.kind == "too_large" and "4096" in caught.value.reason
+        assert (await client.request("GET", "/large", max_body=5000)).body == b"x" * 5000
+    finally:
+        await client.close()
+        await server.stop()
+
+
+async def test_a_connection_the_server_closed_while_idle_is_replaced_for_a_get() -> None:
+    """A kept-alive connection the server dropped is noticed on use; a GET is sent again once."""
+    answers = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answers
+        await reader.readuntil(b"\r\n\r\n")
+        answers += 1
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        if answers == 1:
+            await asyncio.sleep(0.05)
+            writer.close()  # keep-alive promised, then closed while idle
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = HTTPClient(f"http://127.0.0.1:{port}")
+    try:
+        assert (await client.request("GET", "/")).body == b"ok"
+        await asyncio.sleep(0.2)
+        assert (await client.request("GET", "/")).body == b"ok"
+        assert answers == 2
+    finally:
+        await client.close()
+        server.close()
+
+
+async def test_transport_failures_say_what_happened() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]  # bound, not listening: refused
+        client = HTTPClient(f"http://127.0.0.1:{port}")
+        with pytest.raises(TransportError) as refused:
+            await client.request("GET", "/")
+    assert (refused.value.kind, refused.value.reason) == ("connect", "connection refused")
+
+    client = HTTPClient("http://confpy-test.invalid:8500")
+    with pytest.raises(TransportError) as unresolved:
+        await client.request("GET", "/")
+    assert unresolved.value.kind == "dns" and unresolved.value.host == "confpy-test.invalid"
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"SSH-2.0-OpenSSH\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    client = HTTPClient(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
+        with pytest.raises(TransportError) as bad:
+            await client.request("GET", "/")
+        assert bad.value.kind == "protocol"
+    finally:
+        server.close()
+
+
+async def test_a_cancelled_request_leaves_no_connection_behind() -> None:
+    release = asyncio.Event()
+
+    async def slow(request: Request) -> Reply:
+        await release.wait()
+        return Reply(body=b"late")
+
+    server, port = await serving({"/slow": slow})
+    client = HTTPClient(f"http://127.0.0.1:{port}")
+    try:
+        task = asyncio.create_task(client.request("GET", "/slow"))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert client._idle == []  # a half-used connection is never handed out again
+        release.set()
+        assert (await client.request("GET", "/slow")).body == b"late"
+    finally:
+        await client.close()
+        await server.stop()
+
+
+async def test_a_streamed_answer_arrives_piece_by_piece_and_ends_when_the_server_stops() -> None:
+    closing = asyncio.Event()
+
+    async def lines() -> AsyncGenerator[bytes, None]:
+        yield b'{"n": 1}\n{"n"'
+        yield b": 2}\n"
+        await closing.wait()
+
+    async def events(request: Request) -> Reply:
+        return Reply(content_type="text/event-stream", stream=lines())
+
+    server, port = await serving({"/events": events})
+    client = HTTPClient(f"http://127.0.0.1:{port}")
+    received: list[bytes] = []
+    async with client.stream("GET", "/events") as response:
+        assert response.status == 200 and response.headers["content-type"] == "text/event-stream"
+        async for line in response.lines():
+            received.append(line)
+            if len(received) == 2:
+                closing.set()
+                await server.stop()
+    assert received == [b'{"n": 1}', b'{"n": 2}']
