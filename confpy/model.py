@@ -9,6 +9,7 @@ produce these values; rendering and applying consume them.
 from __future__ import annotations
 
 import base64
+import functools
 import ipaddress
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -50,8 +51,11 @@ def is_hostname(text: str) -> bool:
     return all(_HOST_LABEL.match(label) for label in labels)
 
 
+@functools.lru_cache(maxsize=65536)
 def normalize_address(text: str) -> str:
-    """Return the address if it is IPv4, IPv6 or an RFC 1123 host name; raise ValueError otherwise."""
+    """Return the address if it is IPv4, IPv6 or an RFC 1123 host name; raise ValueError otherwise.
+
+    Cached: every answer about a service repeats all of its instances' addresses."""
     try:
         ip = ipaddress.ip_address(text)
     except ValueError:

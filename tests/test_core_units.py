@@ -24,7 +24,8 @@ from confpy.daemon.status import StatusSnapshot
 from confpy.errors import ConsulUnreachable, RegistryError
 from confpy.model import HealthView, health_view_from_entries
 from confpy.registry.base import CatalogServices, Dependency, ServiceHealth
-from confpy.watch.watcher import RegistryHealth, Watcher, WatchSettings, next_index
+from confpy.render.environment import DataSource
+from confpy.watch.watcher import FirstFetches, RegistryHealth, Watcher, WatchSettings, next_index
 from confpy.watch.watchset import WatchSet
 
 T = TypeVar("T")
@@ -195,6 +196,54 @@ def test_watcher_retries_with_growing_backoff_and_health_logs_the_outage_once(ca
         assert caplog.text.count("Consul unavailable since") == 1 and "Consul is back" in caplog.text
 
     run(scenario)
+
+
+def test_no_blocking_query_starts_while_a_first_query_is_still_out() -> None:
+    """Start-up order: blocking queries wait until every first (index 0) query has been answered."""
+
+    async def scenario() -> None:
+        registry, clock = FakeRegistry(), FakeClock()
+        fast, slow = FakeDep("fast"), FakeDep("slow")
+        registry.set(fast, "f1", index=20)
+        first = FirstFetches(limit=1)
+        seen: list[tuple[object, int]] = []
+
+        async def no_sleep(seconds: float) -> None:
+            pass
+
+        def watcher(dep: FakeDep) -> Watcher:
+            return Watcher(
+                dep, registry, WatchSettings(wait=60.0, max_backoff=4.0), RegistryHealth(clock),
+                lambda d, value, index: seen.append((value, index)), clock=clock, sleep=no_sleep, first_fetches=first,
+            )  # fmt: skip
+
+        watchers = [watcher(fast), watcher(slow)]
+        for w in watchers:
+            w.start()
+        await turns()
+        # `fast` was answered; `slow` (no data yet) holds its first query open: `fast` must not block yet.
+        assert seen == [("f1", 20)]
+        assert registry.calls == [(fast, 0), (slow, 0)], registry.calls
+        registry.set(slow, "s1", index=21)
+        await turns()
+        assert ("s1", 21) in seen
+        assert registry.calls[2:] and all(index > 0 for _, index in registry.calls[2:])  # now both block
+        assert (fast, 20) in registry.calls[2:]
+        for w in watchers:
+            w.stop()
+        await asyncio.gather(*(w.wait_stopped() for w in watchers))
+
+    run(scenario)
+
+
+def test_equal_dependencies_become_one_object_in_the_data_source() -> None:
+    data = DataSource()
+    first = data.canonical(ServiceHealth("web", "nginx"))
+    again = data.canonical(ServiceHealth("web", "nginx"))
+    assert again is first and hash(again) == hash(ServiceHealth("web", "nginx"))
+    assert data.canonical(ServiceHealth("web")) is not first  # another tag: another dependency
+    data.forget(first)
+    assert data.canonical(ServiceHealth("web", "nginx")) is not first
 
 
 def test_watch_set_starts_and_stops_exactly_what_is_wanted() -> None:

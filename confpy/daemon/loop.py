@@ -14,8 +14,10 @@ ends at once, an interrupted install rolls back, and the clean-up closes every c
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import logging
+import random
 import signal
 import time
 from collections.abc import Callable, Mapping
@@ -41,7 +43,7 @@ from confpy.pipeline import SyncEngine
 from confpy.registry.base import Dependency, Registry, ServiceHealth
 from confpy.registry.factory import open_registry
 from confpy.render.environment import DataSource, RenderResult
-from confpy.watch.watcher import RegistryHealth, Sleep, Watcher, WatchSettings
+from confpy.watch.watcher import FirstFetches, RegistryHealth, Sleep, Watcher, WatchSettings
 from confpy.watch.watchset import WatchSet
 
 log = logging.getLogger(__name__)
@@ -174,7 +176,8 @@ class Daemon:
         )
         self.settings = WatchSettings(wait=config.registry_wait, max_backoff=config.registry_max_backoff)
         self.data = DataSource()
-        self.first_fetches = asyncio.Semaphore(FIRST_FETCH_CONCURRENCY)
+        self.first_fetches = FirstFetches(FIRST_FETCH_CONCURRENCY)
+        self.jitter = random.Random()
         self.watches = WatchSet(self._new_watcher)
         self.probe: asyncio.Task[None] | None = None
         self.memories: dict[Path, Memory] = {}  # read once the locks are held (and 0.1's files moved)
@@ -187,6 +190,7 @@ class Daemon:
         self.recheck_at: float | None = None
         self.quiescence.clear()
         self._snapshot: StatusSnapshot | None = None
+        self.frozen = False  # gc.freeze() after the first complete sync
 
     def _new_watcher(self, dep: Dependency) -> Watcher:
         return Watcher(
@@ -198,6 +202,7 @@ class Daemon:
             clock=self.clock,
             sleep=self.sleep,
             first_fetches=self.first_fetches,
+            jitter=self.jitter,
         )
 
     def _on_value(self, dep: Dependency, value: object, index: int) -> None:
@@ -541,6 +546,13 @@ class Daemon:
         self.metrics.last_sync.set(now)
         in_sync = "in sync; last change installed " + time.strftime("%H:%M:%S") if report.changed else "in sync"
         if all(t.installed_once for t in self.templates.values()):
+            if not self.frozen:
+                self.frozen = True
+                # What start-up built (the modules, the watches, a thousand services' data) stays
+                # for the daemon's life: out of the collector's sight, a full collection no longer
+                # walks it, which otherwise lands in the middle of a later change's render.
+                gc.collect()
+                gc.freeze()
             self._ready(in_sync)
 
     def _note_reload(self, skipped: ReloadOutcome | None, reloaded: bool = False) -> None:

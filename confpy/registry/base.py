@@ -9,7 +9,7 @@ registry with no server, and another registry can answer the same query kinds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -58,6 +58,15 @@ class ServiceHealth:
     tag: str | None = None
     dc: str | None = None
     passing: bool = True
+    # Hashed once: a render at a thousand services looks a thousand of these up in several dicts,
+    # and the hash dataclass generates builds a tuple each time.
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.service, self.tag, self.dc, self.passing)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def describe(self) -> str:
         extra = [f"tag={self.tag}"] if self.tag else []

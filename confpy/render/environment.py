@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import jinja2
 from jinja2 import nodes
@@ -59,6 +59,7 @@ def _preview(value: str) -> str:
 
 
 _MISSING = object()
+_Dep = TypeVar("_Dep")
 
 
 class NginxQuoted(str):
@@ -182,6 +183,13 @@ class DataSource:
 
     def __init__(self) -> None:
         self._values: dict[Dependency, object] = {}
+        # One object per distinct dependency, whichever render created it first: equal keys that
+        # are the same object match in a dict by identity, without a call to __eq__.
+        self._canonical: dict[object, object] = {}
+
+    def canonical(self, dep: _Dep) -> _Dep:
+        """The object that stands for every dependency equal to `dep` (equal ones are the same type)."""
+        return cast(_Dep, self._canonical.setdefault(dep, dep))
 
     def __contains__(self, dep: object) -> bool:
         return dep in self._values
@@ -195,6 +203,11 @@ class DataSource:
         """The value, or `default` when there is none (the fast path for fragments)."""
         return self._values.get(dep, default)
 
+    @property
+    def values(self) -> Mapping[Dependency, object]:
+        """Every value, read-only (the loop over a thousand fragments reads it directly)."""
+        return self._values
+
     def set(self, dep: Dependency, value: object) -> bool:
         """Store a value; return True if it differs from the previous one."""
         changed = dep not in self._values or self._values[dep] != value
@@ -204,6 +217,7 @@ class DataSource:
 
     def forget(self, dep: Dependency) -> None:
         self._values.pop(dep, None)
+        self._canonical.pop(dep, None)
 
     def snapshot(self) -> dict[Dependency, object]:
         return dict(self._values)
@@ -228,6 +242,8 @@ class Fragment:
     upstreams: list[tuple[str, str]] = field(default_factory=list)
     complete: bool = True
     text: str = ""
+    # Only reads, upstream names and members: replayed inline by a `fragment for` loop.
+    plain: bool = False
 
 
 class _RenderContext:
@@ -273,6 +289,7 @@ class _RenderContext:
 
     def lookup(self, dep: AnyDependency) -> tuple[bool, object]:
         """Record that the template uses `dep`; (whether the registry answered yet, its value)."""
+        dep = self.data.canonical(dep)
         self.dependencies.add(dep)
         found, value = self.data.get(dep)
         for fragment in self.recording:
@@ -431,8 +448,41 @@ class _RenderContext:
         finally:
             self.recording.pop()
         if fragment.complete and key not in self.fragments:
+            fragment.plain = not (
+                fragment.remembered or fragment.kept or fragment.warnings or fragment.live or fragment.live_settings
+            )
             self.fragments[key] = fragment
         return fragment.text
+
+    def each(self, lineno: int, items: Iterable[object], body: Callable[[object], str]) -> str:
+        """`{% fragment for item in items %}`: one fragment per item, keyed by (lineno, item).
+
+        The same as calling `fragment` per item; the common case, a top-level loop in which
+        nearly every fragment is plain and unchanged, is done inline because at a thousand
+        services it is the whole cost of a render."""
+        if self.recording:
+            return "".join([self.fragment((lineno, item), body, item) for item in items])
+        previous, fragments, values = self.previous_fragments, self.fragments, self.data.values
+        dependencies, upstreams, members = self.dependencies, self.upstreams, self.memory.members
+        texts: list[str] = []
+        for item in items:
+            key = (lineno, item)
+            cached = previous.get(key)
+            if cached is not None and cached.plain and key not in fragments:
+                for dep, value in cached.reads.items():
+                    if values.get(dep, _MISSING) is not value:
+                        break
+                else:
+                    dependencies.update(cached.reads)
+                    for name, service in cached.upstreams:
+                        if upstreams.setdefault(name, service) != service:
+                            self._claim(name, service)  # two services, one upstream name: the error
+                    members.update(cached.members)
+                    fragments[key] = cached
+                    texts.append(cached.text)
+                    continue
+            texts.append(self.fragment(key, body, item))
+        return "".join(texts)
 
 
 class FragmentExtension(Extension):
@@ -471,7 +521,7 @@ class FragmentExtension(Extension):
         self, context: jinja2.runtime.Context, lineno: int, items: Iterable[object], caller: Callable[[object], str]
     ) -> str:
         render: _RenderContext = context["__confpy__"]
-        return "".join([render.fragment((lineno, item), caller, item) for item in items])
+        return render.each(lineno, items, caller)
 
 
 @jinja2.pass_context

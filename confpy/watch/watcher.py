@@ -14,7 +14,8 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from confpy.errors import RegistryError
@@ -34,6 +35,42 @@ def next_index(last: int, new: int) -> int:
     if new < last:
         return 0
     return max(new, 1)
+
+
+class FirstFetches:
+    """Start-up order, shared by every watcher: at most `limit` first (non-blocking) queries at once,
+    so a thousand watches starting together do not buffer a thousand answers at the same time; and
+    no blocking query starts while a watcher has not yet made its first query, so the queries the
+    first render needs are not slowed by a thousand long polls being set up beside them. Nothing is
+    missed by waiting: a blocking query sends the index of its first answer and returns at once
+    when the data moved since. A first query that fails counts as made (its retries do not hold
+    the others back)."""
+
+    def __init__(self, limit: int) -> None:
+        self._slots = asyncio.Semaphore(limit)
+        self._pending = 0
+        self._settled = asyncio.Event()
+        self._settled.set()
+
+    def expect(self) -> None:
+        """A watcher starts: its first query is still to come."""
+        self._pending += 1
+        self._settled.clear()
+
+    def done(self) -> None:
+        """That first query was made (answered, failed or abandoned)."""
+        self._pending -= 1
+        if not self._pending:
+            self._settled.set()
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        async with self._slots:
+            yield
+
+    async def settled(self) -> None:
+        """Return once every started watcher has made its first query."""
+        await self._settled.wait()
 
 
 class RegistryHealth:
@@ -130,7 +167,8 @@ class Watcher:
         last_value: object = None,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
-        first_fetches: asyncio.Semaphore | None = None,
+        first_fetches: FirstFetches | None = None,
+        jitter: random.Random | None = None,
     ) -> None:
         self.dep = dep
         self.registry = registry
@@ -143,20 +181,29 @@ class Watcher:
         self.clock = clock
         self.sleep = sleep
         self.queries = 0
-        # Shared by every watcher: bounds how many non-blocking (index 0) queries run at once, so a
-        # thousand watches starting together do not buffer a thousand answers at the same time.
         self.first_fetches = first_fetches
+        self._first_pending = False
         self._last_query: float | None = None
         self._task: asyncio.Task[None] | None = None
-        self.random = random.Random()
+        # One generator shared by a daemon's watchers: each Random holds 2.5 KB of state.
+        self.random = jitter or random.Random()
 
     def start(self) -> None:
+        if self.first_fetches is not None and self.index == 0:
+            self.first_fetches.expect()
+            self._first_pending = True
         self._task = asyncio.get_running_loop().create_task(self.run(), name=f"watch {self.dep.describe()}")
 
     def stop(self) -> None:
         """Cancel the task: an in-flight query is abandoned and its answer never reported."""
+        self._first_made()
         if self._task is not None:
             self._task.cancel()
+
+    def _first_made(self) -> None:
+        if self._first_pending and self.first_fetches is not None:
+            self._first_pending = False
+            self.first_fetches.done()
 
     async def wait_stopped(self) -> None:
         if self._task is not None:
@@ -178,10 +225,16 @@ class Watcher:
         self.queries += 1
         self.health.request()
         try:
-            if self.index == 0 and self.first_fetches is not None:
-                async with self.first_fetches:
-                    answer = await self.registry.fetch(self.dep, self.index, self.settings.wait)
+            if self.first_fetches is None:
+                answer = await self.registry.fetch(self.dep, self.index, self.settings.wait)
+            elif self.index == 0:
+                try:
+                    async with self.first_fetches.slot():
+                        answer = await self.registry.fetch(self.dep, self.index, self.settings.wait)
+                finally:
+                    self._first_made()
             else:
+                await self.first_fetches.settled()
                 answer = await self.registry.fetch(self.dep, self.index, self.settings.wait)
         except RegistryError as exc:
             self.health.failure(self.dep, exc)

@@ -62,8 +62,11 @@ class WatchSet:
     def sync(self, wanted: Iterable[Dependency]) -> WatchDiff:
         """Watch exactly `wanted`."""
         target = set(wanted)
+        if target == self._watchers.keys():
+            return WatchDiff(frozenset(), frozenset())  # the usual case, after every render
         removed = frozenset(dep for dep in list(self._watchers) if dep not in target and self.remove(dep))
-        added = frozenset(dep for dep in sorted(target, key=lambda d: d.describe()) if self.add(dep))
+        new = sorted((dep for dep in target if dep not in self._watchers), key=lambda d: d.describe())
+        added = frozenset(dep for dep in new if self.add(dep))
         return WatchDiff(added, removed)
 
     async def stop_all(self) -> None:
