@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -211,22 +212,57 @@ class DevConsulProcess:
 
 
 class ConsulAPI:
-    """A few Consul HTTP calls over urllib, for tests, the demo and benchmarks."""
+    """A few Consul HTTP calls, for tests, the demo and benchmarks.
+
+    Each thread keeps its connection alive between calls, as py-consul's session and Consul's Go
+    client do (a benchmark's clock starts before the write: a new connection per write would be
+    counted as the registry's time). A connection the agent closed is replaced once.
+    """
 
     def __init__(self, url: str, tls: ssl.SSLContext | None = None) -> None:
         self.url = url.rstrip("/")
         self.tls = tls
+        parts = urllib.parse.urlsplit(self.url)
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._local = threading.local()
+
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            if self.tls is not None or self.url.startswith("https://"):
+                conn = http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self.tls)
+            else:
+                conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+            self._local.conn = conn
+        conn.timeout = timeout
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout)
+        return conn
 
     def request(
         self, method: str, path: str, body: Any = None, timeout: float = 10.0
     ) -> tuple[int, dict[str, str], bytes]:
         data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-        req = urllib.request.Request(self.url + path, data=data, method=method)  # noqa: S310 - loopback test URL
-        try:
-            with urllib.request.urlopen(req, timeout=timeout, context=self.tls) as resp:  # noqa: S310 - loopback test URL
-                return resp.status, dict(resp.headers), resp.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, dict(exc.headers), exc.read()
+        for attempt in (1, 2):
+            conn = self._connection(timeout)
+            reused = conn.sock is not None
+            try:
+                conn.request(method, path, body=data)
+                response = conn.getresponse()
+                payload = response.read()
+            except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
+                conn.close()
+                if reused and attempt == 1:
+                    continue  # the agent closed the kept-alive connection (a restart): once more, anew
+                raise
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                raise
+            if response.will_close:
+                conn.close()
+            return response.status, dict(response.headers), payload
+        raise AssertionError("unreachable")
 
     def register(
         self,

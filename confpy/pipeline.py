@@ -10,7 +10,7 @@ import asyncio
 import difflib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,18 +241,30 @@ class SyncEngine:
                     "%s: %s has no passing instance; keeping its last known members (on_empty = keep)", dest, dep
                 )
 
-    def remember(self, results: Sequence[RenderResult], memories: dict[Path, Memory]) -> None:
-        """Save the live state files and the members each template used (`on_empty = "keep"`).
-
-        After the push, off the critical path: only a restart needs these.
-        """
-        if self.live is not None:
-            self.live.save_state(results)
+    @staticmethod
+    def remember(results: Sequence[RenderResult], memories: dict[Path, Memory]) -> list[Path]:
+        """Take in the members each template used (`on_empty = "keep"`); return the destinations
+        whose remembered members changed, for `save` to write."""
+        changed = []
         for result in results:
             dest = result.template.destination
             if result.memory.members != memories[dest].members:
-                self.state.save(dest, result.memory)
                 memories[dest] = result.memory
+                changed.append(dest)
+        return changed
+
+    def save(
+        self, results: Sequence[RenderResult], destinations: Iterable[Path], memories: Mapping[Path, Memory]
+    ) -> None:
+        """Write the live state files of `results` and the remembered members of `destinations`.
+
+        After the push or reload, off the critical path: only a later restart of nginx (live
+        state) or of confpy (remembered members) reads them.
+        """
+        if self.live is not None:
+            self.live.save_state(results)
+        for dest in destinations:
+            self.state.save(dest, memories[dest])
 
     def load_memories(self) -> dict[Path, Memory]:
         return {t.destination: self.state.load(t.destination) for t in self.templates}
@@ -296,7 +308,7 @@ class SyncEngine:
                     if self.live is not None:
                         report.pushed = await self.live.push()
                 finally:
-                    self.remember(results, memories)
+                    self.save(results, self.remember(results, memories), memories)
         report.indexes = indexes
         return report
 

@@ -8,6 +8,7 @@ dependency, and gunicorn's arbiter tests).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -18,7 +19,7 @@ from typing import TypeVar
 import pytest
 
 from confpy.config import WaitConfig, parse_config
-from confpy.daemon.loop import Daemon
+from confpy.daemon.loop import STATE_SAVE_DELAY, Daemon
 from confpy.daemon.quiescence import Quiescence
 from confpy.daemon.status import StatusSnapshot
 from confpy.errors import ConsulUnreachable, RegistryError
@@ -400,6 +401,33 @@ def test_an_unrelated_change_renders_nothing_and_equal_bytes_write_nothing(tmp_p
         await daemon._run_due()
         assert daemon.cycles == cycles and out.stat().st_mtime_ns == before.st_mtime_ns
         await daemon._stop()
+
+    run(scenario)
+
+
+def test_remembered_members_are_written_after_the_sync_and_at_once_on_stop(tmp_path: Path) -> None:
+    def ports(state: Path) -> list[int]:
+        members = json.loads(state.read_text())["members"]
+        return sorted(item["port"] for items in members.values() for item in items)
+
+    async def scenario() -> None:
+        registry, clock = FakeRegistry(), FakeClock()
+        daemon = _daemon(tmp_path, WEB, registry, clock, wait_min="0s")
+        registry.set(ServiceHealth("web"), _view(1))
+        await daemon._start()
+        await _drain(daemon)
+        await daemon._run_due()
+        state = daemon.engine.state.path_for(tmp_path / "out.conf")
+        assert (tmp_path / "out.conf").exists() and not state.exists(), "written after the reload, not before"
+        clock.now += STATE_SAVE_DELAY
+        daemon._save_state()
+        assert ports(state) == [1]
+        registry.set(ServiceHealth("web"), _view(1, 2))
+        await _drain(daemon)
+        await daemon._run_due()
+        assert "server 127.0.0.1:2;" in (tmp_path / "out.conf").read_text() and ports(state) == [1]
+        await daemon._stop()  # stopping writes what is pending
+        assert ports(state) == [1, 2]
 
     run(scenario)
 

@@ -329,6 +329,7 @@ class LiveSupervisor:
         self.retry_at: float | None = None
         self.check_at: float | None = None
         self.generation: tuple[int, ...] = ()
+        self.generation_unknown = True  # until read after the first push, and again after a reload
         # Hooks for metrics: members lists pushed, pushes failed.
         self.on_pushed: Callable[[int], None] = lambda count: None
         self.on_failure: Callable[[], None] = lambda: None
@@ -369,6 +370,7 @@ class LiveSupervisor:
     def nginx_reloaded(self) -> None:
         """nginx has new workers: ask it what it serves before the next push."""
         self.known = None
+        self.generation_unknown = True
 
     async def push(self) -> list[str]:
         """Push every upstream whose version in nginx differs; skipped while nginx is not running."""
@@ -414,7 +416,11 @@ class LiveSupervisor:
         self.error = ""
         self.backoff = INITIAL_RETRY
         self.retry_at = None
-        self.generation = self.reloader.worker_pids()
+        if self.generation_unknown:
+            # psutil walks nginx's processes (a few ms): only after a reload, not after every push;
+            # a generation that changes behind confpy's back is found by the next on_timer check.
+            self.generation = self.reloader.worker_pids()
+            self.generation_unknown = not self.generation
 
     def failed(self, exc: LivePushError) -> None:
         self.on_failure()

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,20 @@ from confpy.config import NginxConfig
 from confpy.errors import CheckError, ReloadError
 
 log = logging.getLogger(__name__)
+
+
+def use_pidfd_child_watcher() -> None:
+    """Python 3.11 waits for each child process on a new thread (ThreadedChildWatcher), and starting
+    that thread blocks the loop until it runs: on a busy machine about 2 ms before every `nginx -t`.
+    With a pidfd (Linux 5.3+) the loop watches the child itself. Python 3.12 does this by default
+    (and deprecates child watchers), so this only acts on 3.11."""
+    if sys.version_info >= (3, 12):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return  # no pidfd here: keep the threaded watcher
+    asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
 
 
 async def run_command(

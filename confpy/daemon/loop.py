@@ -30,7 +30,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
 from confpy.apply.files import read_bytes
-from confpy.apply.nginx import ReloadOutcome
+from confpy.apply.nginx import ReloadOutcome, use_pidfd_child_watcher
 from confpy.config import Config, TemplateConfig, load_config
 from confpy.daemon.metrics import Metrics
 from confpy.daemon.quiescence import Quiescence
@@ -53,6 +53,7 @@ TEMPLATE_SUFFIXES = (".j2", ".jinja", ".tmpl")
 RELOAD_RECHECK_INTERVAL = 5.0
 # Non-blocking first queries in flight at once (blocking ones are not limited: they wait).
 FIRST_FETCH_CONCURRENCY = 32
+STATE_SAVE_DELAY = 0.5  # seconds between a sync and writing its remembered members
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,9 @@ class Daemon:
         self.quiescence.clear()
         self._snapshot: StatusSnapshot | None = None
         self.frozen = False  # gc.freeze() after the first complete sync
+        self.unsaved: set[Path] = set()  # destinations whose remembered members are not on disk yet
+        self.unsaved_results: dict[Path, RenderResult] = {}  # live mode: renders whose state file waits
+        self.save_at: float | None = None
 
     def _new_watcher(self, dep: Dependency) -> Watcher:
         return Watcher(
@@ -236,8 +240,20 @@ class Daemon:
         self.notifier.notify("STATUS=waiting for Consul's first answer")
         await self._cycle(list(self.templates.values()), "start-up", {})
 
+    def _save_state(self, now: bool = False) -> None:
+        """Write the state files the last syncs left for later (see STATE_SAVE_DELAY)."""
+        if self.save_at is None or (not now and self.clock() < self.save_at):
+            return
+        unsaved, self.unsaved, self.save_at = self.unsaved, set(), None
+        results, self.unsaved_results = self.unsaved_results, {}
+        try:
+            self.engine.save(list(results.values()), sorted(unsaved), self.memories)
+        except ConfpyError as exc:
+            log.error("could not save confpy's state files (read at the next restart): %s", exc)
+
     async def _stop(self) -> None:
         """Stop watching and release everything this configuration holds (bounded, never hangs)."""
+        self._save_state(now=True)
         if self.probe is not None:
             self.probe.cancel()
             await asyncio.gather(self.probe, return_exceptions=True)
@@ -539,7 +555,13 @@ class Daemon:
             pushed = await self.engine.live.push_or_schedule()
             if pushed:
                 self.timeline.record("push", f"pushed members of {', '.join(sorted(pushed))} to nginx (no reload)")
-        self.engine.remember(results, self.memories)
+        self.unsaved.update(self.engine.remember(results, self.memories))
+        if self.engine.live is not None:
+            self.unsaved_results.update((r.template.destination, r) for r in results)
+        if (self.unsaved or self.unsaved_results) and self.save_at is None:
+            # Written a moment later, not now: nginx is starting its new workers (or serving the
+            # pushed members), and only a restart reads these files (a stop writes them at once).
+            self.save_at = self.clock() + STATE_SAVE_DELAY
         if report.not_reloaded is None:
             await self._recheck_reload(now=True)
         self.last_sync_ok = True
@@ -615,7 +637,9 @@ class Daemon:
             await live.on_timer()
 
     def _timeout(self, next_ping: float | None) -> float | None:
-        deadlines = [d for d in (self.quiescence.next_deadline(), next_ping, self.recheck_at) if d is not None]
+        deadlines = [
+            d for d in (self.quiescence.next_deadline(), next_ping, self.recheck_at, self.save_at) if d is not None
+        ]
         if self.engine.live is not None:
             live = self.engine.live.next_deadline()
             deadlines.append(live if live is not None else self.clock())
@@ -635,10 +659,13 @@ class Daemon:
             next_ping = self.clock() + interval if interval else None
             while True:
                 self._publish()
+                event: Event | None = None
                 try:
-                    event: Event | None = await asyncio.wait_for(self.events.get(), self._timeout(next_ping))
+                    # asyncio.timeout, not wait_for: no extra task, so an event wakes this at once
+                    async with asyncio.timeout(self._timeout(next_ping)):
+                        event = await self.events.get()
                 except TimeoutError:
-                    event = None
+                    pass
                 while event is not None:
                     if isinstance(event, ReconfigureEvent):
                         await self._reconfigure()
@@ -646,6 +673,7 @@ class Daemon:
                         self._handle(event)
                     event = self.events.get_nowait() if not self.events.empty() else None
                 await self._run_due()
+                self._save_state()
                 await self._live_timers()
                 await self._recheck_reload()
                 if next_ping is not None and interval and self.clock() >= next_ping:
@@ -697,4 +725,5 @@ class Daemon:
 
 def run_daemon(config: Config, config_path: Path, environ: Mapping[str, str]) -> int:
     """`confpy -c FILE`: the daemon."""
+    use_pidfd_child_watcher()
     return asyncio.run(Daemon(config, config_path, environ).run())
