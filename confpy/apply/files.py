@@ -68,8 +68,27 @@ def current_mode(path: Path) -> int | None:
         return None
 
 
-def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
-    """Replace `path` with `data` by rename; on any error the old file is left as it was.
+def _write_all(fd: int, pieces: Iterable[bytes], block: int = 65536) -> None:
+    """Write every piece, gathered into blocks of about `block` bytes (one write per block)."""
+    pending = bytearray()
+    for piece in pieces:
+        pending += piece
+        if len(pending) >= block:
+            _write_block(fd, pending)
+            pending.clear()
+    _write_block(fd, pending)
+
+
+def _write_block(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def atomic_write(path: Path, data: bytes | Iterable[bytes], mode: int | None = None) -> None:
+    """Replace `path` with `data` (bytes, or pieces written in turn) by rename; on any error the
+    old file is left as it was.
 
     The temporary file lives in the destination's folder (rename is atomic only within one file
     system), is fsynced before the rename, and the folder is fsynced after it so the rename
@@ -80,10 +99,7 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".confpy-tmp", dir=path.parent)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            _write_all(fd, [data] if isinstance(data, bytes) else data)
             os.fchmod(fd, final_mode)
             os.fsync(fd)
         finally:
@@ -214,7 +230,7 @@ class StateStore:
         self.state_dir = state_dir
         # Each service's members as JSON, reused while the member tuple is the same object: a
         # change to one service of a thousand re-encodes one service, not the whole catalog.
-        self._encoded: dict[str, tuple[tuple[ServiceInstance, ...], str]] = {}
+        self._encoded: dict[str, tuple[tuple[ServiceInstance, ...], bytes]] = {}
 
     def _flat(self, destination: Path) -> str:
         return str(destination).strip("/").replace("/", "_")
@@ -299,14 +315,20 @@ class StateStore:
         return Memory(members=members)
 
     def save(self, destination: Path, memory: Memory) -> None:
-        """Write the remembered members atomically."""
+        """Write the remembered members atomically.
+
+        Written piece by piece from each service's cached encoding: at a thousand services the
+        file is megabytes, and building it whole on every save raised the daemon's memory."""
         path = self.path_for(destination)
-        parts = []
-        for key, items in sorted(memory.members.items()):
+        parts = [b'{"destination":' + json.dumps(str(destination)).encode() + b',"members":{']
+        for number, (key, items) in enumerate(sorted(memory.members.items())):
             cached = self._encoded.get(key)
             if cached is None or cached[0] is not items:
-                cached = (items, json.dumps([i.to_json() for i in items], sort_keys=True, separators=(",", ":")))
+                encoded = json.dumps([i.to_json() for i in items], sort_keys=True, separators=(",", ":")).encode()
+                cached = (items, encoded)
                 self._encoded[key] = cached
-            parts.append(f"{json.dumps(key)}:{cached[1]}")
-        text = f'{{"destination":{json.dumps(str(destination))},"members":{{{",".join(parts)}}},"version":1}}\n'
-        atomic_write(path, text.encode(), 0o644)
+            parts.append(b"," if number else b"")
+            parts.append(json.dumps(key).encode() + b":")
+            parts.append(cached[1])
+        parts.append(b'},"version":1}\n')
+        atomic_write(path, parts, 0o644)
