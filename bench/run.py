@@ -1,9 +1,12 @@
 """confpy's benchmarks: each prints its figures and the command line that produced them.
 
     python bench/run.py [propagation|churn|coalescing|scale|all] [--changes N] [--seconds S]
+                        [--registry etcd] [--by-hand-serial] [--services N] [--instances N]
 
 Everything runs on 127.0.0.1: dev-consul, nginx (backends are nginx `return 200` servers, so the
 backends are never the bottleneck), confpy as a real daemon. Loops are bounded in count and time.
+Propagation pairs each confpy change with the same change applied by hand (by another process,
+while the poller runs), so both are measured on the same machine under the same load.
 """
 
 from __future__ import annotations
