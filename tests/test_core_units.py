@@ -19,8 +19,9 @@ from typing import TypeVar
 
 import pytest
 
+import confpy.apply.nginx as nginx_module
 from confpy.config import WaitConfig, parse_config
-from confpy.daemon.loop import STATE_SAVE_DELAY, Daemon
+from confpy.daemon.loop import NGINX_START_SETTLE, STATE_SAVE_DELAY, Daemon
 from confpy.daemon.quiescence import Quiescence
 from confpy.daemon.status import StatusSnapshot
 from confpy.errors import ConsulUnreachable, RegistryError
@@ -609,3 +610,30 @@ def test_imports_run_down_the_layers() -> None:
                 if target not in LAYERS or LAYERS[target] > LAYERS[part]:
                     wrong.append(f"{path.relative_to(root)} imports {name}")
     assert not wrong, wrong
+
+
+def test_nginx_started_during_an_install_counts_as_stale_within_the_settle_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nginx's master reads its files before it starts its workers: a worker that started 0.3 s
+    after the file changed may serve the previous file, so the recheck after a skipped reload
+    (settle = NGINX_START_SETTLE) reloads it; without settle (start-up, --once) it is fresh."""
+    destination = tmp_path / "out.conf"
+    destination.write_text("upstream web { server 127.0.0.1:1; }\n")
+    pid_file = tmp_path / "nginx.pid"
+    pid_file.write_text("1\n")
+    (tmp_path / "t.j2").write_text("")
+    mtime = destination.stat().st_mtime
+    worker = object()
+    monkeypatch.setattr(nginx_module, "nginx_master", lambda path: object())
+    monkeypatch.setattr(nginx_module, "current_workers", lambda master: [worker])
+    monkeypatch.setattr(nginx_module, "process_start_time", lambda proc: mtime + 0.3)
+    config = parse_config(
+        f'[consul]\naddress = "http://127.0.0.1:1"\n[nginx]\npid_file = "{pid_file}"\n'
+        f'[[template]]\nsource = "{tmp_path}/t.j2"\ndestination = "{destination}"\n',
+        tmp_path / "c.toml",
+        {},
+    )
+    reloader = nginx_module.NginxReloader(config.nginx)
+    assert not reloader.is_stale([destination])
+    assert reloader.is_stale([destination], settle=NGINX_START_SETTLE)

@@ -258,8 +258,10 @@ class NginxReloader:
         except ReloadError:
             return False
 
-    def is_stale(self, destinations: Sequence[Path]) -> bool:
-        """True when nginx runs with workers older than the newest destination file."""
+    def is_stale(self, destinations: Sequence[Path], settle: float = 0.0) -> bool:
+        """True when nginx runs with workers older than the newest destination file (plus `settle`
+        seconds: nginx's master reads its configuration before it starts its workers, so workers
+        that started just after a file changed may still come from the previous file)."""
         if self.config.reload_cmd and not self.config.pid_file.exists():
             return False
         try:
@@ -269,7 +271,7 @@ class NginxReloader:
         if master is None:
             return False
         mtimes = [p.stat().st_mtime for p in destinations if p.exists()]
-        return bool(mtimes) and workers_started_before(master, max(mtimes))
+        return bool(mtimes) and workers_started_before(master, max(mtimes) + settle)
 
 
 @dataclass(frozen=True)

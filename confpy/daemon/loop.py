@@ -53,6 +53,7 @@ TEMPLATE_SUFFIXES = (".j2", ".jinja", ".tmpl")
 RELOAD_RECHECK_INTERVAL = 5.0
 # Non-blocking first queries in flight at once (blocking ones are not limited: they wait).
 FIRST_FETCH_CONCURRENCY = 32
+NGINX_START_SETTLE = 1.0  # seconds: see _recheck_reload
 STATE_SAVE_DELAY = 0.5  # seconds between a sync and writing its remembered members
 
 
@@ -599,7 +600,9 @@ class Daemon:
         destinations = [t.config.destination for t in self.templates.values()]
         if not self.engine.reloader.running():
             return
-        if not self.engine.reloader.is_stale(destinations):
+        # nginx started while the files were being installed may have read the previous ones: only
+        # workers that started NGINX_START_SETTLE after the newest file surely serve it.
+        if not self.engine.reloader.is_stale(destinations, settle=NGINX_START_SETTLE):
             log.info("nginx (re)started since and serves the installed files")
             self.not_reloaded, self.recheck_at = "", None
             return
