@@ -615,19 +615,21 @@ def test_imports_run_down_the_layers() -> None:
 def test_nginx_started_during_an_install_counts_as_stale_within_the_settle_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """nginx's master reads its files before it starts its workers: a worker that started 0.3 s
-    after the file changed may serve the previous file, so the recheck after a skipped reload
-    (settle = NGINX_START_SETTLE) reloads it; without settle (start-up, --once) it is fresh."""
+    """nginx's master reads its files before it starts its workers (and writes its pid file): one
+    that was starting while confpy installed has workers newer than the file but may serve the
+    previous one. The recheck after a skipped reload (settle = NGINX_START_SETTLE) reloads it; an
+    nginx started after the file is fresh; without settle (start-up, --once) only older workers count."""
     destination = tmp_path / "out.conf"
     destination.write_text("upstream web { server 127.0.0.1:1; }\n")
+    (tmp_path / "t.j2").write_text("")
     pid_file = tmp_path / "nginx.pid"
     pid_file.write_text("1\n")
-    (tmp_path / "t.j2").write_text("")
     mtime = destination.stat().st_mtime
-    worker = object()
-    monkeypatch.setattr(nginx_module, "nginx_master", lambda path: object())
-    monkeypatch.setattr(nginx_module, "current_workers", lambda master: [worker])
-    monkeypatch.setattr(nginx_module, "process_start_time", lambda proc: mtime + 0.3)
+    master, worker = object(), object()
+    starts = {master: mtime - 0.4, worker: mtime + 0.3}  # master before the file, worker after it
+    monkeypatch.setattr(nginx_module, "nginx_master", lambda path: master)
+    monkeypatch.setattr(nginx_module, "current_workers", lambda proc: [worker])
+    monkeypatch.setattr(nginx_module, "process_start_time", lambda proc: starts[proc])
     config = parse_config(
         f'[consul]\naddress = "http://127.0.0.1:1"\n[nginx]\npid_file = "{pid_file}"\n'
         f'[[template]]\nsource = "{tmp_path}/t.j2"\ndestination = "{destination}"\n',
@@ -637,3 +639,7 @@ def test_nginx_started_during_an_install_counts_as_stale_within_the_settle_time(
     reloader = nginx_module.NginxReloader(config.nginx)
     assert not reloader.is_stale([destination])
     assert reloader.is_stale([destination], settle=NGINX_START_SETTLE)
+    starts[master], starts[worker] = mtime + 0.05, mtime + 0.1  # started after the file: it read it
+    assert not reloader.is_stale([destination], settle=NGINX_START_SETTLE)
+    starts[master], starts[worker] = mtime - 60, mtime - 30  # running since before, never reloaded
+    assert reloader.is_stale([destination]) and reloader.is_stale([destination], settle=NGINX_START_SETTLE)

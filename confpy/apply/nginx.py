@@ -259,9 +259,12 @@ class NginxReloader:
             return False
 
     def is_stale(self, destinations: Sequence[Path], settle: float = 0.0) -> bool:
-        """True when nginx runs with workers older than the newest destination file (plus `settle`
-        seconds: nginx's master reads its configuration before it starts its workers, so workers
-        that started just after a file changed may still come from the previous file)."""
+        """True when nginx runs with workers older than the newest destination file.
+
+        With `settle`, also when nginx's master was already starting before that file was written
+        and no worker started more than `settle` seconds after it: the master reads its files
+        before it starts its workers (and writes its pid file), so an nginx that was starting while
+        confpy installed may serve the previous file although its workers are newer."""
         if self.config.reload_cmd and not self.config.pid_file.exists():
             return False
         try:
@@ -271,7 +274,16 @@ class NginxReloader:
         if master is None:
             return False
         mtimes = [p.stat().st_mtime for p in destinations if p.exists()]
-        return bool(mtimes) and workers_started_before(master, max(mtimes) + settle)
+        if not mtimes:
+            return False
+        newest = max(mtimes)
+        if workers_started_before(master, newest):
+            return True
+        try:
+            started_first = process_start_time(master) < newest - 0.02
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return False
+        return bool(settle) and started_first and workers_started_before(master, newest + settle)
 
 
 @dataclass(frozen=True)
