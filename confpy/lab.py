@@ -244,25 +244,28 @@ class ConsulAPI:
         self, method: str, path: str, body: Any = None, timeout: float = 10.0
     ) -> tuple[int, dict[str, str], bytes]:
         data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-        for attempt in (1, 2):
-            conn = self._connection(timeout)
-            reused = conn.sock is not None
-            try:
-                conn.request(method, path, body=data)
-                response = conn.getresponse()
-                payload = response.read()
-            except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
-                conn.close()
-                if reused and attempt == 1:
-                    continue  # the agent closed the kept-alive connection (a restart): once more, anew
+        try:
+            return self._exchange(method, path, data, timeout)
+        except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
+            if not self._local.reused:
                 raise
-            except (OSError, http.client.HTTPException):
-                conn.close()
-                raise
-            if response.will_close:
-                conn.close()
-            return response.status, dict(response.headers), payload
-        raise AssertionError("unreachable")
+            return self._exchange(method, path, data, timeout)  # the agent closed it (a restart): anew
+
+    def _exchange(
+        self, method: str, path: str, data: bytes | None, timeout: float
+    ) -> tuple[int, dict[str, str], bytes]:
+        conn = self._connection(timeout)
+        self._local.reused = conn.sock is not None  # per thread, as the connection
+        try:
+            conn.request(method, path, body=data)
+            response = conn.getresponse()
+            payload = response.read()
+        except (OSError, http.client.HTTPException):
+            conn.close()
+            raise
+        if response.will_close:
+            conn.close()
+        return response.status, dict(response.headers), payload
 
     def register(
         self,

@@ -175,3 +175,19 @@ async def test_a_streamed_answer_arrives_piece_by_piece_and_ends_when_the_server
                 closing.set()
                 await server.stop()
     assert received == [b'{"n": 1}', b'{"n": 2}']
+
+
+async def test_the_server_answers_a_malformed_request_with_400_and_closes() -> None:
+    async def ok(request: Request) -> Reply:
+        return Reply(body=b"ok")
+
+    server, port = await serving({"/": ok})
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 400 ") and b"bad request" in answer
+    finally:
+        await server.stop()

@@ -14,8 +14,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from confpy.errors import RegistryError
@@ -47,7 +46,7 @@ class FirstFetches:
     the others back)."""
 
     def __init__(self, limit: int) -> None:
-        self._slots = asyncio.Semaphore(limit)
+        self.slots = asyncio.Semaphore(limit)  # held while a first query runs
         self._pending = 0
         self._settled = asyncio.Event()
         self._settled.set()
@@ -62,11 +61,6 @@ class FirstFetches:
         self._pending -= 1
         if not self._pending:
             self._settled.set()
-
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        async with self._slots:
-            yield
 
     async def settled(self) -> None:
         """Return once every started watcher has made its first query."""
@@ -229,7 +223,7 @@ class Watcher:
                 answer = await self.registry.fetch(self.dep, self.index, self.settings.wait)
             elif self.index == 0:
                 try:
-                    async with self.first_fetches.slot():
+                    async with self.first_fetches.slots:
                         answer = await self.registry.fetch(self.dep, self.index, self.settings.wait)
                 finally:
                     self._first_made()

@@ -53,9 +53,6 @@ class Headers(Mapping[str, str]):
     def __len__(self) -> int:
         return len(self._items)
 
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and key.lower() in self._items
-
 
 @dataclass(frozen=True)
 class Response:
@@ -324,14 +321,3 @@ class StreamedResponse:
                 yield line
         if pending:
             yield pending
-
-    async def read(self, limit: int) -> bytes:
-        """The whole body, at most `limit` bytes."""
-        parts: list[bytes] = []
-        size = 0
-        async for chunk in self.chunks():
-            parts.append(chunk)
-            size += len(chunk)
-            if size >= limit:
-                break
-        return b"".join(parts)[:limit]
