@@ -21,7 +21,7 @@ import pytest
 
 import confpy.apply.nginx as nginx_module
 from confpy.config import WaitConfig, parse_config
-from confpy.daemon.loop import NGINX_START_SETTLE, STATE_SAVE_DELAY, Daemon
+from confpy.daemon.loop import NGINX_START_SETTLE, STATE_SAVE_MAX_DELAY, STATE_SAVE_QUIET, Daemon
 from confpy.daemon.quiescence import Quiescence
 from confpy.daemon.status import StatusSnapshot
 from confpy.errors import ConsulUnreachable, RegistryError
@@ -175,6 +175,47 @@ def test_watcher_reports_changes_only_and_resets_a_backwards_index() -> None:
         assert await watcher.poll_once() is True and watcher.index == 0
         assert registry.calls == [(dep, 0), (dep, 20), (dep, 21)]
         assert sleeps == [pytest.approx(0.1), pytest.approx(0.1)]  # the rate limit between back-to-back queries
+
+    run(scenario)
+
+
+class RecordingRegistry(FakeRegistry):
+    """Notes each query in a shared list as it is sent."""
+
+    def __init__(self, order: list[str]) -> None:
+        super().__init__()
+        self.order = order
+
+    async def fetch(self, dep: Dependency, index: int, wait: float) -> tuple[int, object]:
+        self.order.append(f"query {index}")
+        return await super().fetch(dep, index, wait)
+
+
+def test_an_answer_is_acted_on_before_the_next_query_is_sent() -> None:
+    async def scenario() -> None:
+        order: list[str] = []
+        registry, dep, clock = RecordingRegistry(order), FakeDep("web"), FakeClock()
+        loop = asyncio.get_running_loop()
+
+        def on_value(d: Dependency, value: object, index: int) -> None:
+            order.append(f"value {value}")
+            loop.call_soon(order.append, f"acted on {value}")  # as a queue wakes the daemon's task
+
+        async def no_sleep(seconds: float) -> None:
+            clock.now += seconds
+
+        watcher = Watcher(
+            dep, registry, WatchSettings(wait=60.0, max_backoff=4.0), RegistryHealth(clock), on_value,
+            clock=clock, sleep=no_sleep,
+        )  # fmt: skip
+        registry.set(dep, "v1", index=20)
+        watcher.start()
+        await turns()
+        registry.set(dep, "v2", index=21)
+        await turns()
+        watcher.stop()
+        await watcher.wait_stopped()
+        assert order == ["query 0", "value v1", "acted on v1", "query 20", "value v2", "acted on v2", "query 21"]
 
     run(scenario)
 
@@ -421,15 +462,29 @@ def test_remembered_members_are_written_after_the_sync_and_at_once_on_stop(tmp_p
         await daemon._run_due()
         state = daemon.engine.state.path_for(tmp_path / "out.conf")
         assert (tmp_path / "out.conf").exists() and not state.exists(), "written after the reload, not before"
-        clock.now += STATE_SAVE_DELAY
+        clock.now += STATE_SAVE_QUIET
         daemon._save_state()
         assert ports(state) == [1]
-        registry.set(ServiceHealth("web"), _view(1, 2))
+        # under churn: a change every half quiet period is written once the oldest unsaved one is
+        # STATE_SAVE_MAX_DELAY old, not after each change
+        synced: list[float] = []
+        for n in range(2, 100):
+            registry.set(ServiceHealth("web"), _view(*range(1, n + 1)))
+            await _drain(daemon)
+            await daemon._run_due()
+            synced.append(clock.now)
+            daemon._save_state()
+            if len(ports(state)) > 1:
+                break
+            clock.now += STATE_SAVE_QUIET / 2
+        assert len(ports(state)) == n and synced[-1] - synced[0] >= STATE_SAVE_MAX_DELAY - STATE_SAVE_QUIET / 2
+        assert synced[-1] - synced[0] <= STATE_SAVE_MAX_DELAY
+        registry.set(ServiceHealth("web"), _view(*range(1, n + 2)))
         await _drain(daemon)
         await daemon._run_due()
-        assert "server 127.0.0.1:2;" in (tmp_path / "out.conf").read_text() and ports(state) == [1]
+        assert f"server 127.0.0.1:{n + 1};" in (tmp_path / "out.conf").read_text() and len(ports(state)) == n
         await daemon._stop()  # stopping writes what is pending
-        assert ports(state) == [1, 2]
+        assert len(ports(state)) == n + 1
 
     run(scenario)
 

@@ -9,7 +9,9 @@ import random
 import re
 import signal
 import socket
+import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +22,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from confpy.apply import files
-from confpy.config import TemplateConfig, load_config
-from confpy.errors import InstallError, RenderError
+from confpy.apply import installer as installer_module
+from confpy.apply.installer import Change, Installer
+from confpy.apply.nginx import NginxChecker, NginxReloader
+from confpy.config import NginxConfig, TemplateConfig, load_config
+from confpy.errors import CheckError, InstallError, RenderError
 from confpy.lab import BackendServer, ConfpyProcess, NginxInstance, wait_until, write_config
 from confpy.model import Memory, health_view_from_entries, without_unresolvable
 from confpy.pipeline import SyncEngine
@@ -452,3 +457,84 @@ def test_leftover_cleanup_removes_only_confpys_own_temp_files(tmp_path: Path) ->
     )
     assert sorted(removed) == sorted(ours)
     assert all(path.exists() for path in others)
+
+
+def _installer(tmp_path: Path, check_cmd: tuple[str, ...]) -> tuple[Installer, TemplateConfig]:
+    nginx_config = NginxConfig(pid_file=tmp_path / "none.pid", check_cmd=check_cmd, check_timeout=10)
+    template = TemplateConfig(source=tmp_path / "t.j2", destination=tmp_path / "up.conf", backup=True)
+    state = files.StateStore(tmp_path / "state")
+    state.state_dir.mkdir()
+    return Installer(NginxChecker(nginx_config), NginxReloader(nginx_config), state), template
+
+
+def _state_files(installer: Installer) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in installer.state.state_dir.iterdir()}
+
+
+def test_the_folder_is_synced_while_the_check_runs_and_before_the_reload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The check records that it started, then waits for the folder's fsync to have happened.
+    started = tmp_path / "check-started"
+    synced = tmp_path / "folder-synced"
+    script = f"import pathlib, time\npathlib.Path({str(started)!r}).touch()\nwhile not pathlib.Path({str(synced)!r}).exists(): time.sleep(0.01)\n"
+    installer, template = _installer(tmp_path, (sys.executable, "-c", script))
+    (tmp_path / "up.conf").write_bytes(b"old\n")
+    seen: list[tuple[Path, bool, bytes]] = []
+
+    backup = installer.state.backup_path_for(template.destination)
+    backup.write_bytes(b"older\n")
+    backups: list[bytes] = []
+
+    def fsync_folder(path: Path) -> None:
+        wait_until(started.exists, 10)
+        seen.append((path, started.exists(), path.read_bytes()))
+        backups.append(backup.read_bytes())
+        synced.touch()
+
+    monkeypatch.setattr(installer_module, "fsync_folder", fsync_folder)
+    report = asyncio.run(installer.apply([Change(template, b"new\n", b"old\n")]))
+    # once, for the destination, with the check already running and the new bytes in place
+    assert seen == [(tmp_path / "up.conf", True, b"new\n")]
+    assert backups == [b"old\n"]  # the backup was put in place before, while the check ran
+    assert _state_files(installer) == {backup.name: b"old\n"}  # and no temporary link is left
+    assert report.installed == (tmp_path / "up.conf",)
+    assert not report.reload.reloaded and "nginx is not running" in report.reload.detail
+
+
+def test_a_folder_that_cannot_be_synced_stops_the_check_and_rolls_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / "check-finished"
+    script = f"import pathlib, time\ntime.sleep(5)\npathlib.Path({str(marker)!r}).touch()\n"
+    installer, template = _installer(tmp_path, (sys.executable, "-c", script))
+    (tmp_path / "up.conf").write_bytes(b"old\n")
+    real_fsync = files.os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    started = time.monotonic()
+    with pytest.raises(InstallError, match=r"up.conf: cannot sync its folder .* to disk \(Input/output error\)"):
+        asyncio.run(installer.apply([Change(template, b"new\n", b"old\n")]))
+    monkeypatch.undo()
+    assert time.monotonic() - started < 4  # the check was killed, not waited for
+    assert not marker.exists()
+    assert (tmp_path / "up.conf").read_bytes() == b"old\n"
+    assert list(_state_files(installer).values()) == [b"old\n"]
+
+
+def test_a_check_that_cannot_start_leaves_the_backup_as_it_was(tmp_path: Path) -> None:
+    installer, template = _installer(tmp_path, (str(tmp_path / "no-such-nginx"), "-t"))
+    (tmp_path / "up.conf").write_bytes(b"old\n")
+    backup = installer.state.backup_path_for(template.destination)
+    backup.write_bytes(b"older\n")
+    # a link left by a crash between the link and its rename does not stand in the way
+    backup.with_name(f".{backup.name}.confpy-tmp").write_bytes(b"left by a crash\n")
+    with pytest.raises(CheckError, match=r"command .*no-such-nginx' not found"):
+        asyncio.run(installer.apply([Change(template, b"new\n", b"old\n")]))
+    assert (tmp_path / "up.conf").read_bytes() == b"old\n"
+    assert _state_files(installer) == {backup.name: b"older\n"}

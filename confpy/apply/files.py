@@ -68,6 +68,22 @@ def current_mode(path: Path) -> int | None:
         return None
 
 
+def _fsync_folder(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def fsync_folder(path: Path) -> None:
+    """Make the renames into `path`'s folder durable (after `atomic_write(..., sync_folder=False)`)."""
+    try:
+        _fsync_folder(path.parent)
+    except OSError as exc:
+        raise InstallError(f"{path}: cannot sync its folder {path.parent} to disk ({exc.strerror})") from None
+
+
 def _write_all(fd: int, pieces: Iterable[bytes], block: int = 65536) -> None:
     """Write every piece, gathered into blocks of about `block` bytes (one write per block)."""
     pending = bytearray()
@@ -86,13 +102,16 @@ def _write_block(fd: int, data: bytes | bytearray) -> None:
         view = view[written:]
 
 
-def atomic_write(path: Path, data: bytes | Iterable[bytes], mode: int | None = None) -> None:
+def atomic_write(
+    path: Path, data: bytes | Iterable[bytes], mode: int | None = None, *, sync_folder: bool = True
+) -> None:
     """Replace `path` with `data` (bytes, or pieces written in turn) by rename; on any error the
     old file is left as it was.
 
     The temporary file lives in the destination's folder (rename is atomic only within one file
     system), is fsynced before the rename, and the folder is fsynced after it so the rename
-    itself survives a power cut.
+    itself survives a power cut. With `sync_folder=False` the caller calls `fsync_folder` itself
+    (the installer does it while `nginx -t` runs, before any reload).
     """
     final_mode = mode if mode is not None else (current_mode(path) or DEFAULT_MODE)
     tmp_name: str | None = None
@@ -106,11 +125,8 @@ def atomic_write(path: Path, data: bytes | Iterable[bytes], mode: int | None = N
             os.close(fd)
         os.rename(tmp_name, path)
         tmp_name = None
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        if sync_folder:
+            _fsync_folder(path.parent)
     except OSError as exc:
         raise InstallError(_explain(path, exc)) from None
     finally:

@@ -12,11 +12,11 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from confpy.apply.files import StateStore, atomic_write, remove_file
+from confpy.apply.files import StateStore, atomic_write, fsync_folder, remove_file
 from confpy.apply.nginx import NginxChecker, NginxReloader, ReloadOutcome
 from confpy.config import TemplateConfig
 from confpy.errors import CheckError, InstallError
@@ -52,16 +52,45 @@ def _stat(path: Path) -> os.stat_result | None:
         return None
 
 
-def keep_backup(destination: Path, target: Path, old: bytes, mode: int | None) -> None:
-    """`target` := the current file; a hard link where possible (no copy), else a written copy."""
+@dataclass(frozen=True)
+class PendingBackup:
+    """A destination's previous file, saved before it is replaced and put in place as its backup
+    while `nginx -t` runs: `link` is that file hard-linked beside the backup (no copy), None when
+    it could not be linked (another file system) and `old` is written as a copy instead."""
+
+    target: Path
+    old: bytes
+    mode: int | None
+    link: Path | None
+
+    def finish(self) -> None:
+        """`target` := the previous file."""
+        if self.link is not None:
+            try:
+                os.replace(self.link, self.target)
+                return
+            except OSError:
+                self.discard()
+        atomic_write(self.target, self.old, self.mode)
+
+    def discard(self) -> None:
+        if self.link is not None:
+            self.link.unlink(missing_ok=True)
+
+
+def save_previous(destination: Path, target: Path, old: bytes, mode: int | None) -> PendingBackup:
+    """Hard-link the current file beside `target` (one metadata operation before the file is
+    replaced; the rename onto `target` waits for `PendingBackup.finish`)."""
     link = target.with_name(f".{target.name}.confpy-tmp")
     try:
-        link.unlink(missing_ok=True)
-        os.link(destination, link)
-        os.replace(link, target)
+        try:
+            os.link(destination, link)
+        except FileExistsError:  # left by a crash between the link and its rename
+            link.unlink()
+            os.link(destination, link)
     except OSError:
-        link.unlink(missing_ok=True)
-        atomic_write(target, old, mode)
+        return PendingBackup(target, old, mode, None)
+    return PendingBackup(target, old, mode, link)
 
 
 class Installer:
@@ -79,27 +108,48 @@ class Installer:
         half-installed.
         """
         written: list[tuple[Change, os.stat_result | None]] = []
+        backups: list[PendingBackup] = []
         try:
-            self._install(changes, written)
-            await self._check()
+            self._install(changes, written, backups)
+            # Backups are put in place and the renames made durable while `nginx -t` runs (it
+            # reads the new files from the page cache already), not before starting it: these are
+            # metadata operations and a folder's fsync is a journal commit, off the path of a
+            # change. Each file's own bytes were fsynced before its rename.
+            await self._check(lambda: self._while_checking(written, backups))
         except (InstallError, CheckError, asyncio.CancelledError) as exc:
+            for backup in backups:
+                backup.discard()
             self._rollback(written, exc)
             raise
         return ApplyReport(tuple(c.destination for c, _ in written), await self.reloader.reload())
 
-    def _install(self, changes: Sequence[Change], written: list[tuple[Change, os.stat_result | None]]) -> None:
-        """Back up and atomically replace each destination, noting what was there before."""
+    def _install(
+        self,
+        changes: Sequence[Change],
+        written: list[tuple[Change, os.stat_result | None]],
+        backups: list[PendingBackup],
+    ) -> None:
+        """Save the previous file and atomically replace each destination, noting what was there before."""
         for change in changes:
             old_stat = _stat(change.destination)
             old_mode = stat.S_IMODE(old_stat.st_mode) if old_stat else None
             if change.template.backup and change.old is not None:
-                keep_backup(change.destination, self.state.backup_path_for(change.destination), change.old, old_mode)
-            atomic_write(change.destination, change.new, change.template.mode)
+                target = self.state.backup_path_for(change.destination)
+                backups.append(save_previous(change.destination, target, change.old, old_mode))
+            atomic_write(change.destination, change.new, change.template.mode, sync_folder=False)
             written.append((change, old_stat))
 
-    async def _check(self) -> None:
+    @staticmethod
+    def _while_checking(written: Sequence[tuple[Change, os.stat_result | None]], backups: list[PendingBackup]) -> None:
+        while backups:
+            backups.pop().finish()
+        folders = {c.destination.parent: c.destination for c, _ in written}
+        for destination in folders.values():
+            fsync_folder(destination)
+
+    async def _check(self, meanwhile: Callable[[], None]) -> None:
         started = time.monotonic()
-        await self.checker.check()
+        await self.checker.check(meanwhile)
         log.debug("check_cmd passed in %.1f ms", (time.monotonic() - started) * 1000)
 
     def _rollback(self, written: Sequence[tuple[Change, os.stat_result | None]], cause: BaseException) -> None:

@@ -14,7 +14,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,31 +41,41 @@ def use_pidfd_child_watcher() -> None:
 
 
 async def run_command(
-    cmd: Sequence[str], timeout: float, what: str, error: type[CheckError] | type[ReloadError]
+    cmd: Sequence[str],
+    timeout: float,
+    what: str,
+    error: type[CheckError] | type[ReloadError],
+    meanwhile: Callable[[], None] | None = None,
 ) -> str:
     """Run `cmd` (no shell) within `timeout`; its output, or `error` with nginx's own words.
 
-    Cancelling the caller kills the command, so a stopping daemon never waits for it.
+    `meanwhile` runs once the command has started, while it runs; should it raise, the command is
+    killed and its exception propagates. Cancelling the caller kills the command too, so a
+    stopping daemon never waits for it.
     """
     label = " ".join(cmd)
     try:
+        # One pipe for both streams (nginx writes its verdict to stderr): one fewer to drain and
+        # close before the answer is known, ~0.15 ms of a change's path.
         proc = await asyncio.create_subprocess_exec(
-            *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
         )
     except FileNotFoundError:
         raise error(f"{what} `{label}`: command {cmd[0]!r} not found; install nginx or fix [nginx] {what}") from None
     except PermissionError:
         raise error(f"{what} `{label}`: {cmd[0]!r} is not executable by this user") from None
     try:
+        if meanwhile is not None:
+            meanwhile()
         async with asyncio.timeout(timeout):
-            stdout, stderr = await proc.communicate()
+            stdout, _ = await proc.communicate()
     except TimeoutError:
         await _kill(proc)
         raise error(f"{what} `{label}` did not finish within {timeout:g}s and was killed") from None
-    except asyncio.CancelledError:
+    except BaseException:  # cancelled (stopping), or `meanwhile` failed: the command must not outlive us
         await _kill(proc)
         raise
-    output = (stderr + stdout).decode("utf-8", "replace")
+    output = stdout.decode("utf-8", "replace")
     if proc.returncode != 0:
         raise error(f"{what} `{label}` failed (exit {proc.returncode}): {summarize_nginx_output(output)}")
     return output
@@ -95,9 +105,10 @@ class NginxChecker:
         self.cmd = config.check_cmd
         self.timeout = config.check_timeout
 
-    async def check(self) -> None:
-        """Raise CheckError with nginx's message unless the configuration is valid."""
-        await run_command(self.cmd, self.timeout, "check_cmd", CheckError)
+    async def check(self, meanwhile: Callable[[], None] | None = None) -> None:
+        """Raise CheckError with nginx's message unless the configuration is valid; `meanwhile` runs
+        while the check does (see `run_command`)."""
+        await run_command(self.cmd, self.timeout, "check_cmd", CheckError, meanwhile)
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,12 @@ RELOAD_RECHECK_INTERVAL = 5.0
 # Non-blocking first queries in flight at once (blocking ones are not limited: they wait).
 FIRST_FETCH_CONCURRENCY = 32
 NGINX_START_SETTLE = 1.0  # seconds: see _recheck_reload
-STATE_SAVE_DELAY = 0.5  # seconds between a sync and writing its remembered members
+# confpy's state files (remembered members, live members) are read at a restart only, and a stop
+# writes them at once: they are written once changes pause for STATE_SAVE_QUIET seconds, at the
+# latest STATE_SAVE_MAX_DELAY after the first change they lack. Under churn, not after every
+# change: that write's CPU and journal commit would land in the middle of the next change.
+STATE_SAVE_QUIET = 1.0
+STATE_SAVE_MAX_DELAY = 5.0
 
 
 @dataclass(frozen=True)
@@ -196,6 +201,7 @@ class Daemon:
         self.unsaved: set[Path] = set()  # destinations whose remembered members are not on disk yet
         self.unsaved_results: dict[Path, RenderResult] = {}  # live mode: renders whose state file waits
         self.save_at: float | None = None
+        self.unsaved_since: float | None = None  # when the oldest change not on disk was synced
 
     def _new_watcher(self, dep: Dependency) -> Watcher:
         return Watcher(
@@ -242,10 +248,10 @@ class Daemon:
         await self._cycle(list(self.templates.values()), "start-up", {})
 
     def _save_state(self, now: bool = False) -> None:
-        """Write the state files the last syncs left for later (see STATE_SAVE_DELAY)."""
+        """Write the state files the last syncs left for later (see STATE_SAVE_QUIET)."""
         if self.save_at is None or (not now and self.clock() < self.save_at):
             return
-        unsaved, self.unsaved, self.save_at = self.unsaved, set(), None
+        unsaved, self.unsaved, self.save_at, self.unsaved_since = self.unsaved, set(), None, None
         results, self.unsaved_results = self.unsaved_results, {}
         try:
             self.engine.save(list(results.values()), sorted(unsaved), self.memories)
@@ -559,10 +565,12 @@ class Daemon:
         self.unsaved.update(self.engine.remember(results, self.memories))
         if self.engine.live is not None:
             self.unsaved_results.update((r.template.destination, r) for r in results)
-        if (self.unsaved or self.unsaved_results) and self.save_at is None:
-            # Written a moment later, not now: nginx is starting its new workers (or serving the
-            # pushed members), and only a restart reads these files (a stop writes them at once).
-            self.save_at = self.clock() + STATE_SAVE_DELAY
+        if self.unsaved or self.unsaved_results:
+            # Written later, not now: nginx is starting its new workers (or serving the pushed
+            # members), more changes may follow, and only a restart reads these files.
+            synced = self.clock()
+            self.unsaved_since = synced if self.unsaved_since is None else self.unsaved_since
+            self.save_at = min(synced + STATE_SAVE_QUIET, self.unsaved_since + STATE_SAVE_MAX_DELAY)
         if report.not_reloaded is None:
             await self._recheck_reload(now=True)
         self.last_sync_ok = True

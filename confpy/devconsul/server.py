@@ -149,6 +149,7 @@ class Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server: DevConsulServer
+    _headers_buffer: list[bytes]  # BaseHTTPRequestHandler's: what send_response/send_header queued
 
     def setup(self) -> None:
         self.tls_failed = False
@@ -162,8 +163,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.tls_failed = True
             self.request.settimeout(None)
         super().setup()
-        # Headers and body go out in two writes: without TCP_NODELAY, Nagle and the client's
-        # delayed ACK hold the body back ~40 ms, which a real Consul (Go) never does.
+        # A streamed answer (/v1/agent/monitor) goes out in several writes: without TCP_NODELAY,
+        # Nagle and the client's delayed ACK hold a piece back ~40 ms, which Consul (Go) never does.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def handle(self) -> None:
@@ -171,7 +172,8 @@ class Handler(BaseHTTPRequestHandler):
             super().handle()
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
+        if log.isEnabledFor(logging.DEBUG):  # called for every request: format only when shown
+            log.debug("%s %s", self.address_string(), format % args)
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -182,9 +184,12 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Vary", "Accept-Encoding")
         for name, value in (headers or {}).items():
             self.send_header(name, value)
-        self.end_headers()
+        # Headers and body in one write (one system call, and this thread keeps the interpreter
+        # lock until it is out, instead of handing it over between the two).
+        self._headers_buffer.append(b"\r\n")
         if self.command != "HEAD":
-            self.wfile.write(body)
+            self._headers_buffer.append(body)
+        self.flush_headers()
 
     def _json(self, status: int, data: Any, index: int | None = None, pretty: bool = False) -> None:
         headers = {}

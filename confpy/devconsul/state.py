@@ -180,7 +180,10 @@ class AgentState:
         return self.index
 
     def _touch(self, index: int, views: Iterable[str]) -> None:
-        for view in [*views, ALL_VIEW]:
+        # Readers of one service's views are woken before the listings' ("catalog", every view),
+        # in an order that does not change with each process's string hashing (`views` is often
+        # a set): the listings' answers are the larger ones to build.
+        for view in [*sorted(views, key=lambda v: (":" not in v, v)), ALL_VIEW]:
             self.view_index[view] = index
             self._wake(view)
 

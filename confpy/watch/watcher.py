@@ -267,3 +267,6 @@ class Watcher:
     async def run(self) -> None:
         while True:
             await self.poll_once()
+            # Let the daemon act first on what has arrived (render, install, start `nginx -t` or
+            # push) before this task spends CPU on sending its next query: that query only waits.
+            await asyncio.sleep(0)
