@@ -52,7 +52,7 @@ lint: venv
 	$(BIN)/ruff format --check confpy tests bench conformance
 
 typecheck: venv
-	$(BIN)/mypy confpy
+	$(BIN)/mypy confpy bench
 
 unit: venv nginx
 	PATH="$$PATH:/usr/sbin" $(BIN)/pytest -q
