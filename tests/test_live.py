@@ -100,11 +100,13 @@ def lab(tmp_path: Path, consul: ConsulUnderTest) -> Iterator[LiveLab]:
         live.stop()
 
 
-def keepalive_load(port: int, seconds: float, threads: int = 4) -> tuple[int, int]:
-    """Keep-alive GETs through nginx from `threads` clients for `seconds`: (ok, failed)."""
+def keepalive_load(port: int, seconds: float, threads: int = 4, why: list[str] | None = None) -> tuple[int, int]:
+    """Keep-alive GETs through nginx from `threads` clients for `seconds`: (ok, failed); what
+    each failure was goes to `why`."""
     ok = [0] * threads
     failed = [0] * threads
     deadline = time.monotonic() + seconds
+    reasons = why if why is not None else []
 
     def client(i: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
@@ -112,13 +114,15 @@ def keepalive_load(port: int, seconds: float, threads: int = 4) -> tuple[int, in
             try:
                 conn.request("GET", "/")
                 resp = conn.getresponse()
-                resp.read()
+                body = resp.read()
                 if resp.status == 200:
                     ok[i] += 1
                 else:
                     failed[i] += 1
-            except (OSError, http.client.HTTPException):
+                    reasons.append(f"{time.strftime('%H:%M:%S')} HTTP {resp.status}: {body[:80]!r}")
+            except (OSError, http.client.HTTPException) as exc:
                 failed[i] += 1
+                reasons.append(f"{time.strftime('%H:%M:%S')} {type(exc).__name__}: {exc}")
                 conn.close()
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         conn.close()
@@ -138,7 +142,8 @@ def test_member_churn_under_load_gives_no_errors_and_no_reloads(lab: LiveLab) ->
     assert lab.settles({1, 2, 3})
     reloads = lab.nginx.reload_count()
     result: dict[str, tuple[int, int]] = {}
-    load = threading.Thread(target=lambda: result.update(load=keepalive_load(lab.nginx.port, 10.0)))
+    why: list[str] = []
+    load = threading.Thread(target=lambda: result.update(load=keepalive_load(lab.nginx.port, 10.0, why=why)))
     load.start()
     changes = 0
     deadline = time.monotonic() + 10.0
@@ -158,7 +163,8 @@ def test_member_churn_under_load_gives_no_errors_and_no_reloads(lab: LiveLab) ->
     load.join(60)
     ok, failed = result["load"]
     assert changes >= 50
-    assert ok > 1000 and failed == 0, (ok, failed)
+    errors = [line for line in lab.nginx.error_log.read_text(errors="replace").splitlines() if "[error]" in line]
+    assert ok > 1000 and failed == 0, (ok, failed, why[:5], errors[-5:])
     assert lab.nginx.reload_count() == reloads
     assert lab.confpy is not None and lab.confpy.output().count("without a reload") >= 20
 
