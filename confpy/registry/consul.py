@@ -175,23 +175,14 @@ class ConsulClient:
         self, path: str, what: str, *, params: Sequence[tuple[str, str]] = (), index: int = 0, wait: float | None = None
     ) -> tuple[int, Any]:
         """GET a JSON endpoint; (X-Consul-Index, decoded body). Error statuses raise ConsulBadResponse."""
-        headers, data = await self._get_json(path, what, params, index, wait)
-        return _parse_index(headers.get("X-Consul-Index"), what), data
+        # No coroutine in between: a thousand watches each hold this call's frames while they wait.
+        status, headers, body = await self.request("GET", path, what, params=params, index=index, wait=wait)
+        return _parse_index(headers.get("X-Consul-Index"), what), _json_body(status, body, what)
 
     async def read_plain(self, path: str, what: str) -> Any:
         """GET a JSON endpoint that has no X-Consul-Index (status endpoints)."""
-        return (await self._get_json(path, what))[1]
-
-    async def _get_json(
-        self, path: str, what: str, params: Sequence[tuple[str, str]] = (), index: int = 0, wait: float | None = None
-    ) -> tuple[Mapping[str, str], Any]:
-        status, headers, body = await self.request("GET", path, what, params=params, index=index, wait=wait)
-        text = body.decode("utf-8", "replace")
-        _raise_for_status(status, text, what)
-        try:
-            return headers, json.loads(text)
-        except ValueError:
-            raise ConsulBadResponse(f"Consul's answer to {what} is not valid JSON: {_short(text)}") from None
+        status, _, body = await self.request("GET", path, what)
+        return _json_body(status, body, what)
 
     async def read_optional(
         self, path: str, what: str, *, params: Sequence[tuple[str, str]] = (), index: int = 0, wait: float | None = None
@@ -218,14 +209,8 @@ class ConsulClient:
         wait: float | None = None,
     ) -> tuple[int, Any]:
         """GET /v1/health/service/NAME (a blocking query when index > 0)."""
-        params = [("passing", "1")] if passing else []
-        if tag is not None:
-            params.append(("tag", tag))
-        if dc:
-            params.append(("dc", dc))
-        return await self.read(
-            f"/v1/health/service/{_quote(name)}", f"health of service {name!r}", params=params, index=index, wait=wait
-        )
+        path, what, params = health_query(name, tag, passing, dc)
+        return await self.read(path, what, params=params, index=index, wait=wait)
 
     async def catalog_services(self, *, index: int = 0, wait: float | None = None) -> tuple[int, Any]:
         """GET /v1/catalog/services (a blocking query when index > 0)."""
@@ -295,6 +280,26 @@ def _transport_error(address: str, what: str, exc: TransportError, limit: int) -
         )
         return ConsulUnreachable(f"TLS with Consul at {address} failed for {what}: {_short(exc.reason)}; {hint}")
     return _unreachable(address, what, exc)
+
+
+def health_query(name: str, tag: str | None, passing: bool, dc: str | None) -> tuple[str, str, list[tuple[str, str]]]:
+    """/v1/health/service/NAME's path, description and parameters."""
+    params = [("passing", "1")] if passing else []
+    if tag is not None:
+        params.append(("tag", tag))
+    if dc:
+        params.append(("dc", dc))
+    return f"/v1/health/service/{_quote(name)}", f"health of service {name!r}", params
+
+
+def _json_body(status: int, body: bytes, what: str) -> Any:
+    """An answer's decoded JSON; ConsulBadResponse for an error status or a body that is not JSON."""
+    text = body.decode("utf-8", "replace")
+    _raise_for_status(status, text, what)
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise ConsulBadResponse(f"Consul's answer to {what} is not valid JSON: {_short(text)}") from None
 
 
 def _raise_for_status(status: int, text: str, what: str) -> None:
@@ -398,9 +403,8 @@ class ConsulRegistry:
         """`/v1/health/service` as templates see it: validated, sorted, host names resolvable."""
         # Without `?passing`: the same blocking index (any check change moves it either way), and the
         # members that are not passing are kept aside for the status page; templates see `?passing`'s.
-        new_index, entries = await self.client.health_service(
-            dep.service, tag=dep.tag, passing=False, dc=dep.dc, index=index, wait=wait
-        )
+        path, what, params = health_query(dep.service, dep.tag, False, dep.dc)
+        new_index, entries = await self.client.read(path, what, params=params, index=index, wait=wait)
         unhealthy: tuple[MemberHealth, ...] = ()
         if dep.passing:
             entries, unhealthy = split_passing(entries)

@@ -236,18 +236,16 @@ class Watcher:
         self.health.success()
         return answer
 
-    async def _fetch_until_answered(self) -> tuple[int, object]:
+    async def poll_once(self) -> bool:
+        """One query (retried until it succeeds); True when it brought a new value."""
         failures = 0
-        while True:
+        while True:  # inline, not a helper coroutine: a thousand watches each hold these frames
             try:
-                return await self._fetch()
+                new_index, value = await self._fetch()
+                break
             except RegistryError:
                 failures += 1
                 await self.sleep(self.backoff(failures))
-
-    async def poll_once(self) -> bool:
-        """One query (retried until it succeeds); True when it brought a new value."""
-        new_index, value = await self._fetch_until_answered()
         previous = self.index
         self.index = next_index(previous, new_index)
         if self.index == 0:
