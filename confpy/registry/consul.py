@@ -177,7 +177,8 @@ class ConsulClient:
         """GET a JSON endpoint; (X-Consul-Index, decoded body). Error statuses raise ConsulBadResponse."""
         # No coroutine in between: a thousand watches each hold this call's frames while they wait.
         status, headers, body = await self.request("GET", path, what, params=params, index=index, wait=wait)
-        return _parse_index(headers.get("X-Consul-Index"), what), _json_body(status, body, what)
+        data = _json_body(status, body, what)  # an error status first: its answer has no index
+        return _parse_index(headers.get("X-Consul-Index"), what), data
 
     async def read_plain(self, path: str, what: str) -> Any:
         """GET a JSON endpoint that has no X-Consul-Index (status endpoints)."""
