@@ -290,11 +290,13 @@ class NginxReloader:
         newest = max(mtimes)
         if workers_started_before(master, newest):
             return True
+        if not settle:
+            return False
         try:
             started_first = process_start_time(master) < newest - 0.02
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return False
-        return bool(settle) and started_first and workers_started_before(master, newest + settle)
+        return started_first and workers_started_before(master, newest + settle)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import asyncio
 import json
 import socket
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -192,14 +192,10 @@ class ConsulClient:
         status, headers, body = await self.request("GET", path, what, params=params, index=index, wait=wait)
         if status == 404:
             return _parse_index(headers.get("X-Consul-Index"), what), None
-        text = body.decode("utf-8", "replace")
-        _raise_for_status(status, text, what)
-        try:
-            return _parse_index(headers.get("X-Consul-Index"), what), json.loads(text)
-        except ValueError:
-            raise ConsulBadResponse(f"Consul's answer to {what} is not valid JSON: {_short(text)}") from None
+        data = _json_body(status, body, what)
+        return _parse_index(headers.get("X-Consul-Index"), what), data
 
-    async def health_service(
+    def health_service(
         self,
         name: str,
         *,
@@ -208,10 +204,19 @@ class ConsulClient:
         dc: str | None = None,
         index: int = 0,
         wait: float | None = None,
-    ) -> tuple[int, Any]:
-        """GET /v1/health/service/NAME (a blocking query when index > 0)."""
-        path, what, params = health_query(name, tag, passing, dc)
-        return await self.read(path, what, params=params, index=index, wait=wait)
+    ) -> Awaitable[tuple[int, Any]]:
+        """GET /v1/health/service/NAME (a blocking query when index > 0).
+
+        Returns `read`'s coroutine rather than awaiting it: a thousand waiting watches would each
+        hold one more frame."""
+        params = [("passing", "1")] if passing else []
+        if tag is not None:
+            params.append(("tag", tag))
+        if dc:
+            params.append(("dc", dc))
+        return self.read(
+            f"/v1/health/service/{_quote(name)}", f"health of service {name!r}", params=params, index=index, wait=wait
+        )
 
     async def catalog_services(self, *, index: int = 0, wait: float | None = None) -> tuple[int, Any]:
         """GET /v1/catalog/services (a blocking query when index > 0)."""
@@ -281,16 +286,6 @@ def _transport_error(address: str, what: str, exc: TransportError, limit: int) -
         )
         return ConsulUnreachable(f"TLS with Consul at {address} failed for {what}: {_short(exc.reason)}; {hint}")
     return _unreachable(address, what, exc)
-
-
-def health_query(name: str, tag: str | None, passing: bool, dc: str | None) -> tuple[str, str, list[tuple[str, str]]]:
-    """/v1/health/service/NAME's path, description and parameters."""
-    params = [("passing", "1")] if passing else []
-    if tag is not None:
-        params.append(("tag", tag))
-    if dc:
-        params.append(("dc", dc))
-    return f"/v1/health/service/{_quote(name)}", f"health of service {name!r}", params
 
 
 def _json_body(status: int, body: bytes, what: str) -> Any:
@@ -404,8 +399,9 @@ class ConsulRegistry:
         """`/v1/health/service` as templates see it: validated, sorted, host names resolvable."""
         # Without `?passing`: the same blocking index (any check change moves it either way), and the
         # members that are not passing are kept aside for the status page; templates see `?passing`'s.
-        path, what, params = health_query(dep.service, dep.tag, False, dep.dc)
-        new_index, entries = await self.client.read(path, what, params=params, index=index, wait=wait)
+        new_index, entries = await self.client.health_service(
+            dep.service, tag=dep.tag, passing=False, dc=dep.dc, index=index, wait=wait
+        )
         unhealthy: tuple[MemberHealth, ...] = ()
         if dep.passing:
             entries, unhealthy = split_passing(entries)
