@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from confpy.apply.files import StateStore, atomic_write, fsync_folder, remove_file
-from confpy.apply.nginx import NginxChecker, NginxReloader, ReloadOutcome
+from confpy.apply.nginx import NginxChecker, NginxReloader, ReloadOutcome, VerifiedMaster
 from confpy.config import TemplateConfig
 from confpy.errors import CheckError, InstallError
 
@@ -109,19 +109,26 @@ class Installer:
         """
         written: list[tuple[Change, os.stat_result | None]] = []
         backups: list[PendingBackup] = []
+        master: list[VerifiedMaster] = []
         try:
-            self._install(changes, written, backups)
-            # Backups are put in place and the renames made durable while `nginx -t` runs (it
-            # reads the new files from the page cache already), not before starting it: these are
-            # metadata operations and a folder's fsync is a journal commit, off the path of a
-            # change. Each file's own bytes were fsynced before its rename.
-            await self._check(lambda: self._while_checking(written, backups))
-        except (InstallError, CheckError, asyncio.CancelledError) as exc:
-            for backup in backups:
-                backup.discard()
-            self._rollback(written, exc)
-            raise
-        return ApplyReport(tuple(c.destination for c, _ in written), await self.reloader.reload())
+            try:
+                self._install(changes, written, backups)
+                # Backups are put in place, the renames made durable and nginx's master looked up
+                # while `nginx -t` runs (it reads the new files from the page cache already), not
+                # before starting it or between it and the reload: these are metadata operations,
+                # a folder's fsync is a journal commit and the master's checks read /proc, all off
+                # the path of a change. Each file's own bytes were fsynced before its rename.
+                await self._check(lambda: self._while_checking(written, backups, master))
+            except (InstallError, CheckError, asyncio.CancelledError) as exc:
+                for backup in backups:
+                    backup.discard()
+                self._rollback(written, exc)
+                raise
+            reload = await self.reloader.reload(master[0] if master else None)
+        finally:
+            for verified in master:
+                verified.close()
+        return ApplyReport(tuple(c.destination for c, _ in written), reload)
 
     def _install(
         self,
@@ -139,13 +146,20 @@ class Installer:
             atomic_write(change.destination, change.new, change.template.mode, sync_folder=False)
             written.append((change, old_stat))
 
-    @staticmethod
-    def _while_checking(written: Sequence[tuple[Change, os.stat_result | None]], backups: list[PendingBackup]) -> None:
+    def _while_checking(
+        self,
+        written: Sequence[tuple[Change, os.stat_result | None]],
+        backups: list[PendingBackup],
+        master: list[VerifiedMaster],
+    ) -> None:
         while backups:
             backups.pop().finish()
         folders = {c.destination.parent: c.destination for c, _ in written}
         for destination in folders.values():
             fsync_folder(destination)
+        verified = self.reloader.verify_master()
+        if verified is not None:
+            master.append(verified)
 
     async def _check(self, meanwhile: Callable[[], None]) -> None:
         started = time.monotonic()

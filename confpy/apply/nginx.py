@@ -6,12 +6,10 @@ cannot hang confpy.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,24 +18,11 @@ from pathlib import Path
 
 import psutil
 
+from confpy.apply import command
 from confpy.config import NginxConfig
 from confpy.errors import CheckError, ReloadError
 
 log = logging.getLogger(__name__)
-
-
-def use_pidfd_child_watcher() -> None:
-    """Python 3.11 waits for each child process on a new thread (ThreadedChildWatcher), and starting
-    that thread blocks the loop until it runs: on a busy machine about 2 ms before every `nginx -t`.
-    With a pidfd (Linux 5.3+) the loop watches the child itself. Python 3.12 does this by default
-    (and deprecates child watchers), so this only acts on 3.11."""
-    if sys.version_info >= (3, 12):
-        return
-    try:
-        os.close(os.pidfd_open(os.getpid()))
-    except (AttributeError, OSError):
-        return  # no pidfd here: keep the threaded watcher
-    asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
 
 
 async def run_command(
@@ -49,45 +34,20 @@ async def run_command(
 ) -> str:
     """Run `cmd` (no shell) within `timeout`; its output, or `error` with nginx's own words.
 
-    `meanwhile` runs once the command has started, while it runs; should it raise, the command is
-    killed and its exception propagates. Cancelling the caller kills the command too, so a
-    stopping daemon never waits for it.
+    `meanwhile` runs once the command has started, while it runs (see `command.run`).
     """
     label = " ".join(cmd)
     try:
-        # One pipe for both streams (nginx writes its verdict to stderr): one fewer to drain and
-        # close before the answer is known, ~0.15 ms of a change's path.
-        proc = await asyncio.create_subprocess_exec(
-            *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-        )
+        status, output = await command.run(cmd, timeout, meanwhile)
     except FileNotFoundError:
         raise error(f"{what} `{label}`: command {cmd[0]!r} not found; install nginx or fix [nginx] {what}") from None
     except PermissionError:
         raise error(f"{what} `{label}`: {cmd[0]!r} is not executable by this user") from None
-    try:
-        if meanwhile is not None:
-            meanwhile()
-        async with asyncio.timeout(timeout):
-            stdout, _ = await proc.communicate()
     except TimeoutError:
-        await _kill(proc)
         raise error(f"{what} `{label}` did not finish within {timeout:g}s and was killed") from None
-    except BaseException:  # cancelled (stopping), or `meanwhile` failed: the command must not outlive us
-        await _kill(proc)
-        raise
-    output = stdout.decode("utf-8", "replace")
-    if proc.returncode != 0:
-        raise error(f"{what} `{label}` failed (exit {proc.returncode}): {summarize_nginx_output(output)}")
+    if status != 0:
+        raise error(f"{what} `{label}` failed (exit {status}): {summarize_nginx_output(output)}")
     return output
-
-
-async def _kill(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        try:
-            proc.kill()
-        except ProcessLookupError:
-            pass
-    await proc.wait()
 
 
 def summarize_nginx_output(output: str) -> str:
@@ -220,20 +180,58 @@ def process_start_time(proc: psutil.Process) -> float:
     return time.time() - uptime + int(fields[19]) / ticks
 
 
+@dataclass(frozen=True)
+class VerifiedMaster:
+    """nginx's master as found while `nginx -t` ran: its PID, and a pidfd that holds on to that very
+    process, so the signal sent after the check reaches it or nothing (no PID reuse can intervene)."""
+
+    pid: int
+    pidfd: int
+
+    def close(self) -> None:
+        os.close(self.pidfd)
+
+
 class NginxReloader:
     """Reloads nginx with `reload_cmd`, or `reload_signal` to the master named in `pid_file`."""
 
     def __init__(self, config: NginxConfig) -> None:
         self.config = config
 
-    async def reload(self) -> ReloadOutcome:
-        """Reload nginx; when it cannot be, say why (never raises: the files are installed by then)."""
+    def verify_master(self) -> VerifiedMaster | None:
+        """Find and check the master now, ahead of `reload` (while `nginx -t` runs: reading /proc
+        takes a few hundred microseconds on a busy machine, and the check leaves the time). None
+        when there is nothing to prepare (`reload_cmd`, no usable master, no pidfds): `reload`
+        then finds out for itself. Never raises."""
+        if self.config.reload_cmd or not command.pidfds_work():
+            return None
+        try:
+            master = nginx_master(self.config.pid_file)
+            if master is None:
+                return None
+            return VerifiedMaster(master.pid, os.pidfd_open(master.pid))
+        except (ReloadError, psutil.Error, OSError):
+            return None
+
+    async def reload(self, verified: VerifiedMaster | None = None) -> ReloadOutcome:
+        """Reload nginx; when it cannot be, say why (never raises: the files are installed by then).
+
+        With `verified` (see `verify_master`), the signal goes through its pidfd when the pid file
+        still names that master; otherwise the master is looked up again."""
         if self.config.reload_cmd:
             try:
                 await run_command(self.config.reload_cmd, self.config.reload_timeout, "reload_cmd", ReloadError)
             except ReloadError as exc:
                 return ReloadOutcome(False, str(exc), "reload_cmd")
             return ReloadOutcome(True, f"ran {' '.join(self.config.reload_cmd)}")
+        if verified is not None and self._pid_file_names(verified.pid):
+            try:
+                signal.pidfd_send_signal(verified.pidfd, self.config.reload_signal)
+                return self._signalled(verified.pid)
+            except ProcessLookupError:
+                pass  # it exited since: look again (a new master, or none)
+            except PermissionError:
+                return self._not_allowed(verified.pid)
         try:
             master = nginx_master(self.config.pid_file)
         except ReloadError as exc:
@@ -247,11 +245,22 @@ class NginxReloader:
         except ProcessLookupError:
             return ReloadOutcome(False, f"nginx master {master.pid} exited before it could be signalled", "not_running")
         except PermissionError:
-            return ReloadOutcome(
-                False, f"not allowed to signal nginx master {master.pid}; run confpy as root or nginx's user", "signal"
-            )
+            return self._not_allowed(master.pid)
+        return self._signalled(master.pid)
+
+    def _pid_file_names(self, pid: int) -> bool:
+        try:
+            return read_master_pid(self.config.pid_file) == pid
+        except ReloadError:
+            return False
+
+    def _signalled(self, pid: int) -> ReloadOutcome:
+        return ReloadOutcome(True, f"sent {signal.Signals(self.config.reload_signal).name} to nginx master {pid}")
+
+    @staticmethod
+    def _not_allowed(pid: int) -> ReloadOutcome:
         return ReloadOutcome(
-            True, f"sent {signal.Signals(self.config.reload_signal).name} to nginx master {master.pid}"
+            False, f"not allowed to signal nginx master {pid}; run confpy as root or nginx's user", "signal"
         )
 
     def worker_pids(self) -> tuple[int, ...]:

@@ -30,7 +30,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
 from confpy.apply.files import read_bytes
-from confpy.apply.nginx import ReloadOutcome, use_pidfd_child_watcher
+from confpy.apply.nginx import ReloadOutcome
 from confpy.config import Config, TemplateConfig, load_config
 from confpy.daemon.metrics import Metrics
 from confpy.daemon.quiescence import Quiescence
@@ -736,5 +736,4 @@ class Daemon:
 
 def run_daemon(config: Config, config_path: Path, environ: Mapping[str, str]) -> int:
     """`confpy -c FILE`: the daemon."""
-    use_pidfd_child_watcher()
     return asyncio.run(Daemon(config, config_path, environ).run())
