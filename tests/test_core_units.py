@@ -15,11 +15,12 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import pytest
 
 import confpy.apply.nginx as nginx_module
+import confpy.registry.consul as consul_module
 from confpy.config import WaitConfig, parse_config
 from confpy.daemon.loop import NGINX_START_SETTLE, STATE_SAVE_MAX_DELAY, STATE_SAVE_QUIET, Daemon
 from confpy.daemon.quiescence import Quiescence
@@ -698,3 +699,33 @@ def test_nginx_started_during_an_install_counts_as_stale_within_the_settle_time(
     assert not reloader.is_stale([destination], settle=NGINX_START_SETTLE)
     starts[master], starts[worker] = mtime - 60, mtime - 30  # running since before, never reloaded
     assert reloader.is_stale([destination]) and reloader.is_stale([destination], settle=NGINX_START_SETTLE)
+
+
+def test_a_catalog_answer_with_the_last_ones_bytes_is_not_decoded_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Consul answers a catalog query after any registration anywhere, nearly always unchanged.
+    answers = [
+        b'{"consul": [], "web": ["nginx"], "db": []}',
+        b'{"consul": [], "web": ["nginx"], "db": []}',  # a new instance of web: the same list
+        b'{"consul": [], "web": ["nginx"], "api": ["nginx"], "db": []}',
+    ]
+
+    class Client:
+        async def catalog_services_bytes(self, *, index: int = 0, wait: float | None = None) -> tuple[int, bytes]:
+            return index + 1, answers.pop(0)
+
+    decoded: list[bytes] = []
+    real_json_body = consul_module._json_body
+
+    def json_body(status: int, body: bytes, what: str) -> object:
+        decoded.append(body)
+        return real_json_body(status, body, what)
+
+    monkeypatch.setattr(consul_module, "_json_body", json_body)
+    registry = consul_module.ConsulRegistry(cast(consul_module.ConsulClient, Client()))
+    dep = CatalogServices("nginx")
+    first = asyncio.run(registry.fetch(dep, 0, 60.0))
+    again = asyncio.run(registry.fetch(dep, 1, 60.0))
+    changed = asyncio.run(registry.fetch(dep, 2, 60.0))
+    assert first == (1, ("web",)) and again[0] == 2 and again[1] is first[1]
+    assert changed == (3, ("api", "web"))
+    assert len(decoded) == 2  # the first and the changed answer; the repeat was recognised by its bytes

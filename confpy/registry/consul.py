@@ -12,10 +12,11 @@ kept-alive connection (a thousand watched services are a thousand idle sockets, 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import socket
 import ssl
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -50,6 +51,7 @@ from confpy.wire.client import HTTPClient, TransportError
 
 _MAX_ERROR_BODY = 300
 DATACENTERS_POLL = 60.0
+MAX_CATALOG_MEMOS = 64  # distinct catalog queries (tag filters) whose last answer is kept
 
 
 def _short(text: str) -> str:
@@ -180,6 +182,15 @@ class ConsulClient:
         data = _json_body(status, body, what)  # an error status first: its answer has no index
         return _parse_index(headers.get("X-Consul-Index"), what), data
 
+    async def read_bytes(
+        self, path: str, what: str, *, params: Sequence[tuple[str, str]] = (), index: int = 0, wait: float | None = None
+    ) -> tuple[int, bytes]:
+        """As `read`, the body left undecoded (an error status still raises ConsulBadResponse)."""
+        status, headers, body = await self.request("GET", path, what, params=params, index=index, wait=wait)
+        if status >= 400:
+            _raise_for_status(status, body.decode("utf-8", "replace"), what)
+        return _parse_index(headers.get("X-Consul-Index"), what), body
+
     async def read_plain(self, path: str, what: str) -> Any:
         """GET a JSON endpoint that has no X-Consul-Index (status endpoints)."""
         status, _, body = await self.request("GET", path, what)
@@ -221,6 +232,10 @@ class ConsulClient:
     async def catalog_services(self, *, index: int = 0, wait: float | None = None) -> tuple[int, Any]:
         """GET /v1/catalog/services (a blocking query when index > 0)."""
         return await self.read("/v1/catalog/services", "the service catalog", index=index, wait=wait)
+
+    async def catalog_services_bytes(self, *, index: int = 0, wait: float | None = None) -> tuple[int, bytes]:
+        """GET /v1/catalog/services, undecoded (see `ConsulRegistry.catalog`)."""
+        return await self.read_bytes("/v1/catalog/services", "the service catalog", index=index, wait=wait)
 
     async def _put(self, what: str, path: str, params: Sequence[tuple[str, str]] = (), body: bytes = b"") -> str:
         status, _, raw = await self.request("PUT", path, what, params=params, body=body)
@@ -332,6 +347,8 @@ class ConsulRegistry:
 
     def __init__(self, client: ConsulClient) -> None:
         self.client = client
+        # each catalog query's last answer: (a digest of its bytes, the value made of them)
+        self._catalogs: dict[CatalogServices | CatalogServiceTags, tuple[bytes, object]] = {}
 
     @property
     def address(self) -> str:
@@ -349,10 +366,9 @@ class ConsulRegistry:
             if isinstance(dep, ServiceHealth):
                 return await self.service_health(dep, index, wait)
             if isinstance(dep, CatalogServices):
-                return await self.catalog_services(dep, index, wait)
+                return await self.catalog(dep, index, wait, lambda data: catalog_names(data, dep.tag))
             if isinstance(dep, CatalogServiceTags):
-                new_index, data = await self.client.catalog_services(index=index, wait=wait)
-                return new_index, service_tags_from_catalog(data, dep.tag)
+                return await self.catalog(dep, index, wait, lambda data: service_tags_from_catalog(data, dep.tag))
             if isinstance(dep, KVKey):
                 return await self.kv_key(dep, index, wait)
             if isinstance(dep, KVTree):
@@ -419,9 +435,24 @@ class ConsulRegistry:
             view = without_unresolvable(view, known.__contains__)
         return new_index, view
 
-    async def catalog_services(self, dep: CatalogServices, index: int, wait: float) -> tuple[int, tuple[str, ...]]:
-        new_index, data = await self.client.catalog_services(index=index, wait=wait)
+    async def catalog(
+        self, dep: CatalogServices | CatalogServiceTags, index: int, wait: float, value: Callable[[Any], object]
+    ) -> tuple[int, object]:
+        """`/v1/catalog/services` as `value` makes it; an answer with the bytes of the last one is
+        not decoded again. Consul answers every blocking query on the catalog after any
+        registration or deregistration anywhere, nearly always with the same list (a new instance
+        of a known service changes nothing in it): at 1,000 services that is ~40 KB of JSON
+        decoded and a thousand names sorted on every change, for nothing."""
+        new_index, body = await self.client.catalog_services_bytes(index=index, wait=wait)
+        digest = hashlib.blake2b(body, digest_size=16).digest()
+        last = self._catalogs.get(dep)
+        if last is not None and last[0] == digest:
+            return new_index, last[1]
         try:
-            return new_index, catalog_names(data, dep.tag)
+            result = value(_json_body(200, body, "the service catalog"))
         except ValueError as exc:
             raise ConsulBadResponse(f"Consul's service catalog has an unexpected shape: {exc}") from None
+        if len(self._catalogs) >= MAX_CATALOG_MEMOS:
+            self._catalogs.clear()  # templates use a few catalog queries; this only bounds a leak
+        self._catalogs[dep] = (digest, result)
+        return new_index, result

@@ -276,6 +276,13 @@ class _RenderContext:
         self.recording: list[Fragment] = []
         self.functions = RegistryFunctions(self.lookup, self._warn, environ, registry)
 
+    def release(self) -> None:
+        """Break the cycle this context is part of (its functions hold bound methods of it), so a
+        render's leftovers go by reference counting when it ends. Left to the cycle collector, a
+        thousand services' worth (the dependency set, every member handed out) waited for its
+        next full pass and piled up: +4 MB of RSS under 10 changes/s at 1,000 services."""
+        del self.functions
+
     def origin_of(self, value: str) -> str | None:
         """Which registry field a refused value came from (searched only when refusing)."""
         for instances in self.handed:
@@ -600,6 +607,12 @@ class TemplateRenderer:
         if compiled is not self._compiled:
             self._compiled, self._fragments = compiled, {}  # an edited template: nothing cached is valid
         ctx = _RenderContext(data, self.template, remembered, self._fragments, self.environ, self.registry)
+        try:
+            return self._render(compiled, ctx)
+        finally:
+            ctx.release()
+
+    def _render(self, compiled: jinja2.Template, ctx: _RenderContext) -> RenderResult:
         more = ctx.functions
         functions: dict[str, Callable[..., Any]] = {
             "service": ctx.service,
