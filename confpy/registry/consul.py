@@ -441,8 +441,9 @@ class ConsulRegistry:
         """`/v1/catalog/services` as `value` makes it; an answer with the bytes of the last one is
         not decoded again. Consul answers every blocking query on the catalog after any
         registration or deregistration anywhere, nearly always with the same list (a new instance
-        of a known service changes nothing in it): at 1,000 services that is ~40 KB of JSON
-        decoded and a thousand names sorted on every change, for nothing."""
+        of a known service changes nothing in it): at 1,000 services that is 22 KB of JSON
+        decoded and a thousand names sorted on every change for nothing (0.25 ms; the digest that
+        recognises the bytes takes 0.02)."""
         new_index, body = await self.client.catalog_services_bytes(index=index, wait=wait)
         digest = hashlib.blake2b(body, digest_size=16).digest()
         last = self._catalogs.get(dep)
