@@ -320,7 +320,11 @@ function _M.balance(name)
         end
     end
     local peer = pick(entry, state.tried)
-    if not peer then return ngx.exit(502) end
+    if not peer then
+        -- every member is down or was tried already (the members can change between two tries)
+        ngx.log(ngx.ERR, "confpy: upstream ", name, ": no member left to try after ", #state.tries, " tries")
+        return ngx.exit(502)
+    end
     state.tried[peer.key] = true
     active[peer.key] = (active[peer.key] or 0) + 1
     state.tries[#state.tries + 1] = { peer = peer }
