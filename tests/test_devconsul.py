@@ -136,6 +136,7 @@ def test_timeout_returns_same_body_and_index_and_index_is_never_zero(consul: Con
     code, headers, _ = api.request("GET", "/v1/catalog/services?index=0")
     assert code == 200 and int(headers["X-Consul-Index"]) >= 1
     assert headers["X-Consul-KnownLeader"] == "true" and "X-Consul-LastContact" in headers
+    assert "Date" in headers and "Server" not in headers  # Go's net/http names no server software
 
 
 @pytest.mark.parametrize(
