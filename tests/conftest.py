@@ -16,6 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from confpy.apply.files import StateStore
+from confpy.apply.installer import Installer
+from confpy.apply.nginx import NginxChecker, NginxReloader
+from confpy.config import NginxConfig, TemplateConfig
 from confpy.lab import BackendServer, ConfpyProcess, ConsulAPI, DevConsulProcess, NginxInstance, free_port, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,3 +140,12 @@ def http_get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
     except urllib.error.URLError as exc:
         return 0, str(exc.reason)
+
+
+def installer_for(tmp_path: Path, check_cmd: tuple[str, ...], pid_file: Path) -> tuple[Installer, TemplateConfig]:
+    """An installer of `tmp_path/up.conf` (kept backups under `tmp_path/state`) checking with `check_cmd`."""
+    nginx_config = NginxConfig(pid_file=pid_file, check_cmd=check_cmd, check_timeout=10)
+    template = TemplateConfig(source=tmp_path / "t.j2", destination=tmp_path / "up.conf", backup=True)
+    state = StateStore(tmp_path / "state")
+    state.state_dir.mkdir()
+    return Installer(NginxChecker(nginx_config), NginxReloader(nginx_config), state), template

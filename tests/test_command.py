@@ -15,11 +15,12 @@ import pytest
 
 from confpy.apply import command
 from confpy.apply import nginx as nginx_module
-from confpy.apply.files import StateStore
-from confpy.apply.installer import Change, Installer
-from confpy.apply.nginx import NginxChecker, NginxReloader, ReloadOutcome
-from confpy.config import NginxConfig, TemplateConfig
+from confpy.apply.installer import Change
+from confpy.apply.nginx import NginxReloader, ReloadOutcome
+from confpy.config import NginxConfig
 from confpy.lab import wait_until
+
+from .conftest import installer_for
 
 
 @pytest.fixture(params=["pidfd", "asyncio"])
@@ -192,11 +193,7 @@ def test_an_install_looks_the_master_up_during_the_check_only(
         f"import pathlib, time\npathlib.Path({str(running)!r}).touch()\ntime.sleep(0.5)\n"
         f"pathlib.Path({str(done)!r}).touch()\n"
     )
-    config = NginxConfig(pid_file=pid_file, check_cmd=(sys.executable, "-c", script), check_timeout=10)
-    state = StateStore(tmp_path / "state")
-    state.state_dir.mkdir()
-    installer = Installer(NginxChecker(config), NginxReloader(config), state)
-    template = TemplateConfig(source=tmp_path / "t.j2", destination=tmp_path / "up.conf")
+    installer, template = installer_for(tmp_path, (sys.executable, "-c", script), pid_file)
     (tmp_path / "up.conf").write_bytes(b"old\n")
     lookups: list[bool] = []
     real_lookup = nginx_module.nginx_master

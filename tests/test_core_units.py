@@ -713,14 +713,14 @@ def test_a_catalog_answer_with_the_last_ones_bytes_is_not_decoded_again(monkeypa
         async def catalog_services_bytes(self, *, index: int = 0, wait: float | None = None) -> tuple[int, bytes]:
             return index + 1, answers.pop(0)
 
-    decoded: list[bytes] = []
-    real_json_body = consul_module._json_body
+    decoded: list[str] = []
+    real_decode = consul_module._decode_json
 
-    def json_body(status: int, body: bytes, what: str) -> object:
-        decoded.append(body)
-        return real_json_body(status, body, what)
+    def decode(text: str, what: str) -> object:
+        decoded.append(text)
+        return real_decode(text, what)
 
-    monkeypatch.setattr(consul_module, "_json_body", json_body)
+    monkeypatch.setattr(consul_module, "_decode_json", decode)
     registry = consul_module.ConsulRegistry(cast(consul_module.ConsulClient, Client()))
     dep = CatalogServices("nginx")
     first = asyncio.run(registry.fetch(dep, 0, 60.0))

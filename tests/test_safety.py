@@ -24,8 +24,7 @@ from hypothesis import strategies as st
 from confpy.apply import files
 from confpy.apply import installer as installer_module
 from confpy.apply.installer import Change, Installer
-from confpy.apply.nginx import NginxChecker, NginxReloader
-from confpy.config import NginxConfig, TemplateConfig, load_config
+from confpy.config import TemplateConfig, load_config
 from confpy.errors import CheckError, InstallError, RenderError
 from confpy.lab import BackendServer, ConfpyProcess, NginxInstance, wait_until, write_config
 from confpy.model import Memory, health_view_from_entries, without_unresolvable
@@ -34,7 +33,7 @@ from confpy.registry.base import CatalogServices, KVTree, ServiceHealth
 from confpy.registry.consul import ConsulClient, ConsulRegistry
 from confpy.render.environment import DataSource, TemplateRenderer
 
-from .conftest import SHIPPED_TEMPLATE, ConsulUnderTest, register_backends, run_confpy
+from .conftest import SHIPPED_TEMPLATE, ConsulUnderTest, installer_for, register_backends, run_confpy
 
 # --- hostile registry values ------------------------------------------------------------------
 
@@ -460,11 +459,7 @@ def test_leftover_cleanup_removes_only_confpys_own_temp_files(tmp_path: Path) ->
 
 
 def _installer(tmp_path: Path, check_cmd: tuple[str, ...]) -> tuple[Installer, TemplateConfig]:
-    nginx_config = NginxConfig(pid_file=tmp_path / "none.pid", check_cmd=check_cmd, check_timeout=10)
-    template = TemplateConfig(source=tmp_path / "t.j2", destination=tmp_path / "up.conf", backup=True)
-    state = files.StateStore(tmp_path / "state")
-    state.state_dir.mkdir()
-    return Installer(NginxChecker(nginx_config), NginxReloader(nginx_config), state), template
+    return installer_for(tmp_path, check_cmd, tmp_path / "none.pid")
 
 
 def _state_files(installer: Installer) -> dict[str, bytes]:

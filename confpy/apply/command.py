@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 # How long to wait for a killed child to go: SIGKILL takes effect at once, unless the child is
 # stuck in the kernel (a hung NFS mount); then it is left to be reaped later, not waited for.
@@ -55,15 +56,15 @@ async def run(cmd: Sequence[str], timeout: float, meanwhile: Callable[[], None] 
     return status, output.decode("utf-8", "replace")
 
 
-class _Child:
+class _Child(Protocol):
     async def finished(self) -> tuple[int, bytes]:
-        raise NotImplementedError
+        """Wait for the exit; (exit status, everything it wrote)."""
 
     async def kill(self) -> None:
-        raise NotImplementedError
+        """SIGKILL it (if it still runs) and reap it, waiting at most KILL_WAIT."""
 
 
-class _PidfdChild(_Child):
+class _PidfdChild:
     """A child whose exit the loop sees through a pidfd, its output drained as it comes."""
 
     def __init__(self, cmd: Sequence[str]) -> None:
@@ -144,7 +145,7 @@ class _PidfdChild(_Child):
         os.close(self.pidfd)
 
 
-class _AsyncioChild(_Child):
+class _AsyncioChild:
     """The same through asyncio's subprocess support (no pidfds here)."""
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:

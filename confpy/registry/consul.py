@@ -307,6 +307,10 @@ def _json_body(status: int, body: bytes, what: str) -> Any:
     """An answer's decoded JSON; ConsulBadResponse for an error status or a body that is not JSON."""
     text = body.decode("utf-8", "replace")
     _raise_for_status(status, text, what)
+    return _decode_json(text, what)
+
+
+def _decode_json(text: str, what: str) -> Any:
     try:
         return json.loads(text)
     except ValueError:
@@ -450,7 +454,7 @@ class ConsulRegistry:
         if last is not None and last[0] == digest:
             return new_index, last[1]
         try:
-            result = value(_json_body(200, body, "the service catalog"))
+            result = value(_decode_json(body.decode("utf-8", "replace"), "the service catalog"))
         except ValueError as exc:
             raise ConsulBadResponse(f"Consul's service catalog has an unexpected shape: {exc}") from None
         if len(self._catalogs) >= MAX_CATALOG_MEMOS:
