@@ -278,3 +278,30 @@ def test_live_mode_balances_as_kv_says_without_a_reload(consul: ConsulUnderTest,
         gateway.nginx.stop()
         for server in servers:
             server.stop()
+
+
+def test_a_request_with_no_member_left_is_a_502_that_nginx_logs(
+    consul: ConsulUnderTest, servers: list[BackendServer], tmp_path: Path
+) -> None:
+    """A 502 as from nginx's own balancer, not the 500 an HTTP status in ngx.exit() gives there."""
+    gateway = Gateway(tmp_path, consul, live=True)
+    consul.api.register("web", servers[0].port, id="web-1")
+    gateway.sync()
+    gateway.nginx.start()
+    gateway.sync()
+    try:
+        assert gateway.get() == "App server 1"
+        # Every member down (as the admin API allows): the balancer has nobody to pick.
+        members = [{"host": "127.0.0.1", "port": s.port, "down": True} for s in servers]
+        conn = http.client.HTTPConnection("127.0.0.1", gateway.admin_port, timeout=5)
+        body = json.dumps({"members": members})
+        conn.request("PUT", "/upstreams/web", body, {"Authorization": f"Bearer {admin_token(gateway.config)}"})
+        assert conn.getresponse().status == 200
+        conn.close()
+        assert gateway.get() == "HTTP 502"
+        log_text = gateway.nginx.error_log.read_text(errors="replace")
+        assert "confpy: upstream web: no member left to try after 0 tries" in log_text
+        assert "no live upstreams" in log_text  # and nginx's own words, as from its own balancer
+    finally:
+        gateway.nginx.stop()
+        consul.api.deregister("web-1")

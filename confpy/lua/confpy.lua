@@ -15,6 +15,10 @@ local DICT = "confpy_upstreams"
 local MAX_TRIES = 3             -- a request tries at most this many members (connect failures)
 local DEFAULT_MAX_FAILS = 1     -- nginx's defaults for a `server` line
 local DEFAULT_FAIL_TIMEOUT = 10
+-- What balancer_by_lua returns when it has no member for a try: nginx's NGX_BUSY, which its own
+-- balancer returns then too ("no live upstreams"; the client gets a 502). An HTTP status passed to
+-- ngx.exit here becomes a 500 on stock nginx (only OpenResty's patched core forwards it).
+local NO_LIVE_UPSTREAMS = -3
 
 local boot_members = nil        -- read from the state file by init(), in the master
 local token = nil               -- the admin API's token, read by init() (as root) from confpy's token file
@@ -300,7 +304,7 @@ function _M.balance(name)
     local entry = peers_for(name)
     if not entry or #entry.peers == 0 then
         ngx.log(ngx.ERR, "confpy: upstream ", name, " has no members")
-        return ngx.exit(502)
+        return ngx.exit(NO_LIVE_UPSTREAMS)
     end
     local ctx = ngx.ctx
     local state = ctx.confpy
@@ -323,7 +327,7 @@ function _M.balance(name)
     if not peer then
         -- every member is down or was tried already (the members can change between two tries)
         ngx.log(ngx.ERR, "confpy: upstream ", name, ": no member left to try after ", #state.tries, " tries")
-        return ngx.exit(502)
+        return ngx.exit(NO_LIVE_UPSTREAMS)
     end
     state.tried[peer.key] = true
     active[peer.key] = (active[peer.key] or 0) + 1
@@ -333,7 +337,7 @@ function _M.balance(name)
     local ok, err = balancer.set_current_peer(host, peer.port)
     if not ok then
         ngx.log(ngx.ERR, "confpy: cannot use ", peer.host, ":", peer.port, ": ", err)
-        return ngx.exit(502)
+        return ngx.exit(NO_LIVE_UPSTREAMS)
     end
 end
 
