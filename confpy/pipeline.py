@@ -256,7 +256,8 @@ class SyncEngine:
     def save(
         self, results: Sequence[RenderResult], destinations: Iterable[Path], memories: Mapping[Path, Memory]
     ) -> None:
-        """Write the live state files of `results` and the remembered members of `destinations`.
+        """Write the live state files of `results` and the remembered members of `destinations`;
+        remove the backups the last installs replaced.
 
         After the push or reload, off the critical path: only a later restart of nginx (live
         state) or of confpy (remembered members) reads them.
@@ -265,6 +266,16 @@ class SyncEngine:
             self.live.save_state(results)
         for dest in destinations:
             self.state.save(dest, memories[dest])
+        self.tidy()
+
+    def tidy(self) -> None:
+        """Remove the backups the last installs replaced (see `Installer.tidy`)."""
+        self.installer.tidy()
+
+    @property
+    def untidy(self) -> bool:
+        """True when there are replaced backups to remove."""
+        return bool(self.installer.retired)
 
     def load_memories(self) -> dict[Path, Memory]:
         return {t.destination: self.state.load(t.destination) for t in self.templates}

@@ -55,6 +55,11 @@ def test_debian_layout_destination_in_sites_enabled_ten_changes_reach_traffic(
         # the remembered members are written once changes pause (STATE_SAVE_QUIET)
         suffixes = lambda: {p.suffix for p in state.iterdir()}  # noqa: E731
         assert wait_until(lambda: suffixes() >= {".bak", ".lock", ".json"}, 10), suffixes()
+        # and the backups each install replaced (kept linked while `nginx -t` ran) are removed then
+        leftovers = lambda: [p.name for p in state.iterdir() if p.name.endswith(".confpy-tmp")]  # noqa: E731
+        assert wait_until(lambda: not leftovers(), 10), leftovers()
+        backup = next(p for p in state.iterdir() if p.suffix == ".bak")
+        assert f":{backends[1].port} " in backup.read_text()  # the file before the last change: it had web-2
         assert "duplicate upstream" not in proc.output() and "sync failed" not in proc.output()
     finally:
         proc.stop()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import socket
 import threading
 import time
 from typing import Any
@@ -18,7 +20,8 @@ import pytest
 from consul.check import Check
 
 from confpy.devconsul.register import RegisterError, decode_service
-from confpy.devconsul.state import CRITICAL, AgentState
+from confpy.devconsul.server import DevConsulServer, Handler
+from confpy.devconsul.state import CRITICAL, AgentState, Read
 from confpy.lab import BackendServer, ConsulAPI, DevConsulProcess, wait_until
 
 from .conftest import ConsulUnderTest, dev_consul_only
@@ -546,3 +549,118 @@ def test_tagged_addresses_are_written_back_in_consuls_case(consul: ConsulUnderTe
         "ID", "Service", "Tags", "Meta", "Port", "Address", "TaggedAddresses", "Weights", "EnableTagOverride",
         "Datacenter",
     }  # fmt: skip
+
+
+def _blocked_reader(state: AgentState, view: str, wait: float, answers: list[tuple[int, Any, int]]) -> threading.Thread:
+    """A thread blocked on `view` of `state` past its current index; each answer is noted with the
+    thread that ran it."""
+    index = state.health_index("web")
+
+    def answer(new_index: int, data: Any) -> None:
+        answers.append((new_index, data, threading.get_ident()))
+
+    read = Read(view, lambda: state.health_index("web"), lambda: 1, lambda: state.health_service("web", [], False))
+    thread = threading.Thread(target=state.blocking, args=(read, index, wait, answer))
+    thread.start()
+    assert wait_until(lambda: view in state.parked, 5)  # parked: its answer waits for a write
+    return thread
+
+
+@dev_consul_only
+def test_a_write_answers_its_blocked_readers_from_its_own_thread() -> None:
+    state = AgentState("n1")
+    state.register(decode_service({"Name": "web", "ID": "w1", "Port": 80})[0], [])
+    answers: list[tuple[int, Any, int]] = []
+    reader = _blocked_reader(state, "health:web", 60, answers)
+    state.register(decode_service({"Name": "web", "ID": "w2", "Port": 81})[0], [])
+    # answered before the write returned, in the writer's thread, with the new members and index
+    assert [(i, [e["Service"]["ID"] for e in d], t) for i, d, t in answers] == [
+        (state.health_index("web"), ["w1", "w2"], threading.get_ident())
+    ]
+    reader.join(5)
+    assert not reader.is_alive() and len(answers) == 1 and state.parked == {}
+    state.register(decode_service({"Name": "web", "ID": "w3", "Port": 82})[0], [])
+    assert len(answers) == 1  # answered once: a later write finds no parked reader
+
+
+@dev_consul_only
+def test_a_reader_whose_wait_ends_answers_itself_once() -> None:
+    state = AgentState("n1")
+    state.register(decode_service({"Name": "web", "ID": "w1", "Port": 80})[0], [])
+    index = state.health_index("web")
+    answers: list[tuple[int, Any, int]] = []
+    reader = _blocked_reader(state, "health:web", 0.2, answers)
+    reader.join(5)
+    assert [(i, t) for i, _, t in answers] == [(index, reader.ident)] and state.parked == {}
+    state.register(decode_service({"Name": "web", "ID": "w2", "Port": 81})[0], [])
+    assert len(answers) == 1
+
+
+@dev_consul_only
+def test_an_answer_that_fails_in_the_writers_thread_is_left_to_the_readers_own(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    state = AgentState("n1")
+    state.register(decode_service({"Name": "web", "ID": "w1", "Port": 80})[0], [])
+    answers: list[tuple[int, Any, int]] = []
+    reader = _blocked_reader(state, "health:web", 60, answers)
+    writer = threading.get_ident()
+
+    def fail_in_the_writer(new_index: int, data: Any) -> None:
+        if threading.get_ident() == writer:
+            raise ValueError("a bug in one reader's answer")
+        answers.append((new_index, data, threading.get_ident()))
+
+    state.parked["health:web"][0].answer = fail_in_the_writer
+    state.register(decode_service({"Name": "web", "ID": "w2", "Port": 81})[0], [])  # the write succeeds
+    reader.join(5)
+    assert [(i, len(d), t) for i, d, t in answers] == [(state.health_index("web"), 2, reader.ident)]
+    assert "answering a blocked query on health:web from the writer's thread failed" in caplog.text
+
+
+@dev_consul_only
+def test_a_client_that_does_not_read_never_holds_up_a_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A blocked KV read whose answer (~5.6 MB) is more than its socket takes while the client
+    reads nothing: the write that answers it sends what fits and returns; the reader's own thread
+    sends the rest, and the client gets the whole answer."""
+    left_for_the_reader: list[int] = []
+    write_out = Handler._write_out
+
+    def noting_write_out(handler: Handler, data: bytes) -> None:
+        write_out(handler, data)
+        if threading.get_ident() != handler._thread:
+            left_for_the_reader.append(len(handler._unsent))
+
+    monkeypatch.setattr(Handler, "_write_out", noting_write_out)
+    server = DevConsulServer("127.0.0.1", 0, "n1")
+    server.start()
+    try:
+        api = ConsulAPI(server.url)
+        value = bytes(range(256)) * 2048  # 512 KB, the largest value Consul takes
+        for n in range(7):
+            api.request("PUT", f"/v1/kv/big/{n}", value)
+        index = int(api.request("GET", "/v1/kv/big/?recurse")[1]["X-Consul-Index"])
+        idle = socket.create_connection(("127.0.0.1", server.server_address[1]))
+        idle.sendall(f"GET /v1/kv/big/?recurse&index={index}&wait=30s HTTP/1.1\r\nHost: consul\r\n\r\n".encode())
+        assert wait_until(lambda: "kvp:big/" in server.state.parked, 5)
+        written: list[bytes] = []
+        writer = threading.Thread(target=lambda: written.append(api.request("PUT", "/v1/kv/big/7", value)[2]))
+        writer.start()
+        writer.join(20)
+        assert written == [b"true"]  # the write did not wait for the idle client
+        assert server.state.parked == {} and len(left_for_the_reader) == 1 and left_for_the_reader[0] > 0
+        idle.settimeout(20)
+        raw = b""
+        while b"\r\n\r\n" not in raw:
+            raw += idle.recv(65536)
+        head, body = raw.split(b"\r\n\r\n", 1)
+        length = re.search(rb"Content-Length: (\d+)", head)
+        assert head.startswith(b"HTTP/1.1 200") and length is not None
+        while len(body) < int(length.group(1)):
+            body += idle.recv(1 << 20)
+        idle.close()
+        entries = json.loads(body)
+        assert len(body) == int(length.group(1)) and len(entries) == 8
+        assert all(base64.b64decode(entry["Value"]) == value for entry in entries)
+    finally:
+        server.stop()

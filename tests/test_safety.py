@@ -492,9 +492,30 @@ def test_the_folder_is_synced_while_the_check_runs_and_before_the_reload(
     # once, for the destination, with the check already running and the new bytes in place
     assert seen == [(tmp_path / "up.conf", True, b"new\n")]
     assert backups == [b"old\n"]  # the backup was put in place before, while the check ran
-    assert _state_files(installer) == {backup.name: b"old\n"}  # and no temporary link is left
+    # The backup it replaced keeps a second name until `tidy` (its blocks are not freed while
+    # the check runs); no temporary link of the new backup is left.
+    (retired,) = installer.retired
+    assert retired.parent == backup.parent and _state_files(installer) == {
+        backup.name: b"old\n",
+        retired.name: b"older\n",
+    }
     assert report.installed == (tmp_path / "up.conf",)
     assert not report.reload.reloaded and "nginx is not running" in report.reload.detail
+    installer.tidy()
+    assert _state_files(installer) == {backup.name: b"old\n"} and installer.retired == []
+    # a second name left by a crash before `tidy` matches the pattern that start-up sweeps away
+    os.link(backup, retired)
+    assert files.remove_leftover_temp_files([backup]) == [retired] and _state_files(installer) == {
+        backup.name: b"old\n"
+    }
+
+
+def test_a_first_backup_leaves_nothing_to_tidy(tmp_path: Path) -> None:
+    installer, template = _installer(tmp_path, ("true",))
+    (tmp_path / "up.conf").write_bytes(b"old\n")
+    asyncio.run(installer.apply([Change(template, b"new\n", b"old\n")]))
+    backup = installer.state.backup_path_for(template.destination)
+    assert installer.retired == [] and _state_files(installer) == {backup.name: b"old\n"}
 
 
 def test_a_folder_that_cannot_be_synced_stops_the_check_and_rolls_back(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import stat
 import time
 from collections.abc import Callable, Sequence
@@ -63,19 +64,33 @@ class PendingBackup:
     mode: int | None
     link: Path | None
 
-    def finish(self) -> None:
-        """`target` := the previous file."""
+    def finish(self) -> Path | None:
+        """`target` := the previous file. Returns a second name of the backup it replaced, for
+        `Installer.tidy` to remove later (None when there was none): freeing a file's blocks is the
+        costly part of replacing it, and here it would compete with `nginx -t` for the CPU."""
+        retired = _second_name(self.target)
         if self.link is not None:
             try:
                 os.replace(self.link, self.target)
-                return
+                return retired
             except OSError:
                 self.discard()
         atomic_write(self.target, self.old, self.mode)
+        return retired
 
     def discard(self) -> None:
         if self.link is not None:
             self.link.unlink(missing_ok=True)
+
+
+def _second_name(path: Path) -> Path | None:
+    """Hard-link `path` under a temporary name (one that start-up's leftover sweep removes)."""
+    second = path.with_name(f".{path.name}.{secrets.token_hex(4)}.confpy-tmp")
+    try:
+        os.link(path, second)
+    except OSError:  # no file yet, or links refused: the replace frees it at once, as before
+        return None
+    return second
 
 
 def save_previous(destination: Path, target: Path, old: bytes, mode: int | None) -> PendingBackup:
@@ -100,6 +115,7 @@ class Installer:
         self.checker = checker
         self.reloader = reloader
         self.state = state
+        self.retired: list[Path] = []  # replaced backups, still linked: see `tidy`
 
     async def apply(self, changes: Sequence[Change]) -> ApplyReport:
         """Install `changes`, run the check once, reload once; roll everything back on failure.
@@ -153,13 +169,24 @@ class Installer:
         master: list[VerifiedMaster],
     ) -> None:
         while backups:
-            backups.pop().finish()
+            retired = backups.pop().finish()
+            if retired is not None:
+                self.retired.append(retired)
         folders = {c.destination.parent: c.destination for c, _ in written}
         for destination in folders.values():
             fsync_folder(destination)
         verified = self.reloader.verify_master()
         if verified is not None:
             master.append(verified)
+
+    def tidy(self) -> None:
+        """Remove the replaced backups' last names (after the reload, when nothing waits on it)."""
+        retired, self.retired = self.retired, []
+        for path in retired:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("could not remove %s, a replaced backup: %s", path, exc.strerror)
 
     async def _check(self, meanwhile: Callable[[], None]) -> None:
         started = time.monotonic()

@@ -261,6 +261,7 @@ class Daemon:
     async def _stop(self) -> None:
         """Stop watching and release everything this configuration holds (bounded, never hangs)."""
         self._save_state(now=True)
+        self.engine.tidy()  # after a cycle that failed, too (no save was due then)
         if self.probe is not None:
             self.probe.cancel()
             await asyncio.gather(self.probe, return_exceptions=True)
@@ -565,9 +566,10 @@ class Daemon:
         self.unsaved.update(self.engine.remember(results, self.memories))
         if self.engine.live is not None:
             self.unsaved_results.update((r.template.destination, r) for r in results)
-        if self.unsaved or self.unsaved_results:
-            # Written later, not now: nginx is starting its new workers (or serving the pushed
-            # members), more changes may follow, and only a restart reads these files.
+        if self.unsaved or self.unsaved_results or self.engine.untidy:
+            # Written (and replaced backups removed) later, not now: nginx is starting its new
+            # workers (or serving the pushed members), more changes may follow, and only a restart
+            # reads these files.
             synced = self.clock()
             self.unsaved_since = synced if self.unsaved_since is None else self.unsaved_since
             self.save_at = min(synced + STATE_SAVE_QUIET, self.unsaved_since + STATE_SAVE_MAX_DELAY)

@@ -38,6 +38,8 @@ from confpy.devconsul.state import (
     WARNING,
     AgentState,
     CheckEntry,
+    KVEntry,
+    Read,
     ServiceEntry,
 )
 from confpy.durations import GO_FALSE, parse_go_bool, parse_go_duration
@@ -163,6 +165,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.tls_failed = True
             self.request.settimeout(None)
         super().setup()
+        self._thread = threading.get_ident()
+        self._unsent = b""
         # A streamed answer (/v1/agent/monitor) goes out in several writes: without TCP_NODELAY,
         # Nagle and the client's delayed ACK hold a piece back ~40 ms, which Consul (Go) never does.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -195,7 +199,42 @@ class Handler(BaseHTTPRequestHandler):
         self._headers_buffer.append(b"\r\n")
         if self.command != "HEAD":
             self._headers_buffer.append(body)
-        self.flush_headers()
+        data = b"".join(self._headers_buffer)
+        self._headers_buffer = []
+        self._write_out(data)
+
+    def _write_out(self, data: bytes) -> None:
+        if threading.get_ident() == self._thread:
+            self.wfile.write(data)
+            return
+        # A write's thread answering this parked reader (see `_blocking`): it must never block on
+        # a slow client, so it sends what the socket takes now and this connection's thread the rest.
+        try:
+            sent = self.connection.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.close_connection = True  # the client is gone; its thread ends the connection
+            sent = len(data)
+        self._unsent = data[sent:]
+
+    def _blocking(
+        self, state: AgentState, read: Read, index: int, wait: float, answer: Callable[[int, Any], None]
+    ) -> None:
+        """A blocking read answered by `answer(index, data)`: on plain HTTP, by the write that moves
+        the view, from its own thread (see `AgentState.blocking`); over TLS by this thread (an SSL
+        socket has no non-blocking send, and a write must not wait on a reader's client)."""
+        tls = isinstance(self.connection, ssl.SSLSocket)
+        state.blocking(read, index, wait, lambda i, d: self._answer(answer, i, d), from_writer=not tls)
+        if self._unsent:
+            unsent, self._unsent = self._unsent, b""
+            self.wfile.write(unsent)
+
+    def _answer(self, answer: Callable[[int, Any], None], index: int, data: Any) -> None:
+        try:
+            answer(index, data)
+        except HTTPError as exc:  # as `_dispatch` answers it, from whichever thread runs this
+            self._text(exc.status, exc.text)
 
     def _json(self, status: int, data: Any, index: int | None = None, pretty: bool = False) -> None:
         headers = {}
@@ -306,25 +345,31 @@ class Handler(BaseHTTPRequestHandler):
             "Checks": [state.check_json(CheckEntry("", "", PASSING))],
         }
         filtered(query, [], sample)  # refuse a bad expression before blocking
-        new_index, data = state.blocking(
-            f"health:{name}",
-            lambda: state.health_index(name),
-            lambda: state.services_table_index,
-            lambda: [] if query.get("peer") else state.health_service(name, tags, passing),
+        self._blocking(
+            state,
+            Read(
+                f"health:{name}",
+                lambda: state.health_index(name),
+                lambda: state.services_table_index,
+                lambda: [] if query.get("peer") else state.health_service(name, tags, passing),
+            ),
             index,
             wait,
+            lambda new_index, data: self._json(200, filtered(query, data, sample), new_index, query.has("pretty")),
         )
-        self._json(200, filtered(query, data, sample), new_index, query.has("pretty"))
 
     def _read_all(self, state: AgentState, query: Query, view: str, body: Callable[[], Any], sample: Any) -> None:
         """A blocking read of a listing, filtered as `?filter=` says."""
         check_datacenter(state, query)
         index, wait = blocking_params(query)
         filtered(query, [], sample)
-        new_index, data = state.blocking(
-            view, lambda: state.view_index.get(view, 0), lambda: state.services_table_index, body, index, wait
+        self._blocking(
+            state,
+            state.view_read(view, body),
+            index,
+            wait,
+            lambda new_index, data: self._json(200, filtered(query, data, sample), new_index, query.has("pretty")),
         )
-        self._json(200, filtered(query, data, sample), new_index, query.has("pretty"))
 
     def health_checks(self, state: AgentState, name: str, query: Query) -> None:
         if not name:
@@ -357,18 +402,23 @@ class Handler(BaseHTTPRequestHandler):
         index, wait = blocking_params(query)
         sample = state.service_json(_sample_service())
         filtered(query, [], sample)
-        new_index, data = state.blocking(
-            ALL_VIEW,
-            lambda: state.view_index.get(ALL_VIEW, 0),
-            lambda: state.services_table_index,
-            lambda: state.catalog_node(node),
+
+        def answer(new_index: int, data: Any) -> None:
+            if data is not None and query.get("filter"):
+                # The expression is evaluated against each entry of the Services map.
+                data["Services"] = {sid: s for sid, s in data["Services"].items() if filtered(query, [s], sample)}
+            self._json(200, data, new_index, query.has("pretty"))
+
+        self._blocking(
+            state,
+            state.view_read(
+                ALL_VIEW,
+                lambda: state.catalog_node(node),
+            ),
             index,
             wait,
+            answer,
         )
-        if data is not None and query.get("filter"):
-            # The expression is evaluated against each entry of the Services map.
-            data["Services"] = {sid: svc for sid, svc in data["Services"].items() if filtered(query, [svc], sample)}
-        self._json(200, data, new_index, query.has("pretty"))
 
     def catalog_datacenters(self, state: AgentState, rest: str, query: Query) -> None:
         self._json(200, [state.datacenter])
@@ -412,28 +462,28 @@ class Handler(BaseHTTPRequestHandler):
         filtered(query, [], sample)
         if query.get("filter"):
             # The expression sees each service instance; the answer groups the matching ones by name.
-            new_index, rows = state.blocking(
-                "catalog",
-                lambda: state.view_index.get("catalog", 0),
-                lambda: state.services_table_index,
-                state.catalog_service_rows,
+
+            def grouped(new_index: int, rows: Any) -> None:
+                names: dict[str, set[str]] = {}
+                for row in filtered(query, rows, sample):
+                    names.setdefault(row["ServiceName"], set()).update(row["ServiceTags"])
+                self._json(200, {n: sorted(t) for n, t in sorted(names.items())}, new_index, query.has("pretty"))
+
+            self._blocking(
+                state,
+                state.view_read("catalog", state.catalog_service_rows),
                 index,
                 wait,
+                grouped,
             )
-            names: dict[str, set[str]] = {}
-            for row in filtered(query, rows, sample):
-                names.setdefault(row["ServiceName"], set()).update(row["ServiceTags"])
-            self._json(200, {n: sorted(t) for n, t in sorted(names.items())}, new_index, query.has("pretty"))
             return
-        new_index, data = state.blocking(
-            "catalog",
-            lambda: state.view_index.get("catalog", 0),
-            lambda: state.services_table_index,
-            state.catalog_services,
+        self._blocking(
+            state,
+            state.view_read("catalog", state.catalog_services),
             index,
             wait,
+            lambda new_index, data: self._json(200, data, new_index, query.has("pretty")),
         )
-        self._json(200, data, new_index, query.has("pretty"))
 
     def catalog_service(self, state: AgentState, name: str, query: Query) -> None:
         check_datacenter(state, query)
@@ -443,15 +493,16 @@ class Handler(BaseHTTPRequestHandler):
         tags = query.all("tag")
         sample = state.catalog_service_row_sample(_sample_service())
         filtered(query, [], sample)
-        new_index, data = state.blocking(
-            f"catalog:{name}",
-            lambda: state.view_index.get(f"catalog:{name}", 0),
-            lambda: state.services_table_index,
-            lambda: [] if query.get("peer") else state.catalog_service(name, tags),
+        self._blocking(
+            state,
+            state.view_read(
+                f"catalog:{name}",
+                lambda: [] if query.get("peer") else state.catalog_service(name, tags),
+            ),
             index,
             wait,
+            lambda new_index, data: self._json(200, filtered(query, data, sample), new_index, query.has("pretty")),
         )
-        self._json(200, filtered(query, data, sample), new_index, query.has("pretty"))
 
     # --- agent writes ----------------------------------------------------------------------
 
@@ -685,18 +736,23 @@ class Handler(BaseHTTPRequestHandler):
     def coordinate_node(self, state: AgentState, node: str, query: Query) -> None:
         check_datacenter(state, query)
         index, wait = blocking_params(query)
-        new_index, data = state.blocking(
-            "coordinates",
-            lambda: state.view_index.get("coordinates", 0),
-            lambda: state.services_table_index,
-            lambda: state.coordinate_entries(node),
+
+        def answer(new_index: int, data: Any) -> None:
+            if not data:
+                self._send(404, b"", "text/plain; charset=utf-8", {"X-Consul-Index": str(new_index)})
+                return
+            self._json(200, data, new_index, query.has("pretty"))
+
+        self._blocking(
+            state,
+            state.view_read(
+                "coordinates",
+                lambda: state.coordinate_entries(node),
+            ),
             index,
             wait,
+            answer,
         )
-        if not data:
-            self._send(404, b"", "text/plain; charset=utf-8", {"X-Consul-Index": str(new_index)})
-            return
-        self._json(200, data, new_index, query.has("pretty"))
 
     def coordinate_update(self, state: AgentState, rest: str, query: Query) -> None:
         check_datacenter(state, query)
@@ -768,14 +824,20 @@ class Handler(BaseHTTPRequestHandler):
     def _kv_get(self, state: AgentState, key: str, query: Query) -> None:
         index, wait = blocking_params(query)
         prefix = query.has("recurse") or query.has("keys")
-        new_index, entries = state.blocking(
-            f"kvp:{key}" if prefix else f"kv:{key}",
-            lambda: state.kv_index(key, prefix),
-            lambda: state.kv_table_index,
-            lambda: state.kv_entries(key, prefix),
+        self._blocking(
+            state,
+            Read(
+                f"kvp:{key}" if prefix else f"kv:{key}",
+                lambda: state.kv_index(key, prefix),
+                lambda: state.kv_table_index,
+                lambda: state.kv_entries(key, prefix),
+            ),
             index,
             wait,
+            lambda new_index, entries: self._kv_answer(key, query, new_index, entries),
         )
+
+    def _kv_answer(self, key: str, query: Query, new_index: int, entries: list[KVEntry]) -> None:
         if not entries:
             self._send(
                 404,

@@ -7,6 +7,7 @@ its own view passes the client's, so a change to service A never wakes a watcher
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -30,6 +31,36 @@ NODE_MAINT_DEFAULT_REASON = (
 ALL_VIEW = "all"  # touched by every catalog write: the node and state listings block on it
 MAX_WAIT = 600.0
 DEFAULT_WAIT = 300.0
+
+log = logging.getLogger(__name__)
+
+# A blocking read's answer: (X-Consul-Index, body) to the client; it must not block (see `blocking`).
+Answer = Callable[[int, Any], None]
+
+
+@dataclass(frozen=True)
+class Read:
+    """What a blocking read waits on and answers: its view, the view's index (0 while never
+    written: the table's index stands in), and the answer's body."""
+
+    view: str
+    view_index: Callable[[], int]
+    table_index: Callable[[], int]
+    body: Callable[[], Any]
+
+    def reported_index(self, current: int) -> int:
+        """The X-Consul-Index of an answer read at the view's `current` index (never 0)."""
+        return max(current if current > 0 else self.table_index(), 1)
+
+
+@dataclass(eq=False)
+class _Parked:
+    """A blocked reader that the write moving its view answers itself (see `AgentState.blocking`)."""
+
+    read: Read
+    index: int
+    answer: Answer
+    answered: bool = False
 
 
 @dataclass
@@ -130,6 +161,7 @@ class AgentState:
         # One condition per view, over the same lock: a write wakes only the readers of the views
         # it changed (as Consul's per-watch channels do), not every blocked query.
         self.view_conds: dict[str, threading.Condition] = {}
+        self.parked: dict[str, list[_Parked]] = {}
         self.index = 10
         self.closing = False
         self.nodes: dict[str, NodeEntry] = {}
@@ -190,12 +222,39 @@ class AgentState:
     def _wake(self, view: str) -> None:
         cond = self.view_conds.get(view)
         if cond is not None:
+            self._answer_parked(view)
             cond.notify_all()
 
     def _wake_kv(self, key: str) -> None:
         for view, cond in self.view_conds.items():
             if view == f"kv:{key}" or (view.startswith("kvp:") and key.startswith(view[4:])):
+                self._answer_parked(view)
                 cond.notify_all()
+
+    def _answer_parked(self, view: str) -> None:
+        """Answer, from the writer's thread, the parked readers whose index `view` has now passed."""
+        parked = self.parked.pop(view, None)
+        if not parked:
+            return
+        waiting = []
+        for reader in parked:
+            current = reader.read.view_index()
+            if current <= reader.index:
+                waiting.append(reader)
+                continue
+            try:
+                reader.answer(reader.read.reported_index(current), reader.read.body())
+            except Exception:  # one reader's bad answer must not fail the write: its own thread answers it
+                log.exception("answering a blocked query on %s from the writer's thread failed", view)
+                waiting.append(reader)
+                continue
+            reader.answered = True
+        if waiting:
+            self.parked[view] = waiting
+
+    def view_read(self, view: str, body: Callable[[], Any]) -> Read:
+        """A blocking read of a catalog view (one whose index is in `view_index`)."""
+        return Read(view, lambda: self.view_index.get(view, 0), lambda: self.services_table_index, body)
 
     def _service_views(self, name: str) -> list[str]:
         return [f"health:{name}", f"catalog:{name}"]
@@ -207,32 +266,52 @@ class AgentState:
             for cond in self.view_conds.values():
                 cond.notify_all()
 
-    def blocking(
-        self,
-        view: str,
-        view_index: Callable[[], int],
-        table_index: Callable[[], int],
-        body: Callable[[], Any],
-        index: int,
-        wait: float,
-    ) -> tuple[int, Any]:
-        """Answer at once when `index` is 0 or the view moved past it; else wait up to wait + jitter."""
+    def blocking(self, read: Read, index: int, wait: float, answer: Answer, *, from_writer: bool = True) -> None:
+        """Answer at once when `index` is 0 or the view moved past it; else wait up to wait + jitter.
+
+        `answer(index, body())` runs exactly once. With `from_writer`, a write that moves the view
+        runs it itself, in the writer's thread and under the lock, before it wakes anyone: the
+        answer is on its way without waiting for the reader's thread to be scheduled and to take
+        the interpreter's lock (Consul's readers are goroutines; here each hand-over between
+        threads costs a GIL switch, and a change's readers would each wait for one). Such an
+        `answer` must not block; the reader's thread sends what it could not. Otherwise (a time
+        out, shutting down, no `from_writer`) the reader's thread runs it, outside the lock.
+        """
         wait = min(wait, MAX_WAIT)
         deadline = self.clock() + wait + random.uniform(0, wait / 16)
+        view = read.view
+        parked: _Parked | None = None
         with self.cond:
             cond = self.view_conds.get(view)
             if cond is None:
                 cond = self.view_conds[view] = threading.Condition(self.lock)
-            while True:
-                current = view_index()
-                if index == 0 or current > index or self.closing:
-                    break
-                remaining = deadline - self.clock()
-                if remaining <= 0:
-                    break
-                cond.wait(remaining)
-            reported = current if current > 0 else table_index()
-            return max(reported, 1), body()
+            try:
+                while True:
+                    current = read.view_index()
+                    if index == 0 or current > index or self.closing:
+                        break
+                    remaining = deadline - self.clock()
+                    if remaining <= 0:
+                        break
+                    if from_writer and parked is None:
+                        parked = _Parked(read, index, answer)
+                        self.parked.setdefault(view, []).append(parked)
+                    cond.wait(remaining)
+                    if parked is not None and parked.answered:
+                        return
+            finally:
+                if parked is not None and not parked.answered:
+                    self._unpark(view, parked)
+            reported = read.reported_index(current)
+            data = read.body()
+        answer(reported, data)
+
+    def _unpark(self, view: str, reader: _Parked) -> None:
+        parked = self.parked.get(view, [])
+        if reader in parked:
+            parked.remove(reader)
+            if not parked:
+                del self.parked[view]
 
     # --- services --------------------------------------------------------------------------
 
