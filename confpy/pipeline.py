@@ -324,5 +324,6 @@ class SyncEngine:
         return report
 
     async def close(self) -> None:
+        self.reloader.close()
         if self.live is not None:
             await self.live.close()

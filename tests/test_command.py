@@ -133,7 +133,7 @@ def _reload_after_check(
         meanwhile(pid_file)
         return asyncio.run(reloader.reload(verified))
     finally:
-        verified.close()
+        reloader.close()
 
 
 def test_the_verified_master_is_signalled_through_its_pidfd(
@@ -208,3 +208,32 @@ def test_an_install_looks_the_master_up_during_the_check_only(
     assert report.reload.reloaded and _signalled(first)
     assert lookups == [True]  # during the check, and not again between it and the signal
     assert (tmp_path / "up.conf").read_bytes() == b"new\n"
+
+
+def test_the_master_is_looked_up_again_only_when_the_pid_file_names_another_or_it_exited(
+    fake_masters: list[subprocess.Popen[bytes]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = fake_masters
+    pid_file = tmp_path / "nginx.pid"
+    pid_file.write_text(f"{first.pid}\n")
+    reloader = _reloader(pid_file)
+    lookups: list[Path] = []
+    real_lookup = nginx_module.nginx_master
+
+    def lookup(path: Path) -> object:
+        lookups.append(path)
+        return real_lookup(path)
+
+    monkeypatch.setattr(nginx_module, "nginx_master", lookup)
+    try:
+        kept = reloader.verify_master()
+        assert kept is not None and kept.pid == first.pid
+        assert reloader.verify_master() is kept and len(lookups) == 1  # nginx keeps its master across reloads
+        pid_file.write_text(f"{second.pid}\n")  # e.g. a binary upgrade
+        upgraded = reloader.verify_master()
+        assert upgraded is not None and upgraded.pid == second.pid and len(lookups) == 2
+        second.kill()
+        second.wait()  # the pid file still names it (nginx killed, not stopped)
+        assert reloader.verify_master() is None and len(lookups) == 3
+    finally:
+        reloader.close()

@@ -127,23 +127,19 @@ class Installer:
         backups: list[PendingBackup] = []
         master: list[VerifiedMaster] = []
         try:
-            try:
-                self._install(changes, written, backups)
-                # Backups are put in place, the renames made durable and nginx's master looked up
-                # while `nginx -t` runs (it reads the new files from the page cache already), not
-                # before starting it or between it and the reload: these are metadata operations,
-                # a folder's fsync is a journal commit and the master's checks read /proc, all off
-                # the path of a change. Each file's own bytes were fsynced before its rename.
-                await self._check(lambda: self._while_checking(written, backups, master))
-            except (InstallError, CheckError, asyncio.CancelledError) as exc:
-                for backup in backups:
-                    backup.discard()
-                self._rollback(written, exc)
-                raise
-            reload = await self.reloader.reload(master[0] if master else None)
-        finally:
-            for verified in master:
-                verified.close()
+            self._install(changes, written, backups)
+            # Backups are put in place, the renames made durable and nginx's master looked up
+            # while `nginx -t` runs (it reads the new files from the page cache already), not
+            # before starting it or between it and the reload: these are metadata operations,
+            # a folder's fsync is a journal commit and the master's checks read /proc, all off
+            # the path of a change. Each file's own bytes were fsynced before its rename.
+            await self._check(lambda: self._while_checking(written, backups, master))
+        except (InstallError, CheckError, asyncio.CancelledError) as exc:
+            for backup in backups:
+                backup.discard()
+            self._rollback(written, exc)
+            raise
+        reload = await self.reloader.reload(master[0] if master else None)
         return ApplyReport(tuple(c.destination for c, _ in written), reload)
 
     def _install(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import shutil
 import signal
 import tempfile
@@ -188,6 +189,11 @@ class VerifiedMaster:
     pid: int
     pidfd: int
 
+    def alive(self) -> bool:
+        """False once the process has exited (its pidfd turns readable, reaped or not)."""
+        readable, _, _ = select.select([self.pidfd], [], [], 0)
+        return not readable
+
     def close(self) -> None:
         os.close(self.pidfd)
 
@@ -197,21 +203,37 @@ class NginxReloader:
 
     def __init__(self, config: NginxConfig) -> None:
         self.config = config
+        self._verified: VerifiedMaster | None = None
 
     def verify_master(self) -> VerifiedMaster | None:
-        """Find and check the master now, ahead of `reload` (while `nginx -t` runs: reading /proc
-        takes a few hundred microseconds on a busy machine, and the check leaves the time). None
-        when there is nothing to prepare (`reload_cmd`, no usable master, no pidfds): `reload`
-        then finds out for itself. Never raises."""
+        """The master, found and checked ahead of `reload` (while `nginx -t` runs). None when there
+        is nothing to prepare (`reload_cmd`, no usable master, no pidfds): `reload` then finds out
+        for itself. Never raises.
+
+        The master found is kept, its pidfd held: nginx keeps its master across reloads, so /proc
+        is read again (a few hundred microseconds of CPU that `nginx -t` would share) only when
+        the pid file names another process or that one has exited."""
         if self.config.reload_cmd or not command.pidfds_work():
             return None
+        known = self._verified
+        if known is not None:
+            if known.alive() and self._pid_file_names(known.pid):
+                return known
+            self.close()
         try:
             master = nginx_master(self.config.pid_file)
             if master is None:
                 return None
-            return VerifiedMaster(master.pid, os.pidfd_open(master.pid))
+            self._verified = VerifiedMaster(master.pid, os.pidfd_open(master.pid))
         except (ReloadError, psutil.Error, OSError):
             return None
+        return self._verified
+
+    def close(self) -> None:
+        """Let go of the master found by `verify_master`."""
+        if self._verified is not None:
+            self._verified.close()
+            self._verified = None
 
     async def reload(self, verified: VerifiedMaster | None = None) -> ReloadOutcome:
         """Reload nginx; when it cannot be, say why (never raises: the files are installed by then).
