@@ -182,6 +182,17 @@ def test_nothing_is_verified_for_a_reload_cmd_or_without_a_master(tmp_path: Path
     assert with_cmd.verify_master() is None
 
 
+def _note_lookups(monkeypatch: pytest.MonkeyPatch, note: Callable[[], None]) -> None:
+    """Call `note` on every lookup of nginx's master in /proc (then look it up)."""
+    real_lookup = nginx_module.nginx_master
+
+    def lookup(path: Path) -> object:
+        note()
+        return real_lookup(path)
+
+    monkeypatch.setattr(nginx_module, "nginx_master", lookup)
+
+
 def test_an_install_looks_the_master_up_during_the_check_only(
     fake_masters: list[subprocess.Popen[bytes]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -196,14 +207,12 @@ def test_an_install_looks_the_master_up_during_the_check_only(
     installer, template = installer_for(tmp_path, (sys.executable, "-c", script), pid_file)
     (tmp_path / "up.conf").write_bytes(b"old\n")
     lookups: list[bool] = []
-    real_lookup = nginx_module.nginx_master
 
-    def lookup(path: Path) -> object:
+    def during_the_check() -> None:
         assert wait_until(running.exists, 10)
         lookups.append(not done.exists())  # the check is still running
-        return real_lookup(path)
 
-    monkeypatch.setattr(nginx_module, "nginx_master", lookup)
+    _note_lookups(monkeypatch, during_the_check)
     report = asyncio.run(installer.apply([Change(template, b"new\n", b"old\n")]))
     assert report.reload.reloaded and _signalled(first)
     assert lookups == [True]  # during the check, and not again between it and the signal
@@ -218,13 +227,7 @@ def test_the_master_is_looked_up_again_only_when_the_pid_file_names_another_or_i
     pid_file.write_text(f"{first.pid}\n")
     reloader = _reloader(pid_file)
     lookups: list[Path] = []
-    real_lookup = nginx_module.nginx_master
-
-    def lookup(path: Path) -> object:
-        lookups.append(path)
-        return real_lookup(path)
-
-    monkeypatch.setattr(nginx_module, "nginx_master", lookup)
+    _note_lookups(monkeypatch, lambda: lookups.append(pid_file))
     try:
         kept = reloader.verify_master()
         assert kept is not None and kept.pid == first.pid
