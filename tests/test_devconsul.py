@@ -21,7 +21,7 @@ from consul.check import Check
 
 from confpy.devconsul.register import RegisterError, decode_service
 from confpy.devconsul.server import DevConsulServer, Handler
-from confpy.devconsul.state import CRITICAL, AgentState, Read
+from confpy.devconsul.state import CRITICAL, WRITER_ANSWERS, AgentState, Read
 from confpy.lab import BackendServer, ConsulAPI, DevConsulProcess, wait_until
 
 from .conftest import ConsulUnderTest, dev_consul_only
@@ -664,3 +664,20 @@ def test_a_client_that_does_not_read_never_holds_up_a_write(monkeypatch: pytest.
         assert all(base64.b64decode(entry["Value"]) == value for entry in entries)
     finally:
         server.stop()
+
+
+@dev_consul_only
+def test_a_write_answers_a_crowd_of_readers_only_in_part_and_each_reader_once() -> None:
+    state = AgentState("n1")
+    state.register(decode_service({"Name": "web", "ID": "w1", "Port": 80})[0], [])
+    answers: list[tuple[int, Any, int]] = []
+    crowd = WRITER_ANSWERS + 4
+    readers = [_blocked_reader(state, "health:web", 60, answers) for _ in range(crowd)]
+    assert wait_until(lambda: len(state.parked["health:web"]) == crowd, 5)
+    state.register(decode_service({"Name": "web", "ID": "w2", "Port": 81})[0], [])
+    for reader in readers:
+        reader.join(5)
+    writer = threading.get_ident()
+    assert len(answers) == crowd and {i for i, _, _ in answers} == {state.health_index("web")}
+    themselves = [t for _, _, t in answers if t != writer]  # the rest woke and answered themselves
+    assert len(themselves) == 4 and set(themselves) <= {r.ident for r in readers} and len(set(themselves)) == 4

@@ -34,6 +34,10 @@ DEFAULT_WAIT = 300.0
 
 log = logging.getLogger(__name__)
 
+# How many readers of one view a write answers from its own thread (see `AgentState.blocking`);
+# more wake their own threads, as all did before, so a write's own answer never waits on a crowd.
+WRITER_ANSWERS = 16
+
 # A blocking read's answer: (X-Consul-Index, body) to the client; it must not block (see `blocking`).
 Answer = Callable[[int, Any], None]
 
@@ -237,9 +241,10 @@ class AgentState:
         if not parked:
             return
         waiting = []
+        answered = 0
         for reader in parked:
             current = reader.read.view_index()
-            if current <= reader.index:
+            if current <= reader.index or answered == WRITER_ANSWERS:
                 waiting.append(reader)
                 continue
             try:
@@ -249,6 +254,7 @@ class AgentState:
                 waiting.append(reader)
                 continue
             reader.answered = True
+            answered += 1
         if waiting:
             self.parked[view] = waiting
 
