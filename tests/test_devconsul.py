@@ -681,3 +681,40 @@ def test_a_write_answers_a_crowd_of_readers_only_in_part_and_each_reader_once() 
     assert len(answers) == crowd and {i for i, _, _ in answers} == {state.health_index("web")}
     themselves = [t for _, _, t in answers if t != writer]  # the rest woke and answered themselves
     assert len(themselves) == 4 and set(themselves) <= {r.ident for r in readers} and len(set(themselves)) == 4
+
+
+def _raw_exchange(url: str, request: bytes) -> bytes:
+    """Send `request` as bytes on a new connection; everything the server answers until it closes it."""
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(request)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_request_headers_are_read_as_go_reads_them(consul: ConsulUnderTest) -> None:
+    ok = _raw_exchange(
+        consul.url, b"GET /v1/catalog/services HTTP/1.1\r\nHost: x\r\nX-Any:  spaced \r\nConnection: close\r\n\r\n"
+    )
+    assert ok.startswith(b"HTTP/1.1 200") and ok.endswith(b"}")
+    go_error = b"\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n"
+    bad = _raw_exchange(consul.url, b"GET /v1/catalog/services HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n")
+    assert bad == b"HTTP/1.1 400 Bad Request" + go_error + b"400 Bad Request"
+    huge = b"X-Big: " + b"a" * (2 << 20) + b"\r\n"  # more than Go's default MaxHeaderBytes (1 MB)
+    large = _raw_exchange(consul.url, b"GET /v1/catalog/services HTTP/1.1\r\nHost: x\r\n" + huge + b"\r\n")
+    assert large == b"HTTP/1.1 431 Request Header Fields Too Large" + go_error + b"431 Request Header Fields Too Large"
+    crowd = b"".join(b"X-H%d: v\r\n" % n for n in range(200))  # many small ones are fine, as in Go
+    many = _raw_exchange(
+        consul.url, b"GET /v1/catalog/services HTTP/1.1\r\nHost: x\r\n" + crowd + b"Connection: close\r\n\r\n"
+    )
+    assert many.startswith(b"HTTP/1.1 200")
+    body = b'{"Name": "expecting", "Port": 80}'
+    expect = _raw_exchange(
+        consul.url,
+        b"PUT /v1/agent/service/register HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body),
+    )
+    assert expect.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200"), expect
+    assert "expecting" in consul.api.request("GET", "/v1/agent/services")[2].decode()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import http.client
+import io
 import json
 import logging
 import os
@@ -15,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
@@ -48,6 +51,11 @@ from confpy.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MAX_KV_VALUE = 512 * 1024
+# Go's net/http reads at most http.DefaultMaxHeaderBytes of request line and headers (plus 4 KB
+# of slack) and answers 431 beyond; Consul keeps that default.
+MAX_HEADER_BYTES = (1 << 20) + 4096
+RST_AVOIDANCE_DELAY = 0.5  # Go's rstAvoidanceDelay
+GO_ERROR_HEADERS = b"\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n"
 AGENT_VERSION = "1.20.0"  # the Consul version whose API dev-consul follows
 
 
@@ -56,6 +64,26 @@ class HTTPError(Exception):
         super().__init__(text)
         self.status = status
         self.text = text
+
+
+def read_header_block(
+    rfile: io.BufferedIOBase, message_class: type[http.client.HTTPMessage]
+) -> http.client.HTTPMessage:
+    """A request's header lines up to the blank line, as Go's net/textproto reads them: `Name:
+    value`, the value trimmed. A line that is not one is a 400; more than MAX_HEADER_BYTES a 431."""
+    headers = message_class()
+    budget = MAX_HEADER_BYTES
+    while True:
+        line = rfile.readline(budget + 1)
+        budget -= len(line)
+        if budget < 0:
+            raise HTTPError(431, "Request Header Fields Too Large")
+        if line in (b"\r\n", b"\n", b""):
+            return headers
+        name, colon, value = line.decode("iso-8859-1").partition(":")
+        if not colon or not name or name != name.strip() or " " in name:
+            raise HTTPError(400, f"malformed MIME header line: {line.rstrip().decode('iso-8859-1')}")
+        headers[name] = value.strip()
 
 
 class Query:
@@ -174,6 +202,43 @@ class Handler(BaseHTTPRequestHandler):
     def handle(self) -> None:
         if not self.tls_failed:
             super().handle()
+
+    def parse_request(self) -> bool:
+        """http.server's, except that the header block is read by `read_header_block`, not by the
+        email package's parser (a tenth of a millisecond per request on a busy machine, paid by
+        every registration and by every blocking query that follows it)."""
+        rfile = self.rfile
+        self.rfile = io.BytesIO(b"\r\n")  # for the request line alone: the headers are read below
+        try:
+            if not super().parse_request():
+                return False
+        finally:
+            self.rfile = rfile
+        try:
+            self.headers = read_header_block(rfile, self.MessageClass)
+        except HTTPError as exc:
+            # Go's server answers a request it cannot read with these very bytes (no Date, no
+            # length: the connection closes), before any handler sees it.
+            log.debug("%s: %s", self.address_string(), exc.text)
+            public = f"{exc.status} {HTTPStatus(exc.status).phrase}".encode()
+            self.wfile.write(b"HTTP/1.1 " + public + GO_ERROR_HEADERS + public)
+            self.close_connection = True
+            if exc.status == 431:
+                # Go's closeWriteAndWait: the client may still be sending the rest, and closing
+                # with unread bytes would reset the connection and lose this answer.
+                self.connection.shutdown(socket.SHUT_WR)
+                time.sleep(RST_AVOIDANCE_DELAY)
+            return False
+        # http.server's Connection and Expect rules, on the real headers.
+        connection = self.headers.get("Connection", "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive" and self.protocol_version >= "HTTP/1.1":
+            self.close_connection = False
+        expect = self.headers.get("Expect", "").lower()
+        if expect == "100-continue" and self.protocol_version >= "HTTP/1.1" and self.request_version >= "HTTP/1.1":
+            return self.handle_expect_100()
+        return True
 
     def log_message(self, format: str, *args: Any) -> None:
         if log.isEnabledFor(logging.DEBUG):  # called for every request: format only when shown
