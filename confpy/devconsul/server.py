@@ -51,8 +51,9 @@ from confpy.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MAX_KV_VALUE = 512 * 1024
-# Go's net/http reads at most http.DefaultMaxHeaderBytes of request line and headers (plus 4 KB
-# of slack) and answers 431 beyond; Consul keeps that default.
+# Go's net/http reads at most http.DefaultMaxHeaderBytes (plus 4 KB of slack) of a request's head
+# and answers 431 beyond; Consul keeps that default. Here the header lines get that budget (the
+# request line has http.server's own 64 KB bound).
 MAX_HEADER_BYTES = (1 << 20) + 4096
 RST_AVOIDANCE_DELAY = 0.5  # Go's rstAvoidanceDelay
 GO_ERROR_HEADERS = b"\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n"
