@@ -632,6 +632,15 @@ def test_a_client_that_does_not_read_never_holds_up_a_write(monkeypatch: pytest.
             left_for_the_reader.append(len(handler._unsent))
 
     monkeypatch.setattr(Handler, "_write_out", noting_write_out)
+    setup = Handler.setup
+
+    def small_send_buffer(handler: Handler) -> None:
+        # A fixed send buffer (no autotuning up to tcp_wmem's maximum, which differs between
+        # hosts): far less than the answer can wait in the kernel, whatever the host.
+        setup(handler)
+        handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+
+    monkeypatch.setattr(Handler, "setup", small_send_buffer)
     server = DevConsulServer("127.0.0.1", 0, "n1")
     server.start()
     try:
