@@ -123,7 +123,7 @@ def _signalled(proc: subprocess.Popen[bytes]) -> bool:
 def _reload_after_check(
     master: subprocess.Popen[bytes], tmp_path: Path, meanwhile: Callable[[Path], None] = lambda pid_file: None
 ) -> ReloadOutcome:
-    """Verify `master` (as during `nginx -t`), let `meanwhile` happen, then reload with it."""
+    """Verify `master` (as during `nginx -t`), let `meanwhile` happen, then reload."""
     pid_file = tmp_path / "nginx.pid"
     pid_file.write_text(f"{master.pid}\n")
     reloader = _reloader(pid_file)
@@ -131,7 +131,7 @@ def _reload_after_check(
     assert verified is not None and verified.pid == master.pid
     try:
         meanwhile(pid_file)
-        return asyncio.run(reloader.reload(verified))
+        return asyncio.run(reloader.reload())
     finally:
         reloader.close()
 

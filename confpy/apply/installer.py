@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from confpy.apply.files import StateStore, atomic_write, fsync_folder, remove_file
-from confpy.apply.nginx import NginxChecker, NginxReloader, ReloadOutcome, VerifiedMaster
+from confpy.apply.nginx import NginxChecker, NginxReloader, ReloadOutcome
 from confpy.config import TemplateConfig
 from confpy.errors import CheckError, InstallError
 
@@ -125,7 +125,6 @@ class Installer:
         """
         written: list[tuple[Change, os.stat_result | None]] = []
         backups: list[PendingBackup] = []
-        master: list[VerifiedMaster] = []
         try:
             self._install(changes, written, backups)
             # Backups are put in place, the renames made durable and nginx's master looked up
@@ -133,14 +132,13 @@ class Installer:
             # before starting it or between it and the reload: these are metadata operations,
             # a folder's fsync is a journal commit and the master's checks read /proc, all off
             # the path of a change. Each file's own bytes were fsynced before its rename.
-            await self._check(lambda: self._while_checking(written, backups, master))
+            await self._check(lambda: self._while_checking(written, backups))
         except (InstallError, CheckError, asyncio.CancelledError) as exc:
             for backup in backups:
                 backup.discard()
             self._rollback(written, exc)
             raise
-        reload = await self.reloader.reload(master[0] if master else None)
-        return ApplyReport(tuple(c.destination for c, _ in written), reload)
+        return ApplyReport(tuple(c.destination for c, _ in written), await self.reloader.reload())
 
     def _install(
         self,
@@ -162,7 +160,6 @@ class Installer:
         self,
         written: Sequence[tuple[Change, os.stat_result | None]],
         backups: list[PendingBackup],
-        master: list[VerifiedMaster],
     ) -> None:
         while backups:
             retired = backups.pop().finish()
@@ -171,9 +168,7 @@ class Installer:
         folders = {c.destination.parent: c.destination for c, _ in written}
         for destination in folders.values():
             fsync_folder(destination)
-        verified = self.reloader.verify_master()
-        if verified is not None:
-            master.append(verified)
+        self.reloader.verify_master()  # kept by the reloader for the signal after the check
 
     def tidy(self) -> None:
         """Remove the replaced backups' last names (after the reload, when nothing waits on it)."""

@@ -183,8 +183,8 @@ def process_start_time(proc: psutil.Process) -> float:
 
 @dataclass(frozen=True)
 class VerifiedMaster:
-    """nginx's master as found while `nginx -t` ran: its PID, and a pidfd that holds on to that very
-    process, so the signal sent after the check reaches it or nothing (no PID reuse can intervene)."""
+    """nginx's master as found and checked: its PID, and a pidfd that holds on to that very
+    process, so a signal sent later reaches it or nothing (no PID reuse can intervene)."""
 
     pid: int
     pidfd: int
@@ -206,20 +206,20 @@ class NginxReloader:
         self._verified: VerifiedMaster | None = None
 
     def verify_master(self) -> VerifiedMaster | None:
-        """The master, found and checked ahead of `reload` (while `nginx -t` runs). None when there
-        is nothing to prepare (`reload_cmd`, no usable master, no pidfds): `reload` then finds out
-        for itself. Never raises.
+        """Find and check the master ahead of `reload` (the installer calls this while `nginx -t`
+        runs), and keep it for `reload`'s signal. None when there is nothing to prepare
+        (`reload_cmd`, no usable master, no pidfds): `reload` then finds out for itself. Never
+        raises.
 
         The master found is kept, its pidfd held: nginx keeps its master across reloads, so /proc
         is read again (a few hundred microseconds of CPU that `nginx -t` would share) only when
         the pid file names another process or that one has exited."""
         if self.config.reload_cmd or not command.pidfds_work():
             return None
-        known = self._verified
-        if known is not None:
-            if known.alive() and self._pid_file_names(known.pid):
-                return known
-            self.close()
+        kept = self._kept()
+        if kept is not None:
+            return kept
+        self.close()
         try:
             master = nginx_master(self.config.pid_file)
             if master is None:
@@ -229,31 +229,39 @@ class NginxReloader:
             return None
         return self._verified
 
+    def _kept(self) -> VerifiedMaster | None:
+        """The master `verify_master` kept, while it lives and the pid file still names it."""
+        kept = self._verified
+        if kept is not None and kept.alive() and self._pid_file_names(kept.pid):
+            return kept
+        return None
+
     def close(self) -> None:
         """Let go of the master found by `verify_master`."""
         if self._verified is not None:
             self._verified.close()
             self._verified = None
 
-    async def reload(self, verified: VerifiedMaster | None = None) -> ReloadOutcome:
+    async def reload(self) -> ReloadOutcome:
         """Reload nginx; when it cannot be, say why (never raises: the files are installed by then).
 
-        With `verified` (see `verify_master`), the signal goes through its pidfd when the pid file
-        still names that master; otherwise the master is looked up again."""
+        The signal goes through the pidfd of the master `verify_master` kept while the pid file
+        still names it; otherwise the master is looked up again."""
         if self.config.reload_cmd:
             try:
                 await run_command(self.config.reload_cmd, self.config.reload_timeout, "reload_cmd", ReloadError)
             except ReloadError as exc:
                 return ReloadOutcome(False, str(exc), "reload_cmd")
             return ReloadOutcome(True, f"ran {' '.join(self.config.reload_cmd)}")
-        if verified is not None and self._pid_file_names(verified.pid):
+        kept = self._kept()
+        if kept is not None:
             try:
-                signal.pidfd_send_signal(verified.pidfd, self.config.reload_signal)
-                return self._signalled(verified.pid)
+                signal.pidfd_send_signal(kept.pidfd, self.config.reload_signal)
+                return self._signalled(kept.pid)
             except ProcessLookupError:
                 pass  # it exited since: look again (a new master, or none)
             except PermissionError:
-                return self._not_allowed(verified.pid)
+                return self._not_allowed(kept.pid)
         try:
             master = nginx_master(self.config.pid_file)
         except ReloadError as exc:
