@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import re
 import shlex
 import signal
 import tomllib
@@ -548,6 +549,12 @@ def consul_from_env(
         _token_from_environment(environ, values, origin)
     if values.get("token_file"):
         values["token"] = _read_token_file(Path(values["token_file"]), origin["token_file"])
+        origin["token"] = f"{origin['token_file']} ({values['token_file']})"
+    if values.get("token") and not _TOKEN_TEXT.fullmatch(values["token"]):
+        raise ConfigError(
+            f"{origin['token']}: the Consul token has a line break, a control character or a character "
+            "outside Latin-1; it is sent as one HTTP header (a token is a UUID)"
+        )
     for key in ("ca_file", "cert_file", "key_file"):
         if values.get(key) and not Path(values[key]).is_file():
             raise ConfigError(f"{origin[key]}: {values[key]} is not a readable file")
@@ -563,6 +570,10 @@ def consul_from_env(
     return _with_checked_address(consul, origin.get("address", "the default address"))
 
 
+# What an HTTP header value can carry (Latin-1 without control characters; tab allowed).
+_TOKEN_TEXT = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f\u0100-\U0010ffff]*")
+
+
 def _token_from_environment(environ: Mapping[str, str], values: dict[str, Any], origin: dict[str, str]) -> None:
     credentials = environ.get("CREDENTIALS_DIRECTORY", "")
     credential = Path(credentials, "consul-token") if credentials else None
@@ -571,9 +582,11 @@ def _token_from_environment(environ: Mapping[str, str], values: dict[str, Any], 
         token = _read_token_file(credential, "the systemd credential consul-token")
         if token:
             values["token"] = token
+            origin["token"] = "the systemd credential consul-token"  # noqa: S105 (where it came from, not a secret)
             return
     if environ.get("CONSUL_HTTP_TOKEN"):
         values["token"] = environ["CONSUL_HTTP_TOKEN"]
+        origin["token"] = "$CONSUL_HTTP_TOKEN"  # noqa: S105 (where it came from, not a secret)
     elif environ.get("CONSUL_HTTP_TOKEN_FILE"):
         values["token_file"] = environ["CONSUL_HTTP_TOKEN_FILE"]
         origin["token_file"] = "$" + CONSUL_ENVIRONMENT["token_file"]

@@ -207,6 +207,25 @@ def test_the_token_comes_from_the_systemd_credential_before_the_environment(tmp_
     assert parse(MINIMAL, env).consul.token == "from-env"
 
 
+def test_a_token_that_cannot_be_one_header_is_refused_naming_where_it_came_from(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("line one\nline two\n")
+    cases = [
+        ("$CONSUL_HTTP_TOKEN", MINIMAL, {"CONSUL_HTTP_TOKEN": "abc\r\nX-Evil: 1"}),
+        ("$CONSUL_HTTP_TOKEN", MINIMAL, {"CONSUL_HTTP_TOKEN": "t\u00f6ken-\u4e00"}),
+        ("/etc/confpy/confpy.toml: [consul] token", '[consul]\ntoken = "a\\u0007b"\n' + MINIMAL, {}),
+        (
+            f"/etc/confpy/confpy.toml: [consul] token_file ({tmp_path / 'token'})",
+            f'[consul]\ntoken_file = "{tmp_path / "token"}"\n' + MINIMAL,
+            {},
+        ),
+    ]
+    for origin, text, env in cases:
+        with pytest.raises(ConfigError) as info:
+            parse(text, env)
+        assert str(info.value).startswith(origin + ": the Consul token has a line break"), str(info.value)
+    assert parse(MINIMAL, {"CONSUL_HTTP_TOKEN": "t\u00f6ken with\ttab"}).consul.token == "t\u00f6ken with\ttab"
+
+
 def test_state_dir_default(tmp_path: Path) -> None:
     assert parse(MINIMAL, {"STATE_DIRECTORY": "/var/lib/confpy"}).state.dir == Path("/var/lib/confpy")
     if not Path("/var/lib/confpy").is_dir():

@@ -1,4 +1,4 @@
-"""confpy/wire: the h11 client and server on asyncio streams, against each other and against raw sockets."""
+"""confpy/wire: the client (httptools) and the server (h11) on asyncio streams, against each other and raw sockets."""
 
 from __future__ import annotations
 
@@ -191,3 +191,144 @@ async def test_the_server_answers_a_malformed_request_with_400_and_closes() -> N
         assert answer.startswith(b"HTTP/1.1 400 ") and b"bad request" in answer
     finally:
         await server.stop()
+
+
+class Scripted:
+    """A raw server that answers each request it reads with the next of `answers` (bytes, sent as
+    they are; None: close without answering) and notes which connection each request came on."""
+
+    def __init__(self, answers: list[bytes | None]) -> None:
+        self.answers = answers
+        self.connections: list[int] = []  # per request, the number of the connection it came on
+        self.opened = 0
+        self.requests: list[bytes] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.opened += 1
+        number = self.opened
+        try:
+            while self.answers:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.requests.append(head)
+                self.connections.append(number)
+                answer = self.answers.pop(0)
+                if answer is None:
+                    break
+                writer.write(answer)
+                await writer.drain()
+            await reader.read()  # until the client closes
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def __aenter__(self) -> HTTPClient:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        self.client = HTTPClient(f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}")
+        return self.client
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.close()
+        self.server.close()
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+async def test_chunked_and_interim_answers_arrive_whole_on_one_connection() -> None:
+    scripted = Scripted(
+        [
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Consul-Index: 9\r\n\r\n"
+            b"5\r\nhello\r\n7\r\n, world\r\n0\r\n\r\n",
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\ndone",
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+            OK,
+        ]
+    )
+    async with scripted as client:
+        chunked = await client.request("GET", "/a")
+        assert (chunked.status, chunked.body, chunked.headers["x-consul-index"]) == (200, b"hello, world", "9")
+        created = await client.request("PUT", "/b", body=b"x")
+        assert (created.status, created.body) == (201, b"done")
+        assert (await client.request("DELETE", "/c")).status == 204
+        assert (await client.request("GET", "/d")).body == b"ok"
+    assert scripted.connections == [1, 1, 1, 1], "every answer kept the connection for the next request"
+    assert scripted.requests[1].startswith(b"PUT /b HTTP/1.1\r\nHost: 127.0.0.1:")
+    assert b"\r\nContent-Length: 1\r\n" in scripted.requests[1]
+    assert b"Content-Length" not in scripted.requests[0], "a GET without a body says nothing of one"
+
+
+async def test_answers_that_end_the_connection_are_not_reused() -> None:
+    scripted = Scripted(
+        [
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\nfirst",
+            b"HTTP/1.0 200 OK\r\nContent-Length: 6\r\n\r\nsecond",
+            OK + b"HTTP/1.1 200 OK\r\n",  # bytes after the answer that nobody asked for
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfifth",
+        ]
+    )
+    async with scripted as client:
+        bodies = [(await client.request("GET", f"/{n}")).body for n in range(4)]
+    assert bodies == [b"first", b"second", b"ok", b"fifth"]
+    assert scripted.connections == [1, 2, 3, 4]
+
+
+async def test_a_body_without_a_length_ends_when_the_server_closes() -> None:
+    async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nall of ")
+        await writer.drain()
+        writer.write(b"it")
+        writer.close()
+
+    server = await asyncio.start_server(until_close, "127.0.0.1", 0)
+    client = HTTPClient(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
+        assert (await client.request("GET", "/")).body == b"all of it"
+        assert client._idle == []
+    finally:
+        await client.close()
+        server.close()
+
+
+async def test_cut_or_oversized_answers_are_transport_errors() -> None:
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b" /body " in head:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nonly5")
+        elif b" /head " in head:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Le")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\n" + b"X-Filler: " + b"x" * 70_000 + b"\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(cut, "127.0.0.1", 0)
+    client = HTTPClient(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
+        failures = {}
+        for path in ("/body", "/head", "/huge"):
+            with pytest.raises(TransportError) as caught:
+                await client.request("GET", path)
+            failures[path] = (caught.value.kind, caught.value.reason)
+        assert failures["/body"] == ("closed", "the server closed the connection mid-answer")
+        assert failures["/head"] == ("protocol", "not a valid HTTP answer: the connection closed inside its head")
+        assert failures["/huge"] == ("protocol", "not a valid HTTP answer: its head is over 65536 bytes")
+    finally:
+        await client.close()
+        server.close()
+
+
+async def test_a_head_request_reads_no_body_and_requests_that_would_break_framing_are_refused() -> None:
+    scripted = Scripted([b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\nX-Consul-Index: 3\r\n\r\n", OK])
+    async with scripted as client:
+        head = await asyncio.wait_for(client.request("HEAD", "/v1/catalog/services"), 5)
+        assert (head.status, head.body, head.headers["content-length"]) == (200, b"", "1234")
+        assert (await client.request("GET", "/")).body == b"ok"
+        with pytest.raises(ValueError, match="the X-Consul-Token header over HTTP: its value has a line break") as bad:
+            await client.request("GET", "/", headers={"X-Consul-Token": "secret\r\nX-Evil: 1"})
+        assert "secret" not in str(bad.value)
+        for target in ("/v1/kv/a key", "/v1/kv/\u4e00"):
+            with pytest.raises(ValueError, match="must be escaped"):
+                await client.request("GET", target)
+    assert len(scripted.requests) == 2, "nothing was sent for the refused requests"

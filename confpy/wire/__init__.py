@@ -1,1 +1,1 @@
-"""HTTP/1.1 on the daemon's event loop: asyncio streams, framed by h11 (a pooled client, a small server)."""
+"""HTTP/1.1 on the daemon's event loop: asyncio streams (a pooled client parsed by httptools, a small h11 server)."""
