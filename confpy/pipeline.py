@@ -104,7 +104,12 @@ class SyncEngine:
             raise RenderError(
                 f'{template.source}: the template calls live_upstream() but [nginx] mode is "reload"; set mode = "live"'
             )
-        log.debug("rendered %s in %.1f ms", template.destination, (time.monotonic() - started) * 1000)
+        log.debug(
+            "rendered %s in %.1f ms (%d fragments taken unchanged)",
+            template.destination,
+            (time.monotonic() - started) * 1000,
+            result.unchanged_fragments,
+        )
         return result
 
     async def fetch_all(

@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from confpy.config import TemplateConfig
 from confpy.errors import RenderError, UnsafeValueError
-from confpy.model import Memory, health_view_from_entries
+from confpy.model import KVPair, Memory, health_view_from_entries
 from confpy.registry.base import CatalogServices, KVTree, ServiceHealth
 from confpy.render.environment import DataSource, TemplateRenderer, nginx_quote, upstream_name_for
 
@@ -304,6 +306,120 @@ def test_shipped_templates_render_the_same_bytes_from_cache_and_from_scratch(tmp
     scratch = renderer(tmp_path).render(data, first.memory)
     assert incremental.content == scratch.content and incremental.warnings == scratch.warnings
     assert b"127.0.0.1:9999" in (incremental.content or b"")
+
+
+# Loops whose reads and upstream names depend on the data: a service with four instances also
+# reads svc18 and claims the upstream name that CLASH maps to, which the catalog's last name
+# (CLASH's mapped name, a valid name of its own) also claims: an error while both are there.
+# Then a second loop over the same names, a loop run twice in one render, and a fragment keyed
+# by a constant.
+_CLASH = "svc00 ?"
+_LOOPS = (
+    "{% fragment for name in services('nginx') %}{% if name is upstream_mappable %}"
+    "{% set label = '" + _CLASH + "' if service(name, 'nginx') | length == 4 else name %}"
+    "{{ label | upstream_name }}:{% for i in service(name, 'nginx') %}{{ i.port }},{% endfor %}"
+    "{% if service(name, 'nginx') | length > 2 %}+{{ service('svc18', 'nginx') | length }}{% endif %}\n"
+    "{% endif %}{% endfragment %}\n"
+    "{% fragment for name in services('nginx') %}{{ name | nginx_quote }}={{ service(name, 'nginx') | length }};"
+    "{% endfragment %}\n"
+    "{% for round in [1, 2] %}{% fragment for name in services('nginx') %}{{ round }}{{ name | nginx_quote }}"
+    "{% endfragment %}{% endfor %}\n"
+    "{% fragment 'all' %}{{ services('nginx') | length }}{% endfragment %}\n"
+)
+
+_STEP = st.tuples(
+    st.sampled_from(["instances", "empty", "leave", "join", "settings", "bad name", "nothing"]),
+    st.integers(0, 7),
+    st.integers(0, 3),
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(_STEP, min_size=1, max_size=25), template=st.sampled_from(["shipped", "loops"]))
+def test_incremental_renders_equal_renders_from_scratch(
+    tmp_path: Path, steps: list[tuple[str, int, int]], template: str
+) -> None:
+    """Whatever changes, in whatever order: what a render from its memos gives (text, what it
+    reads, remembers, keeps, warns of) is what a renderer with nothing cached gives."""
+    text = _LOOPS if template == "loops" else None
+    names = [f"svc{n:02d}" for n in range(19)] + [upstream_name_for(_CLASH)]
+    catalog = set(names[:12])
+    data = data_for({name: [entry(f"{name}-0", 8000, name=name)] for name in names})
+    data.set(CatalogServices("nginx"), tuple(sorted(catalog)))
+    cached = renderer(tmp_path, text)
+    (tmp_path / "scratch").mkdir(exist_ok=True)
+    memory = cached.render(data, Memory()).memory
+    for kind, n, size in steps:
+        name = names[n + 12] if kind in ("join", "bad name") else names[n]  # eight in the catalog, eight to join
+        if kind == "instances":
+            view = health_view_from_entries(name, [entry(f"{name}-{i}", 8000 + i, name=name) for i in range(size + 1)])
+            data.set(ServiceHealth(name, "nginx"), view)
+        elif kind == "empty":
+            data.set(ServiceHealth(name, "nginx"), health_view_from_entries(name, []))
+        elif kind in ("leave", "join", "bad name"):
+            member = "bad name ?" if kind == "bad name" else name
+            catalog = catalog - {member} if kind == "leave" else catalog | {member}
+            data.set(CatalogServices("nginx"), tuple(sorted(catalog)))
+            if ServiceHealth(member, "nginx") not in data:
+                data.set(
+                    ServiceHealth(member, "nginx"), health_view_from_entries(member, [entry("x", 9000, name=member)])
+                )
+        elif kind == "settings":
+            data.set(KVTree(SETTINGS), (KVPair(f"{name}/keepalive", f"{SETTINGS}{name}/keepalive", str(8 + size)),))
+        incremental = _outcome(cached, data, memory, tmp_path)
+        assert incremental == _outcome(renderer(tmp_path / "scratch", text), data, memory, tmp_path / "scratch")
+        if isinstance(incremental, tuple):
+            memory = incremental[3]
+
+
+def _outcome(r: TemplateRenderer, data: DataSource, memory: Memory, folder: Path) -> tuple[object, ...] | str:
+    """Everything a render gives that later renders and installs use, or the error it raised."""
+    try:
+        result = r.render(data, memory)
+    except RenderError as exc:
+        return str(exc).replace(str(folder), "FOLDER")
+    return (result.content, result.dependencies, result.missing, result.memory, result.kept, result.warnings)
+
+
+def test_what_a_redone_fragment_stops_reading_is_no_longer_a_dependency(tmp_path: Path) -> None:
+    names = [f"svc{n:02d}" for n in range(19)]
+    data = data_for({name: [entry(f"{name}-0", 8000, name=name)] for name in names})
+    data.set(CatalogServices("nginx"), tuple(names[:12]))
+    r = renderer(tmp_path, _LOOPS)
+    first = r.render(data, Memory())
+    svc18 = ServiceHealth("svc18", "nginx")
+    assert svc18 not in first.dependencies
+    for count, reads_svc18 in ((3, True), (1, False), (4, True), (2, False)):
+        data.set(
+            ServiceHealth("svc03", "nginx"),
+            health_view_from_entries("svc03", [entry(f"x{i}", 8000 + i, name="svc03") for i in range(count)]),
+        )
+        result = r.render(data, first.memory)
+        assert result.unchanged_fragments > 0, "the loops' memos were used"
+        assert (svc18 in result.dependencies) == reads_svc18, count
+
+
+def test_a_change_to_one_service_redoes_only_its_fragment_and_checks_no_other(tmp_path: Path) -> None:
+    r, ran = _counting(
+        tmp_path,
+        "{% fragment for name in services('nginx') %}{{ count(name) }}{{ name }}:"
+        "{% for i in service(name, 'nginx') %} {{ i.port }}{% endfor %};{% endfragment %}",
+    )
+    services = {f"svc{n:03d}": [entry(f"s{n}", 8000 + n, name=f"svc{n:03d}")] for n in range(200)}
+    data = data_for(services)
+    first = r.render(data, Memory())
+    assert len(ran) == 200 and first.unchanged_fragments == 0  # nothing to go by yet: all checked
+    ran.clear()
+    second = r.render(data, first.memory)
+    assert ran == [] and second.unchanged_fragments == 200 and second.content == first.content
+    data.set(ServiceHealth("svc007", "nginx"), health_view_from_entries("svc007", [entry("new", 9999, name="svc007")]))
+    third = r.render(data, second.memory)
+    assert ran == ["svc007"] and third.unchanged_fragments == 199
+    assert b"svc007: 9999;" in (third.content or b"") and third.dependencies == first.dependencies
+    data.set(CatalogServices("nginx"), tuple(sorted([*services, "svc999"])))  # the list itself changed
+    data.set(ServiceHealth("svc999", "nginx"), health_view_from_entries("svc999", [entry("z", 7, name="svc999")]))
+    fourth = r.render(data, third.memory)
+    assert ran == ["svc007", "svc999"] and fourth.unchanged_fragments == 0  # checked one by one, as before
 
 
 def test_a_pass_without_its_data_records_what_it_needs_instead_of_failing(tmp_path: Path) -> None:

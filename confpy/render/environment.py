@@ -8,14 +8,18 @@ of an nginx directive, unless the template quoted it on purpose with `| nginx_qu
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import itertools
 import re
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 import jinja2
 from jinja2 import nodes
@@ -28,6 +32,12 @@ from confpy.model import HealthView, Memory, SafeStr, ServiceInstance, ServiceTa
 from confpy.registry.base import AnyDependency, CatalogServices, Dependency, ServiceHealth
 from confpy.render.functions import RegistryFunctions, UpstreamSettings, parse_json, pending, to_json
 
+# How many changes DataSource remembers for `changed_since` (many more than arrive between two
+# renders of a template, whose quiescence timers are at most seconds apart).
+CHANGE_LOG = 4096
+# A loop with a memo redoes at most this many items, or an eighth of them, one by one; beyond
+# that, every item is checked (as fast, and it keeps the memo's bookkeeping simple).
+INCREMENTAL_REDO_MIN = 16
 # What may stand unquoted inside an nginx directive: printable ASCII without whitespace, the
 # directive terminator, block braces, quotes, comments, variables or escapes.
 _UNSAFE_CHAR = re.compile(r"[^\x21-\x7e]|[;{}\"'#$\\]")
@@ -167,6 +177,9 @@ class RenderResult:
     warnings: tuple[str, ...] = ()
     live: Mapping[str, tuple[ServiceInstance, ...]] = field(default_factory=dict)
     live_settings: Mapping[str, UpstreamSettings] = field(default_factory=dict)
+    # Fragments taken as they were without looking at their data: none of it changed since the
+    # last render (see `LoopMemo`).
+    unchanged_fragments: int = 0
 
     @property
     def complete(self) -> bool:
@@ -186,6 +199,11 @@ class DataSource:
         # One object per distinct dependency, whichever render created it first: equal keys that
         # are the same object match in a dict by identity, without a call to __eq__.
         self._canonical: dict[object, object] = {}
+        # Every change counts one generation; the last CHANGE_LOG of them are kept, so that a
+        # render can ask what changed since its last pass instead of checking every fragment.
+        self.generation = 0
+        self.identity = object()  # generations count within one data source only
+        self._changes: deque[tuple[int, object]] = deque(maxlen=CHANGE_LOG)
 
     def canonical(self, dep: _Dep) -> _Dep:
         """The object that stands for every dependency equal to `dep` (equal ones are the same type)."""
@@ -213,11 +231,27 @@ class DataSource:
         changed = dep not in self._values or self._values[dep] != value
         if changed:
             self._values[dep] = value
+            self._changed(dep)
         return changed
 
     def forget(self, dep: Dependency) -> None:
         self._values.pop(dep, None)
         self._canonical.pop(dep, None)
+        self._changed(dep)
+
+    def _changed(self, dep: object) -> None:
+        self.generation += 1
+        self._changes.append((self.generation, dep))
+
+    def changed_since(self, generation: int) -> AbstractSet[object] | None:
+        """The dependencies set or forgotten after `generation`; None when the log no longer
+        reaches back that far (then everything must be checked)."""
+        changes = self._changes
+        if generation == self.generation:
+            return frozenset()
+        if not changes or changes[0][0] > generation + 1:
+            return None
+        return {dep for _, dep in itertools.takewhile(lambda change: change[0] > generation, reversed(changes))}
 
     def snapshot(self) -> dict[Dependency, object]:
         return dict(self._values)
@@ -246,6 +280,42 @@ class Fragment:
     plain: bool = False
 
 
+@dataclass(frozen=True)
+class LoopMemo:
+    """A top-level `{% fragment for %}` loop as the last complete render left it.
+
+    With it the next render redoes only the items whose data changed since (the data source
+    says which dependencies those are, and `readers` which items read them) and takes every
+    other item's text and effects at once, instead of checking a thousand fragments one by one.
+    Only plain fragments (reads, upstream names, members) are taken at once; the others are in
+    `always` and done one by one every time. The plain items' upstream names and member keys
+    are distinct from item to item, so one item's share of them can be taken out.
+    """
+
+    source: object  # the data source's identity and generation when the loop was rendered
+    generation: int
+    items: tuple[object, ...]
+    texts: tuple[str, ...]
+    fragments: tuple[Fragment | None, ...]  # per item
+    always: frozenset[int]  # items done one by one every time (not plain)
+    readers: Mapping[AnyDependency, tuple[int, ...]]  # the plain items that read each dependency
+    reads: Mapping[AnyDependency, int]  # how many plain items read each dependency
+    keyed: Mapping[object, Fragment]  # the plain items' fragments by key
+    upstreams: Mapping[str, str]  # the plain items' upstream names
+    members: Mapping[str, tuple[ServiceInstance, ...]]  # the plain items' remembered members
+
+
+def _same_shape(new: Fragment | None, old: Fragment | None) -> bool:
+    """True when `new` has the effects of `old` on a loop's memo (only the values differ)."""
+    if new is None or old is None or not new.plain or not old.plain:
+        return new is old or (new is not None and old is not None and not new.plain and not old.plain)
+    return (
+        new.reads.keys() == old.reads.keys()
+        and new.upstreams == old.upstreams
+        and new.members.keys() == old.members.keys()
+    )
+
+
 class _RenderContext:
     """The functions one render hands to its template, recording what it asked for."""
 
@@ -257,6 +327,8 @@ class _RenderContext:
         fragments: dict[object, Fragment],
         environ: Mapping[str, str],
         registry: str = "Consul",
+        loops: Mapping[int, LoopMemo] | None = None,
+        listings: dict[CatalogServices, tuple[object, tuple[ServiceName, ...]]] | None = None,
     ) -> None:
         self.data = data
         self.template = template
@@ -273,6 +345,11 @@ class _RenderContext:
         self.names: list[tuple[str, ...]] = []
         self.previous_fragments = fragments
         self.fragments: dict[object, Fragment] = {}
+        self.previous_loops: Mapping[int, LoopMemo] = loops or {}
+        self.loops: dict[int, LoopMemo] = {}
+        self.loop_calls: set[int] = set()
+        self.listings = listings if listings is not None else {}  # services(): each listing's names, kept
+        self.unchanged_fragments = 0
         self.recording: list[Fragment] = []
         self.functions = RegistryFunctions(self.lookup, self._warn, environ, registry)
 
@@ -362,7 +439,10 @@ class _RenderContext:
             return names
         assert isinstance(value, tuple)
         self.names.append(value)
-        listed: list[str] = [ServiceName(n) for n in value]
+        cached = self.listings.get(dep)
+        if cached is None or cached[0] is not value:
+            cached = self.listings[dep] = (value, tuple(ServiceName(n) for n in value))
+        listed: list[str] = list(cached[1])  # the same objects as last time: a loop's memo compares them at once
         return listed
 
     def live_upstream(self, service: Any, instances: Any, settings: Any = None) -> str:
@@ -464,15 +544,37 @@ class _RenderContext:
     def each(self, lineno: int, items: Iterable[object], body: Callable[[object], str]) -> str:
         """`{% fragment for item in items %}`: one fragment per item, keyed by (lineno, item).
 
-        The same as calling `fragment` per item; the common case, a top-level loop in which
-        nearly every fragment is plain and unchanged, is done inline because at a thousand
-        services it is the whole cost of a render."""
+        The same as calling `fragment` per item. At the top level (the common case: a loop over
+        a thousand services of which one changed), the last render's `LoopMemo` says which items
+        can have changed; failing that, the items are checked one by one, inline."""
         if self.recording:
             return "".join([self.fragment((lineno, item), body, item) for item in items])
+        listed = tuple(items)
+        first_call = lineno not in self.loop_calls
+        self.loop_calls.add(lineno)
+        if not first_call:
+            self.loops.pop(lineno, None)  # run twice in one render: no memo can stand for both runs
+        memo = self.previous_loops.get(lineno) if first_call else None
+        if memo is not None and memo.source is self.data.identity and listed == memo.items:
+            changed = self.data.changed_since(memo.generation)
+            if changed is not None:
+                redo = set(memo.always)
+                for dep in changed:
+                    redo.update(memo.readers.get(cast(AnyDependency, dep), ()))
+                if len(redo) <= max(INCREMENTAL_REDO_MIN, len(listed) // 8):
+                    return self._each_changed(lineno, memo, sorted(redo), body)
+        texts = self._each_checked(lineno, listed, body)
+        if first_call:
+            self._memorize(lineno, listed, texts)
+        return "".join(texts)
+
+    def _each_checked(self, lineno: int, listed: tuple[object, ...], body: Callable[[object], str]) -> list[str]:
+        """Every item checked: a plain cached fragment whose reads are all unchanged is replayed
+        inline (the cost of a render at a thousand services when there is no memo)."""
         previous, fragments, values = self.previous_fragments, self.fragments, self.data.values
         dependencies, upstreams, members = self.dependencies, self.upstreams, self.memory.members
         texts: list[str] = []
-        for item in items:
+        for item in listed:
             key = (lineno, item)
             cached = previous.get(key)
             if cached is not None and cached.plain and key not in fragments:
@@ -489,7 +591,113 @@ class _RenderContext:
                     texts.append(cached.text)
                     continue
             texts.append(self.fragment(key, body, item))
+        return texts
+
+    def _each_changed(self, lineno: int, memo: LoopMemo, redo: list[int], body: Callable[[object], str]) -> str:
+        """The items in `redo` one by one, the others (unchanged, plain) from `memo` at once."""
+        listed = memo.items
+        texts = list(memo.texts)
+        self.fragments.update(memo.keyed)
+        for i in redo:
+            self.fragments.pop((lineno, listed[i]), None)
+        for i in redo:
+            texts[i] = self.fragment((lineno, listed[i]), body, listed[i])
+        # The unchanged items' effects: the memo's, less the redone items' old share.
+        upstreams, members = dict(memo.upstreams), dict(memo.members)
+        dropped: dict[AnyDependency, int] = {}
+        for i in redo:
+            old = memo.fragments[i]
+            if old is None or i in memo.always:
+                continue
+            for name, _ in old.upstreams:
+                upstreams.pop(name, None)
+            for key in old.members:
+                members.pop(key, None)
+            for dep in old.reads:
+                dropped[dep] = dropped.get(dep, 0) + 1
+        gone = {dep for dep, count in dropped.items() if memo.reads[dep] == count}
+        self.dependencies.update(memo.reads.keys() - gone if gone else memo.reads.keys())
+        for name in upstreams.keys() & self.upstreams.keys():
+            if self.upstreams[name] != upstreams[name]:
+                self._clash_in_loop(lineno, name, upstreams[name], memo, redo)
+        self.upstreams.update(upstreams)
+        self.memory.members.update(members)
+        self.unchanged_fragments += len(listed) - len(redo)
+        fragments = list(memo.fragments)
+        for i in redo:
+            fragments[i] = self.fragments.get((lineno, listed[i]))
+        if all(_same_shape(fragments[i], memo.fragments[i]) for i in redo):
+            keyed = dict(memo.keyed)
+            for i in redo:
+                new = fragments[i]
+                if new is not None and new.plain:
+                    keyed[(lineno, listed[i])] = new
+                    members.update(new.members)
+            self.loops[lineno] = dataclasses.replace(
+                memo,
+                generation=self.data.generation,
+                texts=tuple(texts),
+                fragments=tuple(fragments),
+                keyed=keyed,
+                members=members,
+            )
+        else:
+            self._memorize(lineno, listed, texts)
         return "".join(texts)
+
+    def _clash_in_loop(self, lineno: int, name: str, unchanged: str, memo: LoopMemo, redo: list[int]) -> NoReturn:
+        """An unchanged item's upstream name was taken by a redone item or before the loop: the
+        error `_claim` raises, naming the two services in the order the template claimed them."""
+        taker = self.upstreams[name]
+        owner = next(i for i, f in enumerate(memo.fragments) if f is not None and (name, unchanged) in f.upstreams)
+        redone = [
+            i for i in redo if (name, taker) in getattr(self.fragments.get((lineno, memo.items[i])), "upstreams", ())
+        ]
+        first, second = (unchanged, taker) if redone and min(redone) > owner else (taker, unchanged)
+        raise UnsafeValueError(f"services {first!r} and {second!r} both map to upstream {name!r}; rename one of them")
+
+    def _memorize(self, lineno: int, listed: tuple[object, ...], texts: list[str]) -> None:
+        """Keep this loop's `LoopMemo` for the next render, when its items allow one."""
+        if len(set(listed)) != len(listed):
+            return  # a repeated item: its two fragments share one key
+        fragments: list[Fragment | None] = []
+        always: list[int] = []
+        readers: dict[AnyDependency, list[int]] = {}
+        reads: dict[AnyDependency, int] = {}
+        keyed: dict[object, Fragment] = {}
+        upstreams: dict[str, tuple[str, int]] = {}
+        members: dict[str, tuple[tuple[ServiceInstance, ...], int]] = {}
+        for i, item in enumerate(listed):
+            fragment = self.fragments.get((lineno, item))
+            fragments.append(fragment)
+            if fragment is None or not fragment.plain:
+                always.append(i)
+                continue
+            keyed[(lineno, item)] = fragment
+            for dep in fragment.reads:
+                readers.setdefault(dep, []).append(i)
+                reads[dep] = reads.get(dep, 0) + 1
+            for name, service in fragment.upstreams:
+                if upstreams.setdefault(name, (service, i))[1] != i:
+                    return  # two items share an upstream name: one's share could not be taken out
+            for key, value in fragment.members.items():
+                if members.setdefault(key, (value, i))[1] != i:
+                    return  # two items share remembered members: likewise
+        if len(always) > max(INCREMENTAL_REDO_MIN, len(listed) // 8):
+            return  # too few plain items for the memo ever to be used (live mode's loops, for one)
+        self.loops[lineno] = LoopMemo(
+            self.data.identity,
+            self.data.generation,
+            listed,
+            tuple(texts),
+            tuple(fragments),
+            frozenset(always),
+            {dep: tuple(items) for dep, items in readers.items()},
+            reads,
+            keyed,
+            {name: service for name, (service, _) in upstreams.items()},
+            {key: value for key, (value, _) in members.items()},
+        )
 
 
 class FragmentExtension(Extension):
@@ -580,6 +788,8 @@ class TemplateRenderer:
         )
         self._compiled: jinja2.Template | None = None
         self._fragments: dict[object, Fragment] = {}
+        self._loops: dict[int, LoopMemo] = {}
+        self._listings: dict[CatalogServices, tuple[object, tuple[ServiceName, ...]]] = {}
         self.env.filters["nginx_quote"] = nginx_quote
         self.env.filters["to_json"] = to_json
         self.env.filters["parse_json"] = parse_json
@@ -604,9 +814,11 @@ class TemplateRenderer:
     def render(self, data: DataSource, remembered: Memory) -> RenderResult:
         """Render against `data`; incomplete (content None) while a dependency has no data yet."""
         compiled = self.load()
-        if compiled is not self._compiled:
-            self._compiled, self._fragments = compiled, {}  # an edited template: nothing cached is valid
-        ctx = _RenderContext(data, self.template, remembered, self._fragments, self.environ, self.registry)
+        if compiled is not self._compiled:  # an edited template: nothing cached is valid
+            self._compiled, self._fragments, self._loops = compiled, {}, {}
+        ctx = _RenderContext(
+            data, self.template, remembered, self._fragments, self.environ, self.registry, self._loops, self._listings
+        )
         try:
             return self._render(compiled, ctx)
         finally:
@@ -640,6 +852,7 @@ class TemplateRenderer:
             return RenderResult(self.template, None, frozenset(ctx.dependencies), frozenset(ctx.missing), ctx.memory)
         if not ctx.missing:
             self._fragments = ctx.fragments  # only the fragments this render used stay cached
+            self._loops = ctx.loops
         content = None if ctx.missing else text.encode("utf-8")
         return RenderResult(
             template=self.template,
@@ -651,6 +864,7 @@ class TemplateRenderer:
             warnings=tuple(dict.fromkeys(ctx.warnings)),
             live=ctx.live,
             live_settings=ctx.live_settings,
+            unchanged_fragments=ctx.unchanged_fragments,
         )
 
     def _execute(
