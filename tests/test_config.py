@@ -223,6 +223,7 @@ def test_a_token_that_cannot_be_one_header_is_refused_naming_where_it_came_from(
         with pytest.raises(ConfigError) as info:
             parse(text, env)
         assert str(info.value).startswith(origin + ": the Consul token has a line break"), str(info.value)
+        assert not [part for part in ("Evil", "line two", "\u4e00", "\u0007") if part in str(info.value)], "shown"
     assert parse(MINIMAL, {"CONSUL_HTTP_TOKEN": "t\u00f6ken with\ttab"}).consul.token == "t\u00f6ken with\ttab"
 
 
