@@ -16,7 +16,7 @@ from confpy.config import TemplateConfig
 from confpy.errors import RenderError, UnsafeValueError
 from confpy.model import KVPair, Memory, health_view_from_entries
 from confpy.registry.base import CatalogServices, KVTree, ServiceHealth
-from confpy.render.environment import DataSource, TemplateRenderer, nginx_quote, upstream_name_for
+from confpy.render.environment import CHANGE_LOG, DataSource, TemplateRenderer, nginx_quote, upstream_name_for
 
 from .conftest import SHIPPED_TEMPLATE
 
@@ -335,18 +335,29 @@ _STEP = st.tuples(
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(steps=st.lists(_STEP, min_size=1, max_size=25), template=st.sampled_from(["shipped", "loops"]))
+@given(steps=st.lists(_STEP, min_size=1, max_size=25), template=st.sampled_from(["shipped", "live", "loops"]))
 def test_incremental_renders_equal_renders_from_scratch(
     tmp_path: Path, steps: list[tuple[str, int, int]], template: str
 ) -> None:
     """Whatever changes, in whatever order: what a render from its memos gives (text, what it
     reads, remembers, keeps, warns of) is what a renderer with nothing cached gives."""
     text = _LOOPS if template == "loops" else None
+
+    def fresh(folder: Path) -> TemplateRenderer:
+        if template != "live":
+            return renderer(folder, text)
+        live = TemplateConfig(
+            source=SHIPPED_TEMPLATE.with_name("nginx-upstreams-live.conf.j2"), destination=folder / "o"
+        )
+        return TemplateRenderer(
+            live, {"lua_dir": "/l", "live_listen": "unix:/s", "live_token_file": "/t", "live_state_file": "/f"}
+        )
+
     names = [f"svc{n:02d}" for n in range(19)] + [upstream_name_for(_CLASH)]
     catalog = set(names[:12])
     data = data_for({name: [entry(f"{name}-0", 8000, name=name)] for name in names})
     data.set(CatalogServices("nginx"), tuple(sorted(catalog)))
-    cached = renderer(tmp_path, text)
+    cached = fresh(tmp_path)
     (tmp_path / "scratch").mkdir(exist_ok=True)
     memory = cached.render(data, Memory()).memory
     for kind, n, size in steps:
@@ -367,7 +378,7 @@ def test_incremental_renders_equal_renders_from_scratch(
         elif kind == "settings":
             data.set(KVTree(SETTINGS), (KVPair(f"{name}/keepalive", f"{SETTINGS}{name}/keepalive", str(8 + size)),))
         incremental = _outcome(cached, data, memory, tmp_path)
-        assert incremental == _outcome(renderer(tmp_path / "scratch", text), data, memory, tmp_path / "scratch")
+        assert incremental == _outcome(fresh(tmp_path / "scratch"), data, memory, tmp_path / "scratch")
         if isinstance(incremental, tuple):
             memory = incremental[3]
 
@@ -378,7 +389,25 @@ def _outcome(r: TemplateRenderer, data: DataSource, memory: Memory, folder: Path
         result = r.render(data, memory)
     except RenderError as exc:
         return str(exc).replace(str(folder), "FOLDER")
-    return (result.content, result.dependencies, result.missing, result.memory, result.kept, result.warnings)
+    facts = (result.content, result.dependencies, result.missing, result.memory, result.kept, result.warnings)
+    return (*facts, result.live, result.live_settings)
+
+
+def test_the_data_source_names_what_changed_until_its_log_runs_out() -> None:
+    data = DataSource()
+    web, api = ServiceHealth("web"), ServiceHealth("api")
+    start = data.generation
+    data.set(web, health_view_from_entries("web", [entry("w1", 80)]))
+    data.set(web, health_view_from_entries("web", [entry("w1", 80)]))  # equal: not a change
+    data.set(api, health_view_from_entries("api", []))
+    assert data.changed_since(start) == {web, api} and data.generation == start + 2
+    middle = data.generation
+    data.forget(web)
+    assert data.changed_since(middle) == {web} and data.changed_since(data.generation) == set()
+    for port in range(CHANGE_LOG):
+        data.set(api, health_view_from_entries("api", [entry("a", port, name="api")]))
+    assert data.changed_since(middle) is None, "older than the log: everything must be checked"
+    assert data.changed_since(data.generation - 1) == {api}
 
 
 def test_what_a_redone_fragment_stops_reading_is_no_longer_a_dependency(tmp_path: Path) -> None:

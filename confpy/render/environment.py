@@ -278,6 +278,9 @@ class Fragment:
     text: str = ""
     # Only reads, upstream names and members: replayed inline by a `fragment for` loop.
     plain: bool = False
+    # Also live members and settings, but no remembered members, kept or warnings: a loop's
+    # memo takes these at once (`LoopMemo`).
+    bulk: bool = False
 
 
 @dataclass(frozen=True)
@@ -287,9 +290,10 @@ class LoopMemo:
     With it the next render redoes only the items whose data changed since (the data source
     says which dependencies those are, and `readers` which items read them) and takes every
     other item's text and effects at once, instead of checking a thousand fragments one by one.
-    Only plain fragments (reads, upstream names, members) are taken at once; the others are in
-    `always` and done one by one every time. The plain items' upstream names and member keys
-    are distinct from item to item, so one item's share of them can be taken out.
+    Only `bulk` fragments (reads, upstream names, members, live members and settings) are taken
+    at once; the others are in `always` and done one by one every time. Those items' upstream
+    names, member keys and live upstreams are distinct from item to item, so one item's share of
+    them can be taken out.
     """
 
     source: object  # the data source's identity and generation when the loop was rendered
@@ -297,22 +301,26 @@ class LoopMemo:
     items: tuple[object, ...]
     texts: tuple[str, ...]
     fragments: tuple[Fragment | None, ...]  # per item
-    always: frozenset[int]  # items done one by one every time (not plain)
-    readers: Mapping[AnyDependency, tuple[int, ...]]  # the plain items that read each dependency
-    reads: Mapping[AnyDependency, int]  # how many plain items read each dependency
-    keyed: Mapping[object, Fragment]  # the plain items' fragments by key
-    upstreams: Mapping[str, str]  # the plain items' upstream names
-    members: Mapping[str, tuple[ServiceInstance, ...]]  # the plain items' remembered members
+    always: frozenset[int]  # items done one by one every time (not bulk)
+    readers: Mapping[AnyDependency, tuple[int, ...]]  # the bulk items that read each dependency
+    reads: Mapping[AnyDependency, int]  # how many bulk items read each dependency
+    keyed: Mapping[object, Fragment]  # the bulk items' fragments by key
+    upstreams: Mapping[str, str]  # the bulk items' upstream names
+    members: Mapping[str, tuple[ServiceInstance, ...]]  # the bulk items' remembered members
+    live: Mapping[str, tuple[ServiceInstance, ...]]  # the bulk items' live members (live mode)
+    live_settings: Mapping[str, UpstreamSettings]
 
 
 def _same_shape(new: Fragment | None, old: Fragment | None) -> bool:
     """True when `new` has the effects of `old` on a loop's memo (only the values differ)."""
-    if new is None or old is None or not new.plain or not old.plain:
-        return new is old or (new is not None and old is not None and not new.plain and not old.plain)
+    if new is None or old is None or not new.bulk or not old.bulk:
+        return new is old or (new is not None and old is not None and not new.bulk and not old.bulk)
     return (
         new.reads.keys() == old.reads.keys()
         and new.upstreams == old.upstreams
         and new.members.keys() == old.members.keys()
+        and new.live.keys() == old.live.keys()
+        and new.live_settings.keys() == old.live_settings.keys()
     )
 
 
@@ -535,9 +543,8 @@ class _RenderContext:
         finally:
             self.recording.pop()
         if fragment.complete and key not in self.fragments:
-            fragment.plain = not (
-                fragment.remembered or fragment.kept or fragment.warnings or fragment.live or fragment.live_settings
-            )
+            fragment.bulk = not (fragment.remembered or fragment.kept or fragment.warnings)
+            fragment.plain = fragment.bulk and not (fragment.live or fragment.live_settings)
             self.fragments[key] = fragment
         return fragment.text
 
@@ -594,7 +601,7 @@ class _RenderContext:
         return texts
 
     def _each_changed(self, lineno: int, memo: LoopMemo, redo: list[int], body: Callable[[object], str]) -> str:
-        """The items in `redo` one by one, the others (unchanged, plain) from `memo` at once."""
+        """The items in `redo` one by one, the others (unchanged, bulk) from `memo` at once."""
         listed = memo.items
         texts = list(memo.texts)
         self.fragments.update(memo.keyed)
@@ -604,6 +611,7 @@ class _RenderContext:
             texts[i] = self.fragment((lineno, listed[i]), body, listed[i])
         # The unchanged items' effects: the memo's, less the redone items' old share.
         upstreams, members = dict(memo.upstreams), dict(memo.members)
+        live, live_settings = dict(memo.live), dict(memo.live_settings)
         dropped: dict[AnyDependency, int] = {}
         for i in redo:
             old = memo.fragments[i]
@@ -613,6 +621,10 @@ class _RenderContext:
                 upstreams.pop(name, None)
             for key in old.members:
                 members.pop(key, None)
+            for name in old.live:
+                live.pop(name, None)
+            for name in old.live_settings:
+                live_settings.pop(name, None)
             for dep in old.reads:
                 dropped[dep] = dropped.get(dep, 0) + 1
         gone = {dep for dep, count in dropped.items() if memo.reads[dep] == count}
@@ -622,6 +634,8 @@ class _RenderContext:
                 self._clash_in_loop(lineno, name, upstreams[name], memo, redo)
         self.upstreams.update(upstreams)
         self.memory.members.update(members)
+        self.live.update(live)
+        self.live_settings.update(live_settings)
         self.unchanged_fragments += len(listed) - len(redo)
         fragments = list(memo.fragments)
         for i in redo:
@@ -630,9 +644,11 @@ class _RenderContext:
             keyed = dict(memo.keyed)
             for i in redo:
                 new = fragments[i]
-                if new is not None and new.plain:
+                if new is not None and new.bulk:
                     keyed[(lineno, listed[i])] = new
                     members.update(new.members)
+                    live.update(new.live)
+                    live_settings.update(new.live_settings)
             self.loops[lineno] = dataclasses.replace(
                 memo,
                 generation=self.data.generation,
@@ -640,6 +656,8 @@ class _RenderContext:
                 fragments=tuple(fragments),
                 keyed=keyed,
                 members=members,
+                live=live,
+                live_settings=live_settings,
             )
         else:
             self._memorize(lineno, listed, texts)
@@ -667,10 +685,12 @@ class _RenderContext:
         keyed: dict[object, Fragment] = {}
         upstreams: dict[str, tuple[str, int]] = {}
         members: dict[str, tuple[tuple[ServiceInstance, ...], int]] = {}
+        live: dict[str, tuple[ServiceInstance, ...]] = {}
+        live_settings: dict[str, UpstreamSettings] = {}
         for i, item in enumerate(listed):
             fragment = self.fragments.get((lineno, item))
             fragments.append(fragment)
-            if fragment is None or not fragment.plain:
+            if fragment is None or not fragment.bulk:
                 always.append(i)
                 continue
             keyed[(lineno, item)] = fragment
@@ -683,8 +703,12 @@ class _RenderContext:
             for key, value in fragment.members.items():
                 if members.setdefault(key, (value, i))[1] != i:
                     return  # two items share remembered members: likewise
+            if live.keys() & fragment.live.keys() or live_settings.keys() & fragment.live_settings.keys():
+                return  # two items push one live upstream: likewise
+            live.update(fragment.live)
+            live_settings.update(fragment.live_settings)
         if len(always) > max(INCREMENTAL_REDO_MIN, len(listed) // 8):
-            return  # too few plain items for the memo ever to be used (live mode's loops, for one)
+            return  # too few items the memo could take at once for it ever to be used
         self.loops[lineno] = LoopMemo(
             self.data.identity,
             self.data.generation,
@@ -697,6 +721,8 @@ class _RenderContext:
             keyed,
             {name: service for name, (service, _) in upstreams.items()},
             {key: value for key, (value, _) in members.items()},
+            live,
+            live_settings,
         )
 
 
