@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 from collections.abc import AsyncGenerator, Awaitable, Callable
 
 import pytest
 
 from confpy.lab import free_port
-from confpy.wire.client import HTTPClient, TransportError
+from confpy.wire.client import HTTPClient, TransportError, _Answer
 from confpy.wire.server import HTTPServer, Reply, Request
 
 pytestmark = pytest.mark.asyncio
@@ -256,6 +257,21 @@ async def test_chunked_and_interim_answers_arrive_whole_on_one_connection() -> N
     assert scripted.requests[1].startswith(b"PUT /b HTTP/1.1\r\nHost: 127.0.0.1:")
     assert b"\r\nContent-Length: 1\r\n" in scripted.requests[1]
     assert b"Content-Length" not in scripted.requests[0], "a GET without a body says nothing of one"
+
+
+async def test_a_read_answer_leaves_no_cycle_for_the_collector() -> None:
+    """Each answer goes by reference counting: the daemon reads thousands (a long poll per
+    service), and garbage left to the cycle collector piles up between its passes."""
+    async with Scripted([OK] * 20) as client:
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(20):
+                assert (await client.request("GET", "/")).body == b"ok"
+            answers = [o for o in gc.get_objects() if isinstance(o, _Answer)]
+        finally:
+            gc.enable()
+    assert len(answers) <= 1, f"{len(answers)} answers wait for the cycle collector"
 
 
 async def test_answers_that_end_the_connection_are_not_reused() -> None:

@@ -107,7 +107,9 @@ class _Answer:
     )
 
     def __init__(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
+        # The parser refers back to this answer: `release` breaks the cycle once the answer is
+        # read, so that each answer goes by reference counting, not by the cycle collector.
+        self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_bytes = 0  # of the header lines so far
@@ -127,7 +129,7 @@ class _Answer:
         self.head_bytes += len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
+        self.status = self.parser.get_status_code() if self.parser is not None else 0
         if not 100 <= self.status < 200:
             self.head_done = True
 
@@ -141,7 +143,8 @@ class _Answer:
             self.messages -= 1
             return
         self.complete = True
-        self.keep_alive = self.parser.should_keep_alive()  # asked now: llhttp forgets once the next message starts
+        # Asked now: llhttp forgets once the next message starts.
+        self.keep_alive = self.parser is not None and self.parser.should_keep_alive()
 
     def framed(self) -> bool:
         """True when the head gave the body's length (Content-Length or chunked), so that a close
@@ -151,6 +154,9 @@ class _Answer:
             if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
                 return True
         return self.status in (204, 304)
+
+    def release(self) -> None:
+        self.parser = None
 
     def take_body(self) -> bytes:
         body = b"".join(self.pieces)
@@ -174,10 +180,12 @@ class _Connection:
         return not self.busy and not self.closed and not self.writer.is_closing() and not self.reader.at_eof()
 
     def abort(self) -> None:
+        self.answer.release()
         self.writer.transport.abort()
 
     async def send(self, data: bytes) -> None:
         self.busy = True
+        self.answer.release()
         self.answer = _Answer()
         self.received = 0
         self.writer.write(data)
@@ -190,8 +198,11 @@ class _Connection:
             self.closed = True
             return False
         self.received += len(data)
+        parser = self.answer.parser
+        if parser is None:  # released: this connection is done with (aborted while a read was due)
+            raise TransportError("closed", "the connection was closed")
         try:
-            self.answer.parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserError as exc:
             if not self.answer.complete:
                 raise TransportError("protocol", f"not a valid HTTP answer: {exc}") from None
@@ -204,6 +215,7 @@ class _Connection:
     def finished(self) -> None:
         """The whole answer is read: the connection may carry the next request (or must close)."""
         self.busy = False
+        self.answer.release()
         if self.answer.messages > 1 or not self.answer.keep_alive:
             self.closed = True
 
