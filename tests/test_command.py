@@ -120,12 +120,18 @@ def _signalled(proc: subprocess.Popen[bytes]) -> bool:
         return False
 
 
+def _pid_file_naming(master: subprocess.Popen[bytes], tmp_path: Path) -> Path:
+    """nginx's pid file, naming `master`."""
+    pid_file = tmp_path / "nginx.pid"
+    pid_file.write_text(f"{master.pid}\n")
+    return pid_file
+
+
 def _reload_after_check(
     master: subprocess.Popen[bytes], tmp_path: Path, meanwhile: Callable[[Path], None] = lambda pid_file: None
 ) -> ReloadOutcome:
     """Verify `master` (as during `nginx -t`), let `meanwhile` happen, then reload."""
-    pid_file = tmp_path / "nginx.pid"
-    pid_file.write_text(f"{master.pid}\n")
+    pid_file = _pid_file_naming(master, tmp_path)
     reloader = _reloader(pid_file)
     verified = reloader.verify_master()
     assert verified is not None and verified.pid == master.pid
@@ -197,8 +203,7 @@ def test_an_install_looks_the_master_up_during_the_check_only(
     fake_masters: list[subprocess.Popen[bytes]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first, _ = fake_masters
-    pid_file = tmp_path / "nginx.pid"
-    pid_file.write_text(f"{first.pid}\n")
+    pid_file = _pid_file_naming(first, tmp_path)
     running, done = tmp_path / "check-running", tmp_path / "check-done"
     script = (
         f"import pathlib, time\npathlib.Path({str(running)!r}).touch()\ntime.sleep(0.5)\n"
@@ -223,8 +228,7 @@ def test_the_master_is_looked_up_again_only_when_the_pid_file_names_another_or_i
     fake_masters: list[subprocess.Popen[bytes]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first, second = fake_masters
-    pid_file = tmp_path / "nginx.pid"
-    pid_file.write_text(f"{first.pid}\n")
+    pid_file = _pid_file_naming(first, tmp_path)
     reloader = _reloader(pid_file)
     lookups: list[Path] = []
     _note_lookups(monkeypatch, lambda: lookups.append(pid_file))

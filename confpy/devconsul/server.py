@@ -315,6 +315,10 @@ class Handler(BaseHTTPRequestHandler):
         text = json.dumps(data, indent=4 if pretty else None)
         self._send(status, text.encode(), "application/json", headers)
 
+    def _filtered_json(self, query: Query, sample: Any) -> Callable[[int, Any], None]:
+        """A listing's answer: its rows as `?filter=` keeps them, as JSON (`?pretty` honoured)."""
+        return lambda new_index, data: self._json(200, filtered(query, data, sample), new_index, query.has("pretty"))
+
     def _consistency_headers(self, index: int) -> dict[str, str]:
         """`?stale`/`?consistent` and `?cached` as a single server that leads itself answers them.
 
@@ -421,7 +425,7 @@ class Handler(BaseHTTPRequestHandler):
             ),
             index,
             wait,
-            lambda new_index, data: self._json(200, filtered(query, data, sample), new_index, query.has("pretty")),
+            self._filtered_json(query, sample),
         )
 
     def _read_all(self, state: AgentState, query: Query, view: str, body: Callable[[], Any], sample: Any) -> None:
@@ -434,7 +438,7 @@ class Handler(BaseHTTPRequestHandler):
             state.view_read(view, body),
             index,
             wait,
-            lambda new_index, data: self._json(200, filtered(query, data, sample), new_index, query.has("pretty")),
+            self._filtered_json(query, sample),
         )
 
     def health_checks(self, state: AgentState, name: str, query: Query) -> None:
@@ -567,7 +571,7 @@ class Handler(BaseHTTPRequestHandler):
             ),
             index,
             wait,
-            lambda new_index, data: self._json(200, filtered(query, data, sample), new_index, query.has("pretty")),
+            self._filtered_json(query, sample),
         )
 
     # --- agent writes ----------------------------------------------------------------------

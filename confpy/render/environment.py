@@ -311,10 +311,17 @@ class LoopMemo:
     live_settings: Mapping[str, UpstreamSettings]
 
 
+def _clash(name: str, first: str, second: str) -> UnsafeValueError:
+    """Two services claimed one upstream name (`first` did so first)."""
+    return UnsafeValueError(f"services {first!r} and {second!r} both map to upstream {name!r}; rename one of them")
+
+
 def _same_shape(new: Fragment | None, old: Fragment | None) -> bool:
     """True when `new` has the effects of `old` on a loop's memo (only the values differ)."""
-    if new is None or old is None or not new.bulk or not old.bulk:
-        return new is old or (new is not None and old is not None and not new.bulk and not old.bulk)
+    if new is None or old is None:
+        return new is old
+    if not (new.bulk and old.bulk):
+        return new.bulk == old.bulk  # blocks done one by one stay so; nothing of theirs is in the memo
     return (
         new.reads.keys() == old.reads.keys()
         and new.upstreams == old.upstreams
@@ -485,9 +492,7 @@ class _RenderContext:
     def _claim(self, name: str, service: str) -> None:
         other = self.upstreams.setdefault(name, service)
         if other != service:
-            raise UnsafeValueError(
-                f"services {other!r} and {service!r} both map to upstream {name!r}; rename one of them"
-            )
+            raise _clash(name, other, service)
 
     def _still_valid(self, fragment: Fragment) -> bool:
         current = self.data.peek
@@ -672,7 +677,7 @@ class _RenderContext:
             i for i in redo if (name, taker) in getattr(self.fragments.get((lineno, memo.items[i])), "upstreams", ())
         ]
         first, second = (unchanged, taker) if redone and min(redone) > owner else (taker, unchanged)
-        raise UnsafeValueError(f"services {first!r} and {second!r} both map to upstream {name!r}; rename one of them")
+        raise _clash(name, first, second)
 
     def _memorize(self, lineno: int, listed: tuple[object, ...], texts: list[str]) -> None:
         """Keep this loop's `LoopMemo` for the next render, when its items allow one."""
