@@ -21,6 +21,7 @@ import pytest
 
 import confpy.apply.nginx as nginx_module
 import confpy.registry.consul as consul_module
+from confpy.apply.live import LivePushError, read_admin_token
 from confpy.config import WaitConfig, parse_config
 from confpy.daemon.loop import NGINX_START_SETTLE, STATE_SAVE_MAX_DELAY, STATE_SAVE_QUIET, Daemon
 from confpy.daemon.quiescence import Quiescence
@@ -729,3 +730,19 @@ def test_a_catalog_answer_with_the_last_ones_bytes_is_not_decoded_again(monkeypa
     assert first == (1, ("web",)) and again[0] == 2 and again[1] is first[1]
     assert changed == (3, ("api", "web"))
     assert len(decoded) == 2  # the first and the changed answer; the repeat was recognised by its bytes
+
+
+def test_an_admin_token_nginx_would_refuse_or_no_header_could_carry_is_refused_unshown(tmp_path: Path) -> None:
+    token = tmp_path / "admin.token"
+    good = "0123456789abcdef" * 4
+    token.write_text(good + "\n")
+    assert read_admin_token(token) == good  # the trailing newline goes, as nginx's Lua drops it
+    for bad in (good + "\nX-Evil: 1\n", "short-secret\n", good[:20] + " " + good[20:], good + "\u00e9"):
+        token.write_text(bad, encoding="utf-8")
+        with pytest.raises(LivePushError) as info:
+            read_admin_token(token)
+        message = str(info.value)
+        assert message.startswith(f"the live admin API's token in {token} is not one line of at least 32"), message
+        assert "Evil" not in message and "short-secret" not in message and good[:20] not in message
+    with pytest.raises(LivePushError, match="cannot read the live admin API's token"):
+        read_admin_token(tmp_path / "missing")

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 import time
@@ -124,6 +125,9 @@ def live_upstream(instances: Sequence[ServiceInstance], settings: UpstreamSettin
     return LiveUpstream(digest, members, balance)
 
 
+ADMIN_TOKEN = re.compile(rb"[\x21-\x7e]{32,}")  # what nginx's side accepts, and one header can carry
+
+
 def ensure_admin_token(path: Path) -> None:
     """Create the admin API's token (random, mode 0600) unless it exists; kept across restarts so a
     running nginx, which read it at its last start or reload, keeps accepting confpy."""
@@ -154,12 +158,21 @@ def ensure_socket_dir(listen: str) -> None:
 
 
 def read_admin_token(path: Path) -> str:
+    """The token in `path`, as nginx's Lua reads it: the file less its trailing whitespace. It is
+    sent as one HTTP header and nginx accepts one of at least 32 characters, so anything else is
+    refused here, saying what is wrong with it (never showing it)."""
     try:
-        return path.read_text(encoding="ascii").strip()
+        token = path.read_bytes().rstrip()
     except OSError as exc:
         raise LivePushError(
             f"cannot read the live admin API's token {path}: {exc.strerror} (it is readable by root only)"
         ) from None
+    if not ADMIN_TOKEN.fullmatch(token):
+        raise LivePushError(
+            f"the live admin API's token in {path} is not one line of at least 32 printable ASCII characters "
+            "without spaces (nginx refuses any other); remove the file and confpy makes a new one"
+        )
+    return token.decode("ascii")
 
 
 class LiveAdmin:
