@@ -1,7 +1,7 @@
 """confpy's benchmarks: each prints its figures and the command line that produced them.
 
     python bench/run.py [propagation|churn|coalescing|scale|all] [--changes N] [--seconds S]
-                        [--registry etcd] [--by-hand-serial] [--services N] [--instances N]
+                        [--rounds R] [--registry etcd] [--by-hand-serial] [--services N] [--instances N]
 
 Everything runs on 127.0.0.1: dev-consul, nginx (backends are nginx `return 200` servers, so the
 backends are never the bottleneck), confpy as a real daemon. Loops are bounded in count and time.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import math
 import multiprocessing
 import os
 import platform
@@ -25,6 +26,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -399,57 +401,136 @@ def nginx_footprint(nginx: NginxInstance) -> tuple[int, float]:
     return len(procs) - 1, sum(p.memory_info().rss for p in procs) / 2**20
 
 
-def bench_churn(seconds: int) -> None:
-    header(f"2. Errors under churn: wrk -t2 -c16 -d{seconds}s while the registry changes every 250 ms")
-    rows = []
-    modes = ["reload"] + (["live"] if lua_available() else [])
-    for mode in [*modes, "by hand"]:
-        with tempfile.TemporaryDirectory() as tmp:
-            world = World(Path(tmp), live=mode == "live", apps_apart=True)
-            try:
-                for n in (1, 2, 3):
-                    world.register(n)
-                world.start()
-                first_seen(world.nginx.port, "App server 3")
-                if mode == "by hand" and world.confpy is not None:
-                    world.confpy.stop()
-                    world.confpy = None
-                reloads_before = world.nginx.reload_count()
-                result: dict[str, float] = {}
-                load = threading.Thread(target=lambda w=world, r=result: r.update(run_wrk(w.nginx.port, seconds)))
-                load.start()
-                time.sleep(0.5)
-                end = time.monotonic() + seconds - 1
-                changes = 0
-                while time.monotonic() < end and changes < seconds * 4 + 10:
-                    if mode == "by hand":
-                        pid = world.nginx.master_pid()
-                        if pid:
-                            os.kill(pid, signal.SIGHUP)
-                    elif changes % 2 == 0:
-                        world.register(4)
-                    else:
-                        world.deregister(4)
-                    changes += 1
-                    time.sleep(0.25)
-                load.join(seconds + 120)
-                workers, rss = nginx_footprint(world.nginx)
-                rows.append((mode, changes, world.nginx.reload_count() - reloads_before, result, workers, rss))
-            finally:
-                world.stop()
-    print(
-        f"  {'mode':<8} {'changes':>7} {'reloads':>7} {'requests':>9} {'req/s':>8} {'non-2xx':>7} {'sock err':>8} {'workers':>7} {'nginx RSS':>9}"
-    )
-    for mode, changes, reloads, r, workers, rss in rows:
-        print(
-            f"  {mode:<8} {changes:>7} {reloads:>7} {int(r.get('requests', 0)):>9} {r.get('rps', 0):>8.0f} {int(r.get('non2xx', 0)):>7} "
-            f"{int(r.get('socket_errors', 0)):>8} {workers:>7} {rss:>7.1f}MB"
-        )
-    errors = {mode: r.get("non2xx", 0) + r.get("socket_errors", 0) for mode, _, _, r, _, _ in rows}
-    if errors.get("by hand"):
-        print(f"  ratio of errors, confpy reload / by hand: {errors['reload'] / errors['by hand']:.2f} (target <= 1.0)")
+@dataclass(frozen=True)
+class ChurnRound:
+    """One mode's `seconds` of wrk load while the registry (or the by-hand SIGHUP) changes every 250 ms."""
+
+    mode: str
+    changes: int
+    reloads: int
+    requests: int
+    rps: float
+    non2xx: int
+    socket_errors: int
+    workers: int
+    nginx_rss_mb: float
+
+    @property
+    def errors(self) -> int:
+        return self.non2xx + self.socket_errors
+
+
+def churn_round(mode: str, seconds: int) -> ChurnRound:
+    with tempfile.TemporaryDirectory() as tmp:
+        world = World(Path(tmp), live=mode == "live", apps_apart=True)
+        try:
+            for n in (1, 2, 3):
+                world.register(n)
+            world.start()
+            first_seen(world.nginx.port, "App server 3")
+            if mode == "by hand" and world.confpy is not None:
+                world.confpy.stop()
+                world.confpy = None
+            reloads_before = world.nginx.reload_count()
+            result: dict[str, float] = {}
+            load = threading.Thread(target=lambda w=world, r=result: r.update(run_wrk(w.nginx.port, seconds)))
+            load.start()
+            time.sleep(0.5)
+            end = time.monotonic() + seconds - 1
+            changes = 0
+            while time.monotonic() < end and changes < seconds * 4 + 10:
+                if mode == "by hand":
+                    pid = world.nginx.master_pid()
+                    if pid:
+                        os.kill(pid, signal.SIGHUP)
+                elif changes % 2 == 0:
+                    world.register(4)
+                else:
+                    world.deregister(4)
+                changes += 1
+                time.sleep(0.25)
+            load.join(seconds + 120)
+            workers, rss = nginx_footprint(world.nginx)
+            return ChurnRound(
+                mode=mode,
+                changes=changes,
+                reloads=world.nginx.reload_count() - reloads_before,
+                requests=int(result.get("requests", 0)),
+                rps=result.get("rps", 0.0),
+                non2xx=int(result.get("non2xx", 0)),
+                socket_errors=int(result.get("socket_errors", 0)),
+                workers=workers,
+                nginx_rss_mb=rss,
+            )
+        finally:
+            world.stop()
+
+
+def ratio_interval(ours: int, theirs: int, z: float = 1.96) -> tuple[float, float]:
+    """A 95% interval for ours / theirs when both are counts of independent events (Poisson).
+
+    The log of the ratio has a standard error of sqrt(1/ours + 1/theirs). Errors within one reload
+    are fewer than Poisson's spread (at most one per kept-alive connection), so this errs wide."""
+    if ours == 0 or theirs == 0:
+        return 0.0, math.inf
+    spread = z * math.sqrt(1 / ours + 1 / theirs)
+    ratio = ours / theirs
+    return ratio * math.exp(-spread), ratio * math.exp(spread)
+
+
+def churn_verdict(reload: int, by_hand: int) -> str:
+    """The target (issue 11): confpy's reload mode has no more errors than the same churn by hand."""
+    if by_hand == 0:
+        return f"by hand had no errors; reload mode had {reload}"
+    low, high = ratio_interval(reload, by_hand)
+    ratio = reload / by_hand
+    if ratio <= 1.0:
+        verdict = "met"
+    elif low <= 1.0:
+        verdict = "not met as a figure, but within counting noise of 1.0"
     else:
-        print(f"  errors: {errors} (by hand had none this run)")
+        verdict = "NOT met: reload mode has more errors than counting noise explains"
+    return f"{ratio:.3f} (95% interval {low:.3f}-{high:.3f}; target <= 1.0): {verdict}"
+
+
+def bench_churn(seconds: int, rounds: int) -> None:
+    header(
+        f"2. Errors under churn: wrk -t2 -c16 -d{seconds}s while the registry changes every 250 ms; "
+        f"{rounds} rounds of reload mode and by hand in turn"
+    )
+    # Reload mode and by hand alternate, so the machine's drift over minutes weighs on both alike;
+    # their errors are pooled, because one round's ratio of two counts near 900 spreads by +-9%.
+    plan = (["live"] if lua_available() else []) + ["reload", "by hand"] * rounds
+    done = [churn_round(mode, seconds) for mode in plan]
+    print(
+        f"  {'mode':<8} {'changes':>7} {'reloads':>7} {'requests':>9} {'req/s':>8} {'non-2xx':>7} {'sock err':>8} "
+        f"{'err/reload':>10} {'workers':>7} {'nginx RSS':>9}"
+    )
+    for r in done:
+        per_reload = f"{r.errors / r.reloads:.2f}" if r.reloads else "-"
+        print(
+            f"  {r.mode:<8} {r.changes:>7} {r.reloads:>7} {r.requests:>9} {r.rps:>8.0f} {r.non2xx:>7} {r.socket_errors:>8} "
+            f"{per_reload:>10} {r.workers:>7} {r.nginx_rss_mb:>7.1f}MB"
+        )
+    totals = {
+        mode: (sum(r.errors for r in done if r.mode == mode), sum(r.reloads for r in done if r.mode == mode))
+        for mode in dict.fromkeys(plan)
+    }
+    for mode, (errors, reloads) in totals.items():
+        per_reload = f"{errors / reloads:.2f} per reload" if reloads else "no reloads"
+        print(f"  {mode:<8} in all: {errors} errors, {reloads} reloads ({per_reload})")
+    reload_errors, reload_reloads = totals["reload"]
+    hand_errors, hand_reloads = totals["by hand"]
+    print(f"  ratio of errors, confpy reload / by hand: {churn_verdict(reload_errors, hand_errors)}")
+    if reload_reloads and hand_reloads and hand_errors:
+        low, high = ratio_interval(reload_errors, hand_errors)
+        scale = hand_reloads / reload_reloads
+        print(
+            f"  per reload, confpy reload / by hand: {reload_errors / reload_reloads / (hand_errors / hand_reloads):.3f} "
+            f"(95% interval {low * scale:.3f}-{high * scale:.3f})"
+        )
+    if "live" in totals:
+        print(f"  live mode: {totals['live'][0]} errors, {totals['live'][1]} reloads (target 0 errors)")
 
 
 def bench_coalescing() -> None:
@@ -555,15 +636,34 @@ def bench_scale(services: int, instances: int) -> None:
             world.stop()
 
 
+def at_least_one(text: str) -> int:
+    """argparse type: a whole number of at least 1 (no count or duration of a benchmark can be zero)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is less than 1")
+    return value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "which", nargs="?", default="all", choices=["propagation", "churn", "coalescing", "scale", "all"]
     )
     parser.add_argument(
-        "--changes", type=int, default=100, help="propagation: membership changes per mode (default 100)"
+        "--changes", type=at_least_one, default=100, help="propagation: membership changes per mode (default 100)"
     )
-    parser.add_argument("--seconds", type=int, default=30, help="churn: seconds of load per mode (default 30)")
+    parser.add_argument(
+        "--seconds", type=at_least_one, default=30, help="churn: seconds of load per round (default 30)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=at_least_one,
+        default=3,
+        help="churn: rounds of reload mode and by hand in turn, their errors pooled (default 3)",
+    )
     parser.add_argument(
         "--registry", choices=["consul", "etcd"], default="consul", help="propagation: also measure etcd (a real etcd)"
     )
@@ -572,13 +672,13 @@ def main() -> int:
         action="store_true",
         help="propagation: apply the by-hand baseline before polling starts (how 0.1 and 0.2 measured it)",
     )
-    parser.add_argument("--services", type=int, default=1000)
-    parser.add_argument("--instances", type=int, default=10)
+    parser.add_argument("--services", type=at_least_one, default=1000)
+    parser.add_argument("--instances", type=at_least_one, default=10)
     args = parser.parse_args()
     if args.which in ("propagation", "all"):
         bench_propagation(args.changes, args.registry, args.by_hand_serial)
     if args.which in ("churn", "all"):
-        bench_churn(args.seconds)
+        bench_churn(args.seconds, args.rounds)
     if args.which in ("coalescing", "all"):
         bench_coalescing()
     if args.which in ("scale", "all"):
