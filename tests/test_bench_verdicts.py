@@ -54,3 +54,44 @@ def test_a_count_or_duration_of_zero_is_refused_by_name(bench: ModuleType) -> No
         bench.at_least_one("0")
     with pytest.raises(argparse.ArgumentTypeError, match="'three' is not a whole number"):
         bench.at_least_one("three")
+
+
+def _by_hand_ms() -> list[float]:
+    return [0.017 + (i % 10) * 0.0005 for i in range(100)]  # 17-21.5 ms, ten of each
+
+
+def test_the_propagation_interval_holds_the_ratio_and_is_the_same_each_time(bench: ModuleType) -> None:
+    theirs = _by_hand_ms()
+    ours = [theirs[(i * 37) % 100] * 1.15 for i in range(100)]  # the same figures 15% slower, pairs shuffled
+    low, high = bench.median_ratio_interval(ours, theirs, paired=True)
+    assert low < 1.15 < high
+    assert high - low > 0.02  # two medians of a hundred do not pin a ratio down
+    assert bench.median_ratio_interval(ours, theirs, paired=True) == (low, high)
+    with pytest.raises(ValueError, match="same, non-zero length"):
+        bench.median_ratio_interval(ours[:50], theirs, paired=True)
+
+
+def test_pairs_resampled_together_keep_the_drift_both_share_out_of_the_interval(bench: ModuleType) -> None:
+    # the machine slows down over the run; each confpy change is 10% slower than the by-hand change beside it
+    theirs = [0.015 + i * 0.0001 for i in range(100)]
+    ours = [t * 1.10 for t in theirs]
+    assert bench.median_ratio_interval(ours, theirs, paired=True) == pytest.approx((1.10, 1.10))
+    low, high = bench.median_ratio_interval(ours, theirs, paired=False)
+    assert low < 1.05 and high > 1.15  # resampled apart, the drift looks like noise
+
+
+def test_the_propagation_verdict_tells_margin_noise_and_real_excess_apart(bench: ModuleType) -> None:
+    theirs = _by_hand_ms()
+
+    def slower(factor: float) -> list[float]:
+        return [theirs[(i * 37) % 100] * factor for i in range(100)]
+
+    assert bench.propagation_verdict(slower(1.05), theirs, paired=True).endswith("): met")
+    assert bench.propagation_verdict(slower(1.19), theirs, paired=True).endswith(
+        "met as a figure; the interval reaches past the limit"
+    )
+    assert bench.propagation_verdict(slower(1.21), theirs, paired=True).endswith(
+        "not met as a figure, but within sampling noise of the limit"
+    )
+    assert "NOT met" in bench.propagation_verdict(slower(1.40), theirs, paired=True)
+    assert bench.propagation_verdict(slower(1.19), theirs, paired=True).startswith("1.19x (95% interval ")
