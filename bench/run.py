@@ -85,8 +85,10 @@ def median_ratio_interval(
     `paired`: ours[i] and theirs[i] were measured one after the other (propagation's confpy and
     by-hand changes in turn), so pairs are resampled together and the minutes' drift that both
     share does not widen the interval. Seeded: the same figures give the same interval."""
-    if not ours or not theirs or (paired and len(ours) != len(theirs)):
-        raise ValueError("paired samples must have the same, non-zero length")
+    if not ours or not theirs:
+        raise ValueError(f"a ratio needs figures on both sides (got {len(ours)} and {len(theirs)})")
+    if paired and len(ours) != len(theirs):
+        raise ValueError(f"paired samples must have the same, non-zero length (got {len(ours)} and {len(theirs)})")
     rng = random.Random(seed)
     ratios = []
     for _ in range(resamples):
@@ -403,7 +405,9 @@ def bench_propagation(changes: int, registry: str = "consul", by_hand_serial: bo
             f"  ratio confpy {mode} / by hand: p50 {ours[0] / base[0]:.2f}x  p95 {ours[1] / base[1]:.2f}x  p99 {ours[2] / base[2]:.2f}x"
         )
     for mode, values in results.items():
-        if mode != "live":  # confpy's reload changes alternate with by hand's (etcd's are another world)
+        # Live mode's target is absolute (<= 5 ms). Only reload mode's changes alternate with by
+        # hand's, in the same world; etcd's run in a world of their own, so they are resampled apart.
+        if mode != "live":
             print(f"  p50 ratio {mode} / by hand: {propagation_verdict(values, limit, paired=mode == 'reload')}")
     print("  targets (issue 11): reload p50 within 1.2x of by hand, live p50 <= 5 ms; p99 under 100 ms")
 

@@ -69,6 +69,8 @@ def test_the_propagation_interval_holds_the_ratio_and_is_the_same_each_time(benc
     assert bench.median_ratio_interval(ours, theirs, paired=True) == (low, high)
     with pytest.raises(ValueError, match="same, non-zero length"):
         bench.median_ratio_interval(ours[:50], theirs, paired=True)
+    with pytest.raises(ValueError, match=r"figures on both sides \(got 0 and 100\)"):
+        bench.median_ratio_interval([], theirs, paired=False)
 
 
 def test_pairs_resampled_together_keep_the_drift_both_share_out_of_the_interval(bench: ModuleType) -> None:
