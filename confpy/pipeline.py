@@ -17,13 +17,14 @@ from pathlib import Path
 
 from confpy.apply.files import StateStore, destination_locks, ensure_writable, read_bytes, remove_leftover_temp_files
 from confpy.apply.installer import ApplyReport, Change, Installer
-from confpy.apply.live import LiveSupervisor, lua_dir, state_bytes
+from confpy.apply.live import LiveHooks, LiveStatus, LiveSupervisor, lua_dir, state_bytes
 from confpy.apply.nginx import NginxChecker, NginxReloader, ReloadOutcome, check_candidates
 from confpy.config import Config, TemplateConfig
 from confpy.errors import RenderError
 from confpy.model import HealthView, Memory
 from confpy.registry.base import AnyDependency, Registry
 from confpy.render.environment import DataSource, RenderResult, TemplateRenderer
+from confpy.timer import Timer
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +63,25 @@ def unified_diff(path: Path, old: bytes | None, new: bytes) -> str:
     return "".join(difflib.unified_diff(old_lines, new_lines, fromfile=label_old, tofile=str(path)))
 
 
+@dataclass(frozen=True)
+class ReloadRecheck:
+    """What a look at nginx found while installed files waited for a reload: `serves` is True when
+    nginx now serves them (it was started since, or it was reloaded); else `detail` says why not."""
+
+    serves: bool
+    detail: str
+
+
 class SyncEngine:
-    """Everything a sync needs, built once from the configuration.
+    """Everything a sync needs, built once from the configuration; it owns live mode entirely.
 
     The steps of a sync, in order: `render` each template, `changes` against the bytes on disk,
     `install` (live state files, the stale-nginx check, the install/check/reload transaction),
-    push live members, `remember` the members for `on_empty = "keep"`.
+    `push` live members, `stage` the members for `on_empty = "keep"` and the live state files,
+    which `save_pending` writes later, off the path of a change.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, live_hooks: LiveHooks | None = None) -> None:
         self.config = config
         self.state = StateStore(config.state.dir)
         self.renderers = {
@@ -90,7 +101,61 @@ class SyncEngine:
         }
         self.reloader = NginxReloader(config.nginx)
         self.installer = Installer(NginxChecker(config.nginx), self.reloader, self.state)
-        self.live = LiveSupervisor(config, self.state, self.reloader) if config.nginx.mode == "live" else None
+        self.live = (
+            LiveSupervisor(config, self.state, self.reloader, hooks=live_hooks) if config.nginx.mode == "live" else None
+        )
+        # Written by `save_pending`, off the path of a change: destinations whose remembered
+        # members changed, and live renders whose state file waits.
+        self._unsaved: set[Path] = set()
+        self._unsaved_results: dict[Path, RenderResult] = {}
+
+    def timers(self) -> list[Timer]:
+        """The engine's own timers for the daemon's loop: live mode's push retries and checks."""
+        return [self.live] if self.live is not None else []
+
+    def live_status(self) -> LiveStatus | None:
+        return self.live.status() if self.live is not None else None
+
+    async def push(self) -> list[str]:
+        """Live mode: push the changed member lists (a failure is retried by the live timer); the
+        names pushed. Reload mode: nothing to push."""
+        return await self.live.push_or_schedule() if self.live is not None else []
+
+    async def recheck_reload(self, destinations: Sequence[Path], settle: float) -> ReloadRecheck:
+        """Installed files wait for a reload: reload nginx if it now runs with older workers.
+
+        nginx started while the files were being installed may have read the previous ones: only
+        workers that started `settle` seconds after the newest file surely serve it."""
+        if not self.reloader.running():
+            return ReloadRecheck(False, "nginx is not running")
+        if not self.reloader.is_stale(destinations, settle=settle):
+            log.info("nginx (re)started since and serves the installed files")
+            return ReloadRecheck(True, "")
+        outcome = await self.reloader.reload()
+        if not outcome.reloaded:
+            return ReloadRecheck(False, outcome.detail)
+        log.info("reloaded nginx, which was serving older files: %s", outcome.detail)
+        if self.live is not None:
+            self.live.nginx_reloaded()
+        return ReloadRecheck(True, outcome.detail)
+
+    def stage(self, results: Sequence[RenderResult], memories: dict[Path, Memory]) -> bool:
+        """Take in what a sync leaves to save later (see `save_pending`); True when anything waits."""
+        self._unsaved.update(self.remember(results, memories))
+        if self.live is not None:
+            self._unsaved_results.update((r.template.destination, r) for r in results)
+        return self.has_pending
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._unsaved or self._unsaved_results or self.untidy)
+
+    def save_pending(self, memories: Mapping[Path, Memory]) -> None:
+        """Write what `stage` took in. On failure (ConfpyError) nothing pending is dropped: the
+        next call writes it all again."""
+        self.save(list(self._unsaved_results.values()), sorted(self._unsaved), memories)
+        self._unsaved.clear()
+        self._unsaved_results.clear()
 
     @property
     def templates(self) -> Sequence[TemplateConfig]:

@@ -30,6 +30,7 @@ from confpy.errors import ConfpyError
 from confpy.model import ServiceInstance, format_endpoint, nginx_time_seconds
 from confpy.render.environment import RenderResult
 from confpy.render.functions import UpstreamSettings
+from confpy.retry import Backoff, RetryPolicy
 from confpy.wire.client import HTTPClient, TransportError
 
 log = logging.getLogger(__name__)
@@ -315,6 +316,21 @@ class LiveStatus:
     drift: Mapping[str, float] = field(default_factory=dict)
 
 
+def _ignore(*args: object) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class LiveHooks:
+    """What the daemon's metrics hear of live mode: member lists pushed (a count), a push failed,
+    the members nginx's balancer paused (upstream -> member -> until), an upstream found drifted."""
+
+    pushed: Callable[[int], None] = _ignore
+    failed: Callable[[], None] = _ignore
+    unavailable: Callable[[Mapping[str, Mapping[str, float]]], None] = _ignore
+    drift: Callable[[str], None] = _ignore
+
+
 class LiveSupervisor:
     """Everything about live mode: wanted members, state files, pushes, retries, nginx generations.
 
@@ -325,7 +341,12 @@ class LiveSupervisor:
     """
 
     def __init__(
-        self, config: Config, state: StateStore, reloader: NginxReloader, clock: Callable[[], float] = time.monotonic
+        self,
+        config: Config,
+        state: StateStore,
+        reloader: NginxReloader,
+        clock: Callable[[], float] = time.monotonic,
+        hooks: LiveHooks | None = None,
     ) -> None:
         self.config = config
         self.state = state
@@ -338,16 +359,16 @@ class LiveSupervisor:
         self.upstreams = LiveUpstreams()
         self.wanted: dict[str, LiveUpstream] = {}
         self.error = ""
-        self.backoff = INITIAL_RETRY
+        self.backoff = Backoff(RetryPolicy(INITIAL_RETRY, config.registry_max_backoff))
         self.retry_at: float | None = None
         self.check_at: float | None = None
         self.generation: tuple[int, ...] = ()
         self.generation_unknown = True  # until read after the first push, and again after a reload
-        # Hooks for metrics: members lists pushed, pushes failed.
-        self.on_pushed: Callable[[int], None] = lambda count: None
-        self.on_failure: Callable[[], None] = lambda: None
-        self.on_unavailable: Callable[[Mapping[str, Mapping[str, float]]], None] = lambda members: None
-        self.on_drift: Callable[[str], None] = lambda name: None
+        hooks = hooks or LiveHooks()
+        self.on_pushed = hooks.pushed
+        self.on_failure = hooks.failed
+        self.on_unavailable = hooks.unavailable
+        self.on_drift = hooks.drift
         self.drift_events: dict[str, float] = {}  # upstream -> Unix time of the last drift seen
         self.clock_wall: Callable[[], float] = time.time
         self.unavailable: dict[str, dict[str, float]] = {}
@@ -427,7 +448,7 @@ class LiveSupervisor:
         if self.error:
             log.info("live push works again")
         self.error = ""
-        self.backoff = INITIAL_RETRY
+        self.backoff.succeeded()
         self.retry_at = None
         if self.generation_unknown:
             # psutil walks nginx's processes (a few ms): only after a reload, not after every push;
@@ -440,8 +461,7 @@ class LiveSupervisor:
         if not self.error:
             log.error("live push failed, nginx keeps its current members; retrying with backoff: %s", exc)
         self.error = str(exc)
-        self.retry_at = self.clock() + self.backoff
-        self.backoff = min(self.backoff * 2, self.config.consul.max_backoff)
+        self.retry_at = self.backoff.failed(self.clock())
 
     async def push_or_schedule(self, reason: str = "") -> list[str]:
         """Push now; on failure, remember the error and schedule a retry (never raises)."""
@@ -457,12 +477,12 @@ class LiveSupervisor:
         return names
 
     def next_deadline(self) -> float | None:
-        deadlines = [t for t in (self.retry_at, self.check_at) if t is not None]
-        return min(deadlines) if deadlines else None
+        """A retry, or the next look at nginx's workers (due at once until the first one)."""
+        check_at = self.check_at if self.check_at is not None else 0.0  # never looked: due since always
+        return check_at if self.retry_at is None else min(self.retry_at, check_at)
 
-    async def on_timer(self) -> list[str]:
+    async def on_timer(self, now: float) -> list[str]:
         """Retry a failed push when due; every CHECK_INTERVAL, re-push if nginx has new workers."""
-        now = self.clock()
         pushed: list[str] = []
         if self.retry_at is not None and now >= self.retry_at:
             pushed += await self.push_or_schedule("retry after a failed push")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, generate_latest
 
@@ -28,6 +30,9 @@ class Metrics:
             "confpy_check_failures", "nginx configuration checks that failed (rolled back)", registry=r
         )
         self.install_failures = Counter("confpy_install_failures", "Installs or reloads that failed", registry=r)
+        self.sync_retries = Counter(
+            "confpy_sync_retries", "Retries of a sync that failed (re-rendered from the current data)", registry=r
+        )
         self.consul_errors = Counter("confpy_consul_errors", "Failed Consul requests", registry=r)
         self.consul_requests = Counter(
             "confpy_consul_requests", "Consul requests made by watchers (blocking queries)", registry=r
@@ -66,6 +71,26 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
             registry=r,
         )
+
+        # Series only for what has (or had) something to say: a thousand zero-valued series would
+        # cost memory and scrape time for nothing.
+        self._rejected_series: set[str] = set()
+        self._unavailable_series: set[tuple[str, str]] = set()
+
+    def count_rejected(self, service: str, rejected: int) -> None:
+        """confpy_invalid_instances for `service` (a series once it has had a rejected instance)."""
+        if rejected or service in self._rejected_series:
+            self.invalid_instances.labels(service=service).set(rejected)
+            self._rejected_series.add(service)
+
+    def count_unavailable(self, paused: Mapping[str, Mapping[str, float]]) -> None:
+        """confpy_live_member_unavailable: a series per paused member, removed when it is used again."""
+        now = {(name, member) for name, members in paused.items() for member in members}
+        for name, member in self._unavailable_series - now:
+            self.live_member_unavailable.remove(name, member)
+        for name, member in now:
+            self.live_member_unavailable.labels(upstream=name, member=member).set(1)
+        self._unavailable_series = now
 
     def render_text(self) -> bytes:
         return generate_latest(self.registry)

@@ -11,6 +11,7 @@ the middle of a query or of a backoff sleep alike.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 from confpy.errors import RegistryError
 from confpy.registry.base import Dependency, Registry
+from confpy.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +144,11 @@ class WatchSettings:
     min_interval: float = MIN_INTERVAL
     initial_backoff: float = INITIAL_BACKOFF
 
+    @functools.cached_property
+    def retry(self) -> RetryPolicy:
+        """The one retry policy, as watches use it: doubling from `initial_backoff` to `max_backoff`."""
+        return RetryPolicy(self.initial_backoff, self.max_backoff)
+
 
 OnValue = Callable[[Dependency, object, int], None]
 
@@ -206,8 +213,7 @@ class Watcher:
     def backoff(self, failures: int) -> float:
         """Seconds to wait after `failures` failures in a row: doubling from `initial_backoff`, capped
         at `max_backoff`, plus up to `initial_backoff` of jitter so watches do not retry in step."""
-        base = min(self.settings.initial_backoff * float(2 ** min(failures - 1, 32)), self.settings.max_backoff)
-        return base + self.random.uniform(0, self.settings.initial_backoff)
+        return self.settings.retry.delay(failures, self.random)
 
     async def _fetch(self) -> tuple[int, object]:
         # Rate limit: a token bucket of one token refilled every min_interval.
