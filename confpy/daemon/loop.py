@@ -42,7 +42,8 @@ from confpy.model import HealthView, Memory, ServiceInstance, describe_change, m
 from confpy.pipeline import SyncEngine
 from confpy.registry.base import Dependency, Registry, ServiceHealth
 from confpy.registry.factory import open_registry
-from confpy.render.environment import DataSource, RenderResult
+from confpy.render.datasource import DataSource
+from confpy.render.renderer import RenderResult
 from confpy.watch.watcher import FirstFetches, RegistryHealth, Sleep, Watcher, WatchSettings
 from confpy.watch.watchset import WatchSet
 
