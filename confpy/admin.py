@@ -20,7 +20,7 @@ from confpy.config import ConsulConfig, EtcdConfig, consul_from_env, load_config
 from confpy.errors import ConfigError, ConfpyError
 from confpy.model import format_endpoint, normalize_address
 from confpy.registry.consul import ConsulClient
-from confpy.render.environment import upstream_name_for
+from confpy.render.naming import upstream_name_for
 
 NGINX_TAG = "nginx"
 _UPSTREAM_BLOCK = re.compile(r"upstream\s+(\S+)\s*\{(.*?)\}", re.S)

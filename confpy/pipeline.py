@@ -23,7 +23,8 @@ from confpy.config import Config, TemplateConfig
 from confpy.errors import RenderError
 from confpy.model import HealthView, Memory
 from confpy.registry.base import AnyDependency, Registry
-from confpy.render.environment import DataSource, RenderResult, TemplateRenderer
+from confpy.render.datasource import DataSource
+from confpy.render.renderer import RenderResult, TemplateRenderer
 from confpy.timer import Timer
 
 log = logging.getLogger(__name__)

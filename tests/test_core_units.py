@@ -29,7 +29,7 @@ from confpy.daemon.status import StatusSnapshot
 from confpy.errors import ConsulUnreachable, RegistryError
 from confpy.model import HealthView, health_view_from_entries
 from confpy.registry.base import CatalogServices, Dependency, ServiceHealth
-from confpy.render.environment import DataSource
+from confpy.render.datasource import DataSource
 from confpy.watch.watcher import FirstFetches, RegistryHealth, Watcher, WatchSettings, next_index
 from confpy.watch.watchset import WatchSet
 

@@ -16,7 +16,9 @@ from confpy.config import TemplateConfig
 from confpy.errors import RenderError, UnsafeValueError
 from confpy.model import KVPair, Memory, health_view_from_entries
 from confpy.registry.base import CatalogServices, KVTree, ServiceHealth
-from confpy.render.environment import CHANGE_LOG, DataSource, TemplateRenderer, nginx_quote, upstream_name_for
+from confpy.render.datasource import CHANGE_LOG, DataSource
+from confpy.render.naming import nginx_quote, upstream_name_for
+from confpy.render.renderer import TemplateRenderer
 
 from .conftest import SHIPPED_TEMPLATE
 

@@ -31,7 +31,8 @@ from confpy.model import Memory, health_view_from_entries, without_unresolvable
 from confpy.pipeline import SyncEngine
 from confpy.registry.base import CatalogServices, KVTree, ServiceHealth
 from confpy.registry.consul import ConsulClient, ConsulRegistry
-from confpy.render.environment import DataSource, TemplateRenderer
+from confpy.render.datasource import DataSource
+from confpy.render.renderer import TemplateRenderer
 
 from .conftest import SHIPPED_TEMPLATE, ConsulUnderTest, installer_for, register_backends, run_confpy
 

@@ -20,8 +20,10 @@ from confpy.registry.base import (
     KVTree,
     ServiceHealth,
 )
-from confpy.render.environment import DataSource, ServiceName, TemplateRenderer, service_dependency
+from confpy.render.datasource import DataSource
 from confpy.render.functions import parse_upstream_settings
+from confpy.render.naming import ServiceName, service_dependency
+from confpy.render.renderer import TemplateRenderer
 
 from .conftest import SHIPPED_TEMPLATE
 from .test_render import SETTINGS, data_for, entry

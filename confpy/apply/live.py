@@ -28,8 +28,8 @@ from confpy.apply.nginx import NginxReloader
 from confpy.config import Config, split_host_port
 from confpy.errors import ConfpyError
 from confpy.model import ServiceInstance, format_endpoint, nginx_time_seconds
-from confpy.render.environment import RenderResult
 from confpy.render.functions import UpstreamSettings
+from confpy.render.renderer import RenderResult
 from confpy.retry import Backoff, RetryPolicy
 from confpy.wire.client import HTTPClient, TransportError
 

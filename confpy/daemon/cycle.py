@@ -28,7 +28,8 @@ from confpy.errors import CheckError, ConfpyError, RenderError
 from confpy.model import Memory, describe_change
 from confpy.pipeline import SyncEngine
 from confpy.registry.base import Dependency
-from confpy.render.environment import DataSource, RenderResult
+from confpy.render.datasource import DataSource
+from confpy.render.renderer import RenderResult
 from confpy.retry import RetryPolicy
 from confpy.watch.watchset import WatchSet
 

@@ -46,7 +46,7 @@ from confpy.model import HealthView
 from confpy.pipeline import SyncEngine
 from confpy.registry.base import Dependency, Registry
 from confpy.registry.factory import open_registry
-from confpy.render.environment import DataSource
+from confpy.render.datasource import DataSource
 from confpy.retry import Backoff
 from confpy.timer import Timer, earliest, run_due
 from confpy.watch.watcher import FirstFetches, RegistryHealth, Sleep, Watcher, WatchSettings

@@ -26,7 +26,7 @@ from confpy.apply.nginx import current_workers, nginx_master, process_start_time
 from confpy.daemon.timeline import TimelineEvent
 from confpy.errors import ReloadError, UnsafeValueError
 from confpy.model import HealthView, ServiceInstance, format_endpoint
-from confpy.render.environment import upstream_name_for
+from confpy.render.naming import upstream_name_for
 
 if TYPE_CHECKING:  # status.py serves this page and imports it; the snapshot type is only annotated here
     from confpy.daemon.status import StatusSnapshot
