@@ -1,6 +1,6 @@
-"""What ships inside the package: the templates (`builtin:NAME` in a configuration) and the
-example configurations `confpy init` prints. Found with importlib.resources, so they work the
-same from a checkout, an editable install and a wheel in any virtualenv."""
+"""What ships inside the package: the templates (`builtin:NAME` in a configuration). Found with
+importlib.resources, so they work the same from a checkout, an editable install and a wheel in
+any virtualenv. (`confpy init`'s example is generated from the keys' declarations: config_doc.py.)"""
 
 from __future__ import annotations
 
@@ -34,8 +34,3 @@ def template_summary(name: str) -> str:
         sentence = body.split(". ")[0].rstrip(".:")
         return sentence if len(sentence) <= 90 else sentence.split(": ")[0]
     return ""
-
-
-def example_config(live: bool = False) -> str:
-    """The example configuration `confpy init` prints."""
-    return (_folder("examples") / ("confpy-live.toml" if live else "confpy.toml")).read_text(encoding="utf-8")

@@ -261,7 +261,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if args.command == "templates":
             return run_templates(args)
         if args.command == "init":
-            from confpy.builtin import example_config
+            from confpy.config_doc import example_config
 
             sys.stdout.write(example_config(live=args.live))
             return EXIT_OK

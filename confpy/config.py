@@ -1,11 +1,17 @@
 """The configuration file: TOML in, frozen dataclasses out.
 
+Each key is declared once, as a `setting(...)` field of its table's dataclass below (see
+settings.py): its parser, its default as written in TOML, its environment variable, one line of
+documentation. The parsing here, CONSUL_ENVIRONMENT and ETCD_ENVIRONMENT, the key tables of
+docs/configuration.md and `confpy init`'s example (config_doc.py) are derived from them.
+
 Every check names the file, the table and the key, and says what to fix. Unknown keys are errors
 (a typo must never silently fall back to a default on a production gateway).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import os
@@ -16,12 +22,13 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from confpy.builtin import BUILTIN_PREFIX, template_path
 from confpy.durations import GO_TRUE, format_go_duration, parse_go_bool, parse_go_duration
 from confpy.errors import ConfigError
+from confpy.settings import Parser, Setting, all_settings, config_table, environment_map, setting
 
 DEFAULT_CONFIG_PATH = Path("/etc/confpy/confpy.toml")
 DEFAULT_CONSUL_ADDRESS = "http://127.0.0.1:8500"
@@ -32,30 +39,299 @@ NginxMode = Literal["reload", "live"]
 LogFormat = Literal["text", "json"]
 SYSTEM_STATE_DIR = Path("/var/lib/confpy")
 
+Choice = TypeVar("Choice", bound=str)
 
-@dataclass(frozen=True)
+
+# --- the checks of one value (each raises ConfigError starting with the key's label) ------------
+
+
+def _expect(kind: type[Any], name: str) -> Callable[[object, str], Any]:
+    def parse(value: object, label: str) -> Any:
+        # bool is a subclass of int in Python, but `port = true` is a mistake, not a number.
+        if isinstance(value, bool) and kind is int:
+            raise ConfigError(f"{label}: expected {name}, got {value!r}")
+        if not isinstance(value, kind):
+            raise ConfigError(f"{label}: expected {name}, got {type(value).__name__} {value!r}")
+        return value
+
+    return parse
+
+
+_str: Parser[str] = _expect(str, "a string")
+_bool: Parser[bool] = _expect(bool, "true or false")
+_int: Parser[int] = _expect(int, "an integer")
+
+
+def _path(value: object, label: str) -> Path:
+    """A path as written; relative ones are resolved against the file's folder when it is read."""
+    return Path(_str(value, label))
+
+
+def _byte_count(value: object, label: str) -> int:
+    count = _int(value, label)
+    if count <= 0:
+        raise ConfigError(f"{label}: must be a positive number of bytes")
+    return count
+
+
+def _duration(value: object, label: str) -> float:
+    text = _str(value, label)
+    try:
+        seconds = parse_go_duration(text)
+    except ValueError:
+        raise ConfigError(
+            f'{label}: invalid duration {text!r}; write a number with a unit, e.g. "250ms", "5s", "1m"'
+        ) from None
+    if seconds < 0:
+        raise ConfigError(f"{label}: duration {text!r} must not be negative")
+    return seconds
+
+
+def _command(value: object, label: str) -> tuple[str, ...]:
+    text = _str(value, label)
+    try:
+        return tuple(shlex.split(text))
+    except ValueError as exc:
+        raise ConfigError(f"{label}: cannot split {text!r} into arguments ({exc}); check its quotes") from None
+
+
+def _check_command(value: object, label: str) -> tuple[str, ...]:
+    command = _command(value, label)
+    if not command:
+        raise ConfigError(f"{label}: must not be empty; confpy never installs a configuration nginx has not checked")
+    return command
+
+
+def _signal(value: object, label: str) -> signal.Signals:
+    text = _str(value, label).upper()
+    name = text if text.startswith("SIG") else f"SIG{text}"
+    try:
+        return signal.Signals[name]
+    except KeyError:
+        raise ConfigError(f'{label}: unknown signal {value!r}; use a name such as "SIGHUP"') from None
+
+
+def _file_mode(value: object, label: str) -> int:
+    text = _str(value, label)
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise ConfigError(f'{label}: {text!r} is not an octal file mode; write it like "0644"') from None
+    if not 0 <= mode <= 0o7777:
+        raise ConfigError(f'{label}: {text!r} is out of range for a file mode; write it like "0644"')
+    return mode
+
+
+def _choice(*choices: Choice) -> Parser[Choice]:
+    def parse(value: object, label: str) -> Choice:
+        text = _str(value, label)
+        for choice in choices:
+            if text == choice:
+                return choice
+        raise ConfigError(f"{label}: {text!r} is not one of {', '.join(repr(c) for c in choices)}")
+
+    return parse
+
+
+def _listen(value: object, label: str) -> str:
+    text = _str(value, label)
+    if text:
+        try:
+            split_host_port(text)
+        except ValueError as exc:
+            raise ConfigError(f"{label}: {exc}") from None
+    return text
+
+
+def _admin_listen(value: object, label: str) -> str:
+    """`unix:/absolute/path` or HOST:PORT."""
+    text = _str(value, label)
+    if text.startswith("unix:"):
+        if not text[5:].startswith("/"):
+            raise ConfigError(
+                f'{label}: {text!r}: a Unix socket needs an absolute path, e.g. "unix:/run/confpy/admin.sock"'
+            )
+        return text
+    return _listen(text, label)
+
+
+def _endpoints(value: object, label: str) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(v, str) and v for v in items):
+        raise ConfigError(f'{label}: must be a non-empty list of URLs, e.g. ["http://127.0.0.1:2379"]')
+    return tuple(items)
+
+
+def _tags(value: object, label: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f'{label}: must be a list of tags, e.g. ["nginx"]')
+    return tuple(value)
+
+
+def _go_bool_variable(raw: str, label: str) -> bool:
+    try:
+        return parse_go_bool(raw)
+    except ValueError:
+        raise ConfigError(f"{label}: {raw!r} is not a boolean (true or false)") from None
+
+
+def _comma_list(raw: str, label: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def is_loopback_listen(listen: str) -> bool:
+    """True for a Unix socket or a loopback address (127.0.0.0/8, ::1, localhost)."""
+    if listen.startswith("unix:"):
+        return True
+    host = split_host_port(listen)[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """Split "127.0.0.1:9118" or "[::1]:9118" into host and port; ValueError when malformed."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f'{text!r} is not HOST:PORT (e.g. "127.0.0.1:8080")')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f'{text!r}: write an IPv6 address in brackets, e.g. "[::1]:8080"')
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r}: port {port_text!r} is not a number from 0 to 65535")
+    return host, int(port_text)
+
+
+# --- the tables and their keys: one declaration per key ----------------------------------------
+
+
+@config_table
 class ConsulConfig:
     """How to reach Consul and how to behave towards it."""
 
-    address: str = DEFAULT_CONSUL_ADDRESS
-    token: str = ""
-    token_file: str = ""
-    datacenter: str = ""
-    namespace: str = ""
-    partition: str = ""
-    ca_file: str = ""
-    ca_path: str = ""
-    cert_file: str = ""
-    key_file: str = ""
-    tls_server_name: str = ""
-    verify: bool = True
-    wait: float = 60.0
-    timeout: float = 10.0
-    max_backoff: float = 60.0
-    max_response_bytes: int = 32 * 1024 * 1024
-    consistency: Consistency = "default"
-    max_stale: float = 0.0
-    use_cache: bool = False
+    address: str = setting(
+        parse=_str,
+        default=DEFAULT_CONSUL_ADDRESS,
+        env="CONSUL_HTTP_ADDR",
+        doc="the agent's HTTP address (`https://` for TLS; `$CONSUL_HTTP_SSL=true` makes an address without a scheme https)",
+    )
+    token: str = setting(
+        parse=_str,
+        default="",
+        env="CONSUL_HTTP_TOKEN",
+        secret=True,
+        doc_default="the systemd credential `consul-token` (`$CREDENTIALS_DIRECTORY/consul-token`), else "
+        "`$CONSUL_HTTP_TOKEN`, else the file `$CONSUL_HTTP_TOKEN_FILE` names, else none",
+        doc="ACL token, sent as `X-Consul-Token`; never logged or shown in `/status`. One with a line break, a control "
+        "character or a character outside Latin-1 (a token file with two lines, say) cannot be one HTTP header: it is "
+        "refused at start-up, naming where it came from, without showing it",
+    )
+    token_file: str = setting(
+        parse=_str,
+        default="",
+        env="CONSUL_HTTP_TOKEN_FILE",
+        doc_default="see `token`",
+        doc="a file holding the token (read at start-up and on SIGHUP); `token` and `token_file` together are an error",
+    )
+    datacenter: str = setting(
+        parse=_str,
+        default="",
+        doc_default="the agent's",
+        doc="`?dc=` for every query (`service(..., dc=...)` overrides it for one call)",
+    )
+    namespace: str = setting(
+        parse=_str,
+        default="",
+        env="CONSUL_NAMESPACE",
+        doc="`?ns=` on every query (Consul Enterprise; the community edition accepts only `default`)",
+    )
+    partition: str = setting(
+        parse=_str,
+        default="",
+        env="CONSUL_PARTITION",
+        doc="`?partition=` on every query (Consul Enterprise, as `namespace`)",
+    )
+    ca_file: str = setting(
+        parse=_str,
+        default="",
+        env="CONSUL_CACERT",
+        doc_default="`$CONSUL_CACERT`, else the system's CAs",
+        doc="TLS: the CA bundle that verifies Consul",
+    )
+    ca_path: str = setting(
+        parse=_str,
+        default="",
+        env="CONSUL_CAPATH",
+        doc="TLS: a folder of CA certificates (hashed names, as `c_rehash` makes them)",
+    )
+    cert_file: str = setting(
+        parse=_str,
+        default="",
+        env="CONSUL_CLIENT_CERT",
+        doc="TLS: the client certificate (for Consul's `verify_incoming`)",
+    )
+    key_file: str = setting(
+        parse=_str,
+        default="",
+        env="CONSUL_CLIENT_KEY",
+        doc="TLS: the client certificate's key (needs `cert_file`)",
+    )
+    tls_server_name: str = setting(
+        parse=_str,
+        default="",
+        env="CONSUL_TLS_SERVER_NAME",
+        doc_default="`$CONSUL_TLS_SERVER_NAME`, else the address's host",
+        doc="TLS: the name Consul's certificate must carry (SNI and verification), e.g. `server.dc1.consul`",
+    )
+    verify: bool = setting(
+        parse=_bool,
+        default=True,
+        env="CONSUL_HTTP_SSL_VERIFY",
+        env_parse=_go_bool_variable,
+        doc="verify Consul's TLS certificate (the variable takes Go's booleans: `true`, `false`, `1`, `0`, ...)",
+    )
+    wait: float = setting(
+        parse=_duration,
+        default="60s",
+        doc="blocking-query wait (Consul caps it at 10m and adds up to wait/16 jitter)",
+    )
+    timeout: float = setting(
+        parse=_duration,
+        default="10s",
+        doc="connect/read timeout; a blocking query may take `wait + wait/16 + timeout`",
+    )
+    max_backoff: float = setting(
+        parse=_duration,
+        default="1m",
+        doc="retries after a failure back off exponentially (with jitter) from 250 ms up to this",
+    )
+    max_response_bytes: int = setting(
+        parse=_byte_count,
+        default=32 * 1024 * 1024,
+        doc="a larger answer from Consul is refused (protects against a broken or hostile endpoint)",
+    )
+    consistency: Consistency = setting(
+        parse=_choice("default", "stale", "consistent"),
+        default="default",
+        doc='`"stale"` (any server answers: `?stale`) or `"consistent"` (`?consistent`) on every read; see '
+        "[operations.md](operations.md#consistency-modes-for-big-fleets)",
+    )
+    max_stale: float = setting(
+        parse=_duration,
+        default="0s",
+        doc_default="none",
+        doc="with `stale`: `?max_stale=`, the most a stale answer may lag before the leader answers instead",
+    )
+    use_cache: bool = setting(
+        parse=_bool,
+        default=False,
+        doc="`?cached`: the local agent's cache answers (one query to the servers per agent, not per gateway); "
+        "not with `consistent`",
+    )
 
     def query_params(self) -> list[tuple[str, str]]:
         """What every read sends besides its own parameters: dc, ns, partition, consistency, cache."""
@@ -85,87 +361,236 @@ class ConsulConfig:
         return parsed.port or (443 if parsed.scheme == "https" else 8500)
 
 
-@dataclass(frozen=True)
+@config_table
 class EtcdConfig:
     """How to reach etcd (the alternative to Consul): its v3 JSON gateway on each endpoint."""
 
-    endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
-    prefix: str = ""  # services live under <prefix><service>/<host:port>
-    # Tags of an instance whose Metadata names none (etcd's plain `{"Addr": ...}` registrations):
-    # "nginx", so the shipped templates (services tagged nginx) see every service under the prefix.
-    default_tags: tuple[str, ...] = ("nginx",)
-    ca_file: str = ""
-    cert_file: str = ""
-    key_file: str = ""
-    username: str = ""
-    password: str = ""
-    password_file: str = ""
-    timeout: float = 5.0
-    wait: float = 60.0
-    max_backoff: float = 60.0
+    endpoints: tuple[str, ...] = setting(
+        parse=_endpoints,
+        default=["http://127.0.0.1:2379"],
+        env="ETCDCTL_ENDPOINTS",
+        env_parse=_comma_list,
+        doc_default='`$ETCDCTL_ENDPOINTS` (comma-separated), else `["http://127.0.0.1:2379"]`',
+        doc="the cluster's client URLs, tried in order (failover)",
+    )
+    prefix: str = setting(
+        parse=_str,
+        default="",
+        doc_default='`""`',
+        doc="services are keys `<prefix><service>/<host:port>`",
+    )
+    # "nginx" by default, so the shipped templates (services tagged nginx) see every service under
+    # the prefix, including etcd's plain `{"Addr": ...}` registrations.
+    default_tags: tuple[str, ...] = setting(
+        parse=_tags,
+        default=["nginx"],
+        doc="the tags of an instance whose value names none",
+    )
+    ca_file: str = setting(
+        parse=_str,
+        default="",
+        env="ETCDCTL_CACERT",
+        doc="TLS for `https://` endpoints: the CA bundle that verifies etcd",
+    )
+    cert_file: str = setting(parse=_str, default="", env="ETCDCTL_CERT", doc="TLS: the client certificate")
+    key_file: str = setting(parse=_str, default="", env="ETCDCTL_KEY", doc="TLS: the client certificate's key")
+    username: str = setting(
+        parse=_str,
+        default="",
+        env="ETCDCTL_USER",
+        doc_default="`$ETCDCTL_USER` (`name:password`), else none",
+        doc="etcd's authentication: the user",
+    )
+    password: str = setting(
+        parse=_str,
+        default="",
+        secret=True,
+        doc_default="the password part of `$ETCDCTL_USER`, else none",
+        doc="etcd's authentication: the password; `password` and `password_file` together are an error",
+    )
+    password_file: str = setting(parse=_str, default="", doc="a file holding the password")
+    timeout: float = setting(parse=_duration, default="5s", doc="one call's bound (a watch is bounded by `wait`)")
+    wait: float = setting(
+        parse=_duration, default="60s", doc="how long one watch waits before confpy reads again anyway"
+    )
+    max_backoff: float = setting(
+        parse=_duration, default="1m", doc="retries after a failure back off exponentially up to this"
+    )
 
 
-@dataclass(frozen=True)
+@config_table
 class WaitConfig:
     """Quiescence: render after `min` of calm, but never later than `max` after the first change."""
 
-    min: float = 0.1
-    max: float = 1.0
+    min: float = setting(
+        parse=_duration, default="100ms", doc="render after this much calm; each new change pushes it back..."
+    )
+    max: float = setting(
+        parse=_duration, default="1s", doc="...but never later than this after the first change of a burst"
+    )
 
 
-@dataclass(frozen=True)
+@config_table
 class NginxConfig:
     """How to check and reload nginx."""
 
-    pid_file: Path = Path("/run/nginx.pid")
-    check_cmd: tuple[str, ...] = ("nginx", "-t")
-    reload_cmd: tuple[str, ...] = ()
-    reload_signal: signal.Signals = signal.SIGHUP
-    check_timeout: float = 30.0
-    reload_timeout: float = 30.0
-    mode: NginxMode = "reload"
-    # Live mode's admin API: a Unix socket in a folder only root may enter, by default.
-    live_listen: str = "unix:/run/confpy/admin.sock"
-    live_token_file: Path = Path("/var/lib/confpy/admin.token")
-    live_allow_remote: bool = False
-    allow_no_reload: bool = False
+    pid_file: Path = setting(
+        parse=_path,
+        default="/run/nginx.pid",
+        doc="nginx's master PID; confpy checks with psutil that it is a live nginx master before signalling it",
+    )
+    check_cmd: tuple[str, ...] = setting(
+        parse=_check_command,
+        default="nginx -t",
+        doc="validates the whole configuration after the new files are in place; split with shell rules, never run "
+        "through a shell; must not be empty",
+    )
+    reload_cmd: tuple[str, ...] = setting(
+        parse=_command,
+        default="",
+        doc="when set, run instead of signalling (e.g. `systemctl reload nginx`)",
+    )
+    reload_signal: signal.Signals = setting(
+        parse=_signal, default="SIGHUP", doc="sent to the master when `reload_cmd` is empty"
+    )
+    check_timeout: float = setting(
+        parse=_duration, default="30s", doc="a check that takes longer is killed and counts as failed"
+    )
+    reload_timeout: float = setting(parse=_duration, default="30s", doc="for `reload_cmd`")
+    mode: NginxMode = setting(
+        parse=_choice("reload", "live"),
+        default="reload",
+        doc="`reload`: every change is rendered, checked with `nginx -t` and reloaded. `live`: member changes are "
+        "pushed into nginx through confpy's Lua balancer with no reload; see [live-mode.md](live-mode.md)",
+    )
+    live_listen: str = setting(
+        parse=_admin_listen,
+        default="unix:/run/confpy/admin.sock",
+        doc_default="`unix:$RUNTIME_DIRECTORY/admin.sock`, else `unix:/run/confpy/admin.sock` (root), else in the "
+        "state directory",
+        doc="live mode: where nginx serves confpy's admin API (the live template listens there, confpy pushes there): "
+        "`unix:/absolute/path` or `HOST:PORT`; a non-loopback address is refused unless `live_token_file` and "
+        "`live_allow_remote` are both set",
+    )
+    live_token_file: Path = setting(
+        parse=_path,
+        default="/var/lib/confpy/admin.token",
+        doc_default="`STATE_DIR/admin.token` (created, mode 0600)",
+        doc="the admin API's token: nginx's master reads it at start and reload, confpy sends it on every request. It "
+        "must be one line of at least 32 printable ASCII characters without spaces (what confpy creates; nginx "
+        "refuses a shorter one): any other is refused with a push error naming the file, not the token",
+    )
+    live_allow_remote: bool = setting(
+        parse=_bool, default=False, doc="allow a non-loopback `live_listen` (with an explicit `live_token_file`)"
+    )
+    allow_no_reload: bool = setting(
+        parse=_bool,
+        default=False,
+        doc="`--once`: exit 0 (not 3) when files were installed but nginx could not be reloaded; for bootstrapping, "
+        "before nginx is first started (same as `--allow-no-reload`)",
+    )
 
 
-@dataclass(frozen=True)
+@config_table
 class TemplateConfig:
     """One `[[template]]`: a Jinja2 source rendered to an nginx include file."""
 
-    source: Path
-    destination: Path
-    mode: int | None = None
-    backup: bool = True
-    on_empty: OnEmpty = "keep"
-    wait: WaitConfig | None = None
+    source: Path = setting(
+        parse=_path,
+        doc="the Jinja2 template (see [templates.md](templates.md)): a path, or `builtin:NAME` for a template shipped "
+        "with confpy (`confpy templates` lists them, `confpy templates copy NAME FILE` gives you an editable copy)",
+    )
+    destination: Path = setting(parse=_path, doc="the file nginx includes; two templates may not share one")
+    mode: int | None = setting(
+        parse=_file_mode,
+        default=None,
+        example="0644",
+        doc_default='the existing file\'s, else `"0644"`',
+        doc='octal string, e.g. `"0640"`',
+    )
+    backup: bool = setting(
+        parse=_bool,
+        default=True,
+        doc="keep the previous bytes in the state directory (`FLAT.bak`, never beside the destination, where nginx's "
+        "`include` globs would read it); the backup it replaces keeps a hidden second name "
+        "(`.FLAT.bak.XXXXXXXX.confpy-tmp`) until changes pause, when confpy removes it (a leftover from a killed "
+        "confpy is removed at the next start)",
+    )
+    on_empty: OnEmpty = setting(
+        parse=_choice("keep", "render"),
+        default="keep",
+        doc="a service with no passing instance: `keep` renders its last known members (remembered in a state file, "
+        "written once changes pause for a second, at most 5 s after a change, and at once when confpy stops or "
+        "reloads its configuration, so a restart remembers them too); `render` gives the template the empty list",
+    )
+    wait: WaitConfig | None = setting(
+        nested=WaitConfig, default=None, doc_default="`[wait]`", doc="per-template quiescence (`min`, `max`)"
+    )
 
     @property
     def name(self) -> str:
         return str(self.destination)
 
 
-@dataclass(frozen=True)
+@config_table
 class StatusConfig:
     """The opt-in HTTP status endpoint."""
 
-    listen: str = ""
+    listen: str = setting(
+        parse=_listen,
+        default="",
+        doc_default="empty (off)",
+        doc="`HOST:PORT` for the status page (`/`), `/health`, `/status` and `/metrics`; keep it on loopback",
+    )
 
 
-@dataclass(frozen=True)
+@config_table
 class StateConfig:
     """Where confpy keeps its own files: backups, locks, remembered and live members."""
 
-    dir: Path = Path("/var/lib/confpy")
+    dir: Path = setting(
+        parse=_path,
+        default=str(SYSTEM_STATE_DIR),
+        doc_default="`$STATE_DIRECTORY` (systemd's `StateDirectory=confpy`), else `/var/lib/confpy` when it exists and "
+        "is writable, else `$XDG_STATE_HOME/confpy`, else `~/.local/state/confpy`",
+        doc="confpy's own files, per destination: its backup (`FLAT.bak`), its lock (`FLAT.lock`), the remembered "
+        'members for `on_empty = "keep"` (`FLAT.json`) and in live mode the member state nginx loads '
+        "(`FLAT.live.json`); FLAT is the destination's path with `/` turned into `_`. Only the destination itself "
+        "(and, for an instant, the temporary file renamed onto it) is ever written in the destination's folder, so "
+        "`include sites-enabled/*;` never reads a confpy file. Two confpy processes exclude each other per "
+        "destination through the lock in this folder: give them the same `dir`. A corrupt state file is reported "
+        "and ignored.",
+    )
 
 
-@dataclass(frozen=True)
+@config_table
 class LogConfig:
     """How confpy logs."""
 
-    format: LogFormat = "text"
+    format: LogFormat = setting(
+        parse=_choice("text", "json"),
+        default="text",
+        doc="`text`: one line per action, with a timestamp unless stderr is the journal (`$JOURNAL_STREAM`), which "
+        "adds its own; `json`: one object per line with the keys `time`, `level`, `logger`, `message` "
+        "(`--log-format` overrides it)",
+    )
+
+
+# Every table of the file, by name, in the order the documentation and `confpy init` show them.
+TABLES: dict[str, type] = {
+    "consul": ConsulConfig,
+    "etcd": EtcdConfig,
+    "nginx": NginxConfig,
+    "wait": WaitConfig,
+    "template": TemplateConfig,
+    "state": StateConfig,
+    "log": LogConfig,
+    "status": StatusConfig,
+}
+SETTINGS: dict[str, tuple[Setting, ...]] = all_settings(TABLES)
+# The consul CLI's and etcdctl's environment variables, by the key each stands for.
+CONSUL_ENVIRONMENT = environment_map(SETTINGS["consul"])
+ETCD_ENVIRONMENT = environment_map(SETTINGS["etcd"])
 
 
 @dataclass(frozen=True)
@@ -201,9 +626,7 @@ class Config:
         return template.wait or self.wait
 
 
-# --- a small schema checker -----------------------------------------------------------------
-
-Parser = Callable[[Any, str], Any]
+# --- reading a table ------------------------------------------------------------------------
 
 
 class _Where:
@@ -247,236 +670,37 @@ def _check_keys(where: _Where, table: str, data: Mapping[str, Any], known: set[s
             problems.add(f"{where.key(table, key)}: unknown key{suggestion}")
 
 
-def _expect(kind: type | tuple[type, ...], name: str) -> Parser:
-    def parse(value: Any, label: str) -> Any:
-        # bool is a subclass of int in Python, but `port = true` is a mistake, not a number.
-        if isinstance(value, bool) and kind is int:
-            raise ConfigError(f"{label}: expected {name}, got {value!r}")
-        if not isinstance(value, kind):
-            raise ConfigError(f"{label}: expected {name}, got {type(value).__name__} {value!r}")
-        return value
-
-    return parse
-
-
-_str = _expect(str, "a string")
-_bool = _expect(bool, "true or false")
-_int = _expect(int, "an integer")
-
-
-def _duration(value: Any, label: str) -> float:
-    text = _str(value, label)
-    try:
-        seconds = parse_go_duration(text)
-    except ValueError:
-        raise ConfigError(
-            f'{label}: invalid duration {text!r}; write a number with a unit, e.g. "250ms", "5s", "1m"'
-        ) from None
-    if seconds < 0:
-        raise ConfigError(f"{label}: duration {text!r} must not be negative")
-    return seconds
-
-
-def _command(value: Any, label: str) -> tuple[str, ...]:
-    text = _str(value, label)
-    try:
-        return tuple(shlex.split(text))
-    except ValueError as exc:
-        raise ConfigError(f"{label}: cannot split {text!r} into arguments ({exc}); check its quotes") from None
-
-
-def _signal(value: Any, label: str) -> signal.Signals:
-    text = _str(value, label).upper()
-    name = text if text.startswith("SIG") else f"SIG{text}"
-    try:
-        return signal.Signals[name]
-    except KeyError:
-        raise ConfigError(f'{label}: unknown signal {value!r}; use a name such as "SIGHUP"') from None
-
-
-def _file_mode(value: Any, label: str) -> int:
-    text = _str(value, label)
-    try:
-        mode = int(text, 8)
-    except ValueError:
-        raise ConfigError(f'{label}: {text!r} is not an octal file mode; write it like "0644"') from None
-    if not 0 <= mode <= 0o7777:
-        raise ConfigError(f'{label}: {text!r} is out of range for a file mode; write it like "0644"')
-    return mode
-
-
-def _choice(*choices: str) -> Parser:
-    def parse(value: Any, label: str) -> str:
-        text: str = _str(value, label)
-        if text not in choices:
-            raise ConfigError(f"{label}: {text!r} is not one of {', '.join(repr(c) for c in choices)}")
-        return text
-
-    return parse
-
-
-def _listen(value: Any, label: str) -> str:
-    text: str = _str(value, label)
-    if text:
-        try:
-            split_host_port(text)
-        except ValueError as exc:
-            raise ConfigError(f"{label}: {exc}") from None
-    return text
-
-
-def _admin_listen(value: Any, label: str) -> str:
-    """`unix:/absolute/path` or HOST:PORT."""
-    text: str = _str(value, label)
-    if text.startswith("unix:"):
-        if not text[5:].startswith("/"):
-            raise ConfigError(
-                f'{label}: {text!r}: a Unix socket needs an absolute path, e.g. "unix:/run/confpy/admin.sock"'
-            )
-        return text
-    return _listen(text, label)
-
-
-def is_loopback_listen(listen: str) -> bool:
-    """True for a Unix socket or a loopback address (127.0.0.0/8, ::1, localhost)."""
-    if listen.startswith("unix:"):
-        return True
-    host = split_host_port(listen)[0]
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def split_host_port(text: str) -> tuple[str, int]:
-    """Split "127.0.0.1:9118" or "[::1]:9118" into host and port; ValueError when malformed."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f'{text!r} is not HOST:PORT (e.g. "127.0.0.1:8080")')
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f'{text!r}: write an IPv6 address in brackets, e.g. "[::1]:8080"')
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"{text!r}: port {port_text!r} is not a number from 0 to 65535")
-    return host, int(port_text)
-
-
-def _parse_table(
-    where: _Where, table: str, data: Any, spec: Mapping[str, Parser], problems: Problems
-) -> dict[str, Any]:
-    """The table's valid values; every bad key or value is noted in `problems`."""
+def _parse_table(where: _Where, table: str, data: Any, kind: str, problems: Problems) -> dict[str, Any]:
+    """The valid values of `table` (a table of the `kind` declared in TABLES); every bad key or
+    value is noted in `problems`. A nested table's value is passed through for its holder to check."""
     if not isinstance(data, dict):
         problems.add(f"{where.path}: [{table}] must be a table, got {type(data).__name__}")
         return {}
-    _check_keys(where, table, data, set(spec), problems)
+    settings = {item.key: item for item in SETTINGS[kind]}
+    _check_keys(where, table, data, set(settings), problems)
     values: dict[str, Any] = {}
     for key, value in data.items():
-        if key not in spec:
+        if key not in settings:
             continue
         try:
-            values[key] = spec[key](value, where.key(table, key))
+            values[key] = settings[key].parse(value, where.key(table, key))
         except ConfigError as exc:
             problems.messages.extend(exc.problems)
     return values
 
 
-_CONSUL_SPEC: dict[str, Parser] = {
-    "address": _str,
-    "token": _str,
-    "token_file": _str,
-    "datacenter": _str,
-    "namespace": _str,
-    "partition": _str,
-    "ca_file": _str,
-    "ca_path": _str,
-    "cert_file": _str,
-    "key_file": _str,
-    "tls_server_name": _str,
-    "verify": _bool,
-    "wait": _duration,
-    "timeout": _duration,
-    "max_backoff": _duration,
-    "max_response_bytes": _int,
-    "consistency": _choice("default", "stale", "consistent"),
-    "max_stale": _duration,
-    "use_cache": _bool,
-}
-# The consul CLI's environment variables, by the [consul] key each stands for.
-CONSUL_ENVIRONMENT = {
-    "address": "CONSUL_HTTP_ADDR",
-    "token": "CONSUL_HTTP_TOKEN",
-    "token_file": "CONSUL_HTTP_TOKEN_FILE",
-    "ca_file": "CONSUL_CACERT",
-    "ca_path": "CONSUL_CAPATH",
-    "cert_file": "CONSUL_CLIENT_CERT",
-    "key_file": "CONSUL_CLIENT_KEY",
-    "verify": "CONSUL_HTTP_SSL_VERIFY",
-    "tls_server_name": "CONSUL_TLS_SERVER_NAME",
-    "namespace": "CONSUL_NAMESPACE",
-    "partition": "CONSUL_PARTITION",
-}
-_NGINX_SPEC: dict[str, Parser] = {
-    "pid_file": _str,
-    "check_cmd": _command,
-    "reload_cmd": _command,
-    "reload_signal": _signal,
-    "check_timeout": _duration,
-    "reload_timeout": _duration,
-    "mode": _choice("reload", "live"),
-    "live_listen": _admin_listen,
-    "live_token_file": _str,
-    "live_allow_remote": _bool,
-    "allow_no_reload": _bool,
-}
-_WAIT_SPEC: dict[str, Parser] = {"min": _duration, "max": _duration}
-_TEMPLATE_SPEC: dict[str, Parser] = {
-    "source": _str,
-    "destination": _str,
-    "mode": _file_mode,
-    "backup": _bool,
-    "on_empty": _choice("keep", "render"),
-    "wait": lambda value, label: value,  # checked as a table below
-}
-
-
-_ETCD_SPEC: dict[str, Parser] = {
-    "endpoints": lambda value, label: _str_list(value, label),
-    "prefix": _str,
-    "default_tags": lambda value, label: (
-        tuple(value) if isinstance(value, list) and all(isinstance(v, str) for v in value) else _bad_tags(label)
-    ),
-    "ca_file": _str,
-    "cert_file": _str,
-    "key_file": _str,
-    "username": _str,
-    "password": _str,
-    "password_file": _str,
-    "timeout": _duration,
-    "wait": _duration,
-    "max_backoff": _duration,
-}
-# etcdctl's environment variables, by the [etcd] key each stands for.
-ETCD_ENVIRONMENT = {
-    "endpoints": "ETCDCTL_ENDPOINTS",
-    "ca_file": "ETCDCTL_CACERT",
-    "cert_file": "ETCDCTL_CERT",
-    "key_file": "ETCDCTL_KEY",
-}
-
-
-def _bad_tags(label: str) -> tuple[str, ...]:
-    raise ConfigError(f'{label}: must be a list of tags, e.g. ["nginx"]')
-
-
-def _str_list(value: Any, label: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f'{label}: must be a non-empty list of URLs, e.g. ["http://127.0.0.1:2379"]')
-    return tuple(value)
+def _fill_from_environment(
+    settings: tuple[Setting, ...],
+    environ: Mapping[str, str],
+    values: dict[str, Any],
+    origin: dict[str, str],
+    skip: set[str],
+) -> None:
+    """Each key the file leaves out takes its declared variable's value, when that is set."""
+    for item in settings:
+        if item.env and item.key not in values and item.key not in skip and environ.get(item.env):
+            values[item.key] = item.from_env(environ[item.env])
+            origin[item.key] = f"${item.env}"
 
 
 def etcd_from_env(environ: Mapping[str, str], file_values: Mapping[str, Any], where: str, folder: Path) -> EtcdConfig:
@@ -484,12 +708,9 @@ def etcd_from_env(environ: Mapping[str, str], file_values: Mapping[str, Any], wh
     comma-separated list; ETCDCTL_USER is `name:password`), which beats the default."""
     values = dict(file_values)
     origin = {key: f"{where}: [etcd] {key}" for key in values}
-    for key, variable in ETCD_ENVIRONMENT.items():
-        if key not in values and environ.get(variable):
-            raw = environ[variable]
-            values[key] = tuple(e.strip() for e in raw.split(",") if e.strip()) if key == "endpoints" else raw
-            origin[key] = f"${variable}"
-    user_variable = "ETCDCTL_USER"
+    # ETCDCTL_USER (`name:password`) stands for two keys: read below.
+    _fill_from_environment(SETTINGS["etcd"], environ, values, origin, skip={"username"})
+    user_variable = ETCD_ENVIRONMENT["username"]
     if "username" not in values and environ.get(user_variable):
         name, _, secret = environ[user_variable].partition(":")
         values["username"], values["password"] = name, secret
@@ -531,18 +752,8 @@ def consul_from_env(
     if "token" in values and "token_file" in values:
         raise ConfigError(f"{origin['token']}: set token or token_file, not both")
     file_token = "token" in values or "token_file" in values
-    for key, variable in CONSUL_ENVIRONMENT.items():
-        if key in values or key in ("token", "token_file") or not environ.get(variable):
-            continue
-        raw = environ[variable]
-        if key == "verify":
-            try:
-                values[key] = parse_go_bool(raw)
-            except ValueError:
-                raise ConfigError(f"${variable}: {raw!r} is not a boolean (true or false)") from None
-        else:
-            values[key] = raw
-        origin[key] = f"${variable}"
+    # The token's variables come after the systemd credential: read by _token_from_environment.
+    _fill_from_environment(SETTINGS["consul"], environ, values, origin, skip={"token", "token_file"})
     if "address" in values and "://" not in values["address"] and environ.get("CONSUL_HTTP_SSL") in GO_TRUE:
         values["address"] = "https://" + values["address"]
     if not file_token:
@@ -584,12 +795,13 @@ def _token_from_environment(environ: Mapping[str, str], values: dict[str, Any], 
             values["token"] = token
             origin["token"] = "the systemd credential consul-token"  # noqa: S105 (where it came from, not a secret)
             return
-    if environ.get("CONSUL_HTTP_TOKEN"):
-        values["token"] = environ["CONSUL_HTTP_TOKEN"]
-        origin["token"] = "$CONSUL_HTTP_TOKEN"  # noqa: S105 (where it came from, not a secret)
-    elif environ.get("CONSUL_HTTP_TOKEN_FILE"):
-        values["token_file"] = environ["CONSUL_HTTP_TOKEN_FILE"]
-        origin["token_file"] = "$" + CONSUL_ENVIRONMENT["token_file"]
+    token_variable, token_file_variable = CONSUL_ENVIRONMENT["token"], CONSUL_ENVIRONMENT["token_file"]
+    if environ.get(token_variable):
+        values["token"] = environ[token_variable]
+        origin["token"] = "$" + token_variable
+    elif environ.get(token_file_variable):
+        values["token_file"] = environ[token_file_variable]
+        origin["token_file"] = "$" + token_file_variable
 
 
 def _read_token_file(path: Path, origin: str) -> str:
@@ -609,11 +821,11 @@ def _with_checked_address(consul: ConsulConfig, origin: str) -> ConsulConfig:
         _ = parsed.port
     except ValueError:
         raise ConfigError(f"{origin}: Consul address {consul.address!r} has an invalid port") from None
-    return ConsulConfig(**{**consul.__dict__, "address": address})
+    return dataclasses.replace(consul, address=address)
 
 
 def _wait(where: _Where, table: str, data: Any, base: WaitConfig, problems: Problems) -> WaitConfig:
-    values = _parse_table(where, table, data, _WAIT_SPEC, problems)
+    values = _parse_table(where, table, data, "wait", problems)
     wait = WaitConfig(min=values.get("min", base.min), max=values.get("max", base.max))
     if wait.max < wait.min:
         problems.add(f"{where.key(table, 'max')}: max ({wait.max:g}s) must not be less than min ({wait.min:g}s)")
@@ -641,8 +853,8 @@ def default_state_dir(environ: Mapping[str, str]) -> Path:
     return Path(base) / "confpy"
 
 
-def _resolve(base: Path, text: str) -> Path:
-    path = Path(text).expanduser()
+def _resolve(base: Path, written: str | Path) -> Path:
+    path = Path(written).expanduser()
     return path if path.is_absolute() else base / path
 
 
@@ -650,19 +862,19 @@ def _template(
     where: _Where, number: int, raw: Any, folder: Path, wait: WaitConfig, problems: Problems
 ) -> TemplateConfig | None:
     table = f"template #{number}"
-    values = _parse_table(where, table, raw, _TEMPLATE_SPEC, problems)
+    values = _parse_table(where, table, raw, "template", problems)
     if not isinstance(raw, dict):
         return None
     complete = True
     for required in ("source", "destination"):
-        if not values.get(required):
+        if required not in values or not raw[required]:
             problems.add(f"{where.key(table, required)}: missing; every [[template]] needs source and destination")
             complete = False
     if "wait" in values:
         values["wait"] = _wait(where, f"{table}.wait", values["wait"], wait, problems)
     if not complete:
         return None
-    source_text = values["source"]
+    source_text: str = raw["source"]
     if source_text.startswith(BUILTIN_PREFIX):
         try:
             values["source"] = template_path(source_text[len(BUILTIN_PREFIX) :])
@@ -691,26 +903,25 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     problems = Problems()
-    _check_keys(where, "", data, {"consul", "etcd", "nginx", "wait", "template", "state", "status", "log"}, problems)
+    _check_keys(where, "", data, set(TABLES), problems)
     folder = path.resolve().parent
 
-    consul_values = _parse_table(where, "consul", data.get("consul", {}), _CONSUL_SPEC, problems)
-    if consul_values.get("max_response_bytes", 1) <= 0:
-        problems.add(f"{where.key('consul', 'max_response_bytes')}: must be a positive number of bytes")
-        consul_values.pop("max_response_bytes")
+    consul_values = _parse_table(where, "consul", data.get("consul", {}), "consul", problems)
     consul = problems.check(lambda: consul_from_env(environ, consul_values, str(path))) or ConsulConfig()
     etcd: EtcdConfig | None = None
     if "etcd" in data:
         if "consul" in data:
             problems.add(f"{path}: [consul] and [etcd] are both set; confpy follows one registry: keep one of them")
-        etcd_values = _parse_table(where, "etcd", data["etcd"], _ETCD_SPEC, problems)
+        etcd_values = _parse_table(where, "etcd", data["etcd"], "etcd", problems)
         etcd = problems.check(lambda: etcd_from_env(environ, etcd_values, str(path), folder))
 
-    nginx_values = _parse_table(where, "nginx", data.get("nginx", {}), _NGINX_SPEC, problems)
+    nginx_values = _parse_table(where, "nginx", data.get("nginx", {}), "nginx", problems)
     if "pid_file" in nginx_values:
         nginx_values["pid_file"] = _resolve(folder, nginx_values["pid_file"])
-    state_values = _parse_table(where, "state", data.get("state", {}), {"dir": _str}, problems)
-    state_dir = _resolve(folder, state_values["dir"]) if state_values.get("dir") else default_state_dir(environ)
+    state_values = _parse_table(where, "state", data.get("state", {}), "state", problems)
+    # `dir = ""` asks for the default, as leaving it out does.
+    written_dir = "dir" in state_values and data["state"]["dir"]
+    state_dir = _resolve(folder, state_values["dir"]) if written_dir else default_state_dir(environ)
     explicit_token = "live_token_file" in nginx_values
     if explicit_token:
         nginx_values["live_token_file"] = _resolve(folder, nginx_values["live_token_file"])
@@ -726,10 +937,6 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
                 "could move production traffic through the admin API; use the default Unix socket, or, to insist, set both "
                 "live_token_file (a secret file only confpy and nginx's master read) and live_allow_remote = true"
             )
-    if not nginx.check_cmd:
-        problems.add(
-            f"{where.key('nginx', 'check_cmd')}: must not be empty; confpy never installs a configuration nginx has not checked"
-        )
 
     wait = _wait(where, "wait", data.get("wait", {}), WaitConfig(), problems)
     raw_templates = data.get("template", [])
@@ -746,10 +953,8 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
         if destinations.count(dest) > 1:
             problems.add(f"{path}: two [[template]] tables write the same destination {dest}")
 
-    status = StatusConfig(**_parse_table(where, "status", data.get("status", {}), {"listen": _listen}, problems))
-    log_config = LogConfig(
-        **_parse_table(where, "log", data.get("log", {}), {"format": _choice("text", "json")}, problems)
-    )
+    status = StatusConfig(**_parse_table(where, "status", data.get("status", {}), "status", problems))
+    log_config = LogConfig(**_parse_table(where, "log", data.get("log", {}), "log", problems))
     problems.raise_if_any()
     return Config(
         path=path,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import signal
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from confpy.config import load_config, parse_config
+from confpy.config import CONSUL_ENVIRONMENT, ETCD_ENVIRONMENT, SETTINGS, load_config, parse_config
 from confpy.durations import format_go_duration, parse_go_duration
 from confpy.errors import ConfigError
 
@@ -254,3 +256,109 @@ def test_bad_go_durations(text: str) -> None:
 
 def test_wait_formatting() -> None:
     assert format_go_duration(60) == "60s" and format_go_duration(0.25) == "250ms"
+
+
+# --- one declaration per key: what is derived from it cannot drift ------------------------------
+
+
+def test_the_doc_key_tables_are_the_declarations() -> None:
+    """docs/configuration.md's key and environment tables are generated (`python -m confpy.config_doc`)."""
+    from confpy.config_doc import DOC_PATH, render_doc
+
+    committed = DOC_PATH.read_text(encoding="utf-8")
+    assert render_doc(committed) == committed, "run `python -m confpy.config_doc` to regenerate the tables"
+    for table, settings in SETTINGS.items():
+        for item in settings:
+            assert f"| `{item.key}` |" in committed, f"[{table}] {item.key} is not documented"
+
+
+def _example_lines(example: str) -> dict[tuple[str, str], str]:
+    """(table, key) -> the value as written on its line, commented out or not."""
+    found: dict[tuple[str, str], str] = {}
+    table = ""
+    for line in example.splitlines():
+        header = re.fullmatch(r"#?\[\[?(\w+)\]\]?", line)
+        if header:
+            table = header.group(1)
+            continue
+        key_line = re.fullmatch(r"#?(\w+) = (.+)", line)
+        if key_line:
+            found[table, key_line.group(1)] = key_line.group(2)
+    return found
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_init_shows_every_key_with_its_declared_default(live: bool, tmp_path: Path) -> None:
+    from confpy.config_doc import example_config
+
+    example = example_config(live=live)
+    lines = _example_lines(example)
+    declared = {(table, item.key): item for table, settings in SETTINGS.items() for item in settings}
+    assert set(lines) == set(declared), "every key once, and no other"
+    for (table, key), written in lines.items():
+        if f"\n#{key} = {written}\n" not in example:
+            continue  # set by the example
+        item, value = declared[table, key], tomllib.loads(f"v = {written}")["v"]
+        if item.declaration.nested is not None:  # a nested table shows the nested table's defaults
+            assert value == {s.key: s.toml_default for s in SETTINGS["wait"]}, (table, key)
+        elif item.toml_default is not None:  # commented out: it shows the default
+            assert item.parse(value, key) == item.default, (table, key)
+    config = parse_config(example, tmp_path / "confpy.toml", {})  # it parses as it stands
+    assert config.nginx.mode == ("live" if live else "reload") and config.etcd is None
+    assert config.templates[0].source.is_file()
+    # Uncommenting every commented-out key changes nothing: the [etcd] table aside (it replaces
+    # [consul]), and token_file (token and token_file together are an error).
+    before_etcd, rest = example.split("#[etcd]\n")
+    uncommented = re.sub(r"(?m)^#(?!token_file )(\w+ = )", r"\1", before_etcd + rest[rest.index("\n[") :])
+    again = parse_config(uncommented, tmp_path / "confpy.toml", {})
+    assert again.consul == config.consul and again.wait == config.wait and again.log == config.log
+    assert again.templates[0].wait == config.wait and again.templates[0].mode == 0o644
+
+
+def test_every_declared_environment_variable_is_read(tmp_path: Path) -> None:
+    """The environment maps are the declarations' `env`; each variable must really fill its key."""
+    for name in ("ca.pem", "cert.pem", "key.pem", "token"):
+        (tmp_path / name).write_text("x\n")
+    samples = {
+        "CONSUL_HTTP_ADDR": ("address", "http://127.0.0.1:9500"),
+        "CONSUL_HTTP_TOKEN": ("token", "tok"),
+        "CONSUL_HTTP_TOKEN_FILE": ("token", "x"),  # the file's content becomes the token
+        "CONSUL_NAMESPACE": ("namespace", "team-a"),
+        "CONSUL_PARTITION": ("partition", "edge"),
+        "CONSUL_CACERT": ("ca_file", str(tmp_path / "ca.pem")),
+        "CONSUL_CAPATH": ("ca_path", str(tmp_path)),
+        "CONSUL_CLIENT_CERT": ("cert_file", str(tmp_path / "cert.pem")),
+        "CONSUL_CLIENT_KEY": ("key_file", str(tmp_path / "key.pem")),
+        "CONSUL_TLS_SERVER_NAME": ("tls_server_name", "consul.test"),
+        "CONSUL_HTTP_SSL_VERIFY": ("verify", False),
+        "ETCDCTL_ENDPOINTS": ("endpoints", ("http://127.0.0.1:9379", "http://127.0.0.2:9379")),
+        "ETCDCTL_CACERT": ("ca_file", str(tmp_path / "ca.pem")),
+        "ETCDCTL_CERT": ("cert_file", str(tmp_path / "cert.pem")),
+        "ETCDCTL_KEY": ("key_file", str(tmp_path / "key.pem")),
+        "ETCDCTL_USER": ("username", "root"),
+    }
+    raw = {
+        "CONSUL_HTTP_TOKEN_FILE": str(tmp_path / "token"),
+        "CONSUL_HTTP_SSL_VERIFY": "0",
+        "ETCDCTL_ENDPOINTS": "http://127.0.0.1:9379, http://127.0.0.2:9379",
+        "ETCDCTL_USER": "root:secret",
+    }
+    assert set(samples) == set(CONSUL_ENVIRONMENT.values()) | set(ETCD_ENVIRONMENT.values())
+    for variable, (key, expected) in samples.items():
+        env = {variable: raw.get(variable, str(expected))}
+        if variable == "CONSUL_CLIENT_KEY":  # a key needs its certificate
+            env["CONSUL_CLIENT_CERT"] = str(tmp_path / "cert.pem")
+        table = "etcd" if variable.startswith("ETCDCTL_") else "consul"
+        config = parse(("[etcd]\n" if table == "etcd" else "") + MINIMAL, env)
+        assert getattr(config.etcd if table == "etcd" else config.consul, key) == expected, variable
+
+
+def test_secrets_stay_out_of_reprs(tmp_path: Path) -> None:
+    consul = parse('[consul]\ntoken = "consul-SECRET-1"\n' + MINIMAL)
+    etcd = parse('[etcd]\nusername = "root"\npassword = "etcd-SECRET-2"\n' + MINIMAL)
+    assert consul.consul.token == "consul-SECRET-1" and etcd.etcd is not None and etcd.etcd.password == "etcd-SECRET-2"
+    for config in (consul, etcd):
+        assert "SECRET" not in repr(config) and "SECRET" not in str(config)
+    assert "root" in repr(etcd)  # the rest is still shown
+    secret = {(t, s.key) for t, settings in SETTINGS.items() for s in settings if s.declaration.secret}
+    assert secret == {("consul", "token"), ("etcd", "password")}

@@ -642,8 +642,8 @@ class TestStatusPage:
 # --- the architecture: imports run one way, down ------------------------------------------------
 
 LAYERS = {
-    "errors": 0, "durations": 0, "builtin": 0, "model": 0, "wire": 0, "retry": 0, "timer": 0,
-    "config": 1, "registry": 2, "watch": 3, "render": 3, "apply": 4, "pipeline": 5, "daemon": 6,
+    "errors": 0, "durations": 0, "builtin": 0, "model": 0, "wire": 0, "retry": 0, "timer": 0, "settings": 0,
+    "config": 1, "config_doc": 1, "registry": 2, "watch": 3, "render": 3, "apply": 4, "pipeline": 5, "daemon": 6,
 }  # fmt: skip
 
 
