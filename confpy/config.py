@@ -87,6 +87,13 @@ def _duration(value: object, label: str) -> float:
     return seconds
 
 
+def _positive_duration(value: object, label: str) -> float:
+    seconds = _duration(value, label)
+    if seconds <= 0:
+        raise ConfigError(f'{label}: must be a positive duration, e.g. "1s" or "1m"')
+    return seconds
+
+
 def _command(value: object, label: str) -> tuple[str, ...]:
     text = _str(value, label)
     try:
@@ -576,6 +583,19 @@ class LogConfig:
     )
 
 
+@config_table
+class SyncConfig:
+    """How a sync that failed is retried."""
+
+    max_backoff: float = setting(
+        parse=_positive_duration,
+        default="1m",
+        doc="a sync that failed (disk full, destination read-only, `nginx -t` refusing) is retried, re-rendered "
+        "from the current data, after 1 s, doubling (with jitter) up to this; a registry change or SIGHUP retries "
+        "at once",
+    )
+
+
 # Every table of the file, by name, in the order the documentation and `confpy init` show them.
 TABLES: dict[str, type] = {
     "consul": ConsulConfig,
@@ -584,6 +604,7 @@ TABLES: dict[str, type] = {
     "wait": WaitConfig,
     "template": TemplateConfig,
     "state": StateConfig,
+    "sync": SyncConfig,
     "log": LogConfig,
     "status": StatusConfig,
 }
@@ -605,6 +626,7 @@ class Config:
     state: StateConfig = field(default_factory=StateConfig)
     status: StatusConfig = field(default_factory=StatusConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     etcd: EtcdConfig | None = None  # set: etcd is the registry instead of Consul
     # The environment as read with the file (at start-up, again on SIGHUP): templates' env().
     environ: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -955,6 +977,7 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
 
     status = StatusConfig(**_parse_table(where, "status", data.get("status", {}), "status", problems))
     log_config = LogConfig(**_parse_table(where, "log", data.get("log", {}), "log", problems))
+    sync = SyncConfig(**_parse_table(where, "sync", data.get("sync", {}), "sync", problems))
     problems.raise_if_any()
     return Config(
         path=path,
@@ -965,6 +988,7 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
         state=StateConfig(state_dir),
         status=status,
         log=log_config,
+        sync=sync,
         etcd=etcd,
         environ=dict(environ),
     )

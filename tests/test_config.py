@@ -28,6 +28,7 @@ def test_defaults_follow_the_contract() -> None:
     config = parse(MINIMAL)
     assert config.consul.address == "http://127.0.0.1:8500"
     assert config.consul.wait == 60.0
+    assert config.sync.max_backoff == 60.0
     assert config.consul.max_backoff == 60.0
     assert config.nginx.pid_file == Path("/run/nginx.pid")
     assert config.nginx.check_cmd == ("nginx", "-t")
@@ -161,6 +162,9 @@ def test_environment_fills_address_and_token_but_the_file_wins() -> None:
         ('[consul]\ntokn = "/x"\n' + MINIMAL, "[consul] tokn: unknown key; did you mean 'token'?"),
         ('[status]\nlisten = "9118"\n' + MINIMAL, "[status] listen: '9118' is not HOST:PORT"),
         ('[consul]\naddress = "ftp://x"\n' + MINIMAL, "is not http(s)://HOST:PORT"),
+        ('[sync]\nmax_backoff = "0s"\n' + MINIMAL, "[sync] max_backoff: must be a positive duration"),
+        ('[sync]\nmax_backoff = "soon"\n' + MINIMAL, "[sync] max_backoff: invalid duration 'soon'"),
+        ('[sync]\nmax_bakoff = "1m"\n' + MINIMAL, "[sync] max_bakoff: unknown key; did you mean 'max_backoff'?"),
     ],
 )
 def test_bad_config_is_one_clear_line(text: str, expected: str) -> None:

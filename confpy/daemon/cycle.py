@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 TEMPLATE_SUFFIXES = (".j2", ".jinja", ".tmpl")
 NGINX_START_SETTLE = 1.0  # seconds: see SyncEngine.recheck_reload
 SYNC_RETRY_INITIAL = 1.0
-SYNC_MAX_BACKOFF = 60.0
 
 
 @dataclass
@@ -100,7 +99,7 @@ class Cycles:
         self.retry = SyncRetry(
             self.resync,
             self.recheck_reload,
-            RetryPolicy(SYNC_RETRY_INITIAL, SYNC_MAX_BACKOFF),
+            RetryPolicy(SYNC_RETRY_INITIAL, config.sync.max_backoff),
             RetryPolicy(SYNC_RETRY_INITIAL, RELOAD_RECHECK_INTERVAL),
         )
 
