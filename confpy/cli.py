@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-ca", default="", help="require client certificates signed by this CA (Consul's verify_incoming)"
     )
 
-    from confpy import admin
+    from confpy.admin import command as admin
 
     admin.add_parser(sub)
 
@@ -271,7 +271,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             tls = tls_context(args.tls_cert, args.tls_key, args.tls_ca)
             return serve(args.http_addr, args.node, args.shuffle, args.enable_script_checks, tls)
         if args.command == "upstream":
-            from confpy import admin
+            from confpy.admin import command as admin
 
             return admin.run(args, environ)
         if args.command == "demo":
