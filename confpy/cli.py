@@ -266,7 +266,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             sys.stdout.write(example_config(live=args.live))
             return EXIT_OK
         if args.command == "dev-consul":
-            from confpy.devconsul.server import serve, tls_context
+            from confpy.dev.devconsul.server import serve, tls_context
 
             tls = tls_context(args.tls_cert, args.tls_key, args.tls_ca)
             return serve(args.http_addr, args.node, args.shuffle, args.enable_script_checks, tls)
@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
             return admin.run(args, environ)
         if args.command == "demo":
-            from confpy.demo import run_demo
+            from confpy.dev.demo import run_demo
 
             return run_demo(keep_running=args.keep_running, registry=args.registry)
         return run_main_job(args, environ)

@@ -551,7 +551,7 @@ class TestFilterExpressions:
     }
 
     def holds(self, expression: str) -> bool:
-        from confpy.devconsul.bexpr import compile_filter
+        from confpy.dev.devconsul.bexpr import compile_filter
 
         return compile_filter(expression, self.ENTRY)(self.ENTRY)
 
@@ -566,7 +566,7 @@ class TestFilterExpressions:
         assert self.holds('not (Node.Node == "n2") and (Service.Port == 1 or Service.Port == 8081)')
 
     def test_bad_expressions_are_refused_with_consuls_words(self) -> None:
-        from confpy.devconsul.bexpr import FilterError, compile_filter
+        from confpy.dev.devconsul.bexpr import FilterError, compile_filter
 
         for expression, words in (
             ("Service.Nope == 1", 'Selector "Service.Nope" is not valid'),
