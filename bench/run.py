@@ -36,7 +36,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from confpy.lab import (  # noqa: E402
+from confpy.dev.lab import (  # noqa: E402
     ConfpyProcess,
     ConsulAPI,
     DevConsulProcess,

@@ -14,7 +14,7 @@ import socket
 import pytest
 import requests
 
-from confpy.lab import DevConsulProcess
+from confpy.dev.lab import DevConsulProcess
 
 ConsulInstance = collections.namedtuple("ConsulInstance", ["container", "port", "version"])
 

@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-ca", default="", help="require client certificates signed by this CA (Consul's verify_incoming)"
     )
 
-    from confpy import admin
+    from confpy.admin import command as admin
 
     admin.add_parser(sub)
 
@@ -266,16 +266,16 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             sys.stdout.write(example_config(live=args.live))
             return EXIT_OK
         if args.command == "dev-consul":
-            from confpy.devconsul.server import serve, tls_context
+            from confpy.dev.devconsul.server import serve, tls_context
 
             tls = tls_context(args.tls_cert, args.tls_key, args.tls_ca)
             return serve(args.http_addr, args.node, args.shuffle, args.enable_script_checks, tls)
         if args.command == "upstream":
-            from confpy import admin
+            from confpy.admin import command as admin
 
             return admin.run(args, environ)
         if args.command == "demo":
-            from confpy.demo import run_demo
+            from confpy.dev.demo import run_demo
 
             return run_demo(keep_running=args.keep_running, registry=args.registry)
         return run_main_job(args, environ)

@@ -20,7 +20,15 @@ from confpy.apply.files import StateStore
 from confpy.apply.installer import Installer
 from confpy.apply.nginx import NginxChecker, NginxReloader
 from confpy.config import NginxConfig, TemplateConfig
-from confpy.lab import BackendServer, ConfpyProcess, ConsulAPI, DevConsulProcess, NginxInstance, free_port, write_config
+from confpy.dev.lab import (
+    BackendServer,
+    ConfpyProcess,
+    ConsulAPI,
+    DevConsulProcess,
+    NginxInstance,
+    free_port,
+    write_config,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_TEMPLATE = ROOT / "templates" / "nginx-upstreams.conf.j2"

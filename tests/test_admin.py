@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from confpy.lab import BackendServer, NginxInstance, wait_until
+from confpy.dev.lab import BackendServer, NginxInstance, wait_until
 
 from .conftest import ConsulUnderTest, run_confpy
 

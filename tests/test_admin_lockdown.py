@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from confpy.lab import (
+from confpy.dev.lab import (
     BackendServer,
     ConfpyProcess,
     NginxInstance,

@@ -18,7 +18,7 @@ from confpy.apply import nginx as nginx_module
 from confpy.apply.installer import Change
 from confpy.apply.nginx import NginxReloader, ReloadOutcome
 from confpy.config import NginxConfig
-from confpy.lab import wait_until
+from confpy.dev.lab import wait_until
 
 from .conftest import installer_for
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from confpy.config import CONSUL_ENVIRONMENT, ConsulConfig, consul_from_env
+from confpy.dev.lab import BackendServer, ConsulAPI, DevConsulProcess, LabPKI, NginxInstance, write_config
 from confpy.errors import ConfigError
-from confpy.lab import BackendServer, ConsulAPI, DevConsulProcess, LabPKI, NginxInstance, write_config
 
 from .conftest import SHIPPED_TEMPLATE, run_confpy
 

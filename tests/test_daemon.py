@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from confpy.lab import (
+from confpy.dev.lab import (
     BackendServer,
     ConfpyProcess,
     ConsulAPI,

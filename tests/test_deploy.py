@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from confpy.config import load_config
-from confpy.lab import BackendServer, ConfpyProcess, NginxInstance, free_port, wait_until, write_config
+from confpy.dev.lab import BackendServer, ConfpyProcess, NginxInstance, free_port, wait_until, write_config
 
 from .conftest import SHIPPED_TEMPLATE, ConsulUnderTest, http_get, register_backends, run_confpy
 
@@ -218,7 +218,7 @@ def test_json_logs_have_stable_keys(
 def test_health_clears_a_consul_error_as_soon_as_consul_answers_again_and_metrics_are_conventional(
     nginx: NginxInstance, backends: list[BackendServer], tmp_path: Path
 ) -> None:
-    from confpy.lab import ConsulAPI, DevConsulProcess
+    from confpy.dev.lab import ConsulAPI, DevConsulProcess
 
     dev = DevConsulProcess().start()
     status_port = free_port()

@@ -19,10 +19,10 @@ import consul as pyconsul
 import pytest
 from consul.check import Check
 
-from confpy.devconsul.register import RegisterError, decode_service
-from confpy.devconsul.server import DevConsulServer, Handler
-from confpy.devconsul.state import CRITICAL, WRITER_ANSWERS, AgentState, Read
-from confpy.lab import BackendServer, ConsulAPI, DevConsulProcess, wait_until
+from confpy.dev.devconsul.register import RegisterError, decode_service
+from confpy.dev.devconsul.server import DevConsulServer, Handler
+from confpy.dev.devconsul.state import CRITICAL, WRITER_ANSWERS, AgentState, Read
+from confpy.dev.lab import BackendServer, ConsulAPI, DevConsulProcess, wait_until
 
 from .conftest import ConsulUnderTest, dev_consul_only
 

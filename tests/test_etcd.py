@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from confpy.lab import (
+from confpy.dev.lab import (
     BackendServer,
     ConfpyProcess,
     EtcdCluster,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from confpy.lab import BackendServer, NginxInstance, admin_token, free_port, lua_available, wait_until, write_config
+from confpy.dev.lab import BackendServer, NginxInstance, admin_token, free_port, lua_available, wait_until, write_config
 
 from .conftest import ROOT, ConsulUnderTest, run_confpy
 
@@ -185,7 +185,7 @@ def test_backup_members_only_when_every_primary_is_unavailable(consul: ConsulUnd
 def test_paused_members_show_on_status_metrics_and_upstream_list(
     consul: ConsulUnderTest, servers: list[BackendServer], tmp_path: Path
 ) -> None:
-    from confpy.lab import ConfpyProcess
+    from confpy.dev.lab import ConfpyProcess
 
     from .conftest import http_get
 

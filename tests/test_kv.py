@@ -6,7 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from confpy.lab import BackendServer, ConfpyProcess, NginxInstance, free_port, wait_until, write_config
+from confpy.dev.lab import BackendServer, ConfpyProcess, NginxInstance, free_port, wait_until, write_config
 
 from .conftest import SHIPPED_TEMPLATE, ConsulUnderTest, http_get, register_backends, run_confpy
 

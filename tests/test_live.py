@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from confpy.lab import ConfpyProcess, NginxInstance, admin_token, free_port, lua_available, wait_until, write_config
+from confpy.dev.lab import ConfpyProcess, NginxInstance, admin_token, free_port, lua_available, wait_until, write_config
 
 from .conftest import ROOT, ConsulUnderTest
 

@@ -6,7 +6,7 @@ import asyncio
 import os
 from pathlib import Path
 
-from confpy.lab import BackendServer, ConsulAPI, NginxInstance, wait_until, write_config
+from confpy.dev.lab import BackendServer, ConsulAPI, NginxInstance, wait_until, write_config
 from confpy.model import HealthView
 
 from .conftest import SHIPPED_TEMPLATE, ConsulUnderTest, register_backends, run_confpy

@@ -25,8 +25,8 @@ from confpy.apply import files
 from confpy.apply import installer as installer_module
 from confpy.apply.installer import Change, Installer
 from confpy.config import TemplateConfig, load_config
+from confpy.dev.lab import BackendServer, ConfpyProcess, NginxInstance, wait_until, write_config
 from confpy.errors import CheckError, InstallError, RenderError
-from confpy.lab import BackendServer, ConfpyProcess, NginxInstance, wait_until, write_config
 from confpy.model import Memory, health_view_from_entries, without_unresolvable
 from confpy.pipeline import SyncEngine
 from confpy.registry.base import CatalogServices, KVTree, ServiceHealth

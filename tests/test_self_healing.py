@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from confpy.lab import BackendServer, ConfpyProcess, NginxInstance, free_port, wait_until, write_config
+from confpy.dev.lab import BackendServer, ConfpyProcess, NginxInstance, free_port, wait_until, write_config
 
 from .conftest import SHIPPED_TEMPLATE, ConsulUnderTest, http_get, register_backends
 from .test_daemon import settles, start_daemon

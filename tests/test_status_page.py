@@ -16,7 +16,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
-from confpy.lab import BackendServer, ConfpyProcess, NginxInstance, free_port, wait_until, write_config
+from confpy.dev.lab import BackendServer, ConfpyProcess, NginxInstance, free_port, wait_until, write_config
 
 from .conftest import SHIPPED_TEMPLATE, ConsulUnderTest, register_backends
 

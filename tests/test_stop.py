@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from confpy.lab import (
+from confpy.dev.lab import (
     BackendServer,
     ConfpyProcess,
     ConsulAPI,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from confpy.lab import BackendServer, ConfpyProcess, NginxInstance, wait_until
+from confpy.dev.lab import BackendServer, ConfpyProcess, NginxInstance, wait_until
 
 from .conftest import ROOT, ConsulUnderTest, register_backends
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from confpy.lab import BackendServer, NginxInstance, free_port, lua_available, wait_until
+from confpy.dev.lab import BackendServer, NginxInstance, free_port, lua_available, wait_until
 
 from .conftest import ROOT, ConsulUnderTest, register_backends
 

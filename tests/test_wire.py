@@ -9,7 +9,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 
 import pytest
 
-from confpy.lab import free_port
+from confpy.dev.lab import free_port
 from confpy.wire.client import HTTPClient, TransportError, _Answer
 from confpy.wire.server import HTTPServer, Reply, Request
 

@@ -7,132 +7,21 @@ maintenance on the Consul agent, and the running confpy carries the change into 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import re
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confpy.config import ConsulConfig, EtcdConfig, consul_from_env, load_config, split_host_port
+from confpy.admin.common import NGINX_TAG, AdminContext, Endpoint, parse_endpoint, parse_meta
 from confpy.errors import ConfigError, ConfpyError
-from confpy.model import format_endpoint, normalize_address
+from confpy.model import format_endpoint
 from confpy.registry.consul import ConsulClient
 from confpy.render.naming import upstream_name_for
 
-NGINX_TAG = "nginx"
 _UPSTREAM_BLOCK = re.compile(r"upstream\s+(\S+)\s*\{(.*?)\}", re.S)
 _SERVER_LINE = re.compile(r"^\s*server\s+(\S+?)[\s;]", re.M)
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """A validated HOST:PORT given on the command line."""
-
-    host: str
-    port: int
-
-    @property
-    def text(self) -> str:
-        return format_endpoint(self.host, self.port)
-
-
-def parse_endpoint(text: str) -> Endpoint:
-    """Parse HOST:PORT (`[v6]:port` for IPv6); ConfigError (exit 2) says what is wrong."""
-    try:
-        host, port = split_host_port(text)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    if port == 0:
-        raise ConfigError(f"{text!r}: port 0 is not a number from 1 to 65535")
-    try:
-        address = normalize_address(host)
-    except ValueError as exc:
-        raise ConfigError(f"{text!r}: {exc}") from None
-    return Endpoint(address, port)
-
-
-def _meta(items: list[str]) -> dict[str, str]:
-    meta = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--meta {item!r}: write it as KEY=VALUE")
-        meta[key] = value
-    return meta
-
-
-def add_parser(sub: Any) -> None:
-    """Attach `upstream ...` to the main parser's subcommands."""
-    upstream = sub.add_parser("upstream", help="list, add, delete or drain upstream members (via Consul)")
-    cmds = upstream.add_subparsers(dest="upstream_command", metavar="ACTION", required=True)
-
-    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument(
-            "-c", "--config", metavar="FILE", default=argparse.SUPPRESS, help="confpy configuration ([consul] settings)"
-        )
-        return p
-
-    lst = with_config(cmds.add_parser("list", help="services, their instances, health, and whether nginx has them"))
-    lst.add_argument("service", nargs="?", help="only this service")
-    lst.add_argument("--json", action="store_true", help="machine-readable output")
-
-    add = with_config(cmds.add_parser("add", help="register an instance (tagged nginx) with the Consul agent"))
-    add.add_argument("service")
-    add.add_argument("endpoint", metavar="HOST:PORT")
-    add.add_argument("--id", help="service ID (default: SERVICE-HOST-PORT)")
-    add.add_argument("--weight", type=int, default=1, help="nginx weight (default 1)")
-    add.add_argument("--tag", action="append", default=[], help="extra tag (repeatable); `nginx` is always added")
-    add.add_argument("--meta", action="append", default=[], help="KEY=VALUE service meta (repeatable)")
-    add.add_argument("--check", choices=["tcp", "http", "none"], default="tcp", help="health check (default tcp)")
-    add.add_argument("--check-path", default="/health", help="path of the HTTP check (default /health)")
-    add.add_argument("--check-interval", default="1s", help="check interval (default 1s)")
-    add.add_argument("--check-timeout", default="1s", help="check timeout (default 1s)")
-    add.add_argument(
-        "--ttl", type=int, default=0, help="etcd: register under a lease of this many seconds, kept alive until Ctrl-C"
-    )
-
-    for name, text in (
-        ("del", "deregister an instance"),
-        ("drain", "put an instance in maintenance"),
-        ("undrain", "end maintenance"),
-    ):
-        p = with_config(cmds.add_parser(name, help=text))
-        p.add_argument("service")
-        p.add_argument("endpoint", metavar="HOST:PORT")
-        if name == "del":
-            p.add_argument("--force", action="store_true", help="remove even the last passing instance")
-        if name == "drain":
-            p.add_argument("--reason", default="drained with confpy upstream drain", help="maintenance reason")
-            p.add_argument("--force", action="store_true", help="drain even the last passing instance")
-
-
-@dataclass(frozen=True)
-class AdminContext:
-    """What the commands know: Consul's settings, and where nginx's members can be seen."""
-
-    consul: ConsulConfig
-    etcd: EtcdConfig | None = None
-    destinations: tuple[Path, ...] = ()
-    live_listen: str | None = None
-    live_token_file: Path | None = None
-
-
-def _context(args: argparse.Namespace, environ: Mapping[str, str]) -> AdminContext:
-    path_text = getattr(args, "config", None) or environ.get("CONFPY_CONFIG")
-    if path_text:
-        config = load_config(Path(path_text), environ)
-        live = config.nginx.live_listen if config.nginx.mode == "live" else None
-        return AdminContext(
-            config.consul,
-            config.etcd,
-            tuple(t.destination for t in config.templates),
-            live,
-            config.nginx.live_token_file,
-        )
-    return AdminContext(consul_from_env(environ))
 
 
 @dataclass(frozen=True)
@@ -310,7 +199,7 @@ async def cmd_add(client: ConsulClient, args: argparse.Namespace) -> int:
         "Address": endpoint.host,
         "Port": endpoint.port,
         "Tags": tags,
-        "Meta": _meta(args.meta),
+        "Meta": parse_meta(args.meta),
         "Weights": {"Passing": args.weight, "Warning": 1},
     }
     if args.check == "tcp":
@@ -387,7 +276,9 @@ async def cmd_maintenance(client: ConsulClient, args: argparse.Namespace, enable
     return 0
 
 
-async def _dispatch(client: ConsulClient, args: argparse.Namespace, context: AdminContext) -> int:
+async def dispatch(context: AdminContext, args: argparse.Namespace) -> int:
+    """Run one `confpy upstream ...` command against the Consul agent of `context`."""
+    client = ConsulClient(context.consul)
     command = args.upstream_command
     try:
         if command == "list":
@@ -399,16 +290,3 @@ async def _dispatch(client: ConsulClient, args: argparse.Namespace, context: Adm
         return await cmd_maintenance(client, args, enable=command == "drain")
     finally:
         await client.close()
-
-
-def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    """Run one `confpy upstream ...` command."""
-    context = _context(args, environ)
-    if context.etcd is not None:
-        from confpy import admin_etcd
-
-        try:
-            return asyncio.run(admin_etcd.dispatch(context.etcd, args))
-        except KeyboardInterrupt:
-            return 0  # `add --ttl` ends here: the lease is no longer kept alive and expires
-    return asyncio.run(_dispatch(ConsulClient(context.consul), args, context))

@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from confpy.devconsul.state import CRITICAL, PASSING, WARNING, AgentState, CheckEntry
+from confpy.dev.devconsul.state import CRITICAL, PASSING, WARNING, AgentState, CheckEntry
 
 MIN_INTERVAL = 1.0
 DEFAULT_TIMEOUT = 10.0

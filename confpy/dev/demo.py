@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from confpy.lab import (
+from confpy.builtin import template_path
+from confpy.dev.lab import (
     BackendServer,
     ConfpyProcess,
     DevConsulProcess,
@@ -29,15 +30,6 @@ from confpy.lab import (
 
 STEP_TIMEOUT = 20.0
 ROUND = 6
-
-
-def _template() -> Path:
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "templates", Path(sys.prefix) / "share" / "confpy" / "templates"):
-        path = candidate / "nginx-upstreams.conf.j2"
-        if path.exists():
-            return path
-    raise FileNotFoundError("the shipped template nginx-upstreams.conf.j2 was not found")
 
 
 class Demo:
@@ -99,7 +91,7 @@ class Demo:
             self.workdir / "confpy.toml",
             self.consul.url,
             self.nginx,
-            _template(),
+            template_path("nginx-upstreams.conf.j2"),
             wait_min="50ms",
             wait_max="1s",
             status=f"127.0.0.1:{self.status_port}",

@@ -13,7 +13,7 @@ import asyncio
 import json
 from typing import Any
 
-from confpy.admin import NGINX_TAG, _meta, parse_endpoint
+from confpy.admin.common import NGINX_TAG, parse_endpoint, parse_meta
 from confpy.config import EtcdConfig
 from confpy.errors import ConfigError, ConfpyError
 from confpy.registry.etcd import EtcdClient, instance_entry
@@ -56,7 +56,7 @@ async def cmd_add(client: EtcdClient, config: EtcdConfig, args: argparse.Namespa
     tags = [NGINX_TAG] + [t for t in args.tag if t != NGINX_TAG]
     metadata: dict[str, Any] = {"weight": args.weight, "tags": tags}
     if args.meta:
-        metadata["meta"] = _meta(args.meta)
+        metadata["meta"] = parse_meta(args.meta)
     key = f"{config.prefix}{args.service}/{endpoint.text}"
     value = json.dumps({"Addr": endpoint.text, "Metadata": metadata})
     lease = await client.grant(args.ttl) if args.ttl else ""
@@ -90,6 +90,7 @@ async def cmd_del(client: EtcdClient, config: EtcdConfig, args: argparse.Namespa
 
 
 async def dispatch(config: EtcdConfig, args: argparse.Namespace) -> int:
+    """Run one `confpy upstream ...` command against the etcd cluster of `config`."""
     client = EtcdClient(config)
     try:
         if args.upstream_command == "list":

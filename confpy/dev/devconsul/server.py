@@ -23,16 +23,16 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 from confpy.config import split_host_port
-from confpy.devconsul.bexpr import FilterError, compile_filter
-from confpy.devconsul.checks import CheckRunner
-from confpy.devconsul.register import (
+from confpy.dev.devconsul.bexpr import FilterError, compile_filter
+from confpy.dev.devconsul.checks import CheckRunner
+from confpy.dev.devconsul.register import (
     VALID_STATUSES,
     RegisterError,
     decode_agent_check,
     decode_catalog_register,
     decode_service,
 )
-from confpy.devconsul.state import (
+from confpy.dev.devconsul.state import (
     ALL_VIEW,
     CRITICAL,
     DEFAULT_WAIT,
@@ -668,7 +668,7 @@ class Handler(BaseHTTPRequestHandler):
         lines: queue.Queue[str] = queue.Queue(maxsize=512)
         handler = _QueueHandler(lines)
         handler.setLevel(logging.DEBUG if level in ("trace", "debug") else getattr(logging, level.upper()))
-        logging.getLogger("confpy.devconsul").addHandler(handler)
+        logging.getLogger("confpy.dev.devconsul").addHandler(handler)
         try:
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; charset=utf-8")
@@ -689,7 +689,7 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             pass  # the client went away mid-write
         finally:
-            logging.getLogger("confpy.devconsul").removeHandler(handler)
+            logging.getLogger("confpy.dev.devconsul").removeHandler(handler)
             self.close_connection = True
 
     def deregister(self, state: AgentState, sid: str, query: Query) -> None:
