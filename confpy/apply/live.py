@@ -28,6 +28,7 @@ from confpy.apply.nginx import NginxReloader
 from confpy.config import Config, split_host_port
 from confpy.errors import ConfpyError
 from confpy.model import ServiceInstance, format_endpoint, nginx_time_seconds
+from confpy.registry.view import registry_view
 from confpy.render.environment import RenderResult
 from confpy.render.functions import UpstreamSettings
 from confpy.wire.client import HTTPClient, TransportError
@@ -328,6 +329,7 @@ class LiveSupervisor:
         self, config: Config, state: StateStore, reloader: NginxReloader, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.config = config
+        self.registry = registry_view(config)  # retries back off as far as the registry's max_backoff
         self.state = state
         self.reloader = reloader
         self.clock = clock
@@ -441,7 +443,7 @@ class LiveSupervisor:
             log.error("live push failed, nginx keeps its current members; retrying with backoff: %s", exc)
         self.error = str(exc)
         self.retry_at = self.clock() + self.backoff
-        self.backoff = min(self.backoff * 2, self.config.consul.max_backoff)
+        self.backoff = min(self.backoff * 2, self.registry.max_backoff)
 
     async def push_or_schedule(self, reason: str = "") -> list[str]:
         """Push now; on failure, remember the error and schedule a retry (never raises)."""
@@ -492,9 +494,10 @@ class LiveSupervisor:
         for name, members in unavailable.items():
             for member in sorted(set(members) - set(self.unavailable.get(name, {}))):
                 log.warning(
-                    "nginx paused %s of upstream %s after failed requests (passive health); Consul still says passing",
+                    "nginx paused %s of upstream %s after failed requests (passive health); %s still says passing",
                     member,
                     name,
+                    self.registry.name,
                 )
         self.unavailable = unavailable
         self.on_unavailable(unavailable)

@@ -34,7 +34,8 @@ from confpy.apply.nginx import ReloadOutcome
 from confpy.config import Config, TemplateConfig, load_config
 from confpy.daemon.metrics import Metrics
 from confpy.daemon.quiescence import Quiescence
-from confpy.daemon.status import StatusServer, StatusSnapshot, TemplateStatus
+from confpy.daemon.snapshot import StatusSnapshot, TemplateStatus
+from confpy.daemon.status import StatusServer
 from confpy.daemon.systemd import SystemdNotifier
 from confpy.daemon.timeline import Timeline
 from confpy.errors import CheckError, ConfigError, ConfpyError, RegistryError, RenderError
@@ -42,6 +43,7 @@ from confpy.model import HealthView, Memory, ServiceInstance, describe_change, m
 from confpy.pipeline import SyncEngine
 from confpy.registry.base import Dependency, Registry, ServiceHealth
 from confpy.registry.factory import open_registry
+from confpy.registry.view import registry_view
 from confpy.render.environment import DataSource, RenderResult
 from confpy.watch.watcher import FirstFetches, RegistryHealth, Sleep, Watcher, WatchSettings
 from confpy.watch.watchset import WatchSet
@@ -172,16 +174,22 @@ class Daemon:
             self.engine.live.on_unavailable = self._count_unavailable
             self.engine.live.on_drift = lambda name: self.metrics.live_drift.labels(upstream=name).inc()
         self.registry = self.registry_factory(config)
+        self.registry_view = registry_view(config)
+        self.metrics.follow(self.registry_view.kind)
         self.timeline = Timeline(self.wall_clock)
         self.consul_was_down = False
         self.health = RegistryHealth(
             self.wall_clock,
             on_change=self._registry_changed,
-            on_request=self.metrics.consul_requests.inc,
+            on_request=self.metrics.registry_request,
             on_error=self._registry_error,
-            name=config.registry_name,
+            name=self.registry_view.name,
         )
-        self.settings = WatchSettings(wait=config.registry_wait, max_backoff=config.registry_max_backoff)
+        self.settings = WatchSettings(
+            wait=self.registry_view.wait,
+            max_backoff=self.registry_view.max_backoff,
+            initial_backoff=self.registry_view.initial_backoff,
+        )
         self.data = DataSource()
         self.first_fetches = FirstFetches(FIRST_FETCH_CONCURRENCY)
         self.jitter = random.Random()
@@ -220,8 +228,7 @@ class Daemon:
         self.events.put_nowait(ValueEvent(dep, value, index, self.clock()))
 
     def _registry_error(self, exc: RegistryError) -> None:
-        self.metrics.consul_errors.inc()
-        self.metrics.consul_up.set(0)
+        self.metrics.registry_error()
 
     def _start_observer(self) -> None:
         loop = asyncio.get_running_loop()
@@ -244,7 +251,7 @@ class Daemon:
         await self._locks.enter_async_context(self.engine.locked(t.destination for t in self.config.templates))
         self.memories = self.engine.load_memories()
         self._start_observer()
-        self.notifier.notify("STATUS=waiting for Consul's first answer")
+        self.notifier.notify(f"STATUS=waiting for {self.registry_view.name}'s first answer")
         await self._cycle(list(self.templates.values()), "start-up", {})
 
     def _save_state(self, now: bool = False) -> None:
@@ -276,11 +283,12 @@ class Daemon:
     # --- readiness and status --------------------------------------------------------------
 
     def _registry_changed(self) -> None:
-        """Consul lost or back: the timeline says so (not its first answer), the loop re-evaluates."""
+        """The registry lost or back: the timeline says so (not its first answer), the loop re-evaluates."""
+        kind, name = self.registry_view.kind, self.registry_view.name
         if not self.health.reachable:
-            self.timeline.record("consul_down", f"Consul unreachable: {self.health.last_error}")
+            self.timeline.record(f"{kind}_down", f"{name} unreachable: {self.health.last_error}")
         elif self.consul_was_down:
-            self.timeline.record("consul_up", "Consul answers again")
+            self.timeline.record(f"{kind}_up", f"{name} answers again")
         self.consul_was_down = not self.health.reachable
         self.events.put_nowait(RegistryEvent())
 
@@ -304,7 +312,8 @@ class Daemon:
             dep.describe(): value for dep, value in self.data.snapshot().items() if isinstance(value, HealthView)
         }
         return StatusSnapshot(
-            registry_address=self.config.consul.address,
+            registry_address=self.registry_view.address,
+            registry_kind=self.registry_view.kind,
             registry_reachable=self.health.reachable,
             registry_error=self.health.last_error,
             waiting_for_first_answer=not self.health.answered_once,
@@ -360,13 +369,15 @@ class Daemon:
         self.notifier.notify("READY=1", f"STATUS={status}"[:400])
 
     def _on_registry_event(self) -> None:
-        self.metrics.consul_up.set(1 if self.health.reachable else 0)
+        self.metrics.set_registry_up(self.health.reachable)
         if not self.health.reachable:
-            self._ready(f"waiting for Consul: {self.health.last_error}")
+            self._ready(f"waiting for {self.registry_view.name}: {self.health.last_error}")
             if self.probe is None or self.probe.done():
                 self.probe = asyncio.get_running_loop().create_task(self._probe_registry(), name="registry probe")
         elif not all(t.complete_once for t in self.templates.values()):
-            self.notifier.notify("STATUS=Consul answers; waiting for every dependency's first answer")
+            self.notifier.notify(
+                f"STATUS={self.registry_view.name} answers; waiting for every dependency's first answer"
+            )
 
     # --- events ----------------------------------------------------------------------------
 
@@ -399,7 +410,7 @@ class Daemon:
         dep = event.dep
         if dep not in self.watches:
             return  # a watcher stopped after its last answer
-        self.metrics.consul_up.set(1)
+        self.metrics.set_registry_up(True)
         if isinstance(event.value, HealthView):
             for rejected in event.value.rejected:
                 log.warning("left out of the render: %s", rejected)
