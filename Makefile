@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
 
-.PHONY: all venv nginx browser etcd demo-etcd lua test lint typecheck unit conformance demo bench clean
+.PHONY: all venv nginx browser etcd promtool demo-etcd lua test lint typecheck unit conformance demo bench clean
 
 all: test
 
@@ -41,6 +41,12 @@ ETCD_PACKAGES := etcd-server etcd-client
 etcd:
 	$(call apt_install_missing,$(ETCD_PACKAGES))
 
+# promtool (Debian's prometheus package): the tests check /metrics' exposition format with it,
+# installed only when missing.
+PROMETHEUS_PACKAGES := prometheus
+promtool:
+	$(call apt_install_missing,$(PROMETHEUS_PACKAGES))
+
 # The status page's browser tests: Debian's Chromium and its driver (Selenium is pointed at them,
 # so nothing is downloaded at run time), installed only when missing.
 BROWSER_PACKAGES := chromium chromium-driver
@@ -62,7 +68,7 @@ CONFORMANCE_FLOOR := 55
 conformance: venv
 	PATH="$$PATH:/usr/sbin" $(BIN)/python conformance/run.py --min-pass $(CONFORMANCE_FLOOR)
 
-test: venv nginx browser etcd lint typecheck unit conformance
+test: venv nginx browser etcd promtool lint typecheck unit conformance
 
 demo: venv nginx
 	PATH="$$PATH:/usr/sbin" $(BIN)/confpy demo

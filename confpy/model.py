@@ -8,11 +8,10 @@ produce these values; rendering and applying consume them.
 
 from __future__ import annotations
 
-import base64
 import functools
 import ipaddress
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -141,21 +140,24 @@ class ServiceInstance:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ServiceInstance:
         """Rebuild an instance remembered in a state file; raise ValueError when it is not one."""
-        entry = {
-            "Node": {"Node": data["node"], "Address": ""},
-            "Service": {
-                "Service": data["name"],
-                "ID": data["id"],
-                "Address": data["address"],
-                "Port": data["port"],
-                "Tags": data.get("tags", []),
-                "Meta": {
-                    **dict(data.get("meta", {})),
-                },
-                "Weights": {"Passing": data.get("weight", 1), "Warning": 1},
-            },
-        }
-        return instance_from_health_entry(entry)
+        tags, meta = data.get("tags", []), data.get("meta", {})
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise ValueError("tags is not a list of strings")
+        if not isinstance(meta, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            raise ValueError("meta is not a map of strings")
+        name, sid, node, address = data["name"], data["id"], data["node"], data["address"]
+        if not all(isinstance(text, str) for text in (name, sid, node, address)):
+            raise ValueError("name, id, node or address is not a string")
+        return validated_instance(
+            name=name,
+            id=sid or name,
+            node=node,
+            address=address,
+            port=data["port"],
+            tags=tags,
+            meta=meta,
+            weight=data.get("weight", 1),
+        )
 
     def field_named(self, value: object) -> str | None:
         """Which of this instance's registry fields holds `value` (for error messages)."""
@@ -184,16 +186,7 @@ class RejectedInstance:
         return f"service {self.service!r} instance {self.id!r}: {self.reason}"
 
 
-def _str_field(data: Mapping[str, Any], key: str, default: str = "") -> str:
-    value = data.get(key, default)
-    if value is None:
-        return default
-    if not isinstance(value, str):
-        raise ValueError(f"{key} is {type(value).__name__}, not a string")
-    return value
-
-
-class _Shared:
+class Interner:
     """Reuses equal strings and tuples within one answer (node names, tag lists repeat)."""
 
     def __init__(self) -> None:
@@ -203,56 +196,49 @@ class _Shared:
         return self.values.setdefault(value, value)
 
 
-def instance_from_health_entry(entry: Mapping[str, Any], shared: _Shared | None = None) -> ServiceInstance:
-    """Turn one `/v1/health/service` entry into a validated instance; ValueError says why not."""
-    share = shared or _Shared()
-    node = entry.get("Node") or {}
-    service = entry.get("Service") or {}
-    if not isinstance(node, Mapping) or not isinstance(service, Mapping):
-        raise ValueError("entry has no Node or Service object")
-    name = _str_field(service, "Service")
-    sid = _str_field(service, "ID") or name
-    raw_address = _str_field(service, "Address") or _str_field(node, "Address")
-    if not raw_address:
-        raise ValueError("neither Service.Address nor Node.Address is set")
-    address = normalize_address(raw_address)
-    port = service.get("Port")
+def validated_instance(
+    *,
+    name: str,
+    id: str,
+    node: str,
+    address: str,
+    port: object,
+    tags: Sequence[str],
+    meta: Mapping[str, str],
+    weight: object,
+    intern: Interner | None = None,
+) -> ServiceInstance:
+    """An instance from the fields every registry has, validated as nginx needs them; ValueError says why not.
+
+    The registry clients decode their own wire formats into these fields (tags and meta already
+    strings); what nginx would refuse (an address, a port, a weight, meta max_fails/fail_timeout)
+    is checked here, once, for all of them."""
+    share = intern or Interner()
+    checked_address = normalize_address(address)
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise ValueError(f"port {port!r} is not from 1 to 65535")
-    weights = service.get("Weights") or {}
-    weight = weights.get("Passing", 1) if isinstance(weights, Mapping) else None
     if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
         raise ValueError(f"weight {weight!r} is not a positive integer")
-    raw_tags = service.get("Tags") or []
-    raw_meta = service.get("Meta") or {}
-    if not isinstance(raw_tags, list) or not all(isinstance(t, str) for t in raw_tags):
-        raise ValueError("Tags is not a list of strings")
-    if not isinstance(raw_meta, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in raw_meta.items()
-    ):
-        raise ValueError("Meta is not a map of strings")
-    tags = share(tuple(sorted(raw_tags)))
-    meta = MappingProxyType(dict(sorted(raw_meta.items()))) if raw_meta else EMPTY_META
     max_fails: int | None = None
-    if "max_fails" in raw_meta:
-        text = raw_meta["max_fails"]
+    if "max_fails" in meta:
+        text = meta["max_fails"]
         if not text.isascii() or not text.isdigit() or len(text) > 6:
             raise ValueError(f"meta max_fails {text[:40]!r} is not a non-negative integer")
         max_fails = int(text)
     fail_timeout: str | None = None
-    if "fail_timeout" in raw_meta:
-        text = raw_meta["fail_timeout"]
+    if "fail_timeout" in meta:
+        text = meta["fail_timeout"]
         if not _NGINX_TIME.match(text):
             raise ValueError(f"meta fail_timeout {text[:40]!r} is not an nginx time such as 10s")
         fail_timeout = text
     return ServiceInstance(
         name=share(name),
-        id=sid,
-        node=share(_str_field(node, "Node")),
-        address=share(SafeStr(address)),
+        id=id,
+        node=share(node),
+        address=share(SafeStr(checked_address)),
         port=port,
-        tags=tags,
-        meta=meta,
+        tags=share(tuple(sorted(tags))),
+        meta=MappingProxyType(dict(sorted(meta.items()))) if meta else EMPTY_META,
         weight=weight,
         max_fails=max_fails,
         fail_timeout=fail_timeout,
@@ -283,77 +269,21 @@ class MemberHealth:
 @dataclass(frozen=True)
 class HealthView:
     """The passing instances of one service (sorted), the ones rejected as unusable, and those
-    Consul does not call passing (for the status page; templates never see them)."""
+    the registry does not call passing (for the status page; templates never see them)."""
 
     instances: tuple[ServiceInstance, ...]
     rejected: tuple[RejectedInstance, ...] = ()
     unhealthy: tuple[MemberHealth, ...] = ()
 
-
-_STATUS_RANK = {"passing": 0, "warning": 1, "critical": 2}
-MAINTENANCE_CHECKS = ("_service_maintenance:", "_node_maintenance")
-
-
-def split_passing(entries: Any) -> tuple[Any, tuple[MemberHealth, ...]]:
-    """`/v1/health/service` without `?passing` -> (the entries `?passing` would give, the others).
-
-    As Consul's `?passing`: an entry passes when every check (the node's and the service's) does.
-    """
-    if not isinstance(entries, list):
-        return entries, ()
-    passing, others = [], []
-    for entry in entries:
-        checks = entry.get("Checks") if isinstance(entry, Mapping) else None
-        if not isinstance(checks, list):
-            passing.append(entry)
-            continue
-        worst: Mapping[str, Any] | None = None
-        for check in checks:
-            if isinstance(check, Mapping) and check.get("Status") != "passing":
-                rank = _STATUS_RANK.get(str(check.get("Status")), 2)
-                if worst is None or rank > _STATUS_RANK.get(str(worst.get("Status")), 2):
-                    worst = check
-        if worst is None:
-            passing.append(entry)
-            continue
-        service = entry.get("Service") if isinstance(entry.get("Service"), Mapping) else {}
-        node = entry.get("Node") if isinstance(entry.get("Node"), Mapping) else {}
-        address = str(service.get("Address") or node.get("Address") or "")
-        weights: Mapping[str, Any] = service["Weights"] if isinstance(service.get("Weights"), Mapping) else {}
-        check_id = str(worst.get("CheckID") or "")
-        text = str(worst.get("Output") or worst.get("Notes") or "").strip()
-        others.append(
-            MemberHealth(
-                id=str(service.get("ID") or "?")[:200],
-                node=str(node.get("Node") or "")[:200],
-                endpoint=f"[{address}]:{service.get('Port')}" if ":" in address else f"{address}:{service.get('Port')}",
-                weight=weights.get("Passing", 1) if isinstance(weights.get("Passing", 1), int) else 1,
-                status="maintenance" if check_id.startswith(MAINTENANCE_CHECKS) else str(worst.get("Status")),
-                output=text.splitlines()[0][:300] if text else "",
-            )
-        )
-    return passing, tuple(sorted(others, key=lambda m: (m.node, m.id)))
-
-
-def health_view_from_entries(service_name: str, entries: Any) -> HealthView:
-    """Validate a whole `/v1/health/service` answer; raise ValueError if it is not a list of entries."""
-    if not isinstance(entries, list):
-        raise ValueError(f"expected a JSON list for service {service_name!r}, got {type(entries).__name__}")
-    instances: list[ServiceInstance] = []
-    rejected: list[RejectedInstance] = []
-    shared = _Shared()
-    for entry in entries:
-        if not isinstance(entry, Mapping):
-            rejected.append(RejectedInstance(service_name, "?", "entry is not a JSON object"))
-            continue
-        try:
-            instances.append(instance_from_health_entry(entry, shared))
-        except ValueError as exc:
-            service = entry.get("Service") if isinstance(entry.get("Service"), Mapping) else {}
-            sid = service.get("ID") if isinstance(service, Mapping) else None
-            rejected.append(RejectedInstance(service_name, str(sid)[:80] if sid else "?", str(exc)))
-    instances.sort(key=ServiceInstance.sort_key)
-    return HealthView(tuple(instances), tuple(rejected))
+    @classmethod
+    def of(
+        cls,
+        instances: Iterable[ServiceInstance],
+        rejected: Iterable[RejectedInstance] = (),
+        unhealthy: Iterable[MemberHealth] = (),
+    ) -> HealthView:
+        """A view with its instances in the order templates see them (node, id, address, port)."""
+        return cls(tuple(sorted(instances, key=ServiceInstance.sort_key)), tuple(rejected), tuple(unhealthy))
 
 
 def without_unresolvable(view: HealthView, resolves: Callable[[str], bool]) -> HealthView:
@@ -372,20 +302,6 @@ def without_unresolvable(view: HealthView, resolves: Callable[[str], bool]) -> H
         else:
             kept.append(instance)
     return HealthView(tuple(kept), tuple(rejected), view.unhealthy)
-
-
-def catalog_names(services: Any, tag: str | None) -> tuple[str, ...]:
-    """Sorted service names from `/v1/catalog/services`, without `consul`, carrying `tag` if given."""
-    if not isinstance(services, Mapping):
-        raise ValueError(f"expected a JSON object of services, got {type(services).__name__}")
-    names = []
-    for name, tags in services.items():
-        if name == "consul" or not isinstance(name, str):
-            continue
-        if tag is not None and (not isinstance(tags, list) or tag not in tags):
-            continue
-        names.append(name)
-    return tuple(sorted(names))
 
 
 @dataclass
@@ -448,7 +364,7 @@ def _listed(sign: str, items: Sequence[str]) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class KVPair:
-    """One key of Consul's KV store: `path` is the whole key, `key` the part below the prefix asked
+    """One key of the registry's KV store: `path` is the whole key, `key` the part below the prefix asked
     for (consul-template's `.Key` in `ls`/`tree`), `value` the UTF-8 text."""
 
     key: str
@@ -494,78 +410,3 @@ class ServiceTags:
 
     name: str
     tags: tuple[str, ...]
-
-
-def kv_pairs_from_entries(prefix: str, entries: Any) -> tuple[KVPair, ...]:
-    """`/v1/kv/PREFIX?recurse` -> pairs sorted by key (folder keys ending in `/` left out, as consul-template)."""
-    if entries is None:
-        return ()
-    if not isinstance(entries, list):
-        raise ValueError(f"expected a JSON list of keys, got {type(entries).__name__}")
-    pairs = []
-    for entry in entries:
-        if not isinstance(entry, Mapping) or not isinstance(entry.get("Key"), str):
-            raise ValueError("a KV entry without a Key")
-        path = entry["Key"]
-        if path.endswith("/"):
-            continue
-        raw = entry.get("Value")
-        value = base64.b64decode(raw).decode("utf-8", "replace") if isinstance(raw, str) else ""
-        flags = entry.get("Flags") if isinstance(entry.get("Flags"), int) else 0
-        pairs.append(KVPair(path[len(prefix) :].lstrip("/") if prefix else path, path, value, int(flags or 0)))
-    return tuple(sorted(pairs, key=lambda p: p.path))
-
-
-def _str_map(value: Any) -> dict[str, str]:
-    if not isinstance(value, Mapping):
-        return {}
-    return {str(k): str(v) for k, v in value.items() if isinstance(v, (str, int))}
-
-
-def node_from_json(data: Mapping[str, Any]) -> NodeInfo:
-    if not isinstance(data.get("Node"), str):
-        raise ValueError("a node without a Node name")
-    return NodeInfo(
-        data["Node"],
-        _str_field(data, "Address"),
-        _str_field(data, "Datacenter"),
-        _str_map(data.get("TaggedAddresses")),
-        _str_map(data.get("Meta")),
-    )
-
-
-def nodes_from_json(entries: Any) -> tuple[NodeInfo, ...]:
-    if not isinstance(entries, list):
-        raise ValueError(f"expected a JSON list of nodes, got {type(entries).__name__}")
-    return tuple(sorted((node_from_json(e) for e in entries if isinstance(e, Mapping)), key=lambda n: n.name))
-
-
-def node_services_from_json(data: Any) -> NodeServices | None:
-    """`/v1/catalog/node/NAME`: None for an unknown node (Consul answers `null`)."""
-    if data is None:
-        return None
-    if not isinstance(data, Mapping) or not isinstance(data.get("Node"), Mapping):
-        raise ValueError("expected a JSON object with a Node")
-    raw = data.get("Services") or {}
-    services = []
-    for item in raw.values() if isinstance(raw, Mapping) else []:
-        if not isinstance(item, Mapping):
-            continue
-        port = item.get("Port")
-        services.append(
-            NodeService(
-                _str_field(item, "ID"),
-                _str_field(item, "Service"),
-                tuple(t for t in item.get("Tags") or [] if isinstance(t, str)),
-                _str_field(item, "Address"),
-                port if isinstance(port, int) and not isinstance(port, bool) else 0,
-                _str_map(item.get("Meta")),
-            )
-        )
-    return NodeServices(node_from_json(data["Node"]), tuple(sorted(services, key=lambda s: s.id)))
-
-
-def service_tags_from_catalog(services: Any, tag: str | None) -> tuple[ServiceTags, ...]:
-    """`/v1/catalog/services` with tags, as `catalog_names` but keeping each service's tags."""
-    names = catalog_names(services, tag)
-    return tuple(ServiceTags(name, tuple(sorted(str(t) for t in services[name] or []))) for name in names)

@@ -24,10 +24,11 @@ from confpy.apply.live import LivePushError, read_admin_token
 from confpy.config import WaitConfig, parse_config
 from confpy.daemon.loop import NGINX_START_SETTLE, STATE_SAVE_MAX_DELAY, STATE_SAVE_QUIET, Daemon
 from confpy.daemon.quiescence import Quiescence
-from confpy.daemon.status import StatusSnapshot
+from confpy.daemon.snapshot import StatusSnapshot
 from confpy.errors import ConsulUnreachable, RegistryError
-from confpy.model import HealthView, health_view_from_entries
+from confpy.model import HealthView
 from confpy.registry.base import CatalogServices, Dependency, ServiceHealth
+from confpy.registry.consul_decode import health_view_from_entries
 from confpy.render.datasource import DataSource
 from confpy.watch.watcher import FirstFetches, RegistryHealth, Watcher, WatchSettings, next_index
 from confpy.watch.watchset import WatchSet

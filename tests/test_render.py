@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from confpy.config import TemplateConfig
 from confpy.errors import RenderError, UnsafeValueError
-from confpy.model import KVPair, Memory, health_view_from_entries
+from confpy.model import KVPair, Memory
 from confpy.registry.base import CatalogServices, KVTree, ServiceHealth
+from confpy.registry.consul_decode import health_view_from_entries
 from confpy.render.datasource import CHANGE_LOG, DataSource
 from confpy.render.naming import nginx_quote, upstream_name_for
 from confpy.render.renderer import TemplateRenderer
@@ -122,7 +123,7 @@ def test_instance_fields(tmp_path: Path) -> None:
 def test_services_lists_catalog_without_consul_and_filters_by_tag(tmp_path: Path) -> None:
     data = DataSource()
     data.set(CatalogServices(None), ())
-    from confpy.model import catalog_names
+    from confpy.registry.consul_decode import catalog_names
 
     catalog = {"consul": [], "web": ["nginx"], "api": ["nginx", "v2"], "db": []}
     assert catalog_names(catalog, None) == ("api", "db", "web")

@@ -27,10 +27,11 @@ from confpy.apply.installer import Change, Installer
 from confpy.config import TemplateConfig, load_config
 from confpy.dev.lab import BackendServer, ConfpyProcess, NginxInstance, wait_until, write_config
 from confpy.errors import CheckError, InstallError, RenderError
-from confpy.model import Memory, health_view_from_entries, without_unresolvable
+from confpy.model import Memory, without_unresolvable
 from confpy.pipeline import SyncEngine
 from confpy.registry.base import CatalogServices, KVTree, ServiceHealth
 from confpy.registry.consul import ConsulClient, ConsulRegistry
+from confpy.registry.consul_decode import health_view_from_entries
 from confpy.render.datasource import DataSource
 from confpy.render.renderer import TemplateRenderer
 

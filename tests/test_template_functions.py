@@ -9,7 +9,7 @@ import pytest
 
 from confpy.config import TemplateConfig
 from confpy.errors import RenderError
-from confpy.model import KVPair, Memory, NodeInfo, NodeService, NodeServices, ServiceTags, health_view_from_entries
+from confpy.model import KVPair, Memory, NodeInfo, NodeService, NodeServices, ServiceTags
 from confpy.registry.base import (
     CatalogDatacenters,
     CatalogNode,
@@ -20,6 +20,7 @@ from confpy.registry.base import (
     KVTree,
     ServiceHealth,
 )
+from confpy.registry.consul_decode import health_view_from_entries
 from confpy.render.datasource import DataSource
 from confpy.render.functions import parse_upstream_settings
 from confpy.render.naming import ServiceName, service_dependency

@@ -16,7 +16,7 @@ from typing import Any
 from confpy.admin.common import NGINX_TAG, parse_endpoint, parse_meta
 from confpy.config import EtcdConfig
 from confpy.errors import ConfigError, ConfpyError
-from confpy.registry.etcd import EtcdClient, instance_entry
+from confpy.registry.etcd import EtcdClient, EtcdRegistration
 
 
 async def _members(client: EtcdClient, config: EtcdConfig, service: str) -> list[tuple[str, str]]:
@@ -32,8 +32,8 @@ async def cmd_list(client: EtcdClient, config: EtcdConfig, args: argparse.Namesp
         if not sep or (args.service and name != args.service):
             continue
         try:
-            entry = instance_entry(name, key, value, config.default_tags)["Service"]
-            line = f"  {entry['Address']}:{entry['Port']}  weight {entry['Weights']['Passing']}  tags {','.join(entry['Tags'])}"
+            member = EtcdRegistration.decode(value, config.default_tags)
+            line = f"  {member.host}:{member.port}  weight {member.weight}  tags {','.join(member.tags)}"
         except ValueError as exc:
             line = f"  {rest}  left out: {exc}"
         services.setdefault(name, []).append(line)

@@ -28,6 +28,7 @@ from confpy.apply.nginx import NginxReloader
 from confpy.config import Config, split_host_port
 from confpy.errors import ConfpyError
 from confpy.model import ServiceInstance, format_endpoint, nginx_time_seconds
+from confpy.registry.view import registry_view
 from confpy.render.functions import UpstreamSettings
 from confpy.render.renderer import RenderResult
 from confpy.retry import Backoff, RetryPolicy
@@ -349,6 +350,7 @@ class LiveSupervisor:
         hooks: LiveHooks | None = None,
     ) -> None:
         self.config = config
+        self.registry = registry_view(config)  # retries back off as far as the registry's max_backoff
         self.state = state
         self.reloader = reloader
         self.clock = clock
@@ -359,7 +361,7 @@ class LiveSupervisor:
         self.upstreams = LiveUpstreams()
         self.wanted: dict[str, LiveUpstream] = {}
         self.error = ""
-        self.backoff = Backoff(RetryPolicy(INITIAL_RETRY, config.registry_max_backoff))
+        self.backoff = Backoff(RetryPolicy(INITIAL_RETRY, self.registry.max_backoff))
         self.retry_at: float | None = None
         self.check_at: float | None = None
         self.generation: tuple[int, ...] = ()
@@ -512,9 +514,10 @@ class LiveSupervisor:
         for name, members in unavailable.items():
             for member in sorted(set(members) - set(self.unavailable.get(name, {}))):
                 log.warning(
-                    "nginx paused %s of upstream %s after failed requests (passive health); Consul still says passing",
+                    "nginx paused %s of upstream %s after failed requests (passive health); %s still says passing",
                     member,
                     name,
+                    self.registry.name,
                 )
         self.unavailable = unavailable
         self.on_unavailable(unavailable)

@@ -37,7 +37,8 @@ from confpy.daemon.events import (
 )
 from confpy.daemon.metrics import Metrics
 from confpy.daemon.reporting import build_snapshot
-from confpy.daemon.status import StatusServer, StatusSnapshot
+from confpy.daemon.snapshot import StatusSnapshot
+from confpy.daemon.status import StatusServer
 from confpy.daemon.systemd import SystemdNotifier
 from confpy.daemon.timeline import Timeline
 from confpy.daemon.timers import STATE_SAVE_MAX_DELAY, STATE_SAVE_QUIET, Readiness, WatchdogTimer
@@ -46,6 +47,7 @@ from confpy.model import HealthView
 from confpy.pipeline import SyncEngine
 from confpy.registry.base import Dependency, Registry
 from confpy.registry.factory import open_registry
+from confpy.registry.view import registry_view
 from confpy.render.datasource import DataSource
 from confpy.retry import Backoff
 from confpy.timer import Timer, earliest, run_due
@@ -111,16 +113,22 @@ class Daemon:
         )
         self.engine = SyncEngine(config, hooks)
         self.registry = self.registry_factory(config)
+        self.registry_view = registry_view(config)
+        self.metrics.follow(self.registry_view.kind)
         self.timeline = Timeline(self.wall_clock)
         self.registry_was_down = False
         self.health = RegistryHealth(
             self.wall_clock,
             on_change=self._registry_changed,
-            on_request=self.metrics.consul_requests.inc,
+            on_request=self.metrics.registry_request,
             on_error=self._registry_error,
-            name=config.registry_name,
+            name=self.registry_view.name,
         )
-        self.settings = WatchSettings(wait=config.registry_wait, max_backoff=config.registry_max_backoff)
+        self.settings = WatchSettings(
+            wait=self.registry_view.wait,
+            max_backoff=self.registry_view.max_backoff,
+            initial_backoff=self.registry_view.initial_backoff,
+        )
         self.data = DataSource()
         self.first_fetches = FirstFetches(FIRST_FETCH_CONCURRENCY)
         self.jitter = random.Random()
@@ -173,8 +181,7 @@ class Daemon:
         self.events.put_nowait(ValueEvent(dep, value, index, self.clock()))
 
     def _registry_error(self, exc: RegistryError) -> None:
-        self.metrics.consul_errors.inc()
-        self.metrics.consul_up.set(0)
+        self.metrics.registry_error()
 
     async def _start(self) -> None:
         """Locks, the file observer, then a first render that tells what to watch."""
@@ -182,7 +189,7 @@ class Daemon:
         await self._locks.enter_async_context(self.engine.locked(t.destination for t in self.config.templates))
         self.cycles_.memories = self.engine.load_memories()
         self.observer.start((t.source.parent for t in self.config.templates), self.events)
-        self.notifier.notify(f"STATUS=waiting for {self.config.registry_name}'s first answer")
+        self.notifier.notify(f"STATUS=waiting for {self.registry_view.name}'s first answer")
         await self.cycles_.cycle(list(self.templates.values()), "start-up", {})
 
     def _save_state(self, now: bool = False) -> None:
@@ -208,11 +215,11 @@ class Daemon:
 
     def _registry_changed(self) -> None:
         """The registry lost or back: the timeline says so (not its first answer), the loop re-evaluates."""
-        name = self.config.registry_name
+        kind, name = self.registry_view.kind, self.registry_view.name
         if not self.health.reachable:
-            self.timeline.record("consul_down", f"{name} unreachable: {self.health.last_error}")
+            self.timeline.record(f"{kind}_down", f"{name} unreachable: {self.health.last_error}")
         elif self.registry_was_down:
-            self.timeline.record("consul_up", f"{name} answers again")
+            self.timeline.record(f"{kind}_up", f"{name} answers again")
         self.registry_was_down = not self.health.reachable
         self.events.put_nowait(RegistryEvent())
 
@@ -228,13 +235,13 @@ class Daemon:
         """The immutable status the HTTP side reads (same loop: built when asked, then kept)."""
         if self._snapshot is None:
             self._snapshot = build_snapshot(
-                self.config, self.cycles_, self.engine, self.health, self.timeline, self.clock()
+                self.config, self.registry_view, self.cycles_, self.engine, self.health, self.timeline, self.clock()
             )
         return self._snapshot
 
     def _on_registry_event(self) -> None:
-        name = self.config.registry_name
-        self.metrics.consul_up.set(1 if self.health.reachable else 0)
+        name = self.registry_view.name
+        self.metrics.set_registry_up(self.health.reachable)
         if not self.health.reachable:
             self.readiness.ready(f"waiting for {name}: {self.health.last_error}")
             if self.probe is None or self.probe.done():
@@ -271,7 +278,7 @@ class Daemon:
     def _on_value_event(self, event: ValueEvent) -> None:
         if event.dep not in self.watches:
             return  # a watcher stopped after its last answer
-        self.metrics.consul_up.set(1)
+        self.metrics.set_registry_up(True)
         if isinstance(event.value, HealthView):
             for rejected in event.value.rejected:
                 log.warning("left out of the render: %s", rejected)

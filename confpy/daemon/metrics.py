@@ -1,4 +1,9 @@
-"""Prometheus metrics, one registry per runner (no process-wide globals)."""
+"""Prometheus metrics, one registry per runner (no process-wide globals).
+
+The registry's series are `confpy_registry_*{registry="consul"|"etcd"}`. The `confpy_consul_*`
+series they replace are kept, updated alongside, for dashboards built on them: deprecated, to go
+in the next release (docs/operations.md).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, generate_latest
 
 from confpy import __version__
+from confpy.registry.view import RegistryKind
 
 
 class Metrics:
@@ -33,10 +39,26 @@ class Metrics:
         self.sync_retries = Counter(
             "confpy_sync_retries", "Retries of a sync that failed (re-rendered from the current data)", registry=r
         )
-        self.consul_errors = Counter("confpy_consul_errors", "Failed Consul requests", registry=r)
-        self.consul_requests = Counter(
-            "confpy_consul_requests", "Consul requests made by watchers (blocking queries)", registry=r
+        self.registry_errors = Counter(
+            "confpy_registry_errors", "Failed requests to the registry", ["registry"], registry=r
         )
+        self.registry_requests = Counter(
+            "confpy_registry_requests",
+            "Registry requests made by watchers (blocking queries)",
+            ["registry"],
+            registry=r,
+        )
+        self.registry_up = Gauge(
+            "confpy_registry_up", "1 when the last request to the registry succeeded", ["registry"], registry=r
+        )
+        # Deprecated duplicates of the three above (whichever the registry), for this release only.
+        self.consul_errors = Counter("confpy_consul_errors", "Deprecated: see confpy_registry_errors_total", registry=r)
+        self.consul_requests = Counter(
+            "confpy_consul_requests", "Deprecated: see confpy_registry_requests_total", registry=r
+        )
+        self.consul_up = Gauge("confpy_consul_up", "Deprecated: see confpy_registry_up", registry=r)
+        self.registry_kind: RegistryKind = "consul"
+        self._followed: set[RegistryKind] = set()
         self.live_pushes = Counter(
             "confpy_live_pushes", "Upstream member lists pushed to nginx without a reload", registry=r
         )
@@ -55,7 +77,6 @@ class Metrics:
             ["upstream", "member"],
             registry=r,
         )
-        self.consul_up = Gauge("confpy_consul_up", "1 when the last Consul request succeeded", registry=r)
         self.last_sync = Gauge(
             "confpy_last_successful_sync_timestamp_seconds", "Unix time of the last successful sync", registry=r
         )
@@ -67,7 +88,7 @@ class Metrics:
         )
         self.change_to_reload = Histogram(
             "confpy_change_to_reload_seconds",
-            "Time from a change seen in Consul to nginx reloaded with it",
+            "Time from a change seen in the registry to nginx reloaded with it",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
             registry=r,
         )
@@ -91,6 +112,31 @@ class Metrics:
         for name, member in now:
             self.live_member_unavailable.labels(upstream=name, member=member).set(1)
         self._unavailable_series = now
+
+    def follow(self, kind: RegistryKind) -> None:
+        """The registry the next requests go to: its series exist from now on, at zero (a SIGHUP that
+        changes registries drops the other one's, so no stale `up` stays behind)."""
+        if kind != self.registry_kind and self.registry_kind in self._followed:
+            for series in (self.registry_errors, self.registry_requests, self.registry_up):
+                series.remove(self.registry_kind)
+        self.registry_kind = kind
+        self._followed.add(kind)
+        self.registry_errors.labels(registry=kind)
+        self.registry_requests.labels(registry=kind)
+        self.registry_up.labels(registry=kind)
+
+    def registry_request(self) -> None:
+        self.registry_requests.labels(registry=self.registry_kind).inc()
+        self.consul_requests.inc()
+
+    def registry_error(self) -> None:
+        self.registry_errors.labels(registry=self.registry_kind).inc()
+        self.consul_errors.inc()
+        self.set_registry_up(False)
+
+    def set_registry_up(self, up: bool) -> None:
+        self.registry_up.labels(registry=self.registry_kind).set(1 if up else 0)
+        self.consul_up.set(1 if up else 0)
 
     def render_text(self) -> bytes:
         return generate_latest(self.registry)

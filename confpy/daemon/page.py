@@ -15,21 +15,18 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-from urllib.parse import urlsplit, urlunsplit
 
 import jinja2
 import markupsafe
 import psutil
 
 from confpy.apply.nginx import current_workers, nginx_master, process_start_time
+from confpy.daemon.snapshot import StatusSnapshot
 from confpy.daemon.timeline import TimelineEvent
 from confpy.errors import ReloadError, UnsafeValueError
 from confpy.model import HealthView, ServiceInstance, format_endpoint
+from confpy.registry.view import without_credentials
 from confpy.render.naming import upstream_name_for
-
-if TYPE_CHECKING:  # status.py serves this page and imports it; the snapshot type is only annotated here
-    from confpy.daemon.status import StatusSnapshot
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
@@ -53,11 +50,11 @@ PAGE = """<!doctype html>
     <a href="/status">/status</a> &middot; <a href="/metrics">/metrics</a> &middot; <a href="/health">/health</a></p>
 </header>
 <main>
-<section id="consul">
-  <h2>Consul</h2>
-  <p>{{ consul_address }}:
-  {% if consul_reachable %}<span class="badge ok">reachable</span>
-  {% else %}<span class="badge failing">unreachable since {{ consul_down_since }}</span> {{ consul_error }}{% endif %}</p>
+<section id="registry" class="{{ registry_kind }}">
+  <h2>{{ registry_name }}</h2>
+  <p>{{ registry_address }}:
+  {% if registry_reachable %}<span class="badge ok">reachable</span>
+  {% else %}<span class="badge failing">unreachable since {{ registry_down_since }}</span> {{ registry_error }}{% endif %}</p>
 </section>
 <section id="nginx">
   <h2>nginx</h2>
@@ -96,7 +93,7 @@ PAGE = """<!doctype html>
     </table>
   </article>
   {% else %}
-  <p>No upstream yet{% if waiting %}: waiting for Consul's first answer{% endif %}.</p>
+  <p>No upstream yet{% if waiting %}: waiting for {{ registry_name }}'s first answer{% endif %}.</p>
   {% endfor %}
 </section>
 <section id="templates">
@@ -116,7 +113,7 @@ PAGE = """<!doctype html>
     <thead><tr><th>time</th><th>event</th><th>what</th><th>change to reload</th></tr></thead>
     <tbody>
     {% for e in events %}
-      <tr class="event {{ e.kind }}"><td>{{ e.time }}</td><td>{{ e.kind }}</td><td>{% if e.subject %}{{ e.subject }}: {% endif %}{{ e.text }}</td>
+      <tr class="event {{ e.kind }}{% if e.kind.endswith('_down') %} down{% endif %}"><td>{{ e.time }}</td><td>{{ e.kind }}</td><td>{% if e.subject %}{{ e.subject }}: {% endif %}{{ e.text }}</td>
         <td>{% if e.latency is not none %}{{ "%.0f" | format(e.latency * 1000) }} ms{% endif %}</td></tr>
     {% else %}
       <tr><td colspan="4">nothing yet</td></tr>
@@ -172,7 +169,7 @@ th, td { text-align: left; padding: 3px 8px; border-bottom: 1px solid #eaeef2; v
 .warn { color: #9a6700; } .error { color: #cf222e; white-space: pre-wrap; }
 code { font-size: 12px; background: #eaeef2; padding: 0 3px; }
 svg.spark { vertical-align: middle; margin-left: 8px; }
-tr.event.check_failed td, tr.event.rollback td, tr.event.consul_down td { color: #cf222e; }
+tr.event.check_failed td, tr.event.rollback td, tr.event.down td { color: #cf222e; }
 """
 
 
@@ -201,15 +198,6 @@ class UpstreamView:
 
 def _clock(value: float | None) -> str:
     return time.strftime("%H:%M:%S", time.localtime(value)) if value else ""
-
-
-def _without_credentials(address: str) -> str:
-    parts = urlsplit(address)
-    host = parts.hostname or ""
-    netloc = f"[{host}]" if ":" in host else host
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def _master(pid_file: str) -> str:
@@ -281,10 +269,12 @@ class StatusPage:
             now=_clock(time.time()),
             mode=snapshot.mode,
             cycles=snapshot.cycles,
-            consul_address=_without_credentials(snapshot.registry_address),
-            consul_reachable=snapshot.registry_reachable,
-            consul_error=snapshot.registry_error,
-            consul_down_since=_clock(snapshot.registry_down_since),
+            registry_kind=snapshot.registry_kind,
+            registry_name=snapshot.registry_name,
+            registry_address=", ".join(map(without_credentials, snapshot.registry_address.split(", "))),
+            registry_reachable=snapshot.registry_reachable,
+            registry_error=snapshot.registry_error,
+            registry_down_since=_clock(snapshot.registry_down_since),
             master=_master(snapshot.pid_file),
             last_reload=_clock(max((t.last_reload or 0 for t in snapshot.templates), default=0) or None),
             not_reloaded=snapshot.not_reloaded,
@@ -361,7 +351,7 @@ class StatusPage:
                       False, "kept", "last known member, kept by on_empty while the service has no passing instance")
             for i in kept
         ]  # fmt: skip
-        # Not passing: Consul keeps them out of the templates.
+        # Not passing: the registry keeps them out of the templates.
         rows += [
             MemberRow(m.endpoint, m.weight, m.node, m.id, (), served(m.endpoint), False, m.status, m.output)
             for m in view.unhealthy

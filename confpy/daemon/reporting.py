@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from confpy.config import Config
 from confpy.daemon.cycle import Cycles
-from confpy.daemon.status import StatusSnapshot, TemplateStatus
+from confpy.daemon.snapshot import StatusSnapshot, TemplateStatus
 from confpy.daemon.timeline import Timeline
 from confpy.model import HealthView, ServiceInstance, memory_key
 from confpy.pipeline import SyncEngine
 from confpy.registry.base import ServiceHealth
+from confpy.registry.view import RegistryView
 from confpy.watch.watcher import RegistryHealth
 
 
@@ -26,7 +27,13 @@ def kept_members(cycles: Cycles) -> dict[str, tuple[ServiceInstance, ...]]:
 
 
 def build_snapshot(
-    config: Config, cycles: Cycles, engine: SyncEngine, health: RegistryHealth, timeline: Timeline, now: float
+    config: Config,
+    registry: RegistryView,
+    cycles: Cycles,
+    engine: SyncEngine,
+    health: RegistryHealth,
+    timeline: Timeline,
+    now: float,
 ) -> StatusSnapshot:
     services = {dep.describe(): value for dep, value in cycles.data.snapshot().items() if isinstance(value, HealthView)}
     retry = cycles.retry.state(now)
@@ -34,7 +41,8 @@ def build_snapshot(
     if retry is not None and not cycles.last_sync_ok:
         sync_error = f"{sync_error}; {retry.describe()}"
     return StatusSnapshot(
-        registry_address=config.consul.address,
+        registry_address=registry.address,
+        registry_kind=registry.kind,
         registry_reachable=health.reachable,
         registry_error=health.last_error,
         waiting_for_first_answer=not health.answered_once,

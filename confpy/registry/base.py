@@ -26,7 +26,7 @@ class Dependency(Protocol):
 
 
 class Registry(Protocol):
-    """The source of dependency values (Consul today)."""
+    """The source of dependency values: Consul or etcd (its kind and address for operators: view.py)."""
 
     @property
     def address(self) -> str:

@@ -23,19 +23,7 @@ from urllib.parse import quote
 from confpy.config import ConsulConfig
 from confpy.durations import format_go_duration
 from confpy.errors import ConsulBadResponse, ConsulError, ConsulUnreachable
-from confpy.model import (
-    HealthView,
-    MemberHealth,
-    catalog_names,
-    health_view_from_entries,
-    is_hostname,
-    kv_pairs_from_entries,
-    node_services_from_json,
-    nodes_from_json,
-    service_tags_from_catalog,
-    split_passing,
-    without_unresolvable,
-)
+from confpy.model import HealthView, MemberHealth, is_hostname, without_unresolvable
 from confpy.registry.base import (
     CatalogDatacenters,
     CatalogNode,
@@ -46,6 +34,15 @@ from confpy.registry.base import (
     KVKey,
     KVTree,
     ServiceHealth,
+)
+from confpy.registry.consul_decode import (
+    catalog_names,
+    health_view_from_entries,
+    kv_pairs_from_entries,
+    node_services_from_json,
+    nodes_from_json,
+    service_tags_from_catalog,
+    split_passing,
 )
 from confpy.wire.client import HTTPClient, TransportError
 

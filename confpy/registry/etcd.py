@@ -18,16 +18,12 @@ import base64
 import json
 import ssl
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from confpy.config import EtcdConfig
 from confpy.errors import RegistryError
-from confpy.model import (
-    HealthView,
-    KVPair,
-    RejectedInstance,
-    health_view_from_entries,
-)
+from confpy.model import HealthView, Interner, KVPair, RejectedInstance, ServiceInstance, validated_instance
 from confpy.registry.base import CatalogServices, Dependency, KVKey, KVTree, ServiceHealth
 from confpy.wire.client import HTTPClient, TransportError
 
@@ -213,39 +209,57 @@ def _message(data: Any) -> str:
     return str(data)[:300]
 
 
-def instance_entry(service: str, key: str, value: str, default_tags: Sequence[str] = ("nginx",)) -> Mapping[str, Any]:
-    """One etcd registration as a Consul-shaped health entry, so the same validation applies.
+@dataclass(frozen=True)
+class EtcdRegistration:
+    """One value under `<prefix><service>/`, in etcd's naming convention: `{"Addr": "host:port",
+    "Metadata": {"weight": N, "tags": [...], "meta": {...}}}` (Metadata optional)."""
 
-    Raises ValueError naming what is wrong with the value.
-    """
-    try:
-        data = json.loads(value)
-    except ValueError:
-        raise ValueError('value is not JSON: want {"Addr": "host:port"}') from None
-    if not isinstance(data, Mapping) or not isinstance(data.get("Addr"), str):
-        raise ValueError('value has no "Addr": want {"Addr": "host:port"}')
-    host, sep, port_text = data["Addr"].rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise ValueError(f"Addr {data['Addr'][:80]!r} is not host:port")
-    raw_metadata = data.get("Metadata")
-    metadata: Mapping[str, Any] = raw_metadata if isinstance(raw_metadata, Mapping) else {}
-    raw_meta, raw_tags = metadata.get("meta"), metadata.get("tags")
-    meta: Mapping[str, Any] = raw_meta if isinstance(raw_meta, Mapping) else {}
-    tags: list[Any] = raw_tags if isinstance(raw_tags, list) else list(default_tags)
-    weight = metadata.get("weight", 1)
-    return {
-        "Node": {"Node": "etcd", "Address": ""},
-        "Service": {
-            "ID": key,
-            "Service": service,
-            "Address": host.strip("[]"),
-            "Port": int(port_text),
-            "Tags": [str(t) for t in tags],
-            "Meta": {str(k): str(v) for k, v in meta.items()},
-            "Weights": {"Passing": weight, "Warning": 1},
-        },
-        "Checks": [],
-    }
+    host: str
+    port: int
+    tags: tuple[str, ...]
+    meta: Mapping[str, str]
+    weight: object = 1  # as written: validated when it becomes an instance
+
+    @classmethod
+    def decode(cls, value: str, default_tags: Sequence[str] = ("nginx",)) -> EtcdRegistration:
+        """Read one registration; ValueError names what is wrong with the value."""
+        try:
+            data = json.loads(value)
+        except ValueError:
+            raise ValueError('value is not JSON: want {"Addr": "host:port"}') from None
+        if not isinstance(data, Mapping) or not isinstance(data.get("Addr"), str):
+            raise ValueError('value has no "Addr": want {"Addr": "host:port"}')
+        host, sep, port_text = data["Addr"].rpartition(":")
+        if not sep or not port_text.isdigit():
+            raise ValueError(f"Addr {data['Addr'][:80]!r} is not host:port")
+        if not host.strip("[]"):
+            raise ValueError(f"Addr {data['Addr'][:80]!r} has no host")
+        raw_metadata = data.get("Metadata")
+        metadata: Mapping[str, Any] = raw_metadata if isinstance(raw_metadata, Mapping) else {}
+        raw_meta, raw_tags = metadata.get("meta"), metadata.get("tags")
+        meta: Mapping[str, Any] = raw_meta if isinstance(raw_meta, Mapping) else {}
+        tags: Sequence[Any] = raw_tags if isinstance(raw_tags, list) else default_tags
+        return cls(
+            host=host.strip("[]"),
+            port=int(port_text),
+            tags=tuple(str(t) for t in tags),
+            meta={str(k): str(v) for k, v in meta.items()},
+            weight=metadata.get("weight", 1),
+        )
+
+    def instance(self, service: str, key: str, intern: Interner | None = None) -> ServiceInstance:
+        """This registration as a template sees it (node `etcd`, ID the key); ValueError says why not."""
+        return validated_instance(
+            name=service,
+            id=key,
+            node="etcd",
+            address=self.host,
+            port=self.port,
+            tags=self.tags,
+            meta=self.meta,
+            weight=self.weight,
+            intern=intern,
+        )
 
 
 class EtcdRegistry:
@@ -295,7 +309,7 @@ class EtcdRegistry:
                     continue
                 if dep.tag is not None:
                     try:
-                        tags = instance_entry(name, path, value, self.default_tags)["Service"]["Tags"]
+                        tags = EtcdRegistration.decode(value, self.default_tags).tags
                     except ValueError:
                         continue
                     if dep.tag not in tags:
@@ -307,17 +321,16 @@ class EtcdRegistry:
         return tuple(KVPair(path[len(key) :], path, value) for path, value in pairs if not path.endswith("/"))
 
     def _health(self, dep: ServiceHealth, key: str, pairs: Sequence[tuple[str, str]]) -> HealthView:
-        entries: list[Mapping[str, Any]] = []
+        instances: list[ServiceInstance] = []
         rejected: list[RejectedInstance] = []
+        intern = Interner()
         for path, value in pairs:
             if "/" in path[len(key) :]:
                 continue  # a deeper key is not an instance of this service
             try:
-                entry = instance_entry(dep.service, path, value, self.default_tags)
+                registration = EtcdRegistration.decode(value, self.default_tags)
+                if dep.tag is None or dep.tag in registration.tags:
+                    instances.append(registration.instance(dep.service, path, intern))
             except ValueError as exc:
                 rejected.append(RejectedInstance(dep.service, path, str(exc)))
-                continue
-            if dep.tag is None or dep.tag in entry["Service"]["Tags"]:
-                entries.append(entry)
-        view = health_view_from_entries(dep.service, entries)
-        return HealthView(view.instances, (*rejected, *view.rejected))
+        return HealthView.of(instances, rejected)

@@ -211,7 +211,9 @@ class RegistryFunctions:
         if not found:
             return ""
         if value is None:
-            raise RenderError(f"key({path!r}): Consul's KV has no such key; use key_or_default() for an optional one")
+            raise RenderError(
+                f"key({path!r}): {self.registry}'s KV has no such key; use key_or_default() for an optional one"
+            )
         assert isinstance(value, KVPair)
         return value.value
 

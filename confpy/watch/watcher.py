@@ -256,8 +256,9 @@ class Watcher:
         self.index = next_index(previous, new_index)
         if self.index == 0:
             log.info(
-                "%s: Consul's index went backwards (%d -> %d); re-reading from 0",
+                "%s: %s's index went backwards (%d -> %d); re-reading from 0",
                 self.dep.describe(),
+                self.health.name,
                 previous,
                 new_index,
             )
