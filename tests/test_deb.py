@@ -2,7 +2,8 @@
 
 `make deb` builds it from this checkout; lintian finds no error or warning; `apt-get install`
 installs it; the installed `/usr/bin/confpy` runs with an empty environment, its unit passes
-`systemd-analyze verify`, the shipped configuration is accepted as it is, and `--once` run as the
+`systemd-analyze verify`, it is enabled, started as installed it reports ready while it waits for
+Consul and writes nothing, the shipped configuration is accepted as it is, and `--once` run as the
 unit would run it (the configuration's address left to $CONSUL_HTTP_ADDR, the state in
 /var/lib/confpy) brings dev-consul's members into a real nginx; `apt-get purge` then leaves
 nothing behind. It installs and removes a system package, so it runs as root on Debian only (CI).
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import time
 import tomllib
@@ -24,7 +27,7 @@ import pytest
 from confpy import __version__
 
 # BackendServer and NginxInstance through conftest, which follows wherever the lab's classes live.
-from .conftest import ROOT, BackendServer, ConsulUnderTest, NginxInstance, register_backends
+from .conftest import ROOT, BackendServer, ConsulUnderTest, NginxInstance, http_get, register_backends
 from .test_wheel import as_toml
 
 DIST = ROOT / "dist"
@@ -53,8 +56,8 @@ def reason_to_skip() -> str:
         return "installs and purges a Debian package: needs root (CI runs it as root)"
     if not Path("/etc/debian_version").exists() or shutil.which("apt-get") is None:
         return "builds and installs a .deb: needs Debian"
-    status = run(["dpkg-query", "-W", "-f=${Status}", "confpy"]).stdout
-    if "installed" in status or any(p.exists() or p.is_symlink() for p in LEFT_BEHIND):
+    state = (run(["dpkg-query", "-W", "-f=${Status}", "confpy"]).stdout.split() or ["not-installed"])[-1]
+    if state != "not-installed" or any(p.exists() or p.is_symlink() for p in LEFT_BEHIND):
         return "this machine has a confpy installed (or its files) that the test's purge would remove"
     return ""
 
@@ -69,6 +72,34 @@ def as_the_unit_runs_it(*args: str, consul_url: str) -> subprocess.CompletedProc
     """The installed confpy with only what systemd and /etc/default/confpy would give it."""
     env = {"PATH": SERVICE_PATH, "CONSUL_HTTP_ADDR": consul_url, "STATE_DIRECTORY": str(STATE_DIR)}
     return run(["/usr/bin/confpy", *args], env=env, cwd=Path("/"), timeout=60)
+
+
+def waits_for_consul(config: Path, notify_socket: Path) -> tuple[str, tuple[int, str]]:
+    """The installed daemon started as the unit starts it, with nothing answering at its Consul
+    address: what it tells systemd with READY=1, and its /health; then stopped with SIGTERM."""
+    env = {
+        "PATH": SERVICE_PATH,
+        "CONSUL_HTTP_ADDR": "http://127.0.0.1:1",  # nothing listens on port 1: refused
+        "STATE_DIRECTORY": str(STATE_DIR),
+        "NOTIFY_SOCKET": str(notify_socket),
+    }
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(notify_socket))
+        sock.settimeout(120)  # the unit's TimeoutStartSec
+        daemon = subprocess.Popen(["/usr/bin/confpy", "-c", str(config)], env=env, cwd="/", stderr=subprocess.PIPE)
+        try:
+            message = ""
+            while "READY=1" not in message.splitlines():
+                message = sock.recv(4096).decode()
+            health = http_get("http://127.0.0.1:9118/health")
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(10) == 0
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+            _, stderr = daemon.communicate(timeout=10)
+    status = [line for line in message.splitlines() if line.startswith("STATUS=")]
+    return (status[0] if status else stderr.decode(errors="replace")), health
 
 
 def localized(shipped: dict[str, Any], nginx: NginxInstance) -> dict[str, Any]:
@@ -127,6 +158,15 @@ def test_deb_builds_installs_runs_and_purges(
         conffiles = run(["dpkg-query", "-W", "-f=${Conffiles}", "confpy"]).stdout
         assert str(CONFIG) in conffiles and "/etc/default/confpy" in conffiles, conffiles
 
+        # Started as installed (Consul not there yet): ready, saying what it waits for; nothing written.
+        STATE_DIR.mkdir(mode=0o700)  # as the unit's StateDirectory= does
+        destination = Path(tomllib.loads(CONFIG.read_text())["template"][0]["destination"])
+        before = destination.read_bytes() if destination.exists() else None
+        status, health = waits_for_consul(CONFIG, tmp_path / "notify.sock")
+        assert status.startswith("STATUS=waiting for Consul: cannot reach Consul at http://127.0.0.1:1"), status
+        assert health[0] == 503 and "Consul" in health[1], health
+        assert (destination.read_bytes() if destination.exists() else None) == before
+
         # The shipped configuration as it is, with only $CONSUL_HTTP_ADDR (/etc/default/confpy): accepted.
         register_backends(consul.api, backends[:2])
         dry = as_the_unit_runs_it("-c", str(CONFIG), "--once", "--dry-run", consul_url=consul.url)
@@ -135,7 +175,6 @@ def test_deb_builds_installs_runs_and_purges(
         # Its copy pointed at the test's nginx: one sync before nginx runs, then a change reloads it.
         config = tmp_path / "confpy.toml"
         config.write_text(as_toml(localized(tomllib.loads(CONFIG.read_text()), nginx)))
-        STATE_DIR.mkdir(mode=0o700)  # as the unit's StateDirectory= does
         first = as_the_unit_runs_it("-c", str(config), "--once", "--allow-no-reload", consul_url=consul.url)
         assert first.returncode == 0, first.stderr
         nginx.start()
