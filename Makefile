@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
 
-.PHONY: all venv nginx browser etcd promtool demo-etcd lua test lint typecheck unit conformance demo bench clean
+.PHONY: all venv nginx browser etcd promtool demo-etcd lua test lint typecheck unit conformance demo bench clean deb deb-tools
 
 all: test
 
@@ -79,6 +79,25 @@ demo-etcd: venv nginx etcd
 bench: venv nginx
 	@command -v wrk >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq wrk >/dev/null; }
 	PATH="$$PATH:/usr/sbin" $(BIN)/python bench/run.py
+
+# The Debian package, dist/confpy_VERSION_ARCH.deb (docs/operations.md: what it installs, and why a
+# virtualenv of pinned wheels). Debian's tools build it in a copy of this tree under build/deb,
+# since dpkg-buildpackage writes its results beside the source folder; no .venv is needed.
+DEB_BUILD_PACKAGES := dpkg-dev debhelper help2man python3-pip python3-setuptools python3-wheel python3.11
+deb:
+	$(call apt_install_missing,$(DEB_BUILD_PACKAGES))
+	rm -rf build/deb dist/confpy_*.deb && mkdir -p build/deb/confpy dist
+	tar -c --exclude-vcs --exclude=./.venv --exclude=./build --exclude=./dist --exclude=__pycache__ \
+		--exclude='*.egg-info' --exclude=./.pytest_cache --exclude=./.mypy_cache --exclude=./.ruff_cache \
+		--exclude=./.hypothesis . | tar -x -C build/deb/confpy
+	cd build/deb/confpy && dpkg-buildpackage --build=binary --no-sign
+	cp build/deb/confpy_*.deb dist/
+	@ls -l dist/confpy_*.deb
+
+# What tests/test_deb.py checks the package with: lintian, and systemd-analyze for the unit.
+DEB_CHECK_PACKAGES := lintian systemd
+deb-tools:
+	$(call apt_install_missing,$(DEB_CHECK_PACKAGES))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
