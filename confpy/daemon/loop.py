@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import signal
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
@@ -37,6 +36,7 @@ from confpy.daemon.events import (
 )
 from confpy.daemon.metrics import Metrics
 from confpy.daemon.reporting import build_snapshot
+from confpy.daemon.signals import run_until_stopped
 from confpy.daemon.snapshot import StatusSnapshot
 from confpy.daemon.status import StatusServer
 from confpy.daemon.systemd import SystemdNotifier
@@ -98,7 +98,6 @@ class Daemon:
         self.status_server: StatusServer | None = None
         self.observer = TemplateObserver()
         self._locks = AsyncExitStack()
-        self.stopping = False
         self._configure(config)
 
     # --- set-up and tear-down --------------------------------------------------------------
@@ -334,42 +333,10 @@ class Daemon:
                 await self.status_server.stop()
 
     async def run(self) -> int:
-        """Run until SIGTERM/SIGINT; return the exit code.
-
-        The signal handlers only queue the signal (no work, no logging in a handler); a small
-        dispatcher task turns SIGHUP into an event for the main task and SIGTERM/SIGINT into
-        cancelling it.
-        """
-        loop = asyncio.get_running_loop()
-        signals: asyncio.Queue[int] = asyncio.Queue()
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.add_signal_handler(signum, signals.put_nowait, signum)
-        main = asyncio.create_task(self._main(), name="confpy main")
-        dispatcher = asyncio.create_task(self._dispatch_signals(signals, main), name="confpy signals")
-        try:
-            await main
-        except asyncio.CancelledError:
-            if not self.stopping:
-                raise
-        finally:
-            dispatcher.cancel()
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(signum)
-            self.notifier.notify("STOPPING=1")
+        """Run until SIGTERM/SIGINT (SIGHUP re-reads the configuration); return the exit code."""
+        await run_until_stopped(self._main(), lambda: self.events.put_nowait(ReconfigureEvent()), self.notifier)
         log.info("stopped")
         return 0
-
-    async def _dispatch_signals(self, signals: asyncio.Queue[int], main: asyncio.Task[None]) -> None:
-        while True:
-            signum = await signals.get()
-            if signum == signal.SIGHUP:
-                self.events.put_nowait(ReconfigureEvent())
-                continue
-            log.info("received %s; stopping", signal.Signals(signum).name)
-            self.stopping = True
-            self.notifier.notify("STOPPING=1")
-            main.cancel()
-            return
 
 
 class _QuiescenceTimer:
