@@ -33,6 +33,8 @@ from confpy.render.environment import DataSource
 from confpy.watch.watcher import FirstFetches, RegistryHealth, Watcher, WatchSettings, next_index
 from confpy.watch.watchset import WatchSet
 
+from .tiers import starts_processes
+
 T = TypeVar("T")
 
 
@@ -326,6 +328,7 @@ def _view(*ports: int) -> HealthView:
     return health_view_from_entries("web", [_entry(f"web-{p}", p) for p in ports])
 
 
+@starts_processes  # the daemon runs check_cmd (`true`) before it installs
 def _daemon(tmp_path: Path, template: str, registry: FakeRegistry, clock: FakeClock, wait_min: str = "1s") -> Daemon:
     source = tmp_path / "t.conf.j2"
     source.write_text(template)
