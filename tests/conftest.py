@@ -120,6 +120,26 @@ def run_confpy(*args: str, env: dict[str, str] | None = None, timeout: float = 6
     )
 
 
+def stand_in_config(tmp_path: Path, source: Path, nginx: str = "", wait_min: str = "0s", wait_max: str = "1s") -> str:
+    """A confpy.toml for a Daemon driven in-process with a registry stand-in: no nginx running
+    (its pid file does not exist), `check_cmd = "true"`, state and output under `tmp_path`;
+    `nginx` adds lines to the [nginx] table."""
+    return f"""
+[nginx]
+pid_file = "{tmp_path / "no-nginx.pid"}"
+check_cmd = "true"
+{nginx}
+[wait]
+min = "{wait_min}"
+max = "{wait_max}"
+[state]
+dir = "{tmp_path / "state"}"
+[[template]]
+source = "{source}"
+destination = "{tmp_path / "out.conf"}"
+"""
+
+
 def register_backends(api: ConsulAPI, servers: list[BackendServer], name: str = "web", **extra: object) -> None:
     for number, server in enumerate(servers, start=1):
         api.register(name, server.port, id=f"{name}-{number}", **extra)

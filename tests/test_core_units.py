@@ -33,6 +33,7 @@ from confpy.render.environment import DataSource
 from confpy.watch.watcher import FirstFetches, RegistryHealth, Watcher, WatchSettings, next_index
 from confpy.watch.watchset import WatchSet
 
+from .conftest import stand_in_config
 from .tiers import starts_processes
 
 T = TypeVar("T")
@@ -333,19 +334,7 @@ def _daemon(tmp_path: Path, template: str, registry: FakeRegistry, clock: FakeCl
     source = tmp_path / "t.conf.j2"
     source.write_text(template)
     config_path = tmp_path / "confpy.toml"
-    config_path.write_text(f"""
-[nginx]
-pid_file = "{tmp_path / "no-nginx.pid"}"
-check_cmd = "true"
-[wait]
-min = "{wait_min}"
-max = "5s"
-[state]
-dir = "{tmp_path / "state"}"
-[[template]]
-source = "{source}"
-destination = "{tmp_path / "out.conf"}"
-""")
+    config_path.write_text(stand_in_config(tmp_path, source, wait_min=wait_min, wait_max="5s"))
     (tmp_path / "state").mkdir()
     config = parse_config(config_path.read_text(), config_path, {})
 
