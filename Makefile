@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
 
-.PHONY: all venv nginx browser etcd promtool demo-etcd lua test lint typecheck unit conformance demo bench clean deb deb-tools
+.PHONY: all venv nginx browser etcd promtool demo-etcd lua test lint typecheck unit e2e conformance demo bench clean deb deb-tools
 
 all: test
 
@@ -60,15 +60,21 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy confpy bench
 
-unit: venv nginx
-	PATH="$$PATH:/usr/sbin" $(BIN)/pytest -q
+# The in-process tier: no nginx, no apt step, no process and no socket but a socketpair (a guard in
+# tests/conftest.py fails a test that tries); seconds. Tests are end-to-end (marker e2e) by fixture.
+unit: venv
+	$(BIN)/pytest -q -m "not e2e"
+
+# The end-to-end tier: nginx, dev-consul, etcd, Chromium, confpy as a process.
+e2e: venv nginx browser etcd
+	PATH="$$PATH:/usr/sbin" $(BIN)/pytest -q -m e2e
 
 # py-consul's own test suite against dev-consul (docs/dev-consul.md); fails if fewer pass than before.
 CONFORMANCE_FLOOR := 55
 conformance: venv
 	PATH="$$PATH:/usr/sbin" $(BIN)/python conformance/run.py --min-pass $(CONFORMANCE_FLOOR)
 
-test: venv nginx browser etcd promtool lint typecheck unit conformance
+test: venv nginx browser etcd promtool lint typecheck unit e2e conformance
 
 demo: venv nginx
 	PATH="$$PATH:/usr/sbin" $(BIN)/confpy demo

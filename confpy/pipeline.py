@@ -252,7 +252,7 @@ class SyncEngine:
         """
         report = SyncReport()
         if self.live is not None:
-            self.live.note(results)
+            await self.live.note(results)
         changes, report.unchanged = self.changes(results)
         if changes and self.live is not None:
             self.live.save_state(results)  # a reload follows: nginx's new workers start from these members
@@ -368,7 +368,7 @@ class SyncEngine:
             for result in results:
                 if result.live:
                     path = self.live.state_path(result.template.destination)
-                    new, old = state_bytes(result), read_bytes(path)
+                    new, old = await state_bytes(result), read_bytes(path)
                     if new != old:
                         report.diffs[path] = unified_diff(path, old, new)
         candidates = {r.template.destination: r.content for r in results if r.content is not None}

@@ -25,10 +25,14 @@ from confpy.dev.lab import (
     ConfpyProcess,
     ConsulAPI,
     DevConsulProcess,
+    EtcdCluster,
+    LabPKI,
     NginxInstance,
     free_port,
     write_config,
 )
+
+from .tiers import E2E, InProcessGuard, e2e_reason, starts_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_TEMPLATE = ROOT / "templates" / "nginx-upstreams.conf.j2"
@@ -58,6 +62,7 @@ def _clean_real_agent(api: ConsulAPI) -> None:
 
 
 @pytest.fixture
+@starts_processes
 def consul() -> Iterator[ConsulUnderTest]:
     if REAL_CONSUL:
         api = ConsulAPI(REAL_CONSUL)
@@ -74,6 +79,7 @@ def consul() -> Iterator[ConsulUnderTest]:
 
 
 @pytest.fixture
+@starts_processes
 def nginx(tmp_path: Path) -> Iterator[NginxInstance]:
     instance = NginxInstance(tmp_path / "nginx")
     try:
@@ -83,6 +89,7 @@ def nginx(tmp_path: Path) -> Iterator[NginxInstance]:
 
 
 @pytest.fixture
+@starts_processes
 def backends() -> Iterator[list[BackendServer]]:
     """Three running app servers answering "App server 1/2/3"."""
     servers = [BackendServer(f"App server {n}").start() for n in (1, 2, 3)]
@@ -113,12 +120,33 @@ def run_confpy(*args: str, env: dict[str, str] | None = None, timeout: float = 6
     )
 
 
+def stand_in_config(tmp_path: Path, source: Path, nginx: str = "", wait_min: str = "0s", wait_max: str = "1s") -> str:
+    """A confpy.toml for a Daemon driven in-process with a registry stand-in: no nginx running
+    (its pid file does not exist), `check_cmd = "true"`, state and output under `tmp_path`;
+    `nginx` adds lines to the [nginx] table."""
+    return f"""
+[nginx]
+pid_file = "{tmp_path / "no-nginx.pid"}"
+check_cmd = "true"
+{nginx}
+[wait]
+min = "{wait_min}"
+max = "{wait_max}"
+[state]
+dir = "{tmp_path / "state"}"
+[[template]]
+source = "{source}"
+destination = "{tmp_path / "out.conf"}"
+"""
+
+
 def register_backends(api: ConsulAPI, servers: list[BackendServer], name: str = "web", **extra: object) -> None:
     for number, server in enumerate(servers, start=1):
         api.register(name, server.port, id=f"{name}-{number}", **extra)
 
 
 @pytest.fixture
+@starts_processes
 def daemons() -> Iterator[list[ConfpyProcess]]:
     """confpy daemons a test starts; killed at the end whatever happened."""
     started: list[ConfpyProcess] = []
@@ -128,6 +156,7 @@ def daemons() -> Iterator[list[ConfpyProcess]]:
 
 
 @pytest.fixture
+@starts_processes
 def hung_port() -> Iterator[int]:
     """A port that accepts connections (kernel backlog) and never answers: a hung Consul."""
     port = free_port()
@@ -157,3 +186,46 @@ def installer_for(tmp_path: Path, check_cmd: tuple[str, ...], pid_file: Path) ->
     state = StateStore(tmp_path / "state")
     state.state_dir.mkdir()
     return Installer(NginxChecker(nginx_config), NginxReloader(nginx_config), state), template
+
+
+# --- the two tiers (tests/tiers.py): `make unit` runs `-m "not e2e"` ------------------------------
+
+# What a test may call only end-to-end: each starts a process or opens a socket. A test that names
+# one (or calls a helper of its own module that does) is `e2e` even without a starting fixture.
+for _helper in (
+    run_confpy,
+    http_get,
+    free_port,
+    ConsulAPI,
+    ConfpyProcess,
+    DevConsulProcess,
+    NginxInstance,
+    BackendServer,
+    EtcdCluster,
+    LabPKI,
+):
+    starts_processes(_helper)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if e2e_reason(item) is not None:
+            item.add_marker(E2E)
+
+
+@pytest.fixture(autouse=True)
+def in_process_guard(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[InProcessGuard | None]:
+    """In a test not marked e2e, starting a process or opening a socket (but a socketpair) fails it.
+
+    Yields the guard (None in an e2e test), which the guard's own tests ask for.
+    """
+    if request.node.get_closest_marker(E2E) is not None:
+        yield None
+        return
+    guard = InProcessGuard()
+    guard.install(monkeypatch)
+    yield guard
+    if guard.attempts:
+        pytest.fail(f"an in-process test tried to: {'; '.join(guard.attempts)}", pytrace=False)

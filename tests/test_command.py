@@ -21,9 +21,11 @@ from confpy.config import NginxConfig
 from confpy.dev.lab import wait_until
 
 from .conftest import installer_for
+from .tiers import starts_processes
 
 
 @pytest.fixture(params=["pidfd", "asyncio"])
+@starts_processes
 def child_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Both ways a command is watched: through a pidfd, and asyncio's (where pidfds are refused)."""
     if request.param == "asyncio":
@@ -95,6 +97,7 @@ def test_a_missing_command_is_reported_as_such(child_kind: str, tmp_path: Path) 
 
 
 @pytest.fixture
+@starts_processes
 def fake_masters(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
     """Processes that pass for nginx masters (executable named nginx, title "nginx: master
     process"): `sleep` under another name, which a SIGHUP ends, so a signal is plain to see."""

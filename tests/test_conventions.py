@@ -15,9 +15,11 @@ from confpy.dev.lab import BackendServer, ConsulAPI, DevConsulProcess, LabPKI, N
 from confpy.errors import ConfigError
 
 from .conftest import SHIPPED_TEMPLATE, run_confpy
+from .tiers import starts_processes
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def pki(tmp_path_factory: pytest.TempPathFactory) -> LabPKI:
     return LabPKI.make(tmp_path_factory.mktemp("pki"))
 
@@ -97,6 +99,7 @@ def test_every_read_carries_namespace_partition_and_consistency() -> None:
 
 
 @pytest.fixture
+@starts_processes
 def tls_consul(pki: LabPKI) -> Iterator[tuple[DevConsulProcess, ConsulAPI]]:
     """dev-consul over HTTPS that requires a client certificate (verify_incoming)."""
     agent = DevConsulProcess(
@@ -111,6 +114,7 @@ def tls_consul(pki: LabPKI) -> Iterator[tuple[DevConsulProcess, ConsulAPI]]:
 
 
 @pytest.fixture
+@starts_processes
 def backend() -> Iterator[BackendServer]:
     server = BackendServer("App server 1").start()
     try:

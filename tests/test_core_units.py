@@ -33,6 +33,9 @@ from confpy.render.datasource import DataSource
 from confpy.watch.watcher import FirstFetches, RegistryHealth, Watcher, WatchSettings, next_index
 from confpy.watch.watchset import WatchSet
 
+from .conftest import stand_in_config
+from .tiers import starts_processes
+
 T = TypeVar("T")
 
 
@@ -326,23 +329,12 @@ def _view(*ports: int) -> HealthView:
     return health_view_from_entries("web", [_entry(f"web-{p}", p) for p in ports])
 
 
+@starts_processes  # the daemon runs check_cmd (`true`) before it installs
 def _daemon(tmp_path: Path, template: str, registry: FakeRegistry, clock: FakeClock, wait_min: str = "1s") -> Daemon:
     source = tmp_path / "t.conf.j2"
     source.write_text(template)
     config_path = tmp_path / "confpy.toml"
-    config_path.write_text(f"""
-[nginx]
-pid_file = "{tmp_path / "no-nginx.pid"}"
-check_cmd = "true"
-[wait]
-min = "{wait_min}"
-max = "5s"
-[state]
-dir = "{tmp_path / "state"}"
-[[template]]
-source = "{source}"
-destination = "{tmp_path / "out.conf"}"
-""")
+    config_path.write_text(stand_in_config(tmp_path, source, wait_min=wait_min, wait_max="5s"))
     (tmp_path / "state").mkdir()
     config = parse_config(config_path.read_text(), config_path, {})
 

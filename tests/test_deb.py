@@ -41,8 +41,6 @@ ENABLED_LINK = Path("/etc/systemd/system/multi-user.target.wants/confpy.service"
 # What the package, its unit and its maintainer scripts create, and purge must remove.
 LEFT_BEHIND = (Path("/usr/bin/confpy"), Path("/usr/lib/confpy"), Path("/etc/confpy"), STATE_DIR, ENABLED_LINK)
 
-pytestmark = pytest.mark.slow
-
 
 def run(
     command: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: Path | None = None, timeout: float = 300

@@ -16,9 +16,11 @@ from confpy.config import load_config
 from confpy.dev.lab import BackendServer, ConfpyProcess, NginxInstance, free_port, wait_until, write_config
 
 from .conftest import SHIPPED_TEMPLATE, ConsulUnderTest, http_get, register_backends, run_confpy
+from .tiers import starts_processes
 
 
 @pytest.fixture
+@starts_processes
 def debian_nginx(tmp_path: Path) -> Iterator[NginxInstance]:
     instance = NginxInstance(tmp_path / "root", debian=True)
     try:

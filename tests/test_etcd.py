@@ -24,11 +24,13 @@ from confpy.dev.lab import (
 )
 
 from .conftest import SHIPPED_TEMPLATE, run_confpy
+from .tiers import starts_processes
 
 LIVE_TEMPLATE = SHIPPED_TEMPLATE.with_name("nginx-upstreams-live.conf.j2")
 
 
 @pytest.fixture
+@starts_processes
 def cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
     started = EtcdCluster(tmp_path / "etcd").start()
     try:

@@ -18,6 +18,7 @@ import pytest
 from confpy.dev.lab import BackendServer, NginxInstance, admin_token, free_port, lua_available, wait_until, write_config
 
 from .conftest import ROOT, ConsulUnderTest, run_confpy
+from .tiers import starts_processes
 
 pytestmark = pytest.mark.skipif(
     not lua_available(), reason="nginx's Lua module is not installed (make nginx installs it)"
@@ -78,6 +79,7 @@ class Gateway:
 
 
 @pytest.fixture
+@starts_processes
 def servers() -> Iterator[list[BackendServer]]:
     started = [BackendServer(f"App server {n}").start() for n in (1, 2)]
     yield started

@@ -15,6 +15,7 @@ import pytest
 from confpy.dev.lab import ConfpyProcess, NginxInstance, admin_token, free_port, lua_available, wait_until, write_config
 
 from .conftest import ROOT, ConsulUnderTest
+from .tiers import starts_processes
 
 pytestmark = pytest.mark.skipif(
     not lua_available(), reason="needs libnginx-mod-http-lua, lua-resty-core and lua-cjson (make nginx)"
@@ -92,6 +93,7 @@ class LiveLab:
 
 
 @pytest.fixture
+@starts_processes
 def lab(tmp_path: Path, consul: ConsulUnderTest) -> Iterator[LiveLab]:
     live = LiveLab(tmp_path, consul)
     try:

@@ -36,6 +36,7 @@ from confpy.render.datasource import DataSource
 from confpy.render.renderer import TemplateRenderer
 
 from .conftest import SHIPPED_TEMPLATE, ConsulUnderTest, installer_for, register_backends, run_confpy
+from .tiers import starts_processes
 
 # --- hostile registry values ------------------------------------------------------------------
 
@@ -173,6 +174,7 @@ def canned_consul(status: int, body: bytes) -> BackendServer:
 
 
 @pytest.fixture
+@starts_processes
 def canned() -> Iterator[list[BackendServer]]:
     servers: list[BackendServer] = []
     yield servers
@@ -381,7 +383,10 @@ def test_enospc_while_writing_leaves_the_old_file(tmp_path: Path, monkeypatch: p
     assert [p.name for p in tmp_path.iterdir()] == ["up.conf"]
 
 
-def test_enospc_on_a_real_tiny_filesystem(tmp_path: Path) -> None:
+@pytest.fixture
+@starts_processes
+def tiny_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 16 KB tmpfs (mount(8) and umount(8) are run), or a skip where mounting is not allowed."""
     mnt = tmp_path / "tiny"
     mnt.mkdir()
     if (
@@ -392,14 +397,18 @@ def test_enospc_on_a_real_tiny_filesystem(tmp_path: Path) -> None:
     ):
         pytest.skip("cannot mount a tmpfs here (not root or no permission)")
     try:
-        target = mnt / "up.conf"
-        target.write_bytes(b"old\n")
-        with pytest.raises(InstallError, match="no space left on the device"):
-            files.atomic_write(target, b"y" * 64 * 1024)
-        assert target.read_bytes() == b"old\n"
-        assert [p.name for p in mnt.iterdir()] == ["up.conf"]
+        yield mnt
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_enospc_on_a_real_tiny_filesystem(tiny_filesystem: Path) -> None:
+    target = tiny_filesystem / "up.conf"
+    target.write_bytes(b"old\n")
+    with pytest.raises(InstallError, match="no space left on the device"):
+        files.atomic_write(target, b"y" * 64 * 1024)
+    assert target.read_bytes() == b"old\n"
+    assert [p.name for p in tiny_filesystem.iterdir()] == ["up.conf"]
 
 
 def test_corrupt_state_file_is_reported_and_ignored(
@@ -460,6 +469,7 @@ def test_leftover_cleanup_removes_only_confpys_own_temp_files(tmp_path: Path) ->
     assert all(path.exists() for path in others)
 
 
+@starts_processes  # the installer runs check_cmd
 def _installer(tmp_path: Path, check_cmd: tuple[str, ...]) -> tuple[Installer, TemplateConfig]:
     return installer_for(tmp_path, check_cmd, tmp_path / "none.pid")
 

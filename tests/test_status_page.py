@@ -19,11 +19,13 @@ from selenium.webdriver.common.by import By
 from confpy.dev.lab import BackendServer, ConfpyProcess, NginxInstance, free_port, wait_until, write_config
 
 from .conftest import SHIPPED_TEMPLATE, ConsulUnderTest, register_backends
+from .tiers import starts_processes
 
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "status-page.png"
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def browser() -> Iterator[webdriver.Chrome]:
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     assert chromium and driver, "Debian's chromium and chromium-driver are needed: `make test` installs them"

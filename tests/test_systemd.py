@@ -15,6 +15,9 @@ from confpy.dev.lab import BackendServer, ConfpyProcess, NginxInstance, wait_unt
 
 from .conftest import ROOT, ConsulUnderTest, register_backends
 
+# systemd-analyze and a daemon talking sd_notify over a Unix socket: end-to-end, with no fixture to say so.
+pytestmark = pytest.mark.e2e
+
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 def test_unit_file_verifies(tmp_path: Path) -> None:

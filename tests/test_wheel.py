@@ -23,6 +23,7 @@ import pytest
 from confpy.dev.lab import BackendServer, NginxInstance, free_port, lua_available, wait_until
 
 from .conftest import ROOT, ConsulUnderTest, register_backends
+from .tiers import starts_processes
 
 
 def documented_toml(path: Path, after: str) -> dict[str, Any]:
@@ -48,6 +49,7 @@ def as_toml(data: dict[str, Any]) -> str:
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """confpy built as a wheel and installed into a new virtualenv; its bin folder."""
     work = tmp_path_factory.mktemp("wheel")

@@ -13,7 +13,8 @@ from confpy.dev.lab import free_port
 from confpy.wire.client import HTTPClient, TransportError, _Answer
 from confpy.wire.server import HTTPServer, Reply, Request
 
-pytestmark = pytest.mark.asyncio
+# Client and server talk over loopback TCP: every test here is end-to-end.
+pytestmark = [pytest.mark.asyncio, pytest.mark.e2e]
 
 
 async def _not_found(request: Request) -> Reply:

@@ -17,7 +17,7 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ DEFAULT_FAIL_TIMEOUT = 10.0
 INITIAL_RETRY = 0.25
 # How often to look (locally, with psutil) for an nginx that reloaded or restarted.
 CHECK_INTERVAL = 5.0
+RESOLVE_TIMEOUT = 5.0
 
 
 class LivePushError(ConfpyError):
@@ -54,14 +55,45 @@ def lua_dir() -> Path:
     return Path(confpy.__file__).resolve().parent / "lua"
 
 
-def resolve_ip(address: str) -> str:
-    """The balancer needs an IP: resolve a host name (validated as resolvable when fetched)."""
-    if ":" in address or address.replace(".", "").isdigit():
-        return address
-    try:
-        return str(socket.getaddrinfo(address, None, type=socket.SOCK_STREAM)[0][4][0])
-    except (OSError, IndexError):
-        return address
+def is_ip_literal(address: str) -> bool:
+    return ":" in address or address.replace(".", "").isdigit()
+
+
+class HostAddresses:
+    """The IPs of members' host names, which the balancer needs (host names were validated as
+    resolvable when fetched).
+
+    Resolved through the loop's resolver, in its executor: the system resolver may wait on DNS,
+    which must not stop the event loop. A name that does not resolve stays a name, as before.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[str, str] = {}
+
+    def ip(self, address: str) -> str:
+        """`address`'s IP as last resolved (an IP literal is its own)."""
+        return address if is_ip_literal(address) else self._known.get(address, address)
+
+    async def resolve(self, addresses: Iterable[str]) -> None:
+        """Resolve (again) the host names among `addresses`."""
+        names = sorted({a for a in addresses if not is_ip_literal(a)})
+        if not names:
+            return
+        loop = asyncio.get_running_loop()
+
+        async def one(name: str) -> str | None:
+            try:
+                async with asyncio.timeout(RESOLVE_TIMEOUT):
+                    found = await loop.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+            except (OSError, UnicodeError, TimeoutError):
+                return None
+            return str(found[0][4][0]) if found else None
+
+        for name, ip in zip(names, await asyncio.gather(*(one(n) for n in names)), strict=True):
+            if ip is None:
+                self._known.pop(name, None)
+            else:
+                self._known[name] = ip
 
 
 @dataclass(frozen=True, order=True)
@@ -102,13 +134,16 @@ class LiveUpstream:
 NO_SETTINGS = UpstreamSettings()
 
 
-def live_member(instance: ServiceInstance, settings: UpstreamSettings = NO_SETTINGS) -> LiveMember:
+def live_member(
+    instance: ServiceInstance, settings: UpstreamSettings = NO_SETTINGS, ip: Callable[[str], str] = str
+) -> LiveMember:
     """An instance's member: its meta's max_fails/fail_timeout, else the upstream's KV settings, else
-    nginx's defaults (max_fails=1, fail_timeout=10s); backup by tag or meta, or by KV `backup_tag`."""
+    nginx's defaults (max_fails=1, fail_timeout=10s); backup by tag or meta, or by KV `backup_tag`;
+    its host as `ip` gives it (`HostAddresses.ip`)."""
     max_fails = instance.max_fails if instance.max_fails is not None else settings.max_fails
     fail_timeout = instance.fail_timeout or settings.fail_timeout
     return LiveMember(
-        host=resolve_ip(instance.address),
+        host=ip(instance.address),
         port=instance.port,
         weight=instance.weight,
         max_fails=DEFAULT_MAX_FAILS if max_fails is None else max_fails,
@@ -117,8 +152,10 @@ def live_member(instance: ServiceInstance, settings: UpstreamSettings = NO_SETTI
     )
 
 
-def live_upstream(instances: Sequence[ServiceInstance], settings: UpstreamSettings = NO_SETTINGS) -> LiveUpstream:
-    members = tuple(sorted({live_member(i, settings) for i in instances}))
+def live_upstream(
+    instances: Sequence[ServiceInstance], settings: UpstreamSettings = NO_SETTINGS, ip: Callable[[str], str] = str
+) -> LiveUpstream:
+    members = tuple(sorted({live_member(i, settings, ip) for i in instances}))
     balance = settings.balance_json()
     listed: list[Any] = [m.to_json() for m in members]
     if balance is not None:  # round-robin upstreams keep the digest they had before balance existed
@@ -264,14 +301,28 @@ class LiveUpstreams:
 
     def __init__(self) -> None:
         self._cache: dict[str, tuple[tuple[ServiceInstance, ...], UpstreamSettings, LiveUpstream]] = {}
+        self.hosts = HostAddresses()
+
+    def _stale(self, name: str, instances: tuple[ServiceInstance, ...], settings: UpstreamSettings) -> bool:
+        cached = self._cache.get(name)
+        return cached is None or cached[0] is not instances or cached[1] != settings
+
+    async def resolve(self, results: Sequence[RenderResult]) -> None:
+        """Resolve the host names of the members about to be computed (the upstreams that changed)."""
+        await self.hosts.resolve(
+            instance.address
+            for result in results
+            for name, instances in result.live.items()
+            if self._stale(name, instances, result.live_settings.get(name, NO_SETTINGS))
+            for instance in instances
+        )
 
     def get(
         self, name: str, instances: tuple[ServiceInstance, ...], settings: UpstreamSettings = NO_SETTINGS
     ) -> LiveUpstream:
-        cached = self._cache.get(name)
-        if cached is None or cached[0] is not instances or cached[1] != settings:
-            cached = self._cache[name] = (instances, settings, live_upstream(instances, settings))
-        return cached[2]
+        if self._stale(name, instances, settings):
+            self._cache[name] = (instances, settings, live_upstream(instances, settings, self.hosts.ip))
+        return self._cache[name][2]
 
     def desired(self, result: RenderResult) -> dict[str, LiveUpstream]:
         """The members every live upstream of `result` should have (upstreams with none keep what nginx has)."""
@@ -299,9 +350,11 @@ class LiveUpstreams:
         ).encode()
 
 
-def state_bytes(result: RenderResult) -> bytes:
+async def state_bytes(result: RenderResult) -> bytes:
     """A live template's member state file (for `--dry-run`)."""
-    return LiveUpstreams().state_bytes(result)
+    upstreams = LiveUpstreams()
+    await upstreams.resolve([result])
+    return upstreams.state_bytes(result)
 
 
 @dataclass(frozen=True)
@@ -383,9 +436,10 @@ class LiveSupervisor:
         ensure_admin_token(self.config.nginx.live_token_file)
         ensure_socket_dir(self.config.nginx.live_listen)
 
-    def note(self, results: Sequence[RenderResult]) -> None:
+    async def note(self, results: Sequence[RenderResult]) -> None:
         """Take each template's wanted members (a cycle may render only some templates: the
-        other templates' members are kept)."""
+        other templates' members are kept); their host names are resolved off the loop."""
+        await self.upstreams.resolve(results)
         for result in results:
             self._by_template[result.template.destination] = self.upstreams.desired(result)
         self.wanted = {name: up for wanted in self._by_template.values() for name, up in wanted.items()}

@@ -189,11 +189,21 @@ class Watcher:
         # One generator shared by a daemon's watchers: each Random holds 2.5 KB of state.
         self.random = jitter or random.Random()
 
-    def start(self) -> None:
-        if self.first_fetches is not None and self.index == 0:
+    def expect_first(self) -> None:
+        """Count this watcher's first query as still to come (done by `start`; earlier by a
+        WatchSet that starts its task a few loop turns later)."""
+        if self.first_fetches is not None and self.index == 0 and not self._first_pending:
             self.first_fetches.expect()
             self._first_pending = True
+
+    def start(self) -> None:
+        self.expect_first()
         self._task = asyncio.get_running_loop().create_task(self.run(), name=f"watch {self.dep.describe()}")
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The running task (None before `start`)."""
+        return self._task
 
     def stop(self) -> None:
         """Cancel the task: an in-flight query is abandoned and its answer never reported."""
