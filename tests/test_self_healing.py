@@ -94,6 +94,8 @@ def test_a_full_disk_is_retried_until_space_comes_back(
     consul.api.register("web", backends[2].port, id="web-3")
     assert wait_until(lambda: _retrying(status, "no space left"), 15), (_health(status), proc.output())
     assert nginx.destination.read_bytes() == installed, "the installed file is intact"
+    retry = json.loads(http_get(f"http://127.0.0.1:{status}/status")[1])["sync_retry"]
+    assert retry["attempt"] >= 2 and retry["retry_in_s"] >= 0, retry
     assert sorted(p.name for p in nginx.conf_d.iterdir()) == sorted([nginx.destination.name, filler.name]), (
         "no partial file left behind"
     )
@@ -103,6 +105,8 @@ def test_a_full_disk_is_retried_until_space_comes_back(
     assert wait_until(lambda: _health(status)[0] == 200, 10), _health(status)
     assert "sync recovered after" in proc.output()
     assert proc.output().count("sync failed, the previous files stay installed") == 1, "logged once, not per attempt"
+    timeline = [event["kind"] for event in json.loads(http_get(f"http://127.0.0.1:{status}/status")[1])["timeline"]]
+    assert timeline.count("rollback") == 1 and timeline[-1] == "recovered", timeline
 
 
 def test_a_read_only_destination_made_writable_again_is_retried(

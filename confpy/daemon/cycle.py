@@ -205,13 +205,11 @@ class Cycles:
             report = await self.engine.install(results, reason, check_stale=check_stale)
         except CheckError as exc:
             self.metrics.check_failures.inc()
-            self.timeline.record("check_failed", f"nginx -t failed, the previous files were restored: {exc}")
-            self._sync_failed(results, exc)
+            self._sync_failed(results, exc, "check_failed", "nginx -t failed, the previous files were restored")
             return
         except ConfpyError as exc:
             self.metrics.install_failures.inc()
-            self.timeline.record("rollback", f"install failed, the previous files stay: {exc}")
-            self._sync_failed(results, exc)
+            self._sync_failed(results, exc, "rollback", "install failed, the previous files stay")
             return
         now = self.wall_clock()
         reloaded = report.apply is not None and report.apply.reload.reloaded
@@ -250,7 +248,9 @@ class Cycles:
 
     def _synced(self, now: float, changed: bool) -> None:
         self.last_sync_ok = True
-        self.retry.synced(self.clock())
+        recovered = self.retry.synced(self.clock())
+        if recovered:
+            self.timeline.record("recovered", recovered)
         self.metrics.last_sync.set(now)
         in_sync = "in sync; last change installed " + time.strftime("%H:%M:%S") if changed else "in sync"
         if all(t.installed_once for t in self.templates.values()):
@@ -290,7 +290,7 @@ class Cycles:
         self.not_reloaded = found.detail
         self.retry.reload_owed(self.clock())
 
-    def _sync_failed(self, results: list[RenderResult], exc: ConfpyError) -> None:
+    def _sync_failed(self, results: list[RenderResult], exc: ConfpyError, kind: str, what: str) -> None:
         self.last_sync_ok = False
         self.last_sync_error = str(exc)
         for result in results:
@@ -298,6 +298,9 @@ class Cycles:
         # nginx names the file and line it refuses: one confpy installed means the rendered content
         # itself is at fault (still retried: the data or the templates may change).
         content_at_fault = isinstance(exc, CheckError) and any(str(r.template.destination) in str(exc) for r in results)
-        self.retry.sync_failed(self.clock(), str(exc), content_at_fault)
+        now = self.clock()
+        if self.retry.sync_failed(now, str(exc), content_at_fault):  # said once, then once per cap
+            retry = self.retry.state(now)
+            self.timeline.record(kind, f"{what}: {exc}" + (f"; {retry.describe()}" if retry else ""))
         if all(t.complete_once for t in self.templates.values()):
             self.readiness.ready(f"sync failed: {exc}")

@@ -71,4 +71,6 @@ def build_snapshot(
         pid_file=str(config.nginx.pid_file),
         registry_down_since=health.down_since,
         kept_members=kept_members(cycles),
+        sync_attempt=retry.attempt if retry is not None else 0,
+        sync_retry_in=max(0.0, retry.retry_in) if retry is not None else None,
     )

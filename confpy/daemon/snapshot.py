@@ -65,6 +65,9 @@ class StatusSnapshot:
     pid_file: str = ""
     registry_down_since: float | None = None
     kept_members: Mapping[str, tuple[ServiceInstance, ...]] = field(default_factory=dict)
+    # While a failed sync is retried: the attempt that comes next, and in how many seconds.
+    sync_attempt: int = 0
+    sync_retry_in: float | None = None
     registry_kind: RegistryKind = "consul"
 
     @property
@@ -119,6 +122,9 @@ class StatusSnapshot:
             **(consul if self.registry_kind == "consul" else {}),
             "last_sync_ok": self.last_sync_ok,
             "last_sync_error": "" if self.last_sync_ok else self.last_sync_error,
+            "sync_retry": None
+            if self.sync_retry_in is None
+            else {"attempt": self.sync_attempt, "retry_in_s": round(self.sync_retry_in, 1)},
             "pending": list(self.pending),
             "not_reloaded": self.not_reloaded,
             "cycles": self.cycles,

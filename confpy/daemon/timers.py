@@ -161,12 +161,13 @@ class SyncRetry:
 
     # --- what the daemon reports -----------------------------------------------------------
 
-    def sync_failed(self, now: float, error: str, content_at_fault: bool = False) -> None:
-        """A sync failed: retry it later (logged once per error, then once per backoff cap)."""
+    def sync_failed(self, now: float, error: str, content_at_fault: bool = False) -> bool:
+        """A sync failed: retry it later. True when this one was logged (once per error, then once
+        per backoff cap), for the other surfaces that must not flood either (the timeline)."""
         self.sync_at = self.sync_backoff.failed(now)
         self.last_error = error
         if not self.sync_failures.should_log(error, now):
-            return
+            return False
         attempts = self.sync_backoff.failures
         why = (
             "nginx refuses a line confpy rendered; retrying in case the data or templates change"
@@ -184,17 +185,21 @@ class SyncRetry:
             log.error(
                 "sync still failing after %d attempts: %s; %s in %.0f s", attempts, error, why, self.sync_at - now
             )
+        return True
 
-    def synced(self, now: float) -> None:
-        """A sync landed."""
+    def synced(self, now: float) -> str:
+        """A sync landed; after failures, the line that says so (else "")."""
+        recovered = ""
         if self.sync_backoff.failing:
             first = self.sync_backoff.first_failure
             took = now - first if first is not None else 0.0
-            log.info("sync recovered after %d attempts (%.0f s)", self.sync_backoff.failures + 1, took)
+            recovered = f"sync recovered after {self.sync_backoff.failures + 1} attempts ({took:.0f} s)"
+            log.info("%s", recovered)
         self.sync_backoff.succeeded()
         self.sync_failures.reset()
         self.sync_at = None
         self.last_error = ""
+        return recovered
 
     def reload_owed(self, now: float) -> None:
         """Installed files wait for a reload: look at nginx again later."""
