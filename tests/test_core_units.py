@@ -326,7 +326,9 @@ def _view(*ports: int) -> HealthView:
     return health_view_from_entries("web", [_entry(f"web-{p}", p) for p in ports])
 
 
-def _daemon(tmp_path: Path, template: str, registry: FakeRegistry, clock: FakeClock, wait_min: str = "1s") -> Daemon:
+def _daemon(
+    tmp_path: Path, template: str, registry: FakeRegistry, clock: FakeClock, wait_min: str = "1s", nginx_extra: str = ""
+) -> Daemon:
     source = tmp_path / "t.conf.j2"
     source.write_text(template)
     config_path = tmp_path / "confpy.toml"
@@ -334,6 +336,7 @@ def _daemon(tmp_path: Path, template: str, registry: FakeRegistry, clock: FakeCl
 [nginx]
 pid_file = "{tmp_path / "no-nginx.pid"}"
 check_cmd = "true"
+{nginx_extra}
 [wait]
 min = "{wait_min}"
 max = "5s"

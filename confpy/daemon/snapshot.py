@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from confpy.apply.live import LiveStatus
+from confpy.daemon.budget import BudgetView
 from confpy.daemon.timeline import TimelineEvent
 from confpy.model import HealthView, ServiceInstance
 from confpy.registry.view import REGISTRY_NAMES, RegistryKind
@@ -66,6 +67,7 @@ class StatusSnapshot:
     registry_down_since: float | None = None
     kept_members: Mapping[str, tuple[ServiceInstance, ...]] = field(default_factory=dict)
     registry_kind: RegistryKind = "consul"
+    budget: BudgetView | None = None
 
     @property
     def registry_name(self) -> str:
@@ -122,6 +124,7 @@ class StatusSnapshot:
             "pending": list(self.pending),
             "not_reloaded": self.not_reloaded,
             "cycles": self.cycles,
+            "reload_budget": self.budget.to_json() if self.budget is not None else None,
             "templates": [t.to_json() for t in self.templates],
             "timeline": [event.to_json() for event in self.timeline],
             "services": {
