@@ -1,6 +1,6 @@
 """confpy's benchmarks: each prints its figures and the command line that produced them.
 
-    python bench/run.py [propagation|churn|coalescing|scale|all] [--changes N] [--seconds S]
+    python bench/run.py [propagation|churn|coalescing|scale|drain|all] [--changes N] [--seconds S]
                         [--rounds R] [--registry etcd] [--by-hand-serial] [--services N] [--instances N]
 
 Everything runs on 127.0.0.1: dev-consul, nginx (backends are nginx `return 200` servers, so the
@@ -47,6 +47,7 @@ from confpy.dev.lab import (  # noqa: E402
     wait_until,
     write_config,
 )
+from confpy.dev.slow import GenerationSampler, SlowDownloads  # noqa: E402
 
 RELOAD_TEMPLATE = ROOT / "templates" / "nginx-upstreams.conf.j2"
 LIVE_TEMPLATE = ROOT / "templates" / "nginx-upstreams-live.conf.j2"
@@ -683,6 +684,120 @@ def bench_scale(services: int, instances: int) -> None:
             world.stop()
 
 
+@dataclass(frozen=True)
+class DrainRound:
+    label: str
+    peak_rss: int
+    mean_rss: float
+    most_draining: int
+    reloads: float
+    deferred: float
+    forced: float
+    landed_after: float  # seconds from the last change to nginx serving it (-1: not within the bound)
+    downloads_completed: int
+    downloads_failed: int
+
+
+def drain_round(label: str, budget: str, seconds: int, download_seconds: float) -> DrainRound:
+    """`seconds` of registry changes (one a second) while slow downloads keep old workers draining;
+    nginx's total RSS sampled every 0.5 s. Bounded: `seconds` of changes, then at most 120 s for the
+    last state to land and the downloads (started only while changes run) to end."""
+    tmp = Path(tempfile.mkdtemp(prefix="confpy-bench-drain-"))
+    consul = DevConsulProcess().start()
+    api = ConsulAPI(consul.url)
+    ports = [free_port() for _ in range(2)]
+    static = "\n".join(
+        f'server {{ listen 127.0.0.1:{p}; access_log off; location / {{ return 200 "App server {n}\\n"; }} }}'
+        for n, p in enumerate(ports, start=1)
+    )
+    slow = SlowDownloads(free_port(), seconds=download_seconds)
+    nginx = NginxInstance(tmp / "nginx", extra_http=static + "\n" + slow.server_block(), workers=2)
+    status_port = free_port()
+    config = write_config(
+        tmp / "confpy.toml",
+        consul.url,
+        nginx,
+        RELOAD_TEMPLATE,
+        status=f"127.0.0.1:{status_port}",
+        nginx_extra=budget,
+    )
+    confpy: ConfpyProcess | None = None
+    sampler = GenerationSampler(nginx.pid_file, interval=0.5)
+    try:
+        api.register("web", ports[0], id="web-1")
+        confpy = ConfpyProcess(config).start()
+        if not wait_until(lambda: nginx.destination.exists(), 60):
+            raise RuntimeError(confpy.output())
+        nginx.start()
+        sampler.start()
+        slow.start(every=0.5, for_seconds=seconds)
+        for second in range(seconds):
+            time.sleep(1)
+            if second % 2 == 0:
+                api.register("web", ports[1], id="web-2")
+            else:
+                api.deregister("web-2")
+        last_change = time.monotonic()
+        expected = {"App server 1", "App server 2"} if (seconds - 1) % 2 == 0 else {"App server 1"}
+        landed = wait_until(lambda: set(nginx.bodies(6)) == expected, 120, interval=0.1)
+        landed_after = time.monotonic() - last_change if landed else -1.0
+        slow.wait(max(1.0, 120 - (time.monotonic() - last_change)))
+        sampler.stop()
+        during = [s for s in sampler.samples if s[0] <= last_change]
+        rss = [s[2] for s in during] or [0]
+
+        def metric(name: str) -> float:
+            conn = http.client.HTTPConnection("127.0.0.1", status_port, timeout=10)
+            conn.request("GET", "/metrics")
+            for line in conn.getresponse().read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+            return 0.0
+
+        return DrainRound(
+            label,
+            max(rss),
+            sum(rss) / len(rss),
+            max((s[1] for s in during), default=0),
+            metric("confpy_reloads_total"),
+            metric("confpy_reloads_deferred_total"),
+            metric("confpy_reloads_forced_total"),
+            landed_after,
+            slow.completed,
+            slow.failed,
+        )
+    finally:
+        sampler.stop()
+        if confpy is not None:
+            confpy.stop()
+        nginx.stop()
+        consul.stop()
+        slow.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench_drain(seconds: int, download_seconds: float) -> None:
+    """Issue 33: nginx's memory under reload churn with long downloads, without and with the budget."""
+    header(f"drain: {seconds} s of changes (1/s), a {download_seconds:.0f} s download started every 0.5 s")
+    rounds = [
+        drain_round("without budget", "max_draining_generations = 1000000", seconds, download_seconds),
+        drain_round("with budget (3)", "max_draining_generations = 3", seconds, download_seconds),
+    ]
+    print(
+        f"{'round':<16} {'peak RSS':>10} {'mean RSS':>10} {'draining':>8} {'reloads':>7} {'deferred':>8} "
+        f"{'forced':>6} {'landed':>7} {'downloads ok/cut':>16}"
+    )
+    for r in rounds:
+        print(
+            f"{r.label:<16} {r.peak_rss / 1048576:>8.1f}Mi {r.mean_rss / 1048576:>8.1f}Mi {r.most_draining:>8} "
+            f"{r.reloads:>7.0f} {r.deferred:>8.0f} {r.forced:>6.0f} {r.landed_after:>6.1f}s "
+            f"{r.downloads_completed:>8}/{r.downloads_failed}"
+        )
+    before, after = rounds
+    if after.peak_rss:
+        print(f"peak nginx RSS without/with the budget: {before.peak_rss / after.peak_rss:.2f}x")
+
+
 def at_least_one(text: str) -> int:
     """argparse type: a whole number of at least 1 (no count or duration of a benchmark can be zero)."""
     try:
@@ -697,7 +812,7 @@ def at_least_one(text: str) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "which", nargs="?", default="all", choices=["propagation", "churn", "coalescing", "scale", "all"]
+        "which", nargs="?", default="all", choices=["propagation", "churn", "coalescing", "scale", "drain", "all"]
     )
     parser.add_argument(
         "--changes", type=at_least_one, default=100, help="propagation: membership changes per mode (default 100)"
@@ -719,6 +834,9 @@ def main() -> int:
         action="store_true",
         help="propagation: apply the by-hand baseline before polling starts (how 0.1 and 0.2 measured it)",
     )
+    parser.add_argument(
+        "--download-seconds", type=at_least_one, default=30, help="drain: how long each slow download lasts (30)"
+    )
     parser.add_argument("--services", type=at_least_one, default=1000)
     parser.add_argument("--instances", type=at_least_one, default=10)
     args = parser.parse_args()
@@ -730,6 +848,8 @@ def main() -> int:
         bench_coalescing()
     if args.which in ("scale", "all"):
         bench_scale(args.services, args.instances)
+    if args.which in ("drain", "all"):
+        bench_drain(args.seconds if args.which == "drain" else 60, args.download_seconds)
     return 0
 
 

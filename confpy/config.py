@@ -67,11 +67,19 @@ def _path(value: object, label: str) -> Path:
     return Path(_str(value, label))
 
 
-def _byte_count(value: object, label: str) -> int:
-    count = _int(value, label)
-    if count <= 0:
-        raise ConfigError(f"{label}: must be a positive number of bytes")
-    return count
+def _int_at_least(minimum: int, what: str) -> Parser[int]:
+    def parse(value: object, label: str) -> int:
+        number: int = _int(value, label)
+        if number < minimum:
+            raise ConfigError(f"{label}: must be {what}, got {number}")
+        return number
+
+    return parse
+
+
+_byte_count = _int_at_least(1, "a positive number of bytes")
+_byte_limit = _int_at_least(0, "a number of bytes (0 for no limit), not negative")
+_positive_int = _int_at_least(1, "at least 1")
 
 
 def _duration(value: object, label: str) -> float:
@@ -489,6 +497,25 @@ class NginxConfig:
     )
     live_allow_remote: bool = setting(
         parse=_bool, default=False, doc="allow a non-loopback `live_listen` (with an explicit `live_token_file`)"
+    )
+    max_draining_generations: int = setting(
+        parse=_positive_int,
+        default=3,
+        doc="the reload budget: a due reload waits while this many older generations of nginx workers still drain "
+        "their connections; see [operations.md](operations.md#the-reload-budget)",
+    )
+    max_draining_memory_bytes: int = setting(
+        parse=_byte_limit,
+        default=0,
+        doc_default="0 (off)",
+        doc="the reload budget: a due reload also waits while nginx's draining workers hold this many bytes (their "
+        "unique memory); an integer",
+    )
+    max_defer: float = setting(
+        parse=_positive_duration,
+        default="5m",
+        doc="the reload budget: a reload that waited this long happens anyway, with a warning recommending nginx's "
+        "`worker_shutdown_timeout`",
     )
     allow_no_reload: bool = setting(
         parse=_bool,

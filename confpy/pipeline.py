@@ -122,6 +122,14 @@ class SyncEngine:
         names pushed. Reload mode: nothing to push."""
         return await self.live.push_or_schedule() if self.live is not None else []
 
+    async def push_members(self, results: Sequence[RenderResult]) -> list[str]:
+        """Live mode, while a reload waits (the reload budget): push these renders' members to the
+        upstreams nginx already has (never a reload); the names pushed."""
+        if self.live is None:
+            return []
+        await self.live.note(results)
+        return await self.live.push_or_schedule()
+
     async def recheck_reload(self, destinations: Sequence[Path], settle: float) -> ReloadRecheck:
         """Installed files wait for a reload: reload nginx if it now runs with older workers.
 

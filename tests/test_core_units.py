@@ -330,11 +330,13 @@ def _view(*ports: int) -> HealthView:
 
 
 @starts_processes  # the daemon runs check_cmd (`true`) before it installs
-def _daemon(tmp_path: Path, template: str, registry: FakeRegistry, clock: FakeClock, wait_min: str = "1s") -> Daemon:
+def _daemon(
+    tmp_path: Path, template: str, registry: FakeRegistry, clock: FakeClock, wait_min: str = "1s", nginx_extra: str = ""
+) -> Daemon:
     source = tmp_path / "t.conf.j2"
     source.write_text(template)
     config_path = tmp_path / "confpy.toml"
-    config_path.write_text(stand_in_config(tmp_path, source, wait_min=wait_min, wait_max="5s"))
+    config_path.write_text(stand_in_config(tmp_path, source, nginx=nginx_extra, wait_min=wait_min, wait_max="5s"))
     (tmp_path / "state").mkdir()
     config = parse_config(config_path.read_text(), config_path, {})
 

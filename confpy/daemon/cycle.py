@@ -16,9 +16,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from confpy.apply.draining import DrainingReader
 from confpy.apply.files import read_bytes
 from confpy.apply.nginx import ReloadOutcome
 from confpy.config import Config, TemplateConfig
+from confpy.daemon.budget import RERUN_REASON, BudgetLimits, ReloadBudget, Verdict, metrics_hooks
 from confpy.daemon.events import ValueEvent
 from confpy.daemon.metrics import Metrics
 from confpy.daemon.quiescence import Quiescence
@@ -102,6 +104,15 @@ class Cycles:
             RetryPolicy(SYNC_RETRY_INITIAL, config.sync.max_backoff),
             RetryPolicy(SYNC_RETRY_INITIAL, RELOAD_RECHECK_INTERVAL),
         )
+        # A deferral is not a failure: the budget, not `retry`, runs what waits.
+        self.budget = ReloadBudget(
+            BudgetLimits.of(config.nginx),
+            DrainingReader(config.nginx.pid_file, wall_clock).read,
+            clock,
+            wall_clock,
+            metrics_hooks(metrics),
+        )
+        self.budget.rerun = self.run_deferred
 
     # --- what becomes due ------------------------------------------------------------------
 
@@ -158,6 +169,10 @@ class Cycles:
             # Nothing was installed this time (a render failed or lacked data): keep retrying.
             self.retry.sync_failed(self.clock(), self.last_sync_error)
 
+    async def run_deferred(self) -> None:
+        """The reload the budget held may happen now: render what waits from the current data."""
+        await self.cycle([], RERUN_REASON, {})
+
     # --- one cycle -------------------------------------------------------------------------
 
     def _render(self, state: TemplateState) -> RenderResult | None:
@@ -195,9 +210,15 @@ class Cycles:
     ) -> None:
         """Render `states`, watch what they use, install the complete renders as one transaction."""
         self.cycles += 1
+        states, reason, first_change = self._with_deferred(states, reason, first_change)
         results = [r for r in (self._render(s) for s in states) if r is not None]
         self._watch_what_templates_use()
         if not results:
+            self.budget.settled()
+            return
+        verdict = self._budget_verdict(results)
+        if verdict is not None and verdict.action == "defer":
+            await self._defer(results, verdict.why, reason, first_change)
             return
         if check_stale is None:
             check_stale = any(not self.templates[r.template.destination].installed_once for r in results)
@@ -206,10 +227,12 @@ class Cycles:
         except CheckError as exc:
             self.metrics.check_failures.inc()
             self._sync_failed(results, exc, "check_failed", "nginx -t failed, the previous files were restored")
+            self.budget.settled()
             return
         except ConfpyError as exc:
             self.metrics.install_failures.inc()
             self._sync_failed(results, exc, "rollback", "install failed, the previous files stay")
+            self.budget.settled()
             return
         now = self.wall_clock()
         reloaded = report.apply is not None and report.apply.reload.reloaded
@@ -224,6 +247,7 @@ class Cycles:
                 state.last_reload = now
         self._note_reload(report.not_reloaded, reloaded)
         if reloaded:
+            self.budget.reloaded(verdict)
             self.metrics.reloads.inc()
             done = self.clock()
             latencies = [done - first_change[path] for path in report.changed if path in first_change]
@@ -234,6 +258,8 @@ class Cycles:
                 f"reloaded nginx for {', '.join(p.name for p in report.changed)} ({reason})",
                 latency=max(latencies) if latencies else None,
             )
+        else:
+            self.budget.settled()
         pushed = await self.engine.push()
         if pushed:
             self.timeline.record("push", f"pushed members of {', '.join(sorted(pushed))} to nginx (no reload)")
@@ -245,6 +271,38 @@ class Cycles:
         if self.not_reloaded and report.not_reloaded is None:
             await self.recheck_reload()
         self._synced(now, bool(report.changed))
+
+    def _with_deferred(
+        self, states: list[TemplateState], reason: str, first_change: Mapping[Path, float]
+    ) -> tuple[list[TemplateState], str, Mapping[Path, float]]:
+        """This cycle's templates, with those of a reload the budget held (rendered anew: the newest data lands)."""
+        waiting = self.budget.take()
+        if waiting is None:
+            return states, reason, first_change
+        chosen = {s.config.destination: s for s in states}
+        chosen.update((d, self.templates[d]) for d in waiting.destinations if d in self.templates)
+        reasons = sorted(waiting.reasons | {r for r in reason.split("; ") if r and r != RERUN_REASON})
+        merged = {**waiting.first_change}
+        for path, at in first_change.items():
+            merged[path] = min(at, merged.get(path, at))
+        return list(chosen.values()), "; ".join(reasons or [RERUN_REASON])[:300], merged
+
+    def _budget_verdict(self, results: list[RenderResult]) -> Verdict | None:
+        """The budget's verdict when these renders would reload nginx (None: they would not)."""
+        changes, _ = self.engine.changes(results)
+        return self.budget.verdict() if changes else None
+
+    async def _defer(
+        self, results: list[RenderResult], why: str, reason: str, first_change: Mapping[Path, float]
+    ) -> None:
+        """Hold the whole install (files on disk keep matching nginx); live members are still pushed."""
+        self.budget.defer(why, [r.template.destination for r in results], reason, first_change)
+        self.timeline.record("deferred", f"reload deferred: {why}")
+        pushed = await self.engine.push_members(results)
+        if pushed:
+            self.timeline.record("push", f"pushed members of {', '.join(sorted(pushed))} to nginx (no reload)")
+        if not self.readiness.sent:
+            self.readiness.ready(f"reload deferred: {why}")
 
     def _synced(self, now: float, changed: bool) -> None:
         self.last_sync_ok = True

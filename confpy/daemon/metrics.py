@@ -92,6 +92,31 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
             registry=r,
         )
+        # The reload budget (daemon/budget.py): a deferral is not a skip (not a reason of reloads_skipped).
+        self.draining_generations = Gauge(
+            "confpy_nginx_draining_generations",
+            "Generations of nginx workers still draining connections after a reload (at the last look)",
+            registry=r,
+        )
+        self.draining_memory = Gauge(
+            "confpy_nginx_draining_memory_bytes",
+            "Memory held by nginx's draining workers (sum of their unique set sizes, at the last look)",
+            registry=r,
+        )
+        self.reloads_deferred = Counter(
+            "confpy_reloads_deferred", "Due reloads deferred by the reload budget (applied later)", registry=r
+        )
+        self.reloads_forced = Counter(
+            "confpy_reloads_forced",
+            "Deferred reloads applied anyway after max_defer although the budget was still exhausted",
+            registry=r,
+        )
+        self.reload_defer = Histogram(
+            "confpy_reload_defer_seconds",
+            "How long a deferred reload waited for the reload budget",
+            buckets=(1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0),
+            registry=r,
+        )
 
         # Series only for what has (or had) something to say: a thousand zero-valued series would
         # cost memory and scrape time for nothing.

@@ -61,6 +61,8 @@ PAGE = """<!doctype html>
   <ul>
     <li>master: {{ master }}</li>
     <li>last reload: {{ last_reload or "none since confpy started" }}</li>
+    {% if draining %}<li id="draining">{{ draining }}</li>{% endif %}
+    {% if deferred %}<li class="warn" id="deferred">{{ deferred }}</li>{% endif %}
     {% if not_reloaded %}<li class="warn">installed but not reloaded: {{ not_reloaded }}</li>{% endif %}
     {% if check_error %}<li class="error" id="check-error">last check: {{ check_error }}</li>{% endif %}
   </ul>
@@ -279,6 +281,10 @@ class StatusPage:
             master=_master(snapshot.pid_file),
             last_reload=_clock(max((t.last_reload or 0 for t in snapshot.templates), default=0) or None),
             not_reloaded=snapshot.not_reloaded,
+            draining=snapshot.budget.describe() if snapshot.budget else "",
+            deferred=f"reload deferred {snapshot.budget.deferred_for:.0f} s: {snapshot.budget.deferred}"
+            if snapshot.budget and snapshot.budget.deferred
+            else "",
             check_error="" if snapshot.last_sync_ok else snapshot.last_sync_error,
             upstreams=self._upstreams(snapshot, _latencies(events)),
             waiting=snapshot.waiting_for_first_answer,

@@ -73,4 +73,5 @@ def build_snapshot(
         kept_members=kept_members(cycles),
         sync_attempt=retry.attempt if retry is not None else 0,
         sync_retry_in=max(0.0, retry.retry_in) if retry is not None else None,
+        budget=cycles.budget.view(),
     )

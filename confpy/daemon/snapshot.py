@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from confpy.apply.live import LiveStatus
+from confpy.daemon.budget import BudgetView
 from confpy.daemon.timeline import TimelineEvent
 from confpy.model import HealthView, ServiceInstance
 from confpy.registry.view import REGISTRY_NAMES, RegistryKind
@@ -69,6 +70,7 @@ class StatusSnapshot:
     sync_attempt: int = 0
     sync_retry_in: float | None = None
     registry_kind: RegistryKind = "consul"
+    budget: BudgetView | None = None
 
     @property
     def registry_name(self) -> str:
@@ -128,6 +130,7 @@ class StatusSnapshot:
             "pending": list(self.pending),
             "not_reloaded": self.not_reloaded,
             "cycles": self.cycles,
+            "reload_budget": self.budget.to_json() if self.budget is not None else None,
             "templates": [t.to_json() for t in self.templates],
             "timeline": [event.to_json() for event in self.timeline],
             "services": {
