@@ -52,13 +52,17 @@ class TemplateState:
     last_render: float | None = None
     last_reload: float | None = None
     last_error: str = ""
-    checksum: str = ""
     kept: tuple[str, ...] = ()
+    # The installed bytes, hashed only when /status asks (not on every change's path).
+    content: bytes | None = field(default=None, repr=False)
+    _checksum: tuple[bytes | None, str] | None = field(default=None, repr=False)
 
-
-def installed_checksum(path: Path) -> str:
-    data = read_bytes(path)
-    return "" if data is None else "sha256:" + hashlib.sha256(data).hexdigest()
+    @property
+    def checksum(self) -> str:
+        if self._checksum is None or self._checksum[0] is not self.content:
+            digest = "" if self.content is None else "sha256:" + hashlib.sha256(self.content).hexdigest()
+            self._checksum = (self.content, digest)
+        return self._checksum[1]
 
 
 class Cycles:
@@ -87,14 +91,13 @@ class Cycles:
         self.wall_clock = wall_clock
         self.quiescence = Quiescence()
         self.memories: dict[Path, Memory] = {}  # read once the locks are held (and 0.1's files moved)
-        self.templates = {
-            t.destination: TemplateState(t, checksum=installed_checksum(t.destination)) for t in config.templates
-        }
+        self.templates = {t.destination: TemplateState(t, content=read_bytes(t.destination)) for t in config.templates}
         self.cycles = 0
         self.last_sync_ok = False
         self.last_sync_error = "no sync yet"
         self.not_reloaded = ""  # why installed files are not live in nginx yet (empty: they are)
         self.frozen = False  # gc.freeze() after the first complete sync
+        self._deps_changed = True  # a template's dependencies changed since the watches were synced
         self.saver = StateSaveTimer(lambda: self.engine.save_pending(self.memories), clock)
         self.retry = SyncRetry(
             self.resync,
@@ -170,7 +173,9 @@ class Cycles:
             if not self.readiness.sent:
                 self.readiness.ready(f"render failed: {exc}")  # systemd must not restart confpy for a template error
             return None
-        state.deps = result.dependencies
+        if result.dependencies != state.deps:  # compared at C speed: the set is the same after a member change
+            state.deps = result.dependencies
+            self._deps_changed = True
         state.missing = set(result.missing)
         if not result.complete:
             return None
@@ -180,6 +185,9 @@ class Cycles:
         return result
 
     def _watch_what_templates_use(self) -> None:
+        if not self._deps_changed:
+            return
+        self._deps_changed = False
         wanted: set[Dependency] = set().union(*(t.deps for t in self.templates.values()))
         diff = self.watches.sync(wanted)
         for dep in diff.removed:
@@ -221,7 +229,7 @@ class Cycles:
             state.last_error = ""
             state.kept = result.kept
             if result.content is not None:
-                state.checksum = "sha256:" + hashlib.sha256(result.content).hexdigest()
+                state.content = result.content
             if reloaded and result.template.destination in report.changed:
                 state.last_reload = now
         self._note_reload(report.not_reloaded, reloaded)

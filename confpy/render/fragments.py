@@ -135,7 +135,15 @@ class FragmentRecorder:
         self.loops: dict[int, LoopMemo] = {}
         self.loop_calls: set[int] = set()
         self.unchanged_fragments = 0
+        self.rendered_fragments = 0  # fragment bodies run (not reused)
         self.recording: list[Fragment] = []
+        # Live upstreams this render may have changed, as its loop memos' redone items say: valid
+        # unless a top-level loop had no memo (`loop_without_memo`) or a live effect happened
+        # outside top-level loops (`live_outside`), see `RenderResult.live_changed`.
+        self.live_changed: set[str] = set()
+        self.live_outside = False
+        self.loop_without_memo = False
+        self._in_loop = 0
 
     def lookup(self, dep: AnyDependency) -> tuple[bool, object]:
         """Record that the template uses `dep`; (whether the registry answered yet, its value)."""
@@ -183,6 +191,8 @@ class FragmentRecorder:
     def push_live(self, name: str, members: tuple[ServiceInstance, ...], settings: UpstreamSettings | None) -> None:
         """Live mode: an upstream's members (and its KV settings, when not the defaults) for the pusher."""
         self.live[name] = members
+        if not self._in_loop:
+            self.live_outside = True
         for fragment in self.recording:
             fragment.live[name] = members
         if settings is not None:
@@ -207,6 +217,8 @@ class FragmentRecorder:
     def _replay(self, fragment: Fragment) -> None:
         """Apply a reused fragment's effects, as if its body had run."""
         self.dependencies.update(fragment.reads)
+        if (fragment.live or fragment.live_settings) and not self._in_loop:
+            self.live_outside = True
         for name, service in fragment.upstreams:
             self._claim(name, service)
         if not self.recording:  # the common case: a top-level fragment, nothing else records
@@ -243,6 +255,7 @@ class FragmentRecorder:
             self.fragments[key] = cached
             return cached.text
         fragment = Fragment()
+        self.rendered_fragments += 1
         self.recording.append(fragment)
         try:
             fragment.text = str(body(*args))
@@ -262,7 +275,14 @@ class FragmentRecorder:
         can have changed; failing that, the items are checked one by one, inline."""
         if self.recording:
             return "".join([self.fragment((lineno, item), body, item) for item in items])
-        listed = tuple(items)
+        self._in_loop += 1
+        try:
+            return self._each_top(lineno, tuple(items), body)
+        finally:
+            self._in_loop -= 1
+
+    def _each_top(self, lineno: int, listed: tuple[object, ...], body: Callable[[object], str]) -> str:
+        """`each` at the top level: from the last render's memo when it can stand for this loop."""
         first_call = lineno not in self.loop_calls
         self.loop_calls.add(lineno)
         if not first_call:
@@ -276,6 +296,7 @@ class FragmentRecorder:
                     redo.update(memo.readers.get(cast(AnyDependency, dep), ()))
                 if len(redo) <= max(INCREMENTAL_REDO_MIN, len(listed) // 8):
                     return self._each_changed(lineno, memo, sorted(redo), body)
+        self.loop_without_memo = True
         texts = self._each_checked(lineno, listed, body)
         if first_call:
             self._memorize(lineno, listed, texts)
@@ -315,6 +336,12 @@ class FragmentRecorder:
             self.fragments.pop((lineno, listed[i]), None)
         for i in redo:
             texts[i] = self.fragment((lineno, listed[i]), body, listed[i])
+        for i in redo:
+            old, new = memo.fragments[i], self.fragments.get((lineno, listed[i]))
+            for done in (old, new):
+                if done is not None:
+                    self.live_changed.update(done.live)
+                    self.live_changed.update(done.live_settings)
         # The unchanged items' effects: the memo's, less the redone items' old share.
         upstreams, members = dict(memo.upstreams), dict(memo.members)
         live, live_settings = dict(memo.live), dict(memo.live_settings)
