@@ -64,9 +64,7 @@ class RegistryCost:
         return "\n".join(lines) + "\n"
 
 
-def registry_cost(
-    registry: str, wait: float, values: Mapping[Dependency, object], gateways: int = 1
-) -> RegistryCost:
+def registry_cost(registry: str, wait: float, values: Mapping[Dependency, object], gateways: int = 1) -> RegistryCost:
     """The cost of watching `values` (what a render fetched, dependency -> value)."""
     if gateways < 1:
         raise ValueError(f"gateways must be at least 1, got {gateways}")

@@ -193,6 +193,7 @@ class LiveAdmin:
             host = "127.0.0.1" if host in ("", "0.0.0.0") else ("::1" if host == "::" else host)
             self.base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         self._client: HTTPClient | None = None
+        self._last_answer: tuple[str, Any] | None = None  # a GET's text and what it decoded to
 
     async def close(self) -> None:
         if self._client is not None:
@@ -219,10 +220,17 @@ class LiveAdmin:
             raise LivePushError(
                 f"live admin API at {self.listen} is unreachable ({reason}); is the live template included in nginx?"
             ) from None
+        if method == "GET" and self._last_answer is not None and self._last_answer[0] == text:
+            return status, self._last_answer[1]  # GET /upstreams as last time: not decoded again
         try:
-            return status, json.loads(text)
+            data = json.loads(text)
         except ValueError:
             return status, {"error": text[:200]}
+        if method == "GET" and status == 200:
+            # nginx's whole member list (a megabyte at 1,000 upstreams x 10 members), read every
+            # CHECK_INTERVAL and nearly always the same: decoding it was most of an idle daemon's CPU.
+            self._last_answer = (text, data)
+        return status, data
 
     async def upstreams(self) -> dict[str, Any]:
         """GET /upstreams: every upstream nginx defines, with its version and members."""
@@ -400,6 +408,7 @@ class LiveSupervisor:
         self.drift_events: dict[str, float] = {}  # upstream -> Unix time of the last drift seen
         self.clock_wall: Callable[[], float] = time.time
         self.unavailable: dict[str, dict[str, float]] = {}
+        self._passive_of: object = None  # the GET /upstreams answer `unavailable` was read from
 
     def state_path(self, destination: Path) -> Path:
         return self.state.live_path_for(destination)
@@ -567,7 +576,11 @@ class LiveSupervisor:
         if drifted:
             self.known = None  # push what differs, from what nginx really serves
             await self.push_or_schedule("restoring members changed behind confpy's back")
-        unavailable = passive_unavailable(served)
+        if served is self._passive_of:
+            unavailable = self.unavailable  # the very answer as last time (see LiveAdmin._request)
+        else:
+            unavailable = passive_unavailable(served)
+            self._passive_of = served
         for name, members in unavailable.items():
             for member in sorted(set(members) - set(self.unavailable.get(name, {}))):
                 log.warning(

@@ -342,6 +342,11 @@ class FragmentRecorder:
                 if done is not None:
                     self.live_changed.update(done.live)
                     self.live_changed.update(done.live_settings)
+        fragments = list(memo.fragments)
+        for i in redo:
+            fragments[i] = self.fragments.get((lineno, listed[i]))
+        if all(_same_shape(fragments[i], memo.fragments[i]) for i in redo):
+            return self._each_same_shape(lineno, memo, redo, texts, fragments)
         # The unchanged items' effects: the memo's, less the redone items' old share.
         upstreams, members = dict(memo.upstreams), dict(memo.members)
         live, live_settings = dict(memo.live), dict(memo.live_settings)
@@ -361,7 +366,7 @@ class FragmentRecorder:
             for dep in old.reads:
                 dropped[dep] = dropped.get(dep, 0) + 1
         gone = {dep for dep, count in dropped.items() if memo.reads[dep] == count}
-        self.dependencies.update(memo.reads.keys() - gone if gone else memo.reads.keys())
+        self.dependencies.update(memo.reads.keys() - gone if gone else memo.reads)
         for name in upstreams.keys() & self.upstreams.keys():
             if self.upstreams[name] != upstreams[name]:
                 self._clash_in_loop(lineno, name, upstreams[name], memo, redo)
@@ -370,30 +375,50 @@ class FragmentRecorder:
         self.live.update(live)
         self.live_settings.update(live_settings)
         self.unchanged_fragments += len(listed) - len(redo)
-        fragments = list(memo.fragments)
+        self._memorize(lineno, listed, texts)
+        return "".join(texts)
+
+    def _each_same_shape(
+        self, lineno: int, memo: LoopMemo, redo: list[int], texts: list[str], fragments: list[Fragment | None]
+    ) -> str:
+        """`_each_changed` when every redone item has the effects it had (the usual case: a
+        member changed): the memo's effects apply whole, with the redone items' new values over
+        them, and nothing is taken out of copies of a thousand entries."""
+        listed = memo.items
+        # Only names claimed before this loop can clash with the memo's (the redone items claimed
+        # the same names as before): look at the smaller side.
+        claimed, unchanged = self.upstreams, memo.upstreams
+        small = claimed if len(claimed) <= len(unchanged) else unchanged
+        for name in small:
+            mine, theirs = claimed.get(name), unchanged.get(name)
+            if mine is not None and theirs is not None and mine != theirs:
+                self._clash_in_loop(lineno, name, theirs, memo, redo)
+        self.upstreams.update(unchanged)
+        # A dict (not its keys view) hands set.update the stored hashes: no __hash__ call per dependency.
+        self.dependencies.update(memo.reads)
+        members, live, live_settings = dict(memo.members), dict(memo.live), dict(memo.live_settings)
+        keyed = dict(memo.keyed)
         for i in redo:
-            fragments[i] = self.fragments.get((lineno, listed[i]))
-        if all(_same_shape(fragments[i], memo.fragments[i]) for i in redo):
-            keyed = dict(memo.keyed)
-            for i in redo:
-                new = fragments[i]
-                if new is not None and new.bulk:
-                    keyed[(lineno, listed[i])] = new
-                    members.update(new.members)
-                    live.update(new.live)
-                    live_settings.update(new.live_settings)
-            self.loops[lineno] = dataclasses.replace(
-                memo,
-                generation=self.data.generation,
-                texts=tuple(texts),
-                fragments=tuple(fragments),
-                keyed=keyed,
-                members=members,
-                live=live,
-                live_settings=live_settings,
-            )
-        else:
-            self._memorize(lineno, listed, texts)
+            new = fragments[i]
+            if new is not None and new.bulk:
+                keyed[(lineno, listed[i])] = new
+                members.update(new.members)
+                live.update(new.live)
+                live_settings.update(new.live_settings)
+        self.memory.members.update(members)
+        self.live.update(live)
+        self.live_settings.update(live_settings)
+        self.unchanged_fragments += len(listed) - len(redo)
+        self.loops[lineno] = dataclasses.replace(
+            memo,
+            generation=self.data.generation,
+            texts=tuple(texts),
+            fragments=tuple(fragments),
+            keyed=keyed,
+            members=members,
+            live=live,
+            live_settings=live_settings,
+        )
         return "".join(texts)
 
     def _clash_in_loop(self, lineno: int, name: str, unchanged: str, memo: LoopMemo, redo: list[int]) -> NoReturn:
