@@ -19,7 +19,7 @@ from confpy.apply.live import LiveUpstream, LiveUpstreams
 from confpy.config import parse_config
 from confpy.daemon.loop import Daemon
 from confpy.model import HealthView
-from confpy.plan import BYTES_PER_ANSWER, BYTES_PER_INSTANCE, registry_cost
+from confpy.plan import BYTES_PER_ANSWER, BYTES_PER_ETCD_KEY, BYTES_PER_INSTANCE, BYTES_PER_NAME, registry_cost
 from confpy.registry.base import CatalogServices, Dependency, KVTree, ServiceHealth
 from confpy.registry.consul_decode import health_view_from_entries
 from confpy.render.renderer import RenderResult
@@ -235,13 +235,24 @@ def test_registry_cost_arithmetic_for_one_gateway_and_a_fleet() -> None:
     one = registry_cost("Consul", 60.0, values)
     assert (one.watches, one.services, one.instances, one.largest_service) == (4, 2, 4, 3)
     assert one.idle_requests_per_minute == 4.0  # 4 long polls, each re-asked once a minute
-    assert one.requests_per_change == 1
-    assert one.bytes_per_change == BYTES_PER_ANSWER + 3 * BYTES_PER_INSTANCE
+    assert one.catalog_watches == 1 and one.requests_per_change == 2  # web's watch, and the catalog's
+    catalog = BYTES_PER_ANSWER + 2 * BYTES_PER_NAME
+    assert one.bytes_per_change == BYTES_PER_ANSWER + 3 * BYTES_PER_INSTANCE + catalog
     fleet = registry_cost("Consul", 30.0, values, gateways=1000)
     assert fleet.idle_requests_per_minute == 8.0 and fleet.fleet(fleet.idle_requests_per_minute) == 8000.0
-    assert fleet.fleet(fleet.requests_per_change) == 1000
+    assert fleet.fleet(fleet.requests_per_change) == 2000
     text = fleet.describe()
-    assert "4 x 60 s / wait 30 s" in text and "8,000.0 for 1000" in text and "1,000 for 1000" in text
+    assert "4 x 60 s / wait 30 s" in text and "8,000.0 for 1000" in text and "2,000 for 1000" in text
+    etcd = registry_cost("etcd", 60.0, values)
+    assert etcd.catalog_bytes == BYTES_PER_ANSWER + 4 * BYTES_PER_ETCD_KEY  # the range of every instance
+
+
+def test_registry_cost_without_a_catalog_listing() -> None:
+    values: dict[Dependency, object] = {ServiceHealth("web"): view("web", [1, 2])}
+    cost = registry_cost("Consul", 60.0, values, gateways=3)
+    assert (cost.watches, cost.catalog_watches, cost.requests_per_change) == (1, 0, 1)
+    assert cost.bytes_per_change == BYTES_PER_ANSWER + 2 * BYTES_PER_INSTANCE
+    assert cost.fleet(cost.bytes_per_change) == 3 * cost.bytes_per_change
 
 
 def test_registry_cost_refuses_no_gateways() -> None:
