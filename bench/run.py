@@ -1,7 +1,8 @@
 """confpy's benchmarks: each prints its figures and the command line that produced them.
 
-    python bench/run.py [propagation|churn|coalescing|scale|drain|all] [--changes N] [--seconds S]
+    python bench/run.py [propagation|churn|coalescing|scale|fleet|drain|all] [--changes N] [--seconds S]
                         [--rounds R] [--registry etcd] [--by-hand-serial] [--services N] [--instances N]
+                        [--mode reload|live] [--gateways N]
 
 Everything runs on 127.0.0.1: dev-consul, nginx (backends are nginx `return 200` servers, so the
 backends are never the bottleneck), confpy as a real daemon. Loops are bounded in count and time.
@@ -798,6 +799,155 @@ def bench_drain(seconds: int, download_seconds: float) -> None:
         print(f"peak nginx RSS without/with the budget: {before.peak_rss / after.peak_rss:.2f}x")
 
 
+def process_cpu(proc: psutil.Process) -> float:
+    """User + system CPU seconds of `proc` alone (its children, nginx -t and the like, excluded)."""
+    times = proc.cpu_times()
+    return times.user + times.system
+
+
+def process_written(proc: psutil.Process) -> tuple[int, int]:
+    """(bytes `proc` handed to write() and send(), bytes it caused to be written to storage)."""
+    io = proc.io_counters()
+    return io.write_chars, io.write_bytes
+
+
+@dataclass(frozen=True)
+class LiveScaleRun:
+    """Member changes of `web` with `services` services configured in live mode."""
+
+    services: int
+    latencies: list[float]
+    changes: int
+    cpu: float  # the daemon's own CPU seconds over those changes
+    written: tuple[int, int]
+    reloads: int
+
+
+def live_scale_run(services: int, instances: int, changes: int) -> LiveScaleRun:
+    with tempfile.TemporaryDirectory() as tmp:
+        world = World(Path(tmp), live=True, workers=1)
+        try:
+            world.register(1)
+            for s in range(services - 1):  # `web` is one of the `services`
+                for i in range(instances):
+                    world.api.register(f"svc{s:04d}", 20000 + i, id=f"svc{s:04d}-{i}")
+            world.start(timeout=300)
+            first_seen(world.nginx.port, "App server 1", timeout=60)
+            assert world.confpy is not None and world.confpy.proc is not None
+            proc = psutil.Process(world.confpy.proc.pid)
+            one_change(world, 2, world.register, world.deregister)  # warm: the first push after start walks all
+            time.sleep(2)  # the state file written after that change (1 s quiet) is not this run's
+            reloads, cpu0, written0 = world.nginx.reload_count(), process_cpu(proc), process_written(proc)
+            latencies = add_remove_changes(world, changes, world.register, world.deregister)
+            time.sleep(1.5)  # the state file's write after the last change (1 s quiet) counts too
+            cpu1, written2 = process_cpu(proc), process_written(proc)
+            return LiveScaleRun(
+                services,
+                latencies,
+                2 * changes,  # each timed change adds a member and removes it again
+                cpu1 - cpu0,
+                (written2[0] - written0[0], written2[1] - written0[1]),
+                world.nginx.reload_count() - reloads,
+            )
+        finally:
+            world.stop()
+
+
+def bench_scale_live(services: int, instances: int, changes: int) -> None:
+    header(
+        f"4b. Scale, live mode: member change -> first request served, with 1 service and with {services} services "
+        f"x {instances} instances ({changes} changes each, one run)"
+    )
+    if not lua_available():
+        print("  skipped: nginx has no Lua module")
+        return
+    runs = [live_scale_run(1, instances, changes), live_scale_run(services, instances, changes)]
+    for run in runs:
+        per = run.changes
+        print(
+            f"  {run.services:>5} services: {fmt_ms(run.latencies)}; reloads {run.reloads}; "
+            f"daemon CPU {run.cpu / per * 1000:.2f} ms/change (children excluded); "
+            f"written {run.written[0] / per / 1024:.1f} KiB/change by write()/send(), "
+            f"{run.written[1] / per / 1024:.1f} KiB/change to storage"
+        )
+    one, many = runs
+    print(
+        f"  p50 ratio {services} services / 1 service: "
+        f"{propagation_verdict(many.latencies, one.latencies, paired=False, limit=1.5)}"
+    )
+    print("  targets (issue 35): ratio <= 1.5x, zero reloads; CPU <= 2 ms/change at 1 service, <= 4 ms at 1,000")
+
+
+def bench_fleet(gateways: int, changes: int, registry: str = "consul") -> None:
+    header(
+        f"5. Fleet: {gateways} daemons following one {registry} registry, each its own destination "
+        f'(check_cmd = "true", reload_cmd = "true"); {changes} member changes'
+    )
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        world = World(tmp / "world", registry=registry)
+        daemons: list[tuple[ConfpyProcess, int, Path]] = []
+        try:
+            world.register(1)
+            for g in range(gateways):
+                folder = tmp / f"gw{g:02d}"
+                folder.mkdir()
+                port = free_port()
+                config = folder / "confpy.toml"
+                text = world.config.read_text()
+                text = text.replace(str(world.nginx.destination), str(folder / "upstreams.conf"))
+                text = text.replace(str(tmp / "world" / "confpy-state"), str(folder / "state"))
+                text = re.sub(r'check_cmd = ".*"', 'check_cmd = "true"\nreload_cmd = "true"', text)
+                text = re.sub(r'listen = "127\.0\.0\.1:\d+"', f'listen = "127.0.0.1:{port}"', text)
+                config.write_text(text)
+                daemons.append((ConfpyProcess(config).start(), port, folder / "upstreams.conf"))
+            for proc, _, dest in daemons:
+                if not wait_until(dest.exists, 60):
+                    raise RuntimeError(proc.output())
+            time.sleep(2)
+            procs = [psutil.Process(d.proc.pid) for d, _, _ in daemons if d.proc is not None]
+
+            def requests() -> float:
+                total = 0.0
+                for _, port, _ in daemons:
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                    conn.request("GET", "/metrics")
+                    for line in conn.getresponse().read().decode().splitlines():
+                        if line.startswith("confpy_registry_requests_total"):
+                            total += float(line.split()[-1])
+                return total
+
+            slowest: list[float] = []
+            req0, cpu0 = requests(), sum(process_cpu(p) for p in procs)
+            for n in range(changes):
+                member = 2 + n % 2
+                seen = [d.output().count("installed ") for d, _, _ in daemons]
+                started = time.time()
+                world.register(member)
+                for (d, _, _), count in zip(daemons, seen, strict=True):
+                    wait_until(lambda d=d, c=count: d.output().count("installed ") > c, 30, 0.01)
+                done = []
+                for d, _, _ in daemons:
+                    lines = [x for x in d.output().splitlines() if "installed " in x]
+                    done.append(log_time(lines[-1]) - started)
+                slowest.append(max(done))
+                time.sleep(0.3)
+                world.deregister(member)
+                time.sleep(0.5)
+            req1, cpu1 = requests(), sum(process_cpu(p) for p in procs)
+            per = 2 * changes  # each change is registered and removed again
+            print(f"  slowest gateway's convergence (write -> installed, confpy's log): {fmt_ms(slowest)}")
+            print(
+                f"  registry requests per gateway per change: {(req1 - req0) / gateways / per:.2f}; "
+                f"fleet CPU per change: {(cpu1 - cpu0) / per * 1000:.1f} ms "
+                f"({(cpu1 - cpu0) / per / gateways * 1000:.2f} ms per daemon, children excluded)"
+            )
+        finally:
+            for d, _, _ in daemons:
+                d.stop()
+            world.stop()
+
+
 def at_least_one(text: str) -> int:
     """argparse type: a whole number of at least 1 (no count or duration of a benchmark can be zero)."""
     try:
@@ -812,8 +962,15 @@ def at_least_one(text: str) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "which", nargs="?", default="all", choices=["propagation", "churn", "coalescing", "scale", "drain", "all"]
+        "which",
+        nargs="?",
+        default="all",
+        choices=["propagation", "churn", "coalescing", "scale", "fleet", "drain", "all"],
     )
+    parser.add_argument(
+        "--mode", choices=["reload", "live"], default="reload", help="scale: reload mode (nginx -t) or live mode"
+    )
+    parser.add_argument("--gateways", type=at_least_one, default=20, help="fleet: daemons following one registry")
     parser.add_argument(
         "--changes", type=at_least_one, default=100, help="propagation: membership changes per mode (default 100)"
     )
@@ -846,8 +1003,12 @@ def main() -> int:
         bench_churn(args.seconds, args.rounds)
     if args.which in ("coalescing", "all"):
         bench_coalescing()
-    if args.which in ("scale", "all"):
+    if args.which in ("scale", "all") and args.mode == "reload":
         bench_scale(args.services, args.instances)
+    if args.which == "scale" and args.mode == "live":
+        bench_scale_live(args.services, args.instances, min(args.changes, 40))
+    if args.which == "fleet":
+        bench_fleet(args.gateways, min(args.changes, 20), args.registry)
     if args.which in ("drain", "all"):
         bench_drain(args.seconds if args.which == "drain" else 60, args.download_seconds)
     return 0

@@ -158,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     admin.add_parser(sub)
 
+    plan = sub.add_parser(
+        "plan", help="print what this configuration will cost the registry (one dry render; nothing is changed)"
+    )
+    plan.add_argument(
+        "--gateways", type=_gateways, default=1, help="also for N gateways following the same registry (default 1)"
+    )
     demo = sub.add_parser("demo", help="run the end-to-end demo on loopback (dev-consul, backends, nginx, confpy)")
     demo.add_argument("--keep-running", action="store_true", help="leave everything up and print what to try by hand")
     demo.add_argument(
@@ -201,6 +207,36 @@ def run_templates(args: argparse.Namespace) -> int:
     for name in builtin.template_names():
         print(f"builtin:{name:<34} {builtin.template_summary(name)}")
     return EXIT_OK
+
+
+def _gateways(text: str) -> int:
+    """argparse type for --gateways: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--gateways needs a whole number of gateways, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--gateways needs at least 1 gateway, got {value}")
+    return value
+
+
+async def plan_cost(config: Config, gateways: int) -> str:
+    """`confpy plan`: render once (fetching what the templates use, installing nothing) and
+    print what watching it costs the registry."""
+    from confpy.pipeline import SyncEngine
+    from confpy.plan import registry_cost
+    from confpy.registry.factory import open_registry
+    from confpy.render.datasource import DataSource
+
+    engine = SyncEngine(config)
+    registry = open_registry(config)
+    try:
+        data = DataSource()
+        await engine.resolve(registry, data, engine.load_memories())
+    finally:
+        await registry.close()
+        await engine.close()
+    return registry_cost(config.registry_name, config.registry_wait, data.snapshot(), gateways).describe()
 
 
 async def sync_once(config: Config, dry_run: bool) -> SyncReport:
@@ -274,6 +310,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             from confpy.admin import command as admin
 
             return admin.run(args, environ)
+        if args.command == "plan":
+            sys.stdout.write(asyncio.run(plan_cost(_load(args, environ), args.gateways)))
+            return EXIT_OK
         if args.command == "demo":
             from confpy.dev.demo import run_demo
 

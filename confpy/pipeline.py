@@ -15,7 +15,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from confpy.apply.files import StateStore, destination_locks, ensure_writable, read_bytes, remove_leftover_temp_files
+from confpy.apply.files import (
+    KnownFiles,
+    StateStore,
+    destination_locks,
+    ensure_writable,
+    read_bytes,
+    remove_leftover_temp_files,
+)
 from confpy.apply.installer import ApplyReport, Change, Installer
 from confpy.apply.live import LiveHooks, LiveStatus, LiveSupervisor, lua_dir, state_bytes
 from confpy.apply.nginx import NginxChecker, NginxReloader, ReloadOutcome, check_candidates
@@ -102,8 +109,14 @@ class SyncEngine:
         }
         self.reloader = NginxReloader(config.nginx)
         self.installer = Installer(NginxChecker(config.nginx), self.reloader, self.state)
+        # What confpy last compared with or installed at each destination (and live state file):
+        # a change compares its render with these bytes, reading a file again only when its stat
+        # says someone else wrote it.
+        self.files = KnownFiles()
         self.live = (
-            LiveSupervisor(config, self.state, self.reloader, hooks=live_hooks) if config.nginx.mode == "live" else None
+            LiveSupervisor(config, self.state, self.reloader, hooks=live_hooks, files=self.files)
+            if config.nginx.mode == "live"
+            else None
         )
         # Written by `save_pending`, off the path of a change: destinations whose remembered
         # members changed, and live renders whose state file waits.
@@ -244,7 +257,7 @@ class SyncEngine:
         unchanged: list[Path] = []
         for result in results:
             assert result.content is not None
-            old = read_bytes(result.template.destination)
+            old = self.files.read(result.template.destination)
             if old == result.content:
                 unchanged.append(result.template.destination)
             else:
@@ -269,7 +282,14 @@ class SyncEngine:
         if not changes and check_stale:
             report.apply = await self._reload_if_stale([r.template.destination for r in results])
         if changes:
-            report.apply = await self._transaction(changes, reason)
+            try:
+                report.apply = await self._transaction(changes, reason)
+            except BaseException:
+                for change in changes:  # rolled back: read again next time
+                    self.files.forget(change.destination)
+                raise
+            for change in changes:
+                self.files.note(change.destination, change.new)
             report.changed = [c.destination for c in changes]
         self._warn(results)
         if report.apply is not None and report.apply.reload.reloaded and self.live is not None:

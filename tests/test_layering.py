@@ -42,6 +42,7 @@ LAYERS: dict[str, int] = {
     "watch": 3, "render": 3,
     "apply": 4,
     "pipeline": 5,
+    "plan": 5,
     "daemon": 6,
     "admin": 7, "dev": 7,
     "cli": 8,

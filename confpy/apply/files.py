@@ -38,6 +38,60 @@ def read_bytes(path: Path) -> bytes | None:
         raise InstallError(f"{path}: cannot read the current file: {exc.strerror}") from None
 
 
+class KnownFiles:
+    """The bytes of files confpy itself compared or wrote last, so a change compares its render
+    with memory instead of reading the whole file again.
+
+    A file is read again only when its stat (inode, size, modification and change times) differs
+    from when it was noted: someone else wrote it. `bytes_read` and `bytes_written` count the disk
+    traffic, so tests can see that a change's cost does not grow with the file.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[Path, tuple[tuple[int, int, int, int], bytes]] = {}
+        self.bytes_read = 0
+        self.bytes_written = 0
+
+    @staticmethod
+    def _stat_key(path: Path) -> tuple[int, int, int, int] | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def read(self, path: Path) -> bytes | None:
+        """As `read_bytes`, from memory while the file is as confpy last saw it."""
+        key = self._stat_key(path)
+        known = self._known.get(path)
+        if key is not None and known is not None and known[0] == key:
+            return known[1]
+        data = read_bytes(path)
+        if data is not None:
+            self.bytes_read += len(data)
+            self.note(path, data)
+        else:
+            self._known.pop(path, None)
+        return data
+
+    def note(self, path: Path, data: bytes) -> None:
+        """`path` now holds `data` (confpy just wrote or read it)."""
+        key = self._stat_key(path)
+        if key is None:
+            self._known.pop(path, None)
+        else:
+            self._known[path] = (key, data)
+
+    def forget(self, path: Path) -> None:
+        self._known.pop(path, None)
+
+    def write(self, path: Path, data: bytes, mode: int | None = None) -> None:
+        """`atomic_write`, then remember the bytes."""
+        atomic_write(path, data, mode)
+        self.bytes_written += len(data)
+        self.note(path, data)
+
+
 def _explain(path: Path, exc: OSError) -> str:
     if exc.errno == errno.ENOENT and path.parent.is_dir():
         return f"{path}: cannot create a file in {path.parent} ({exc.strerror}); is it a writable file system?"

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import confpy
-from confpy.apply.files import StateStore, atomic_write, read_bytes
+from confpy.apply.files import KnownFiles, StateStore
 from confpy.apply.nginx import NginxReloader
 from confpy.config import Config, split_host_port
 from confpy.errors import ConfpyError
@@ -230,6 +230,7 @@ class LiveAdmin:
             host = "127.0.0.1" if host in ("", "0.0.0.0") else ("::1" if host == "::" else host)
             self.base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         self._client: HTTPClient | None = None
+        self._last_answer: tuple[str, Any] | None = None  # a GET's text and what it decoded to
 
     async def close(self) -> None:
         if self._client is not None:
@@ -256,10 +257,17 @@ class LiveAdmin:
             raise LivePushError(
                 f"live admin API at {self.listen} is unreachable ({reason}); is the live template included in nginx?"
             ) from None
+        if method == "GET" and self._last_answer is not None and self._last_answer[0] == text:
+            return status, self._last_answer[1]  # GET /upstreams as last time: not decoded again
         try:
-            return status, json.loads(text)
+            data = json.loads(text)
         except ValueError:
             return status, {"error": text[:200]}
+        if method == "GET" and status == 200:
+            # nginx's whole member list (a megabyte at 1,000 upstreams x 10 members), read every
+            # CHECK_INTERVAL and nearly always the same: decoding it was most of an idle daemon's CPU.
+            self._last_answer = (text, data)
+        return status, data
 
     async def upstreams(self) -> dict[str, Any]:
         """GET /upstreams: every upstream nginx defines, with its version and members."""
@@ -301,6 +309,7 @@ class LiveUpstreams:
 
     def __init__(self) -> None:
         self._cache: dict[str, tuple[tuple[ServiceInstance, ...], UpstreamSettings, LiveUpstream]] = {}
+        self._json: dict[str, tuple[LiveUpstream, str]] = {}
         self.hosts = HostAddresses()
 
     def _stale(self, name: str, instances: tuple[ServiceInstance, ...], settings: UpstreamSettings) -> bool:
@@ -327,27 +336,46 @@ class LiveUpstreams:
     def desired(self, result: RenderResult) -> dict[str, LiveUpstream]:
         """The members every live upstream of `result` should have (upstreams with none keep what nginx has)."""
         wanted: dict[str, LiveUpstream] = {}
-        for name, instances in result.live.items():
-            if instances:
-                wanted[name] = self.get(name, instances, result.live_settings.get(name, NO_SETTINGS))
-            else:
-                log.warning(
-                    "%s: upstream %s has no member to push; nginx keeps its current members",
-                    result.template.destination,
-                    name,
-                )
+        for name in result.live:
+            self.update(wanted, result, name)
         return wanted
 
+    def update(self, wanted: dict[str, LiveUpstream], result: RenderResult, name: str) -> None:
+        """Set (or drop) upstream `name` of `wanted` as `result` has it."""
+        instances = result.live.get(name)
+        if instances:
+            wanted[name] = self.get(name, instances, result.live_settings.get(name, NO_SETTINGS))
+            return
+        wanted.pop(name, None)
+        if instances is not None:
+            log.warning(
+                "%s: upstream %s has no member to push; nginx keeps its current members",
+                result.template.destination,
+                name,
+            )
+
+    def state_json(self, name: str, upstream: LiveUpstream) -> str:
+        """One upstream's entry in the state file, serialized once per version."""
+        cached = self._json.get(name)
+        if cached is None or cached[0] is not upstream:
+            cached = self._json[name] = (
+                upstream,
+                json.dumps(upstream.to_json(), sort_keys=True, separators=(",", ":")),
+            )
+        return cached[1]
+
     def state_bytes(self, result: RenderResult) -> bytes:
-        """A live template's member state file, as nginx's init_by_lua reads it."""
-        upstreams = {
-            name: self.get(name, instances, result.live_settings.get(name, NO_SETTINGS)).to_json()
+        """A live template's member state file, as nginx's init_by_lua reads it: the bytes of
+        `json.dumps({"upstreams": ..., "version": 1}, sort_keys=True)`, each upstream's part kept
+        from its last serialization (only changed upstreams are serialized again)."""
+        parts = [
+            json.dumps(name)
+            + ":"
+            + self.state_json(name, self.get(name, instances, result.live_settings.get(name, NO_SETTINGS)))
             for name, instances in sorted(result.live.items())
             if instances
-        }
-        return (
-            json.dumps({"version": 1, "upstreams": upstreams}, sort_keys=True, separators=(",", ":")) + "\n"
-        ).encode()
+        ]
+        return ('{"upstreams":{' + ",".join(parts) + '},"version":1}\n').encode()
 
 
 async def state_bytes(result: RenderResult) -> bytes:
@@ -401,6 +429,7 @@ class LiveSupervisor:
         reloader: NginxReloader,
         clock: Callable[[], float] = time.monotonic,
         hooks: LiveHooks | None = None,
+        files: KnownFiles | None = None,
     ) -> None:
         self.config = config
         self.registry = registry_view(config)  # retries back off as far as the registry's max_backoff
@@ -411,8 +440,13 @@ class LiveSupervisor:
         # What nginx is known to serve; None after a failure or when nginx may have restarted.
         self.known: dict[str, str | None] | None = None
         self._by_template: dict[Path, dict[str, LiveUpstream]] = {}
+        self._noted: dict[Path, int] = {}  # the serial of each template's render last noted
         self.upstreams = LiveUpstreams()
         self.wanted: dict[str, LiveUpstream] = {}
+        # Upstreams of `wanted` changed since the last successful push; None: look at every one.
+        self._dirty: set[str] | None = None
+        self.walked = 0  # upstreams looked at by `note` and `push` (tests: it must not grow with the catalog)
+        self.files = files if files is not None else KnownFiles()  # the state files' bytes, as last written
         self.error = ""
         self.backoff = Backoff(RetryPolicy(INITIAL_RETRY, self.registry.max_backoff))
         self.retry_at: float | None = None
@@ -427,6 +461,7 @@ class LiveSupervisor:
         self.drift_events: dict[str, float] = {}  # upstream -> Unix time of the last drift seen
         self.clock_wall: Callable[[], float] = time.time
         self.unavailable: dict[str, dict[str, float]] = {}
+        self._passive_of: object = None  # the GET /upstreams answer `unavailable` was read from
 
     def state_path(self, destination: Path) -> Path:
         return self.state.live_path_for(destination)
@@ -440,9 +475,34 @@ class LiveSupervisor:
         """Take each template's wanted members (a cycle may render only some templates: the
         other templates' members are kept); their host names are resolved off the loop."""
         await self.upstreams.resolve(results)
+        touched: set[str] = set()
+        everything = False
         for result in results:
-            self._by_template[result.template.destination] = self.upstreams.desired(result)
-        self.wanted = {name: up for wanted in self._by_template.values() for name, up in wanted.items()}
+            dest = result.template.destination
+            mine = self._by_template.get(dest)
+            if mine is not None and result.live_changed is not None and self._noted.get(dest) == result.live_base:
+                # Only the upstreams the render redid: the others are the very ones noted last time.
+                for name in result.live_changed:
+                    self.upstreams.update(mine, result, name)
+                touched.update(result.live_changed)
+                self.walked += len(result.live_changed)
+            else:
+                self._by_template[dest] = self.upstreams.desired(result)
+                self.walked += len(result.live)
+                everything = True
+            self._noted[dest] = result.serial
+        if everything:
+            self.wanted = {name: up for wanted in self._by_template.values() for name, up in wanted.items()}
+            self._dirty = None
+            return
+        for name in touched:
+            found = [wanted[name] for wanted in self._by_template.values() if name in wanted]
+            if found:
+                self.wanted[name] = found[-1]  # as the merge above: the last template's wins
+            else:
+                self.wanted.pop(name, None)
+        if self._dirty is not None:
+            self._dirty.update(touched)
 
     def save_state(self, results: Sequence[RenderResult]) -> None:
         """Write each live template's state file (atomically, when it changed).
@@ -454,8 +514,8 @@ class LiveSupervisor:
             if result.live:
                 path = self.state_path(result.template.destination)
                 data = self.upstreams.state_bytes(result)
-                if read_bytes(path) != data:
-                    atomic_write(path, data, 0o644)
+                if self.files.read(path) != data:
+                    self.files.write(path, data, 0o644)
 
     def nginx_reloaded(self) -> None:
         """nginx has new workers: ask it what it serves before the next push."""
@@ -465,6 +525,7 @@ class LiveSupervisor:
     async def push(self) -> list[str]:
         """Push every upstream whose version in nginx differs; skipped while nginx is not running."""
         if not self.wanted:
+            self._dirty = set()
             return []
         try:
             return await self._push()
@@ -476,12 +537,16 @@ class LiveSupervisor:
             raise
 
     async def _push(self) -> list[str]:
-        if self.known is None or any(name not in self.known for name in self.wanted):
+        dirty = self._dirty if self.known is not None else None
+        names = sorted(self.wanted) if dirty is None else sorted(name for name in dirty if name in self.wanted)
+        self.walked += len(names)
+        if self.known is None or any(name not in self.known for name in names):
             self.known = await self.admin.versions()
         current = self.known
         pushed = []
         try:
-            for name, upstream in sorted(self.wanted.items()):
+            for name in names:
+                upstream = self.wanted[name]
                 if name not in current:
                     continue  # not in nginx's configuration yet: it arrives with the reload, members from the state file
                 if current[name] != upstream.version:
@@ -497,6 +562,7 @@ class LiveSupervisor:
         except LivePushError:
             self.known = None
             raise
+        self._dirty = set()
         return pushed
 
     def pushed(self) -> None:
@@ -564,7 +630,11 @@ class LiveSupervisor:
         if drifted:
             self.known = None  # push what differs, from what nginx really serves
             await self.push_or_schedule("restoring members changed behind confpy's back")
-        unavailable = passive_unavailable(served)
+        if served is self._passive_of:
+            unavailable = self.unavailable  # the very answer as last time (see LiveAdmin._request)
+        else:
+            unavailable = passive_unavailable(served)
+            self._passive_of = served
         for name, members in unavailable.items():
             for member in sorted(set(members) - set(self.unavailable.get(name, {}))):
                 log.warning(

@@ -21,13 +21,12 @@ from confpy.apply.files import read_bytes
 from confpy.apply.nginx import ReloadOutcome
 from confpy.config import Config, TemplateConfig
 from confpy.daemon.budget import RERUN_REASON, BudgetLimits, ReloadBudget, Verdict, metrics_hooks
-from confpy.daemon.events import ValueEvent
 from confpy.daemon.metrics import Metrics
 from confpy.daemon.quiescence import Quiescence
 from confpy.daemon.timeline import Timeline
 from confpy.daemon.timers import RELOAD_RECHECK_INTERVAL, Readiness, StateSaveTimer, SyncRetry
 from confpy.errors import CheckError, ConfpyError, RenderError
-from confpy.model import Memory, describe_change
+from confpy.model import Memory
 from confpy.pipeline import SyncEngine
 from confpy.registry.base import Dependency
 from confpy.render.datasource import DataSource
@@ -37,7 +36,6 @@ from confpy.watch.watchset import WatchSet
 
 log = logging.getLogger(__name__)
 
-TEMPLATE_SUFFIXES = (".j2", ".jinja", ".tmpl")
 NGINX_START_SETTLE = 1.0  # seconds: see SyncEngine.recheck_reload
 SYNC_RETRY_INITIAL = 1.0
 
@@ -54,13 +52,17 @@ class TemplateState:
     last_render: float | None = None
     last_reload: float | None = None
     last_error: str = ""
-    checksum: str = ""
     kept: tuple[str, ...] = ()
+    # The installed bytes, hashed only when /status asks (not on every change's path).
+    content: bytes | None = field(default=None, repr=False)
+    _checksum: tuple[bytes | None, str] | None = field(default=None, repr=False)
 
-
-def installed_checksum(path: Path) -> str:
-    data = read_bytes(path)
-    return "" if data is None else "sha256:" + hashlib.sha256(data).hexdigest()
+    @property
+    def checksum(self) -> str:
+        if self._checksum is None or self._checksum[0] is not self.content:
+            digest = "" if self.content is None else "sha256:" + hashlib.sha256(self.content).hexdigest()
+            self._checksum = (self.content, digest)
+        return self._checksum[1]
 
 
 class Cycles:
@@ -89,14 +91,13 @@ class Cycles:
         self.wall_clock = wall_clock
         self.quiescence = Quiescence()
         self.memories: dict[Path, Memory] = {}  # read once the locks are held (and 0.1's files moved)
-        self.templates = {
-            t.destination: TemplateState(t, checksum=installed_checksum(t.destination)) for t in config.templates
-        }
+        self.templates = {t.destination: TemplateState(t, content=read_bytes(t.destination)) for t in config.templates}
         self.cycles = 0
         self.last_sync_ok = False
         self.last_sync_error = "no sync yet"
         self.not_reloaded = ""  # why installed files are not live in nginx yet (empty: they are)
         self.frozen = False  # gc.freeze() after the first complete sync
+        self._deps_changed = True  # a template's dependencies changed since the watches were synced
         self.saver = StateSaveTimer(lambda: self.engine.save_pending(self.memories), clock)
         self.retry = SyncRetry(
             self.resync,
@@ -115,41 +116,6 @@ class Cycles:
         self.budget.rerun = self.run_deferred
 
     # --- what becomes due ------------------------------------------------------------------
-
-    def on_value(self, event: ValueEvent) -> None:
-        """A watched dependency's new value: store it; every template that uses it becomes due."""
-        dep = event.dep
-        found, old = self.data.get(dep)
-        if not self.data.set(dep, event.value):
-            return
-        if found:
-            change = describe_change(old, event.value)
-            log.info("%s changed: %s (index %d)", dep.describe(), change, event.index)
-            self.timeline.record("change", change, dep.describe())
-        for state in self.templates.values():
-            if dep not in state.deps:
-                continue
-            if not state.complete_once:
-                # Waiting for a first complete render: render again as soon as the data it lacked
-                # has arrived (it may then ask for more, e.g. one service per catalog entry).
-                state.missing.discard(dep)
-                if not state.missing:
-                    self._due(state, event.seen, "first data", immediate=True)
-            else:
-                self._due(state, event.seen, f"{dep.describe()} changed")
-                self.retry.poke(event.seen)
-
-    def on_file(self, path: Path) -> None:
-        """A file in a template folder changed: the templates it may be part of are due at once."""
-        for state in self.templates.values():
-            source = state.config.source
-            if path == source or (path.parent == source.parent and path.suffix in TEMPLATE_SUFFIXES):
-                log.info("template file %s changed; re-rendering %s", path, state.config.destination)
-                self._due(state, self.clock(), f"template {path.name} edited", immediate=True)
-
-    def _due(self, state: TemplateState, now: float, reason: str, immediate: bool = False) -> None:
-        wait = self.config.wait_for(state.config)
-        self.quiescence.change(state.config.destination, now, wait, reason, immediate=immediate)
 
     async def run_due(self) -> None:
         """Run one cycle for every template whose quiescence has passed."""
@@ -185,7 +151,9 @@ class Cycles:
             if not self.readiness.sent:
                 self.readiness.ready(f"render failed: {exc}")  # systemd must not restart confpy for a template error
             return None
-        state.deps = result.dependencies
+        if result.dependencies != state.deps:  # compared at C speed: the set is the same after a member change
+            state.deps = result.dependencies
+            self._deps_changed = True
         state.missing = set(result.missing)
         if not result.complete:
             return None
@@ -195,6 +163,9 @@ class Cycles:
         return result
 
     def _watch_what_templates_use(self) -> None:
+        if not self._deps_changed:
+            return
+        self._deps_changed = False
         wanted: set[Dependency] = set().union(*(t.deps for t in self.templates.values()))
         diff = self.watches.sync(wanted)
         for dep in diff.removed:
@@ -242,7 +213,7 @@ class Cycles:
             state.last_error = ""
             state.kept = result.kept
             if result.content is not None:
-                state.checksum = "sha256:" + hashlib.sha256(result.content).hexdigest()
+                state.content = result.content
             if reloaded and result.template.destination in report.changed:
                 state.last_reload = now
         self._note_reload(report.not_reloaded, reloaded)

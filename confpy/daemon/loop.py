@@ -24,7 +24,7 @@ from pathlib import Path
 
 from confpy.apply.live import LiveHooks
 from confpy.config import Config, load_config
-from confpy.daemon.cycle import NGINX_START_SETTLE, TEMPLATE_SUFFIXES, Cycles, TemplateState
+from confpy.daemon.cycle import NGINX_START_SETTLE, Cycles, TemplateState
 from confpy.daemon.events import (
     Event,
     FileEvent,
@@ -34,6 +34,7 @@ from confpy.daemon.events import (
     ValueEvent,
     drop_registry_events,
 )
+from confpy.daemon.intake import TEMPLATE_SUFFIXES, Intake
 from confpy.daemon.metrics import Metrics
 from confpy.daemon.reporting import build_snapshot
 from confpy.daemon.signals import run_until_stopped
@@ -143,6 +144,10 @@ class Daemon:
             self.readiness,
             self.clock,
             self.wall_clock,
+        )
+        cycles = self.cycles_
+        self.intake = Intake(
+            config, cycles.templates, self.data, self.timeline, cycles.quiescence, cycles.retry, self.clock
         )
         self._snapshot: StatusSnapshot | None = None
 
@@ -276,7 +281,7 @@ class Daemon:
         if isinstance(event, ValueEvent):
             self._on_value_event(event)
         elif isinstance(event, FileEvent):
-            self.cycles_.on_file(event.path)
+            self.intake.on_file(event.path)
         elif isinstance(event, RegistryEvent):
             self._on_registry_event()
 
@@ -288,7 +293,7 @@ class Daemon:
             for rejected in event.value.rejected:
                 log.warning("left out of the render: %s", rejected)
             self.metrics.count_rejected(event.dep.describe(), len(event.value.rejected))
-        self.cycles_.on_value(event)
+        self.intake.on_value(event)
 
     async def _reconfigure(self) -> None:
         try:

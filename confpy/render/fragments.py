@@ -135,7 +135,15 @@ class FragmentRecorder:
         self.loops: dict[int, LoopMemo] = {}
         self.loop_calls: set[int] = set()
         self.unchanged_fragments = 0
+        self.rendered_fragments = 0  # fragment bodies run (not reused)
         self.recording: list[Fragment] = []
+        # Live upstreams this render may have changed, as its loop memos' redone items say: valid
+        # unless a top-level loop had no memo (`loop_without_memo`) or a live effect happened
+        # outside top-level loops (`live_outside`), see `RenderResult.live_changed`.
+        self.live_changed: set[str] = set()
+        self.live_outside = False
+        self.loop_without_memo = False
+        self._in_loop = 0
 
     def lookup(self, dep: AnyDependency) -> tuple[bool, object]:
         """Record that the template uses `dep`; (whether the registry answered yet, its value)."""
@@ -183,6 +191,8 @@ class FragmentRecorder:
     def push_live(self, name: str, members: tuple[ServiceInstance, ...], settings: UpstreamSettings | None) -> None:
         """Live mode: an upstream's members (and its KV settings, when not the defaults) for the pusher."""
         self.live[name] = members
+        if not self._in_loop:
+            self.live_outside = True
         for fragment in self.recording:
             fragment.live[name] = members
         if settings is not None:
@@ -207,6 +217,8 @@ class FragmentRecorder:
     def _replay(self, fragment: Fragment) -> None:
         """Apply a reused fragment's effects, as if its body had run."""
         self.dependencies.update(fragment.reads)
+        if (fragment.live or fragment.live_settings) and not self._in_loop:
+            self.live_outside = True
         for name, service in fragment.upstreams:
             self._claim(name, service)
         if not self.recording:  # the common case: a top-level fragment, nothing else records
@@ -243,6 +255,7 @@ class FragmentRecorder:
             self.fragments[key] = cached
             return cached.text
         fragment = Fragment()
+        self.rendered_fragments += 1
         self.recording.append(fragment)
         try:
             fragment.text = str(body(*args))
@@ -262,7 +275,14 @@ class FragmentRecorder:
         can have changed; failing that, the items are checked one by one, inline."""
         if self.recording:
             return "".join([self.fragment((lineno, item), body, item) for item in items])
-        listed = tuple(items)
+        self._in_loop += 1
+        try:
+            return self._each_top(lineno, tuple(items), body)
+        finally:
+            self._in_loop -= 1
+
+    def _each_top(self, lineno: int, listed: tuple[object, ...], body: Callable[[object], str]) -> str:
+        """`each` at the top level: from the last render's memo when it can stand for this loop."""
         first_call = lineno not in self.loop_calls
         self.loop_calls.add(lineno)
         if not first_call:
@@ -276,6 +296,7 @@ class FragmentRecorder:
                     redo.update(memo.readers.get(cast(AnyDependency, dep), ()))
                 if len(redo) <= max(INCREMENTAL_REDO_MIN, len(listed) // 8):
                     return self._each_changed(lineno, memo, sorted(redo), body)
+        self.loop_without_memo = True
         texts = self._each_checked(lineno, listed, body)
         if first_call:
             self._memorize(lineno, listed, texts)
@@ -315,6 +336,17 @@ class FragmentRecorder:
             self.fragments.pop((lineno, listed[i]), None)
         for i in redo:
             texts[i] = self.fragment((lineno, listed[i]), body, listed[i])
+        for i in redo:
+            old, new = memo.fragments[i], self.fragments.get((lineno, listed[i]))
+            for done in (old, new):
+                if done is not None:
+                    self.live_changed.update(done.live)
+                    self.live_changed.update(done.live_settings)
+        fragments = list(memo.fragments)
+        for i in redo:
+            fragments[i] = self.fragments.get((lineno, listed[i]))
+        if all(_same_shape(fragments[i], memo.fragments[i]) for i in redo):
+            return self._each_same_shape(lineno, memo, redo, texts, fragments)
         # The unchanged items' effects: the memo's, less the redone items' old share.
         upstreams, members = dict(memo.upstreams), dict(memo.members)
         live, live_settings = dict(memo.live), dict(memo.live_settings)
@@ -334,7 +366,7 @@ class FragmentRecorder:
             for dep in old.reads:
                 dropped[dep] = dropped.get(dep, 0) + 1
         gone = {dep for dep, count in dropped.items() if memo.reads[dep] == count}
-        self.dependencies.update(memo.reads.keys() - gone if gone else memo.reads.keys())
+        self.dependencies.update(memo.reads.keys() - gone if gone else memo.reads)
         for name in upstreams.keys() & self.upstreams.keys():
             if self.upstreams[name] != upstreams[name]:
                 self._clash_in_loop(lineno, name, upstreams[name], memo, redo)
@@ -343,30 +375,50 @@ class FragmentRecorder:
         self.live.update(live)
         self.live_settings.update(live_settings)
         self.unchanged_fragments += len(listed) - len(redo)
-        fragments = list(memo.fragments)
+        self._memorize(lineno, listed, texts)
+        return "".join(texts)
+
+    def _each_same_shape(
+        self, lineno: int, memo: LoopMemo, redo: list[int], texts: list[str], fragments: list[Fragment | None]
+    ) -> str:
+        """`_each_changed` when every redone item has the effects it had (the usual case: a
+        member changed): the memo's effects apply whole, with the redone items' new values over
+        them, and nothing is taken out of copies of a thousand entries."""
+        listed = memo.items
+        # Only names claimed before this loop can clash with the memo's (the redone items claimed
+        # the same names as before): look at the smaller side.
+        claimed, unchanged = self.upstreams, memo.upstreams
+        small = claimed if len(claimed) <= len(unchanged) else unchanged
+        for name in small:
+            mine, theirs = claimed.get(name), unchanged.get(name)
+            if mine is not None and theirs is not None and mine != theirs:
+                self._clash_in_loop(lineno, name, theirs, memo, redo)
+        self.upstreams.update(unchanged)
+        # A dict (not its keys view) hands set.update the stored hashes: no __hash__ call per dependency.
+        self.dependencies.update(memo.reads)
+        members, live, live_settings = dict(memo.members), dict(memo.live), dict(memo.live_settings)
+        keyed = dict(memo.keyed)
         for i in redo:
-            fragments[i] = self.fragments.get((lineno, listed[i]))
-        if all(_same_shape(fragments[i], memo.fragments[i]) for i in redo):
-            keyed = dict(memo.keyed)
-            for i in redo:
-                new = fragments[i]
-                if new is not None and new.bulk:
-                    keyed[(lineno, listed[i])] = new
-                    members.update(new.members)
-                    live.update(new.live)
-                    live_settings.update(new.live_settings)
-            self.loops[lineno] = dataclasses.replace(
-                memo,
-                generation=self.data.generation,
-                texts=tuple(texts),
-                fragments=tuple(fragments),
-                keyed=keyed,
-                members=members,
-                live=live,
-                live_settings=live_settings,
-            )
-        else:
-            self._memorize(lineno, listed, texts)
+            new = fragments[i]
+            if new is not None and new.bulk:
+                keyed[(lineno, listed[i])] = new
+                members.update(new.members)
+                live.update(new.live)
+                live_settings.update(new.live_settings)
+        self.memory.members.update(members)
+        self.live.update(live)
+        self.live_settings.update(live_settings)
+        self.unchanged_fragments += len(listed) - len(redo)
+        self.loops[lineno] = dataclasses.replace(
+            memo,
+            generation=self.data.generation,
+            texts=tuple(texts),
+            fragments=tuple(fragments),
+            keyed=keyed,
+            members=members,
+            live=live,
+            live_settings=live_settings,
+        )
         return "".join(texts)
 
     def _clash_in_loop(self, lineno: int, name: str, unchanged: str, memo: LoopMemo, redo: list[int]) -> NoReturn:

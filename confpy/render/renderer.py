@@ -42,6 +42,12 @@ class RenderResult:
     # Fragments taken as they were without looking at their data: none of it changed since the
     # last render (see `LoopMemo`).
     unchanged_fragments: int = 0
+    rendered_fragments: int = 0
+    # The live upstreams that may differ from the renderer's previous complete render (number
+    # `live_base`; this one is `serial`), or None when every one may (a first or full render).
+    live_changed: frozenset[str] | None = None
+    serial: int = 0
+    live_base: int = 0
 
     @property
     def complete(self) -> bool:
@@ -205,6 +211,8 @@ class TemplateRenderer:
         self._fragments: dict[object, Fragment] = {}
         self._loops: dict[int, LoopMemo] = {}
         self._listings: dict[CatalogServices, tuple[object, tuple[ServiceName, ...]]] = {}
+        self._serial = 0  # complete renders so far
+        self._live_outside = True  # the last complete render had live effects outside loop memos
         self.env.filters["nginx_quote"] = nginx_quote
         self.env.filters["to_json"] = to_json
         self.env.filters["parse_json"] = parse_json
@@ -263,9 +271,17 @@ class TemplateRenderer:
             return RenderResult(
                 self.template, None, frozenset(record.dependencies), frozenset(record.missing), record.memory
             )
+        base = self._serial
+        live_changed: frozenset[str] | None = None
         if not record.missing:
             self._fragments = record.fragments  # only the fragments this render used stay cached
             self._loops = record.loops
+            # Only when neither this render nor the last had a live effect outside a loop memo is
+            # every other live upstream the very one the last render had.
+            if not (record.live_outside or self._live_outside or record.loop_without_memo):
+                live_changed = frozenset(record.live_changed)
+            self._live_outside = record.live_outside
+            self._serial += 1
         content = None if record.missing else text.encode("utf-8")
         return RenderResult(
             template=self.template,
@@ -278,6 +294,10 @@ class TemplateRenderer:
             live=record.live,
             live_settings=record.live_settings,
             unchanged_fragments=record.unchanged_fragments,
+            rendered_fragments=record.rendered_fragments,
+            live_changed=live_changed,
+            serial=self._serial,
+            live_base=base,
         )
 
     def _execute(
