@@ -18,16 +18,17 @@ from pathlib import Path
 
 from confpy.apply.files import read_bytes
 from confpy.apply.nginx import ReloadOutcome
-from confpy.config import Config, TemplateConfig
+from confpy.config import Config, GuardConfig, TemplateConfig
 from confpy.daemon.events import ValueEvent
 from confpy.daemon.metrics import Metrics
 from confpy.daemon.quiescence import Quiescence
 from confpy.daemon.timeline import Timeline
 from confpy.daemon.timers import RELOAD_RECHECK_INTERVAL, Readiness, StateSaveTimer, SyncRetry
 from confpy.errors import CheckError, ConfpyError, RenderError
-from confpy.model import Memory, describe_change
+from confpy.guard import GuardHooks, ShrinkGuard, release_dependency, strictest
+from confpy.model import HealthView, Memory, describe_change
 from confpy.pipeline import SyncEngine
-from confpy.registry.base import Dependency
+from confpy.registry.base import Dependency, ServiceHealth
 from confpy.render.datasource import DataSource
 from confpy.render.renderer import RenderResult
 from confpy.retry import RetryPolicy
@@ -102,18 +103,46 @@ class Cycles:
             RetryPolicy(SYNC_RETRY_INITIAL, config.sync.max_backoff),
             RetryPolicy(SYNC_RETRY_INITIAL, RELOAD_RECHECK_INTERVAL),
         )
+        # `confpy upstream release`'s key (guard.py), watched only while a drop is held: no cost and
+        # no KV permission needed otherwise.
+        self.release_dep = release_dependency(config)
+        self.guard = ShrinkGuard(
+            self._guard_for,
+            self._store,
+            clock,
+            GuardHooks(
+                outcome=lambda outcome: metrics.guard_holds.labels(outcome=outcome).inc(),
+                held=metrics.guard_held.set,
+            ),
+        )
 
     # --- what becomes due ------------------------------------------------------------------
 
+    def _guard_for(self, dep: ServiceHealth) -> GuardConfig:
+        """The shrink guard of a service: the strictest of the templates using it (guard.py)."""
+        using = (self.config.guard_for(s.config) for s in self.templates.values() if dep in s.deps)
+        return strictest(using) or self.config.guard
+
     def on_value(self, event: ValueEvent) -> None:
-        """A watched dependency's new value: store it; every template that uses it becomes due."""
-        dep = event.dep
+        """A watched dependency's new value, through the shrink guard: store it; every template that uses it becomes due."""
+        dep, value = event.dep, event.value
+        if dep == self.release_dep:
+            self.guard.on_release(value)
+        if isinstance(dep, ServiceHealth) and isinstance(value, HealthView):
+            found, old = self.data.get(dep)
+            value = self.guard.admit(dep, old if found and isinstance(old, HealthView) else None, value)
+            if self.guard.held and self.release_dep not in self.watches:
+                self._watch_what_templates_use()
+        self._store(dep, value, f"index {event.index}", event.seen)
+
+    def _store(self, dep: Dependency, value: object, why: str, seen: float | None = None) -> None:
+        seen = self.clock() if seen is None else seen
         found, old = self.data.get(dep)
-        if not self.data.set(dep, event.value):
+        if not self.data.set(dep, value):
             return
         if found:
-            change = describe_change(old, event.value)
-            log.info("%s changed: %s (index %d)", dep.describe(), change, event.index)
+            change = describe_change(old, value)
+            log.info("%s changed: %s (%s)", dep.describe(), change, why)
             self.timeline.record("change", change, dep.describe())
         for state in self.templates.values():
             if dep not in state.deps:
@@ -123,10 +152,10 @@ class Cycles:
                 # has arrived (it may then ask for more, e.g. one service per catalog entry).
                 state.missing.discard(dep)
                 if not state.missing:
-                    self._due(state, event.seen, "first data", immediate=True)
+                    self._due(state, seen, "first data", immediate=True)
             else:
-                self._due(state, event.seen, f"{dep.describe()} changed")
-                self.retry.poke(event.seen)
+                self._due(state, seen, f"{dep.describe()} changed")
+                self.retry.poke(seen)
 
     def on_file(self, path: Path) -> None:
         """A file in a template folder changed: the templates it may be part of are due at once."""
@@ -181,9 +210,15 @@ class Cycles:
 
     def _watch_what_templates_use(self) -> None:
         wanted: set[Dependency] = set().union(*(t.deps for t in self.templates.values()))
+        if self.guard.held:
+            if self.release_dep not in self.watches:
+                self.guard.releases = None  # its first answer is what was written before: no release
+            wanted.add(self.release_dep)
         diff = self.watches.sync(wanted)
         for dep in diff.removed:
             self.data.forget(dep)
+            if isinstance(dep, ServiceHealth):
+                self.guard.forget(dep)
             log.info("stopped watching %s (no template uses it any more)", dep.describe())
 
     async def cycle(

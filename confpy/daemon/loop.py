@@ -157,7 +157,13 @@ class Daemon:
 
     def timers(self, watchdog: WatchdogTimer | None = None) -> list[Timer]:
         """Every timer the loop sleeps for: quiescence's due cycles first, then the others."""
-        timers: list[Timer] = [self._due_cycles, self.cycles_.saver, self.cycles_.retry, *self.engine.timers()]
+        timers: list[Timer] = [
+            self._due_cycles,
+            self.cycles_.saver,
+            self.cycles_.retry,
+            self.cycles_.guard,
+            *self.engine.timers(),
+        ]
         return timers if watchdog is None else [*timers, watchdog]
 
     @property

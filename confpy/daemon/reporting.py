@@ -71,4 +71,5 @@ def build_snapshot(
         pid_file=str(config.nginx.pid_file),
         registry_down_since=health.down_since,
         kept_members=kept_members(cycles),
+        guard_held=cycles.guard.status(now, cycles.wall_clock()),
     )

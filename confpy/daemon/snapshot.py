@@ -66,6 +66,8 @@ class StatusSnapshot:
     registry_down_since: float | None = None
     kept_members: Mapping[str, tuple[ServiceInstance, ...]] = field(default_factory=dict)
     registry_kind: RegistryKind = "consul"
+    # The shrink guard's held drops (guard.py `HeldDrop.to_json`): service, members it would lose, when it applies.
+    guard_held: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def registry_name(self) -> str:
@@ -134,6 +136,7 @@ class StatusSnapshot:
                 }
                 for label, view in sorted(self.services.items())
             },
+            "guard": {"held": [dict(held, applies_at=_timestamp(held["applies_at"])) for held in self.guard_held]},
             "live": {
                 "mode": self.mode,
                 "last_error": self.live.last_error if self.live else "",
