@@ -231,7 +231,7 @@ class ShrinkGuard:
             self.hooks.held(len(self.held))
         else:
             # Still a large drop: the hold keeps its deadline (a trickle must not postpone it forever).
-            holding.answer, holding.losing = answer, decision.kept
+            holding.answer, holding.losing, holding.previous = answer, decision.kept, decision.previous
         return decision.view
 
     def forget(self, dep: ServiceHealth) -> None:
@@ -245,10 +245,7 @@ class ShrinkGuard:
     async def on_timer(self, now: float) -> None:
         for holding in list(self.held.values()):
             if holding.until <= now:
-                self._apply(
-                    holding,
-                    f"the registry still says so after {holding.guard.hold:g} s; applying the drop in one step",
-                )
+                self._apply(holding, f"the registry still says so after {holding.guard.hold:g} s")
 
     def on_release(self, value: object) -> None:
         """The release key changed: every service whose stamp changed has its held drop applied at once."""
@@ -264,11 +261,18 @@ class ShrinkGuard:
             if not holds:
                 log.info("release key %s names service %s (%s): no drop of it is held here", path, service, stamp)
             for holding in holds:
-                self._apply(holding, f"released by the release key {path} ({stamp}); applying the drop at once")
+                self._apply(holding, f"released by the release key {path} ({stamp})")
 
     def _apply(self, holding: HeldDrop, why: str) -> None:
         del self.held[holding.dep]
-        log.warning("%s: %s", holding.describe(), why)
+        log.warning(
+            "%s: %s; applying the held drop of %d of %d members in one step: %d remain",
+            service_label(holding.dep),
+            why,
+            len(holding.losing),
+            holding.previous,
+            len(holding.answer.instances),
+        )
         self._ended("applied")
         self.apply(holding.dep, holding.answer, f"held drop of {service_label(holding.dep)} applied")
 

@@ -192,7 +192,7 @@ def _guard(clock: FakeClock, outcomes: list[str]) -> tuple[ShrinkGuard, Applied]
 
 
 def test_a_held_drop_applies_in_one_step_when_the_hold_has_passed(caplog: pytest.LogCaptureFixture) -> None:
-    clock, outcomes = FakeClock(), []  # type: list[str]
+    clock, outcomes = FakeClock(), list[str]()
     guard, applied = _guard(clock, outcomes)
     ten, two = members(*range(1, 11)), members(1, 2)
     view = guard.admit(WEB, ten, two)
@@ -208,11 +208,14 @@ def test_a_held_drop_applies_in_one_step_when_the_hold_has_passed(caplog: pytest
     asyncio.run(guard.on_timer(clock.now))
     assert [(dep, ports(view)) for dep, view, _ in applied.calls] == [(WEB, [1, 2])]
     assert outcomes == ["applied"] and not guard.held and guard.next_deadline() is None
-    assert "still says so after 30 s; applying the drop in one step" in caplog.text
+    assert (
+        "service web: the registry still says so after 30 s; applying the held drop of 8 of 10 members in one step: "
+        "2 remain" in caplog.text
+    )
 
 
 def test_a_flap_within_the_hold_withdraws_it_and_the_view_is_what_it_was() -> None:
-    clock, outcomes = FakeClock(), []  # type: list[str]
+    clock, outcomes = FakeClock(), list[str]()
     guard, applied = _guard(clock, outcomes)
     ten = members(*range(1, 11))
     held_view = guard.admit(WEB, ten, members(1, 2))
@@ -223,7 +226,7 @@ def test_a_flap_within_the_hold_withdraws_it_and_the_view_is_what_it_was() -> No
 
 
 def test_a_trickle_during_the_hold_keeps_its_deadline_and_the_latest_answer_applies() -> None:
-    clock, outcomes = FakeClock(), []  # type: list[str]
+    clock, outcomes = FakeClock(), list[str]()
     guard, applied = _guard(clock, outcomes)
     view = guard.admit(WEB, members(*range(1, 11)), members(1, 2, 3))
     deadline = guard.next_deadline()
@@ -236,7 +239,7 @@ def test_a_trickle_during_the_hold_keeps_its_deadline_and_the_latest_answer_appl
 
 
 def test_the_release_key_applies_a_held_drop_of_that_service_at_once(caplog: pytest.LogCaptureFixture) -> None:
-    clock, outcomes = FakeClock(), []  # type: list[str]
+    clock, outcomes = FakeClock(), list[str]()
     guard, applied = _guard(clock, outcomes)
     guard.admit(WEB, members(*range(1, 11)), members(1))
     api = ServiceHealth("api")
