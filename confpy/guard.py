@@ -12,7 +12,11 @@ read (`admit`), so every template and both modes (reload and live) get it:
 - an answer back within `max_drop` of the previous members during the hold withdraws it: the data
   templates read is what it was, so nothing is written, reloaded or pushed;
 - an operator's release (`confpy upstream release SERVICE`, a key in the registry every confpy
-  watches: `release_dependency`) applies a held drop at once.
+  holding a drop watches: `release_dependency`) applies a held drop at once.
+
+Before a service's first answer (a start, a SIGHUP), what templates saw is what the last sync
+installed, remembered in the state files (`remembered_view`): `--once` and a daemon starting on a
+half-synced catalog (a host reboot) compare with that.
 
 `decide` is the pure decision; `ShrinkGuard` keeps the held drops and is a timer (`timer.py`) on
 an injected clock. A service used by templates with different `[[template]] guard` settings is

@@ -250,6 +250,18 @@ def test_upstream_release_applies_a_held_drop_at_once(tmp_path: Path, consul: Co
         lab.stop()
 
 
+def test_a_confpy_started_on_a_partial_catalog_holds_against_what_it_installed(glab: GuardLab) -> None:
+    glab.register(*range(1, 11))
+    glab.start()
+    assert wait_until(lambda: glab.servers() == 10, 15), glab.output()
+    assert glab.confpy is not None and glab.confpy.stop() == 0  # the remembered members are saved on stop
+    glab.partial(keep=2, seconds=60)  # a host reboot: the agent comes back with a half-synced catalog
+    glab.confpy = ConfpyProcess(glab.config).start()
+    assert wait_until(lambda: "registry dropped 8 of 10 members at once" in glab.output(), 15), glab.output()
+    assert wait_until(lambda: len(glab.held()) == 1, 5), glab.output()
+    assert glab.servers() == 10
+
+
 def test_once_does_not_apply_a_held_drop_and_says_why(tmp_path: Path, consul: ConsulUnderTest) -> None:
     lab = GuardLab(tmp_path, consul)
     try:

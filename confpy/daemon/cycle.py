@@ -25,7 +25,7 @@ from confpy.daemon.quiescence import Quiescence
 from confpy.daemon.timeline import Timeline
 from confpy.daemon.timers import RELOAD_RECHECK_INTERVAL, Readiness, StateSaveTimer, SyncRetry
 from confpy.errors import CheckError, ConfpyError, RenderError
-from confpy.guard import GuardHooks, ShrinkGuard, release_dependency, strictest
+from confpy.guard import GuardHooks, ShrinkGuard, release_dependency, remembered_view, strictest
 from confpy.model import HealthView, Memory, describe_change
 from confpy.pipeline import SyncEngine
 from confpy.registry.base import Dependency, ServiceHealth
@@ -129,8 +129,11 @@ class Cycles:
         if dep == self.release_dep:
             self.guard.on_release(value)
         if isinstance(dep, ServiceHealth) and isinstance(value, HealthView):
+            # Before its first answer (a start, a SIGHUP), what the templates saw is what the last
+            # sync installed: an agent restarting with a partial catalog at boot is held too.
             found, old = self.data.get(dep)
-            value = self.guard.admit(dep, old if found and isinstance(old, HealthView) else None, value)
+            previous = old if found and isinstance(old, HealthView) else remembered_view(dep, self.memories.values())
+            value = self.guard.admit(dep, previous, value)
             if self.guard.held and self.release_dep not in self.watches:
                 self._watch_what_templates_use()
         self._store(dep, value, f"index {event.index}", event.seen)
