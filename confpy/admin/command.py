@@ -14,7 +14,9 @@ from confpy.admin.release import release
 
 def add_parser(sub: Any) -> None:
     """Attach `upstream ...` to the main parser's subcommands."""
-    upstream = sub.add_parser("upstream", help="list, add, delete or drain upstream members (via Consul)")
+    upstream = sub.add_parser(
+        "upstream", help="list, add, delete or drain upstream members (via the registry), or release a held drop"
+    )
     cmds = upstream.add_subparsers(dest="upstream_command", metavar="ACTION", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
