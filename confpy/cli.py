@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --once: exit 0 even when nginx could not be reloaded (e.g. not started yet); default: exit 3",
     )
     parser.add_argument(
+        "--no-guard",
+        action="store_true",
+        help="with --once: apply a drop of members the shrink guard would hold ([guard]); default: keep them, exit 1",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         type=str.lower,
@@ -239,7 +244,7 @@ async def plan_cost(config: Config, gateways: int) -> str:
     return registry_cost(config.registry_name, config.registry_wait, data.snapshot(), gateways).describe()
 
 
-async def sync_once(config: Config, dry_run: bool) -> SyncReport:
+async def sync_once(config: Config, dry_run: bool, guarded: bool = True) -> SyncReport:
     """`--once`: one sync through the same render and install steps the daemon uses."""
     from confpy.pipeline import SyncEngine
     from confpy.registry.factory import open_registry
@@ -247,7 +252,7 @@ async def sync_once(config: Config, dry_run: bool) -> SyncReport:
     engine = SyncEngine(config)
     registry = open_registry(config)
     try:
-        return await engine.sync_once(registry, dry_run=dry_run)
+        return await engine.sync_once(registry, dry_run=dry_run, guarded=guarded)
     finally:
         await registry.close()
         await engine.close()
@@ -257,13 +262,17 @@ def run_main_job(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """`confpy [--once] [--dry-run]`: the sync, once or as a daemon."""
     if args.dry_run and not args.once:
         raise ConfigError("--dry-run works with --once only (the daemon always applies)")
+    if args.no_guard and not args.once:
+        raise ConfigError('--no-guard works with --once only; for the daemon set [guard] max_drop = "100%"')
     config = _load(args, environ)
     if not args.once:
         from confpy.daemon.loop import run_daemon
 
         return run_daemon(config, config_path(args.config, environ), environ)
-    report = asyncio.run(sync_once(config, args.dry_run))
+    report = asyncio.run(sync_once(config, args.dry_run, guarded=not args.no_guard))
     if args.dry_run:
+        for held in report.held:
+            sys.stdout.write(f"the shrink guard would hold: {held}\n")
         for template in config.templates:
             diff = report.diffs.get(template.destination)
             sys.stdout.write(diff if diff else f"{template.destination}: no change\n")
@@ -284,6 +293,10 @@ def run_main_job(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             file=sys.stderr,
         )
         return EXIT_NOT_RELOADED
+    if report.held:
+        for held in report.held:
+            print(f"confpy: error: drop not applied: {held}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 

@@ -445,6 +445,55 @@ class WaitConfig:
     )
 
 
+def _share(value: object, label: str) -> float:
+    """A share written as a percentage, `"50%"`: more than 0, at most 100."""
+    text = _str(value, label).strip()
+    number = text[:-1].strip() if text.endswith("%") else ""
+    try:
+        share = float(number)
+    except ValueError:
+        raise ConfigError(
+            f'{label}: {text!r} is not a percentage; write e.g. "50%" ("100%" switches the guard off)'
+        ) from None
+    if not 0 < share <= 100:
+        raise ConfigError(f'{label}: {text!r} must be more than 0% and at most 100% ("100%" switches the guard off)')
+    return share / 100
+
+
+def _member_count(value: object, label: str) -> int:
+    count = _int(value, label)
+    if count < 1:
+        raise ConfigError(f"{label}: must be a positive number of members, got {count}")
+    return count
+
+
+@config_table
+class GuardConfig:
+    """The shrink guard: a registry answer that removes most of an upstream at once is held, not believed."""
+
+    max_drop: float = setting(
+        parse=_share,
+        default="50%",
+        doc="one answer may remove at most this share of a service's members at once (50% of 5 is 2: removing 3 "
+        'is held); a larger drop is held. `"100%"` switches the guard off',
+    )
+    hold: float = setting(
+        parse=_positive_duration,
+        default="30s",
+        doc="a held drop applies, in one step, only if the registry still says so after this long; members added "
+        "meanwhile apply at once, and an answer back within `max_drop` withdraws the hold (nothing is written)",
+    )
+    min_members: int = setting(
+        parse=_member_count,
+        default=4,
+        doc="services with fewer members than this are not guarded (1 of 2 is 50%, and normal)",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_drop < 1.0
+
+
 @config_table
 class NginxConfig:
     """How to check and reload nginx."""
@@ -560,6 +609,14 @@ class TemplateConfig:
     wait: WaitConfig | None = setting(
         nested=WaitConfig, default=None, doc_default="`[wait]`", doc="per-template quiescence (`min`, `max`)"
     )
+    guard: GuardConfig | None = setting(
+        nested=GuardConfig,
+        default=None,
+        doc_default="`[guard]`",
+        doc="per-template shrink guard (`max_drop`, `hold`, `min_members`; keys left out come from `[guard]`); a "
+        "service used by templates with different guards is guarded by the strictest of them (see "
+        "[guard.md](guard.md))",
+    )
 
     @property
     def name(self) -> str:
@@ -629,6 +686,7 @@ TABLES: dict[str, type] = {
     "etcd": EtcdConfig,
     "nginx": NginxConfig,
     "wait": WaitConfig,
+    "guard": GuardConfig,
     "template": TemplateConfig,
     "state": StateConfig,
     "sync": SyncConfig,
@@ -655,6 +713,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     etcd: EtcdConfig | None = None  # set: etcd is the registry instead of Consul
+    guard: GuardConfig = field(default_factory=GuardConfig)
     # The environment as read with the file (at start-up, again on SIGHUP): templates' env().
     environ: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -673,6 +732,10 @@ class Config:
     def wait_for(self, template: TemplateConfig) -> WaitConfig:
         """The quiescence that applies to `template`: its own, else the global one."""
         return template.wait or self.wait
+
+    def guard_for(self, template: TemplateConfig) -> GuardConfig:
+        """The shrink guard that applies to `template`: its own, else the global one."""
+        return template.guard or self.guard
 
 
 # --- reading a table ------------------------------------------------------------------------
@@ -881,6 +944,11 @@ def _wait(where: _Where, table: str, data: Any, base: WaitConfig, problems: Prob
     return wait
 
 
+def _guard(where: _Where, table: str, data: Any, base: GuardConfig, problems: Problems) -> GuardConfig:
+    values = _parse_table(where, table, data, "guard", problems)
+    return dataclasses.replace(base, **values)
+
+
 def default_runtime_dir(environ: Mapping[str, str], state_dir: Path) -> Path:
     """Where the admin socket goes: systemd's RuntimeDirectory ($RUNTIME_DIRECTORY), else
     /run/confpy when this user may create it (root), else the state directory."""
@@ -908,7 +976,7 @@ def _resolve(base: Path, written: str | Path) -> Path:
 
 
 def _template(
-    where: _Where, number: int, raw: Any, folder: Path, wait: WaitConfig, problems: Problems
+    where: _Where, number: int, raw: Any, folder: Path, wait: WaitConfig, guard: GuardConfig, problems: Problems
 ) -> TemplateConfig | None:
     table = f"template #{number}"
     values = _parse_table(where, table, raw, "template", problems)
@@ -921,6 +989,8 @@ def _template(
             complete = False
     if "wait" in values:
         values["wait"] = _wait(where, f"{table}.wait", values["wait"], wait, problems)
+    if "guard" in values:
+        values["guard"] = _guard(where, f"{table}.guard", values["guard"], guard, problems)
     if not complete:
         return None
     source_text: str = raw["source"]
@@ -988,13 +1058,14 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
             )
 
     wait = _wait(where, "wait", data.get("wait", {}), WaitConfig(), problems)
+    guard = _guard(where, "guard", data.get("guard", {}), GuardConfig(), problems)
     raw_templates = data.get("template", [])
     templates: list[TemplateConfig] = []
     if not isinstance(raw_templates, list) or not raw_templates:
         problems.add(f"{path}: no [[template]] table; add at least one with source and destination")
     else:
         for number, raw in enumerate(raw_templates, start=1):
-            template = _template(where, number, raw, folder, wait, problems)
+            template = _template(where, number, raw, folder, wait, guard, problems)
             if template is not None:
                 templates.append(template)
     destinations = [t.destination for t in templates]
@@ -1017,6 +1088,7 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
         log=log_config,
         sync=sync,
         etcd=etcd,
+        guard=guard,
         environ=dict(environ),
     )
 

@@ -28,8 +28,9 @@ from confpy.apply.live import LiveHooks, LiveStatus, LiveSupervisor, lua_dir, st
 from confpy.apply.nginx import NginxChecker, NginxReloader, ReloadOutcome, check_candidates
 from confpy.config import Config, TemplateConfig
 from confpy.errors import RenderError
+from confpy.guard import decide, remembered_view, service_label, strictest
 from confpy.model import HealthView, Memory
-from confpy.registry.base import AnyDependency, Registry
+from confpy.registry.base import AnyDependency, Registry, ServiceHealth
 from confpy.render.datasource import DataSource
 from confpy.render.renderer import RenderResult, TemplateRenderer
 from confpy.timer import Timer
@@ -54,6 +55,7 @@ class SyncReport:
     indexes: dict[AnyDependency, int] = field(default_factory=dict)
     pushed: list[str] = field(default_factory=list)
     check_output: str = ""
+    held: list[str] = field(default_factory=list)  # drops the shrink guard did not apply (--once)
 
     @property
     def not_reloaded(self) -> ReloadOutcome | None:
@@ -200,9 +202,14 @@ class SyncEngine:
         return result
 
     async def fetch_all(
-        self, registry: Registry, deps: Iterable[AnyDependency], data: DataSource
+        self,
+        registry: Registry,
+        deps: Iterable[AnyDependency],
+        data: DataSource,
+        guard: OnceGuard | None = None,
     ) -> dict[AnyDependency, int]:
-        """Fetch each dependency once (no blocking), a bounded number at a time; store values in `data`."""
+        """Fetch each dependency once (no blocking), a bounded number at a time; store values in `data`
+        (through the shrink guard, when given)."""
         limit = asyncio.Semaphore(FETCH_CONCURRENCY)
 
         async def one(dep: AnyDependency) -> tuple[int, object]:
@@ -213,7 +220,7 @@ class SyncEngine:
         answers = await asyncio.gather(*(one(dep) for dep in deps))
         indexes: dict[AnyDependency, int] = {}
         for dep, (index, value) in zip(deps, answers, strict=True):
-            data.set(dep, value)
+            data.set(dep, guard.admit(dep, value) if guard is not None else value)
             indexes[dep] = index
             if isinstance(value, HealthView):
                 for rejected in value.rejected:
@@ -221,7 +228,7 @@ class SyncEngine:
         return indexes
 
     async def resolve(
-        self, registry: Registry, data: DataSource, memories: dict[Path, Memory]
+        self, registry: Registry, data: DataSource, memories: dict[Path, Memory], guard: OnceGuard | None = None
     ) -> tuple[list[RenderResult], dict[AnyDependency, int]]:
         """Render every template, fetching what they call until all renders are complete."""
         indexes: dict[AnyDependency, int] = {}
@@ -230,7 +237,9 @@ class SyncEngine:
             missing = set().union(*(r.missing for r in results))
             if not missing:
                 return results, indexes
-            indexes.update(await self.fetch_all(registry, missing, data))
+            if guard is not None:
+                guard.note_users(results)
+            indexes.update(await self.fetch_all(registry, missing, data, guard))
         raise RenderError(
             f"templates still asked for new data after {MAX_RESOLVE_ROUNDS} rounds of fetching; "
             "does a template derive service names from data without end?"
@@ -403,16 +412,20 @@ class SyncEngine:
         report.check_output = await check_candidates(self.config.nginx, candidates)
         return report
 
-    async def sync_once(self, registry: Registry, dry_run: bool = False) -> SyncReport:
-        """The whole one-shot sync; with `dry_run`, only diffs are computed."""
+    async def sync_once(self, registry: Registry, dry_run: bool = False, guarded: bool = True) -> SyncReport:
+        """The whole one-shot sync; with `dry_run`, only diffs are computed. With `guarded` (the
+        default), a drop larger than the shrink guard allows is not applied (`SyncReport.held`)."""
         data = DataSource()
         if dry_run:
-            results, indexes = await self.resolve(registry, data, self.load_memories())
+            memories = self.load_memories()
+            guard = OnceGuard(self.config, memories) if guarded else None
+            results, indexes = await self.resolve(registry, data, memories, guard)
             report = await self.dry_run(results)
         else:
             async with self.locked(t.destination for t in self.templates):
                 memories = self.load_memories()
-                results, indexes = await self.resolve(registry, data, memories)
+                guard = OnceGuard(self.config, memories) if guarded else None
+                results, indexes = await self.resolve(registry, data, memories, guard)
                 report = await self.install(results, "one-shot sync")
                 try:
                     if self.live is not None:
@@ -420,9 +433,43 @@ class SyncEngine:
                 finally:
                     self.save(results, self.remember(results, memories), memories)
         report.indexes = indexes
+        report.held = guard.held if guard is not None else []
         return report
 
     async def close(self) -> None:
         self.reloader.close()
         if self.live is not None:
             await self.live.close()
+
+
+class OnceGuard:
+    """The shrink guard of `--once`, which has no previous answer in memory: it compares each
+    service's answer with the members remembered in the state files (those a previous sync
+    rendered), and a held drop is not applied at all (there is no later to apply it at)."""
+
+    def __init__(self, config: Config, memories: Mapping[Path, Memory]) -> None:
+        self.config = config
+        self.memories = memories
+        self.users: dict[AnyDependency, list[TemplateConfig]] = {}
+        self.held: list[str] = []
+
+    def note_users(self, results: Sequence[RenderResult]) -> None:
+        """Which templates asked for what: a service's guard is the strictest of theirs."""
+        for result in results:
+            for dep in result.missing:
+                self.users.setdefault(dep, []).append(result.template)
+
+    def admit(self, dep: AnyDependency, value: object) -> object:
+        if not isinstance(dep, ServiceHealth) or not isinstance(value, HealthView):
+            return value
+        guards = [self.config.guard_for(t) for t in self.users.get(dep, [])]
+        guard = strictest(guards) or self.config.guard
+        decision = decide(remembered_view(dep, self.memories.values()), value, guard)
+        if decision.held:
+            self.held.append(
+                f"{service_label(dep)}: the registry dropped {len(decision.kept)} of the {decision.previous} "
+                f"members the last sync installed at once (guard max_drop {guard.max_drop * 100:g}%); "
+                "they are kept: `confpy --once --no-guard` applies the drop"
+            )
+            log.warning("%s", self.held[-1])
+        return decision.view

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from confpy.config import CONSUL_ENVIRONMENT, ETCD_ENVIRONMENT, SETTINGS, load_config, parse_config
+from confpy.config import CONSUL_ENVIRONMENT, ETCD_ENVIRONMENT, SETTINGS, TABLES, load_config, parse_config
 from confpy.durations import format_go_duration, parse_go_duration
 from confpy.errors import ConfigError
 
@@ -304,7 +304,8 @@ def test_init_shows_every_key_with_its_declared_default(live: bool, tmp_path: Pa
             continue  # set by the example
         item, value = declared[table, key], tomllib.loads(f"v = {written}")["v"]
         if item.declaration.nested is not None:  # a nested table shows the nested table's defaults
-            assert value == {s.key: s.toml_default for s in SETTINGS["wait"]}, (table, key)
+            nested = next(name for name, cls in TABLES.items() if cls is item.declaration.nested)
+            assert value == {s.key: s.toml_default for s in SETTINGS[nested]}, (table, key)
         elif item.toml_default is not None:  # commented out: it shows the default
             assert item.parse(value, key) == item.default, (table, key)
     config = parse_config(example, tmp_path / "confpy.toml", {})  # it parses as it stands

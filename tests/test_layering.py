@@ -39,7 +39,7 @@ LAYERS: dict[str, int] = {
     "": 0, "errors": 0, "durations": 0, "builtin": 0, "model": 0, "wire": 0, "retry": 0, "timer": 0, "settings": 0,
     "config": 1, "config_doc": 1,
     "registry": 2,
-    "watch": 3, "render": 3,
+    "watch": 3, "render": 3, "guard": 3,
     "apply": 4,
     "pipeline": 5,
     "plan": 5,

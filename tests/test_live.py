@@ -12,7 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from confpy.dev.lab import ConfpyProcess, NginxInstance, admin_token, free_port, lua_available, wait_until, write_config
+from confpy.dev.lab import (
+    ConfpyProcess,
+    NginxInstance,
+    admin_token,
+    free_port,
+    lua_available,
+    static_backends,
+    wait_until,
+    write_config,
+)
 
 from .conftest import ROOT, ConsulUnderTest
 from .tiers import starts_processes
@@ -29,10 +38,7 @@ class LiveLab:
 
     def __init__(self, tmp: Path, consul: ConsulUnderTest, backends: int = 4) -> None:
         self.ports = [free_port() for _ in range(backends)]
-        static = "\n".join(
-            f'server {{ listen 127.0.0.1:{port}; access_log off; location / {{ return 200 "App server {n}\\n"; }} }}'
-            for n, port in enumerate(self.ports, start=1)
-        )
+        static = static_backends(self.ports)
         self.nginx = NginxInstance(tmp / "nginx", lua=True, extra_http=static)
         self.admin_port = free_port()
         self.status_port = free_port()

@@ -9,11 +9,14 @@ from typing import Any
 
 from confpy.admin import consul, etcd
 from confpy.admin.common import load_context
+from confpy.admin.release import release
 
 
 def add_parser(sub: Any) -> None:
     """Attach `upstream ...` to the main parser's subcommands."""
-    upstream = sub.add_parser("upstream", help="list, add, delete or drain upstream members (via Consul)")
+    upstream = sub.add_parser(
+        "upstream", help="list, add, delete or drain upstream members (via the registry), or release a held drop"
+    )
     cmds = upstream.add_subparsers(dest="upstream_command", metavar="ACTION", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -41,6 +44,14 @@ def add_parser(sub: Any) -> None:
         "--ttl", type=int, default=0, help="etcd: register under a lease of this many seconds, kept alive until Ctrl-C"
     )
 
+    rel = with_config(
+        cmds.add_parser(
+            "release",
+            help="apply at once, on every confpy, a drop of SERVICE's members the shrink guard holds ([guard])",
+        )
+    )
+    rel.add_argument("service")
+
     for name, text in (
         ("del", "deregister an instance"),
         ("drain", "put an instance in maintenance"),
@@ -59,6 +70,8 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """Run one `confpy upstream ...` command."""
     context = load_context(args, environ)
+    if args.upstream_command == "release":
+        return asyncio.run(release(context, args.service))
     if context.etcd is not None:
         try:
             return asyncio.run(etcd.dispatch(context.etcd, args))

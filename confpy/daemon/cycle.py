@@ -19,16 +19,17 @@ from pathlib import Path
 from confpy.apply.draining import DrainingReader
 from confpy.apply.files import read_bytes
 from confpy.apply.nginx import ReloadOutcome
-from confpy.config import Config, TemplateConfig
+from confpy.config import Config, GuardConfig, TemplateConfig
 from confpy.daemon.budget import RERUN_REASON, BudgetLimits, ReloadBudget, Verdict, metrics_hooks
 from confpy.daemon.metrics import Metrics
 from confpy.daemon.quiescence import Quiescence
 from confpy.daemon.timeline import Timeline
 from confpy.daemon.timers import RELOAD_RECHECK_INTERVAL, Readiness, StateSaveTimer, SyncRetry
 from confpy.errors import CheckError, ConfpyError, RenderError
+from confpy.guard import GuardHooks, ShrinkGuard, release_dependency, strictest
 from confpy.model import Memory
 from confpy.pipeline import SyncEngine
-from confpy.registry.base import Dependency
+from confpy.registry.base import Dependency, ServiceHealth
 from confpy.render.datasource import DataSource
 from confpy.render.renderer import RenderResult
 from confpy.retry import RetryPolicy
@@ -114,8 +115,33 @@ class Cycles:
             metrics_hooks(metrics),
         )
         self.budget.rerun = self.run_deferred
+        # `confpy upstream release`'s key (guard.py), watched only while a drop is held: no cost and
+        # no KV permission needed otherwise.
+        self.release_dep = release_dependency(config)
+        # How an answer reaches the data and the due templates (`intake.Intake` sets it): the
+        # guard stores a held drop through it when its hold ends.
+        self.store: Callable[[Dependency, object, str], None] = lambda dep, value, why: None
+        self.guard = ShrinkGuard(
+            self._guard_for,
+            lambda dep, value, why: self.store(dep, value, why),
+            clock,
+            GuardHooks(
+                outcome=lambda outcome: metrics.guard_holds.labels(outcome=outcome).inc(),
+                held=metrics.guard_held.set,
+            ),
+        )
 
-    # --- what becomes due ------------------------------------------------------------------
+    # --- the shrink guard ------------------------------------------------------------------
+
+    def _guard_for(self, dep: ServiceHealth) -> GuardConfig:
+        """The shrink guard of a service: the strictest of the templates using it (guard.py)."""
+        using = (self.config.guard_for(s.config) for s in self.templates.values() if dep in s.deps)
+        return strictest(using) or self.config.guard
+
+    def watch_release(self) -> None:
+        """A drop is held: watch the release key from now on."""
+        self._deps_changed = True
+        self._watch_what_templates_use()
 
     async def run_due(self) -> None:
         """Run one cycle for every template whose quiescence has passed."""
@@ -163,13 +189,20 @@ class Cycles:
         return result
 
     def _watch_what_templates_use(self) -> None:
-        if not self._deps_changed:
-            return
+        watching_release = self.release_dep in self.watches
+        if not self._deps_changed and watching_release == bool(self.guard.held):
+            return  # nothing to start or stop (the release key is watched exactly while a drop is held)
         self._deps_changed = False
         wanted: set[Dependency] = set().union(*(t.deps for t in self.templates.values()))
+        if self.guard.held:
+            if self.release_dep not in self.watches:
+                self.guard.releases = None  # its first answer is what was written before: no release
+            wanted.add(self.release_dep)
         diff = self.watches.sync(wanted)
         for dep in diff.removed:
             self.data.forget(dep)
+            if isinstance(dep, ServiceHealth):
+                self.guard.forget(dep)
             log.info("stopped watching %s (no template uses it any more)", dep.describe())
 
     async def cycle(

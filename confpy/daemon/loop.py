@@ -145,10 +145,7 @@ class Daemon:
             self.clock,
             self.wall_clock,
         )
-        cycles = self.cycles_
-        self.intake = Intake(
-            config, cycles.templates, self.data, self.timeline, cycles.quiescence, cycles.retry, self.clock
-        )
+        self.intake = Intake(config, self.cycles_, self.data, self.timeline, self.clock)
         self._snapshot: StatusSnapshot | None = None
 
     @property
@@ -166,6 +163,7 @@ class Daemon:
             self.cycles_.saver,
             self.cycles_.retry,
             self.cycles_.budget,
+            self.cycles_.guard,
             *self.engine.timers(),
         ]
         return timers if watchdog is None else [*timers, watchdog]

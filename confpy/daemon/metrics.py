@@ -77,6 +77,17 @@ class Metrics:
             ["upstream", "member"],
             registry=r,
         )
+        self.guard_held = Gauge(
+            "confpy_guard_held_upstreams", "Services whose drop of members the shrink guard holds now", registry=r
+        )
+        self.guard_holds = Counter(
+            "confpy_guard_holds",
+            "Held drops ended: applied (the hold passed, or a release) or withdrawn (the registry answered back)",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("applied", "withdrawn"):
+            self.guard_holds.labels(outcome=outcome)  # both series exist from the start, at 0
         self.last_sync = Gauge(
             "confpy_last_successful_sync_timestamp_seconds", "Unix time of the last successful sync", registry=r
         )

@@ -11,6 +11,7 @@ outputs are hostile by default here too.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -73,13 +74,14 @@ PAGE = """<!doctype html>
   <article class="upstream" data-upstream="{{ up.upstream }}">
     <h3>{{ up.upstream }} <span class="small">{{ up.label }}</span>
       {% if up.kept %}<span class="badge degraded">kept by on_empty: no passing instance</span>{% endif %}
+      {% if up.held %}<span class="badge degraded guard-held">{{ up.held }}</span>{% endif %}
       {% if up.latencies %}{{ sparkline(up.latencies) }}{% endif %}</h3>
     <table>
       <thead><tr><th>member</th><th>weight</th><th>health</th><th>nginx</th><th>node / id</th><th>meta</th></tr></thead>
       <tbody>
       {% for m in up.members %}
         <tr class="member"><td class="endpoint">{{ m.endpoint }}</td><td>{{ m.weight }}</td>
-          <td><span class="badge {{ 'ok' if m.health == 'passing' else 'degraded' if m.health in ('warning', 'kept') else 'failing' }}">{{ m.health }}</span>
+          <td><span class="badge {{ 'ok' if m.health == 'passing' else 'degraded' if m.health in ('warning', 'kept', 'held') else 'failing' }}">{{ m.health }}</span>
             {% if m.output %}<span class="small">{{ m.output }}</span>{% endif %}</td>
           <td>{% if m.serving is none %}?{% elif m.serving %}<span class="badge ok">serving</span>{% else %}<span class="badge degraded">not yet</span>{% endif %}
             {% if m.paused %}<span class="badge failing">paused by nginx (failed requests)</span>{% endif %}</td>
@@ -197,6 +199,7 @@ class UpstreamView:
     rejected: tuple[str, ...]
     kept: bool
     latencies: tuple[float, ...]
+    held: str = ""  # the shrink guard holds a drop of this service: what and until when
 
 
 def _clock(value: float | None) -> str:
@@ -306,6 +309,7 @@ class StatusPage:
     def _upstreams(self, snapshot: StatusSnapshot, latencies: Mapping[str, list[float]]) -> list[UpstreamView]:
         installed = "\n".join(_read(Path(t.destination)) for t in snapshot.templates)
         kept = {label for t in snapshot.templates for label in t.kept}
+        held = {str(h["service"]): h for h in snapshot.guard_held}
         views = []
         for label, view in sorted(snapshot.services.items()):
             name = view.instances[0].name if view.instances else label
@@ -313,14 +317,26 @@ class StatusPage:
                 upstream = upstream_name_for(name)
             except UnsafeValueError:
                 upstream = name
+            hold = held.get(label)
+            members = self._members(snapshot, upstream, view, installed, snapshot.kept_members.get(label, ()))
+            if hold is not None:
+                losing, until = set(hold["losing"]), _clock(hold["applies_at"])
+                why = f"dropped by the registry; kept by the shrink guard until {until}"
+                members = tuple(
+                    dataclasses.replace(m, health="held", output=why) if m.endpoint in losing else m for m in members
+                )
             views.append(
                 UpstreamView(
                     upstream=upstream,
                     label=label,
-                    members=self._members(snapshot, upstream, view, installed, snapshot.kept_members.get(label, ())),
+                    members=members,
                     rejected=tuple(str(r) for r in view.rejected),
                     kept=label in kept,
                     latencies=tuple(latencies.get(label, ())),
+                    held=""
+                    if hold is None
+                    else f"shrink guard: drop of {len(hold['losing'])} of {hold['previous']} members held "
+                    f"until {_clock(hold['applies_at'])} (max_drop {hold['max_drop']})",
                 )
             )
         return views

@@ -74,4 +74,5 @@ def build_snapshot(
         sync_attempt=retry.attempt if retry is not None else 0,
         sync_retry_in=max(0.0, retry.retry_in) if retry is not None else None,
         budget=cycles.budget.view(),
+        guard_held=cycles.guard.status(now, cycles.wall_clock()),
     )

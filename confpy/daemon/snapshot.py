@@ -71,6 +71,8 @@ class StatusSnapshot:
     sync_retry_in: float | None = None
     registry_kind: RegistryKind = "consul"
     budget: BudgetView | None = None
+    # The shrink guard's held drops (guard.py `HeldDrop.to_json`): service, members it would lose, when it applies.
+    guard_held: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def registry_name(self) -> str:
@@ -143,6 +145,7 @@ class StatusSnapshot:
                 }
                 for label, view in sorted(self.services.items())
             },
+            "guard": {"held": [dict(held, applies_at=_timestamp(held["applies_at"])) for held in self.guard_held]},
             "live": {
                 "mode": self.mode,
                 "last_error": self.live.last_error if self.live else "",

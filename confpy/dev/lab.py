@@ -359,6 +359,15 @@ class BackendServer(ThreadingHTTPServer):
         self.server_close()
 
 
+def static_backends(ports: Sequence[int]) -> str:
+    """nginx `server` blocks answering "App server N" on each loopback port (N from 1): backends
+    nginx serves itself, for NginxInstance's `extra_http`."""
+    return "\n".join(
+        f'server {{ listen {LOOPBACK}:{port}; access_log off; location / {{ return 200 "App server {n}\\n"; }} }}'
+        for n, port in enumerate(ports, start=1)
+    )
+
+
 class NginxInstance:
     """nginx under a temporary prefix, proxying one loopback port to an upstream."""
 

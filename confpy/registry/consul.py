@@ -23,7 +23,7 @@ from urllib.parse import quote
 from confpy.config import ConsulConfig
 from confpy.durations import format_go_duration
 from confpy.errors import ConsulBadResponse, ConsulError, ConsulUnreachable
-from confpy.model import HealthView, MemberHealth, is_hostname, without_unresolvable
+from confpy.model import HealthView, KVPair, MemberHealth, is_hostname, without_unresolvable
 from confpy.registry.base import (
     CatalogDatacenters,
     CatalogNode,
@@ -241,6 +241,15 @@ class ConsulClient:
             hint = ": check the token" if status == 403 else ""
             raise ConsulBadResponse(f"Consul refused {what}: {status} {_short(text)}{hint}", status=status, body=text)
         return text
+
+    async def read_key(self, key: str) -> KVPair | None:
+        """GET /v1/kv/KEY: the key, or None when it does not exist."""
+        _, data = await self.read_optional(f"/v1/kv/{_quote_key(key)}", f"KV key {key!r}")
+        return next(iter(kv_pairs_from_entries("", data)), None)
+
+    async def put_key(self, key: str, value: str) -> None:
+        """PUT /v1/kv/KEY with `value`."""
+        await self._put(f"writing KV key {key!r}", f"/v1/kv/{_quote_key(key)}", body=value.encode())
 
     async def register(self, definition: Mapping[str, Any]) -> None:
         """PUT /v1/agent/service/register with a full service definition (Consul's own keys)."""

@@ -629,6 +629,18 @@ class Handler(BaseHTTPRequestHandler):
     def agent_reload(self, state: AgentState, rest: str, query: Query) -> None:
         self._text(200, "")  # no configuration files to read again: the agent is its flags
 
+    def partial_catalog(self, state: AgentState, rest: str, query: Query) -> None:
+        """A test hook, not Consul's: `PUT /v1/confpy-dev/partial-catalog?keep=N&seconds=S` answers at most
+        N instances of each service for S seconds (a restarting agent's half-synced catalog)."""
+        try:
+            keep, seconds = int(query.get("keep")), float(query.get("seconds"))
+        except ValueError:
+            raise HTTPError(400, "partial-catalog needs ?keep=N&seconds=S") from None
+        if keep < 0 or not 0 < seconds <= 600:
+            raise HTTPError(400, "partial-catalog: keep >= 0 and 0 < seconds <= 600")
+        state.partial_catalog(keep, seconds)
+        self._text(200, "")
+
     def agent_leave(self, state: AgentState, rest: str, query: Query) -> None:
         self._text(200, "")
         self.server.leave()
@@ -1030,6 +1042,7 @@ ROUTES = [
     ("/v1/status/leader", {"GET"}, Handler.status_leader),
     ("/v1/status/peers", {"GET"}, Handler.status_peers),
     ("/v1/kv/", {"GET", "PUT", "DELETE"}, Handler.kv),
+    ("/v1/confpy-dev/partial-catalog", {"PUT"}, Handler.partial_catalog),
     ("/v1/coordinate/datacenters", {"GET"}, Handler.coordinate_datacenters),
     ("/v1/coordinate/nodes", {"GET"}, Handler.coordinate_nodes),
     ("/v1/coordinate/node/", {"GET"}, Handler.coordinate_node),

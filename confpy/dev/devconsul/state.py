@@ -188,6 +188,9 @@ class AgentState:
         self.listeners: list[Callable[[], None]] = []
         # Network coordinates by node, as the agents' RTT estimation writes them (here: the API).
         self.coordinates: dict[str, dict[str, Any]] = {}
+        # A test hook, not Consul's (`partial_catalog`): health answers list at most this many
+        # instances of each service while set.
+        self.partial_keep: int | None = None
         self.node_create_index = self._next()
         self.nodes[node] = NodeEntry(
             node,
@@ -433,6 +436,25 @@ class AgentState:
             self.services_table_index = index
             self._touch(index, views | {"catalog"})
             return True
+
+    def partial_catalog(self, keep: int, seconds: float) -> None:
+        """A test hook, not Consul's: for `seconds`, health answers list only the first `keep`
+        instances of each service, as a Consul agent restarting with a half-synced catalog answers;
+        then the whole catalog again. Blocked queries are woken both times, as a change would."""
+        with self.cond:
+            self.partial_keep = keep
+            self._touch_every_service()
+        timer = threading.Timer(seconds, self._end_partial_catalog)
+        timer.daemon = True
+        timer.start()
+
+    def _end_partial_catalog(self) -> None:
+        with self.cond:
+            self.partial_keep = None
+            self._touch_every_service()
+
+    def _touch_every_service(self) -> None:
+        self._touch(self._next(), [view for name in self.ids_by_name for view in self._service_views(name)])
 
     def _service_check_views(self, node: str, service_id: str) -> list[str]:
         """The health views a check changes: its service's, or every service on its node for a node check."""
@@ -726,6 +748,8 @@ class AgentState:
                     "Checks": [self.check_json(c) for c in checks],
                 }
             )
+        if self.partial_keep is not None:
+            out = out[: self.partial_keep]
         if self.shuffle:
             random.shuffle(out)
         return out
