@@ -248,6 +248,14 @@ def run_main_job(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             file=sys.stderr,
         )
         return EXIT_NOT_RELOADED
+    if report.quarantined:
+        for held in report.quarantined:
+            print(f"confpy: error: left out {held.describe()}", file=sys.stderr)
+        print(
+            f"confpy: error: nginx refused {len(report.quarantined)} upstream(s); everything else was installed (exit 1)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     return EXIT_OK
 
 

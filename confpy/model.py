@@ -8,6 +8,8 @@ produce these values; rendering and applying consume them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import ipaddress
 import re
@@ -97,6 +99,9 @@ class ServiceInstance:
     weight: int = 1
     max_fails: int | None = None
     fail_timeout: str | None = None
+    # The IP the registry client resolved a host-name `address` to, off the loop, when it fetched
+    # it (live mode's balancer needs an IP; templates print `address`). None: not resolved.
+    ip: str | None = None
 
     @property
     def endpoint(self) -> SafeStr:
@@ -302,6 +307,18 @@ def without_unresolvable(view: HealthView, resolves: Callable[[str], bool]) -> H
         else:
             kept.append(instance)
     return HealthView(tuple(kept), tuple(rejected), view.unhealthy)
+
+
+def with_resolved(view: HealthView, addresses: Mapping[str, str]) -> HealthView:
+    """`without_unresolvable`, given each resolvable host name's address: the instances kept carry
+    it (`ServiceInstance.ip`), so nothing resolves the name again later."""
+    kept = without_unresolvable(view, addresses.__contains__)
+    if not addresses:
+        return kept
+    instances = tuple(
+        dataclasses.replace(i, ip=addresses[i.address]) if i.address in addresses else i for i in kept.instances
+    )
+    return HealthView(instances, kept.rejected, kept.unhealthy)
 
 
 @dataclass

@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import secrets
-import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,19 +48,34 @@ class LivePushError(ConfpyError):
     """The admin API could not be reached or refused the members."""
 
 
+class LiveRefused(LivePushError):
+    """The admin API answered, and refused one upstream's members (the others are still pushed)."""
+
+
+class PartialPush(LivePushError):
+    """Some upstreams' members were refused; `pushed` names the ones that landed."""
+
+    def __init__(self, message: str, pushed: list[str]) -> None:
+        super().__init__(message)
+        self.pushed = pushed
+
+
 def lua_dir() -> Path:
     """Where confpy's Lua module is installed (a template variable for lua_package_path)."""
     return Path(confpy.__file__).resolve().parent / "lua"
 
 
-def resolve_ip(address: str) -> str:
-    """The balancer needs an IP: resolve a host name (validated as resolvable when fetched)."""
-    if ":" in address or address.replace(".", "").isdigit():
-        return address
-    try:
-        return str(socket.getaddrinfo(address, None, type=socket.SOCK_STREAM)[0][4][0])
-    except (OSError, IndexError):
-        return address
+# confpy.lua's check_members, rule for rule: a member it would refuse is left out here, so one
+# member never gets a whole upstream's push refused.
+_LUA_IPV4 = re.compile(r"^(\d+)\.(\d+)\.(\d+)\.(\d+)$")
+_LUA_IPV6 = re.compile(r"^[0-9A-Fa-f:.]+$")
+
+
+def _lua_accepts_host(host: str) -> bool:
+    ipv4 = _LUA_IPV4.match(host)
+    if ipv4 is not None:
+        return all(int(part) <= 255 for part in ipv4.groups())
+    return ":" in host and _LUA_IPV6.match(host) is not None and len(host) <= 45
 
 
 @dataclass(frozen=True, order=True)
@@ -82,6 +96,20 @@ class LiveMember:
             data["backup"] = True
         return data
 
+    def problem(self) -> str | None:
+        """What confpy.lua's balancer would refuse in this member (its rules exactly); None: nothing."""
+        if not _lua_accepts_host(self.host):
+            return f"host {self.host!r} is not an IP address (a host name that did not resolve when it was fetched)"
+        if not 1 <= self.port <= 65535:
+            return f"port {self.port} is not from 1 to 65535"
+        if self.weight < 1:
+            return f"weight {self.weight} is not a positive integer"
+        if self.max_fails < 0:
+            return f"max_fails {self.max_fails} is negative"
+        if not self.fail_timeout > 0:
+            return f"fail_timeout {self.fail_timeout:g}s is not more than 0s (the live balancer needs a positive time)"
+        return None
+
 
 @dataclass(frozen=True)
 class LiveUpstream:
@@ -91,11 +119,20 @@ class LiveUpstream:
     version: str
     members: tuple[LiveMember, ...]
     balance: Mapping[str, Any] | None = None
+    # Instances left out (the balancer would refuse them), each with why: not pushed, not in `version`.
+    left_out: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"version": self.version, "members": [m.to_json() for m in self.members]}
         if self.balance is not None:
             data["balance"] = dict(self.balance)
+        return data
+
+    def status_json(self) -> dict[str, Any]:
+        """As /status shows it: what is pushed, and the members left out."""
+        data = self.to_json()
+        if self.left_out:
+            data["left_out"] = list(self.left_out)
         return data
 
 
@@ -108,7 +145,7 @@ def live_member(instance: ServiceInstance, settings: UpstreamSettings = NO_SETTI
     max_fails = instance.max_fails if instance.max_fails is not None else settings.max_fails
     fail_timeout = instance.fail_timeout or settings.fail_timeout
     return LiveMember(
-        host=resolve_ip(instance.address),
+        host=instance.ip or instance.address,  # a host name was resolved (off the loop) when it was fetched
         port=instance.port,
         weight=instance.weight,
         max_fails=DEFAULT_MAX_FAILS if max_fails is None else max_fails,
@@ -118,13 +155,32 @@ def live_member(instance: ServiceInstance, settings: UpstreamSettings = NO_SETTI
 
 
 def live_upstream(instances: Sequence[ServiceInstance], settings: UpstreamSettings = NO_SETTINGS) -> LiveUpstream:
-    members = tuple(sorted({live_member(i, settings) for i in instances}))
+    """The members to push; an instance the balancer would refuse (`LiveMember.problem`, or a second
+    member at one host and port) is left out and named in `left_out`, the others still pushed."""
+    valid: dict[LiveMember, ServiceInstance] = {}
+    left_out: list[str] = []
+    for instance in instances:
+        member = live_member(instance, settings)
+        problem = member.problem()
+        if problem is None:
+            valid.setdefault(member, instance)
+        else:
+            left_out.append(f"instance {instance.id!r} of {instance.name!r} ({instance.endpoint}): {problem}")
+    kept: dict[tuple[str, int], LiveMember] = {}
+    for member, instance in sorted(valid.items()):
+        first = kept.setdefault((member.host, member.port), member)
+        if first is not member:
+            left_out.append(
+                f"instance {instance.id!r} of {instance.name!r} ({instance.endpoint}): a second member at "
+                f"{format_endpoint(member.host, member.port)} with other parameters"
+            )
+    members = tuple(kept.values())
     balance = settings.balance_json()
     listed: list[Any] = [m.to_json() for m in members]
     if balance is not None:  # round-robin upstreams keep the digest they had before balance existed
         listed.append(balance)
     digest = hashlib.sha256(json.dumps(listed).encode()).hexdigest()[:16]
-    return LiveUpstream(digest, members, balance)
+    return LiveUpstream(digest, members, balance, tuple(left_out))
 
 
 ADMIN_TOKEN = re.compile(rb"[\x21-\x7e]{32,}")  # what nginx's side accepts, and one header can carry
@@ -243,7 +299,7 @@ class LiveAdmin:
         status, data = await self._request("PUT", f"/upstreams/{name}", upstream.to_json())
         if status != 200:
             error = data.get("error") if isinstance(data, dict) else data
-            raise LivePushError(f"live admin API refused the members of {name!r} ({status}): {error}")
+            raise LiveRefused(f"live admin API refused the members of {name!r} ({status}): {error}")
 
 
 def passive_unavailable(served: Mapping[str, Any]) -> dict[str, dict[str, float]]:
@@ -270,15 +326,19 @@ class LiveUpstreams:
     ) -> LiveUpstream:
         cached = self._cache.get(name)
         if cached is None or cached[0] is not instances or cached[1] != settings:
-            cached = self._cache[name] = (instances, settings, live_upstream(instances, settings))
+            upstream = live_upstream(instances, settings)
+            for why in upstream.left_out:
+                log.warning("upstream %s: left out of the live push: %s", name, why)
+            cached = self._cache[name] = (instances, settings, upstream)
         return cached[2]
 
     def desired(self, result: RenderResult) -> dict[str, LiveUpstream]:
         """The members every live upstream of `result` should have (upstreams with none keep what nginx has)."""
         wanted: dict[str, LiveUpstream] = {}
         for name, instances in result.live.items():
-            if instances:
-                wanted[name] = self.get(name, instances, result.live_settings.get(name, NO_SETTINGS))
+            upstream = self.get(name, instances, result.live_settings.get(name, NO_SETTINGS)) if instances else None
+            if upstream is not None and upstream.members:
+                wanted[name] = upstream
             else:
                 log.warning(
                     "%s: upstream %s has no member to push; nginx keeps its current members",
@@ -289,11 +349,12 @@ class LiveUpstreams:
 
     def state_bytes(self, result: RenderResult) -> bytes:
         """A live template's member state file, as nginx's init_by_lua reads it."""
-        upstreams = {
-            name: self.get(name, instances, result.live_settings.get(name, NO_SETTINGS)).to_json()
+        listed = {
+            name: self.get(name, instances, result.live_settings.get(name, NO_SETTINGS))
             for name, instances in sorted(result.live.items())
             if instances
         }
+        upstreams = {name: upstream.to_json() for name, upstream in listed.items() if upstream.members}
         return (
             json.dumps({"version": 1, "upstreams": upstreams}, sort_keys=True, separators=(",", ":")) + "\n"
         ).encode()
@@ -414,6 +475,8 @@ class LiveSupervisor:
             return []
         try:
             return await self._push()
+        except PartialPush:
+            raise  # nginx answered: it runs
         except LivePushError:
             # Only now look for nginx's master (psutil): a push is the fast path, a failure is not.
             if not self.reloader.running():
@@ -425,13 +488,18 @@ class LiveSupervisor:
         if self.known is None or any(name not in self.known for name in self.wanted):
             self.known = await self.admin.versions()
         current = self.known
-        pushed = []
+        pushed: list[str] = []
+        refused: list[str] = []
         try:
             for name, upstream in sorted(self.wanted.items()):
                 if name not in current:
                     continue  # not in nginx's configuration yet: it arrives with the reload, members from the state file
                 if current[name] != upstream.version:
-                    await self.admin.put(name, upstream)
+                    try:
+                        await self.admin.put(name, upstream)
+                    except LiveRefused as exc:  # one upstream refused: the others are still pushed
+                        refused.append(str(exc))
+                        continue
                     current[name] = upstream.version
                     pushed.append(name)
                     log.info(
@@ -443,6 +511,8 @@ class LiveSupervisor:
         except LivePushError:
             self.known = None
             raise
+        if refused:
+            raise PartialPush("; ".join(refused), pushed)
         return pushed
 
     def pushed(self) -> None:
@@ -469,6 +539,10 @@ class LiveSupervisor:
         """Push now; on failure, remember the error and schedule a retry (never raises)."""
         try:
             names = await self.push()
+        except PartialPush as exc:
+            self.on_pushed(len(exc.pushed))
+            self.failed(exc)
+            return exc.pushed
         except LivePushError as exc:
             self.failed(exc)
             return []

@@ -29,6 +29,7 @@ from confpy.model import Memory, describe_change
 from confpy.pipeline import SyncEngine
 from confpy.registry.base import Dependency
 from confpy.render.datasource import DataSource
+from confpy.render.quarantine import Quarantined
 from confpy.render.renderer import RenderResult
 from confpy.retry import RetryPolicy
 from confpy.watch.watchset import WatchSet
@@ -54,6 +55,7 @@ class TemplateState:
     last_error: str = ""
     checksum: str = ""
     kept: tuple[str, ...] = ()
+    quarantined: tuple[Quarantined, ...] = ()
 
 
 def installed_checksum(path: Path) -> str:
@@ -202,7 +204,9 @@ class Cycles:
         if check_stale is None:
             check_stale = any(not self.templates[r.template.destination].installed_once for r in results)
         try:
-            report = await self.engine.install(results, reason, check_stale=check_stale)
+            report = await self.engine.install(
+                results, reason, check_stale=check_stale, rerender=lambda t: self._render(self.templates[t.destination])
+            )
         except CheckError as exc:
             self.metrics.check_failures.inc()
             self.timeline.record("check_failed", f"nginx -t failed, the previous files were restored: {exc}")
@@ -213,6 +217,10 @@ class Cycles:
             self.timeline.record("rollback", f"install failed, the previous files stay: {exc}")
             self._sync_failed(results, exc)
             return
+        results = report.results
+        for held in report.quarantined:
+            self.timeline.record("quarantine", f"left out {held.describe()}")
+        self.metrics.quarantined_upstreams.set(sum(len(r.quarantined) for r in self._latest(results)))
         now = self.wall_clock()
         reloaded = report.apply is not None and report.apply.reload.reloaded
         for result in results:
@@ -220,6 +228,7 @@ class Cycles:
             state.installed_once = True
             state.last_error = ""
             state.kept = result.kept
+            state.quarantined = result.quarantined
             if result.content is not None:
                 state.checksum = "sha256:" + hashlib.sha256(result.content).hexdigest()
             if reloaded and result.template.destination in report.changed:
@@ -247,6 +256,11 @@ class Cycles:
         if self.not_reloaded and report.not_reloaded is None:
             await self.recheck_reload()
         self._synced(now, bool(report.changed))
+
+    def _latest(self, results: list[RenderResult]) -> list[TemplateState | RenderResult]:
+        """Each template's latest word on quarantine: this sync's render, else its state."""
+        done = {r.template.destination for r in results}
+        return [*results, *(s for d, s in self.templates.items() if d not in done)]
 
     def _synced(self, now: float, changed: bool) -> None:
         self.last_sync_ok = True

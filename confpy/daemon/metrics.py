@@ -86,6 +86,11 @@ class Metrics:
             ["service"],
             registry=r,
         )
+        self.quarantined_upstreams = Gauge(
+            "confpy_quarantined_upstreams",
+            "Services left out because nginx refused their upstream (retried when their data changes)",
+            registry=r,
+        )
         self.change_to_reload = Histogram(
             "confpy_change_to_reload_seconds",
             "Time from a change seen in the registry to nginx reloaded with it",

@@ -63,6 +63,7 @@ PAGE = """<!doctype html>
     <li>last reload: {{ last_reload or "none since confpy started" }}</li>
     {% if not_reloaded %}<li class="warn">installed but not reloaded: {{ not_reloaded }}</li>{% endif %}
     {% if check_error %}<li class="error" id="check-error">last check: {{ check_error }}</li>{% endif %}
+    {% for held in quarantined %}<li class="error quarantined">quarantined (left out until its data changes): {{ held.describe() }}</li>{% endfor %}
   </ul>
 </section>
 <section id="upstreams">
@@ -278,6 +279,7 @@ class StatusPage:
             master=_master(snapshot.pid_file),
             last_reload=_clock(max((t.last_reload or 0 for t in snapshot.templates), default=0) or None),
             not_reloaded=snapshot.not_reloaded,
+            quarantined=[q for t in snapshot.templates for q in t.quarantined],
             check_error="" if snapshot.last_sync_ok else snapshot.last_sync_error,
             upstreams=self._upstreams(snapshot, _latencies(events)),
             waiting=snapshot.waiting_for_first_answer,
