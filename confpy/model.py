@@ -9,7 +9,6 @@ produce these values; rendering and applying consume them.
 from __future__ import annotations
 
 import dataclasses
-
 import functools
 import ipaddress
 import re

@@ -272,6 +272,7 @@ class SyncEngine:
         """
         results = list(results)
         quarantined: list[tuple[Path, Quarantined]] = []
+        first: CheckError | None = None  # what nginx said of the renders as they came
         try:
             for round_ in range(MAX_QUARANTINE_ROUNDS + 1):
                 try:
@@ -281,7 +282,13 @@ class SyncEngine:
                         str(exc), [(r.template.destination, r.content, r.upstreams) for r in results if r.content]
                     )
                     if rerender is None or not culprits or round_ == MAX_QUARANTINE_ROUNDS:
-                        raise
+                        if not quarantined:
+                            raise
+                        left_out = ", ".join(repr(held.service) for _, held in quarantined)
+                        raise CheckError(
+                            f"{first}; leaving out service {left_out} did not help, nginx then said: {exc}"
+                        ) from None
+                    first = first or exc
                     quarantined.extend(self._quarantine(culprits))
                     results = self._rerendered(results, {c.destination for c in culprits}, rerender, exc)
                     continue
@@ -301,7 +308,10 @@ class SyncEngine:
         for culprit in culprits:
             renderer = self.renderers[culprit.destination]
             held.append(
-                (culprit.destination, renderer.quarantine(culprit.service, culprit.upstream, culprit.reason, time.time()))
+                (
+                    culprit.destination,
+                    renderer.quarantine(culprit.service, culprit.upstream, culprit.reason, time.time()),
+                )
             )
             log.error(
                 "%s: quarantined service %r: %s; installing everything else without it (retried when its data changes)",

@@ -123,7 +123,7 @@ def test_a_line_maps_to_the_upstream_block_that_holds_it() -> None:
 
 def test_nginx_complaints_are_found_in_its_output_and_in_a_check_error() -> None:
     output = (
-        "check_cmd `nginx -t` failed (exit 1): nginx: [emerg] invalid parameter \"fail_timeout=x\" in "
+        'check_cmd `nginx -t` failed (exit 1): nginx: [emerg] invalid parameter "fail_timeout=x" in '
         "/etc/nginx/conf.d/up.conf:4 | nginx: configuration file /etc/nginx/nginx.conf test failed"
     )
     (found,) = refusals(output)
@@ -142,9 +142,9 @@ def test_a_duplicate_upstream_is_blamed_on_the_service_that_claimed_the_name() -
 
 def test_a_complaint_outside_every_upstream_block_blames_nobody() -> None:
     rendered = [(Path("/x/up.conf"), RENDERED, {"web": "web", "api": "api"})]
-    assert find_culprits("nginx: [emerg] unknown directive \"x\" in /x/up.conf:16", rendered) == []
-    assert find_culprits("nginx: [emerg] unknown directive \"x\" in /etc/nginx/other.conf:3", rendered) == []
-    assert find_culprits("nginx: [emerg] open() \"/x\" failed (2: No such file or directory)", rendered) == []
+    assert find_culprits('nginx: [emerg] unknown directive "x" in /x/up.conf:16', rendered) == []
+    assert find_culprits('nginx: [emerg] unknown directive "x" in /etc/nginx/other.conf:3', rendered) == []
+    assert find_culprits('nginx: [emerg] open() "/x" failed (2: No such file or directory)', rendered) == []
 
 
 # --- quarantine ----------------------------------------------------------------------------

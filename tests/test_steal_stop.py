@@ -54,14 +54,18 @@ def test_a_service_named_like_a_host_does_not_take_its_traffic(
     consul: ConsulUnderTest, backends: list[BackendServer], tmp_path: Path, daemons: list[ConfpyProcess]
 ) -> None:
     nginx, own = _gateway(tmp_path)
+    status_port = free_port()
     try:
-        config = write_config(tmp_path / "c.toml", consul.url, nginx, SHIPPED_TEMPLATE)
+        config = write_config(
+            tmp_path / "c.toml", consul.url, nginx, SHIPPED_TEMPLATE, status=f"127.0.0.1:{status_port}"
+        )
         consul.api.register("web", backends[0].port, id="web-1")
         consul.api.register("127.0.0.1", backends[1].port, id="thief-1")  # tagged nginx
         proc = start_daemon(daemons, config, nginx)
         assert settles(nginx, {"App server 1"}), proc.output()
         assert {_own(own) for _ in range(4)} == {GATEWAY_OWN}
         assert "service name '127.0.0.1' contains a dot" in proc.output()
+        assert _gauge(status_port, "confpy_skipped_services") == 1.0
         consul.api.register("127.0.0.1", backends[2].port, id="thief-2")
         consul.api.register("web", backends[2].port, id="web-3")  # a later change: the thief still gets nothing
         assert settles(nginx, {"App server 1", "App server 3"}), proc.output()

@@ -30,7 +30,7 @@ from confpy.pipeline import SyncEngine
 from confpy.registry.base import Dependency
 from confpy.render.datasource import DataSource
 from confpy.render.quarantine import Quarantined
-from confpy.render.renderer import RenderResult
+from confpy.render.renderer import SKIPPED, RenderResult
 from confpy.retry import RetryPolicy
 from confpy.watch.watchset import WatchSet
 
@@ -56,6 +56,7 @@ class TemplateState:
     checksum: str = ""
     kept: tuple[str, ...] = ()
     quarantined: tuple[Quarantined, ...] = ()
+    skipped: int = 0  # services the last render left out for their name (see upstream_mappable)
 
 
 def installed_checksum(path: Path) -> str:
@@ -220,7 +221,6 @@ class Cycles:
         results = report.results
         for held in report.quarantined:
             self.timeline.record("quarantine", f"left out {held.describe()}")
-        self.metrics.quarantined_upstreams.set(sum(len(r.quarantined) for r in self._latest(results)))
         now = self.wall_clock()
         reloaded = report.apply is not None and report.apply.reload.reloaded
         for result in results:
@@ -229,10 +229,13 @@ class Cycles:
             state.last_error = ""
             state.kept = result.kept
             state.quarantined = result.quarantined
+            state.skipped = sum(1 for warning in result.warnings if warning.startswith(SKIPPED))
             if result.content is not None:
                 state.checksum = "sha256:" + hashlib.sha256(result.content).hexdigest()
             if reloaded and result.template.destination in report.changed:
                 state.last_reload = now
+        self.metrics.quarantined_upstreams.set(sum(len(t.quarantined) for t in self.templates.values()))
+        self.metrics.skipped_services.set(sum(t.skipped for t in self.templates.values()))
         self._note_reload(report.not_reloaded, reloaded)
         if reloaded:
             self.metrics.reloads.inc()
@@ -256,11 +259,6 @@ class Cycles:
         if self.not_reloaded and report.not_reloaded is None:
             await self.recheck_reload()
         self._synced(now, bool(report.changed))
-
-    def _latest(self, results: list[RenderResult]) -> list[TemplateState | RenderResult]:
-        """Each template's latest word on quarantine: this sync's render, else its state."""
-        done = {r.template.destination for r in results}
-        return [*results, *(s for d, s in self.templates.items() if d not in done)]
 
     def _synced(self, now: float, changed: bool) -> None:
         self.last_sync_ok = True

@@ -98,9 +98,7 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def find_culprits(
-    output: str, rendered: Iterable[tuple[Path, bytes, Mapping[str, str]]]
-) -> list[Culprit]:
+def find_culprits(output: str, rendered: Iterable[tuple[Path, bytes, Mapping[str, str]]]) -> list[Culprit]:
     """The services nginx's `output` blames, from each rendered file's (destination, content,
     upstream key -> service). Empty when the failure is not one upstream's (a hand-written file,
     a line outside every upstream block)."""
@@ -114,9 +112,7 @@ def find_culprits(
                 name = duplicate["name"]
                 service = upstreams.get(upstream_key(name))
                 if service is not None:
-                    reason = (
-                        f"nginx's configuration already defines an upstream {name!r} (nginx: duplicate upstream at {where})"
-                    )
+                    reason = f"nginx's configuration already defines an upstream {name!r} (nginx: duplicate upstream at {where})"
                     culprits.append(Culprit(destination, service, name, reason))
                 continue
             if not _same_file(refusal.file, destination):

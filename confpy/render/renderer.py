@@ -33,6 +33,9 @@ from confpy.render.naming import (
 )
 from confpy.render.quarantine import Quarantined
 
+# The start of the warning for a service left out for its name (no safe upstream name, a clash).
+SKIPPED = "skipped: "
+
 
 @dataclass(frozen=True)
 class RenderResult:
@@ -165,13 +168,13 @@ class _TemplateFunctions:
         try:
             name = self._name_for(service)
         except UnsafeValueError as exc:
-            self.record.warn(f"skipped: {exc}")
+            self.record.warn(f"{SKIPPED}{exc}")
             return False
         rival = self.left_out.rival(service, name, self.names, self._name_for)
         if rival is not None:
             self.record.uncacheable()
             self.record.warn(
-                f"skipped: services {service!r} and {rival!r} both map to upstream {upstream_key(name)!r} (nginx "
+                f"{SKIPPED}services {service!r} and {rival!r} both map to upstream {upstream_key(name)!r} (nginx "
                 f"compares upstream names case-insensitively); {rival!r} keeps it"
             )
             return False
@@ -213,9 +216,7 @@ class LeftOut:
         if held is not None:
             self.lifted.append(service)
 
-    def _by_key(
-        self, listings: list[tuple[str, ...]], name_for: Callable[[str], str]
-    ) -> dict[str, tuple[str, ...]]:
+    def _by_key(self, listings: list[tuple[str, ...]], name_for: Callable[[str], str]) -> dict[str, tuple[str, ...]]:
         """The upstream keys that several listed services map to (cached per listing)."""
         if len(listings) == 1 and self._rivals is not None and self._rivals[0] is listings[0]:
             return self._rivals[1]
@@ -339,7 +340,9 @@ class TemplateRenderer:
         key = upstream_key(upstream)
         for fragment in self._fragments.values():
             if (key, service) in fragment.upstreams:
-                reads.update((dep, value) for dep, value in fragment.reads.items() if not isinstance(dep, CatalogServices))
+                reads.update(
+                    (dep, value) for dep, value in fragment.reads.items() if not isinstance(dep, CatalogServices)
+                )
         held = Quarantined(service, upstream, reason, reads, since)
         self.left_out.quarantined[service] = held
         self._fragments, self._loops = {}, {}
