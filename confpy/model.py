@@ -139,6 +139,7 @@ class ServiceInstance:
             "weight": self.weight,
             "max_fails": self.max_fails,
             "fail_timeout": self.fail_timeout,
+            **({"ip": self.ip} if self.ip else {}),
         }
 
     @classmethod
@@ -152,7 +153,7 @@ class ServiceInstance:
         name, sid, node, address = data["name"], data["id"], data["node"], data["address"]
         if not all(isinstance(text, str) for text in (name, sid, node, address)):
             raise ValueError("name, id, node or address is not a string")
-        return validated_instance(
+        instance = validated_instance(
             name=name,
             id=sid or name,
             node=node,
@@ -162,6 +163,12 @@ class ServiceInstance:
             meta=meta,
             weight=data.get("weight", 1),
         )
+        ip = data.get("ip")
+        if ip is None:
+            return instance
+        if not isinstance(ip, str) or is_hostname(ip):
+            raise ValueError("ip is not an IP address")
+        return dataclasses.replace(instance, ip=normalize_address(ip))
 
     def field_named(self, value: object) -> str | None:
         """Which of this instance's registry fields holds `value` (for error messages)."""

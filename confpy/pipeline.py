@@ -20,11 +20,11 @@ from confpy.apply.installer import ApplyReport, Change, Installer
 from confpy.apply.live import LiveHooks, LiveStatus, LiveSupervisor, lua_dir, state_bytes
 from confpy.apply.nginx import NginxChecker, NginxReloader, ReloadOutcome, check_candidates
 from confpy.config import Config, TemplateConfig
-from confpy.errors import CheckError, RenderError
+from confpy.errors import CheckError, InstallError, RenderError
 from confpy.model import HealthView, Memory
 from confpy.registry.base import AnyDependency, Registry
 from confpy.render.datasource import DataSource
-from confpy.render.quarantine import Culprit, Quarantined, find_culprits
+from confpy.render.quarantine import Culprit, Quarantined, find_culprits, installed_holders
 from confpy.render.renderer import RenderResult, TemplateRenderer
 from confpy.timer import Timer
 
@@ -109,6 +109,11 @@ class SyncEngine:
             )
             for t in config.templates
         }
+        for renderer in self.renderers.values():
+            try:
+                renderer.left_out.holders = installed_holders(read_bytes(renderer.template.destination))
+            except InstallError:
+                pass  # unreadable: the install says so, naming the file
         self.reloader = NginxReloader(config.nginx)
         self.installer = Installer(NginxChecker(config.nginx), self.reloader, self.state)
         self.live = (

@@ -4,17 +4,19 @@ found from its words and the rendered text, then left out until its data changes
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 
 from confpy.config import TemplateConfig
 from confpy.errors import UnsafeValueError
-from confpy.model import Memory
+from confpy.model import Memory, ServiceInstance, validated_instance
 from confpy.registry.base import CatalogServices, ServiceHealth
 from confpy.registry.consul_decode import health_view_from_entries
 from confpy.render.naming import upstream_name_for
-from confpy.render.quarantine import find_culprits, refusals, upstream_at_line
+from confpy.render.quarantine import find_culprits, installed_holders, refusals, upstream_at_line
 from confpy.render.renderer import TemplateRenderer
 
 from .conftest import SHIPPED_TEMPLATE
@@ -168,3 +170,27 @@ def test_a_quarantined_service_is_left_out_until_its_data_changes(tmp_path: Path
     data.set(ServiceHealth("web", "nginx"), health_view_from_entries("web", [entry("w2", 8003, name="web")]))
     back = r.render(data, first.memory)
     assert b"upstream web {" in (back.content or b"") and back.quarantined == ()
+
+
+def test_after_a_restart_the_installed_file_says_who_holds_an_upstream(tmp_path: Path) -> None:
+    r = shipped(tmp_path)
+    r.left_out.holders = installed_holders(RENDERED.replace(b"upstream web {", b"upstream Web {"))
+    assert r.left_out.holders == {"web": "Web", "api": "api"}
+    text = (r.render(data_for(one_each("Web", "web")), Memory()).content or b"").decode()
+    assert "upstream Web {" in text and "upstream web {" not in text
+    assert installed_holders(None) == {}
+
+
+def test_a_remembered_member_keeps_the_address_its_name_resolved_to() -> None:
+    named = dataclasses.replace(entry_instance("backend.internal"), ip="127.0.0.7")
+    again = ServiceInstance.from_json(json.loads(json.dumps(named.to_json())))
+    assert again == named and again.ip == "127.0.0.7"
+    with pytest.raises(ValueError, match="ip is not an IP address"):
+        ServiceInstance.from_json({**named.to_json(), "ip": "example.com"})
+    assert "ip" not in entry_instance("127.0.0.1").to_json()
+
+
+def entry_instance(address: str) -> ServiceInstance:
+    return validated_instance(
+        name="web", id="w1", node="n1", address=address, port=80, tags=["nginx"], meta={}, weight=1
+    )

@@ -170,7 +170,7 @@ th, td { text-align: left; padding: 3px 8px; border-bottom: 1px solid #eaeef2; v
 .warn { color: #9a6700; } .error { color: #cf222e; white-space: pre-wrap; }
 code { font-size: 12px; background: #eaeef2; padding: 0 3px; }
 svg.spark { vertical-align: middle; margin-left: 8px; }
-tr.event.check_failed td, tr.event.rollback td, tr.event.down td { color: #cf222e; }
+tr.event.check_failed td, tr.event.rollback td, tr.event.quarantine td, tr.event.down td { color: #cf222e; }
 """
 
 

@@ -71,22 +71,35 @@ def refusals(output: str) -> list[Refusal]:
     return found
 
 
-def upstream_at_line(content: bytes, line: int) -> str | None:
-    """The name of the top-level `upstream NAME { ... }` block that holds line `line` (1-based) of
-    rendered nginx configuration; None when the line is outside every upstream block."""
+def upstream_blocks(content: bytes) -> list[tuple[str, int, int]]:
+    """Each top-level `upstream NAME { ... }` block of rendered nginx configuration: (NAME, its
+    first line, its last line), lines counted from 1."""
+    blocks: list[tuple[str, int, int]] = []
     depth = 0
-    current: str | None = None
+    current: tuple[str, int] | None = None
     for number, raw in enumerate(content.decode("utf-8", "replace").splitlines(), 1):
         text = raw.split("#", 1)[0]  # confpy's values never hold '#' unquoted (nginx_safe refuses it)
         if depth == 0:
             match = _BLOCK.match(text.strip())
-            current = match["name"] if match else None
+            current = (match["name"], number) if match else None
         depth = max(0, depth + text.count("{") - text.count("}"))
-        if number == line:
-            return current
-        if depth == 0:
+        if depth == 0 and current is not None:
+            blocks.append((current[0], current[1], number))
             current = None
-    return None
+    return blocks
+
+
+def upstream_at_line(content: bytes, line: int) -> str | None:
+    """The name of the top-level upstream block that holds line `line` of rendered nginx
+    configuration; None when the line is outside every upstream block."""
+    return next((name for name, first, last in upstream_blocks(content) if first <= line <= last), None)
+
+
+def installed_holders(content: bytes | None) -> dict[str, str]:
+    """The upstreams an installed file defines, as the services that hold them (upstream key ->
+    name; a service's upstream is its own name when that needs no mapping): after a restart, a
+    service differing only in case from one of them does not take its upstream over."""
+    return {upstream_key(name): name for name, _, _ in upstream_blocks(content or b"")}
 
 
 def _same_file(a: Path, b: Path) -> bool:
