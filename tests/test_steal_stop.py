@@ -95,7 +95,12 @@ def test_a_name_clashing_with_a_hand_written_upstream_is_quarantined_and_others_
         )
         consul.api.register("web", backends[0].port, id="web-1")
         consul.api.register("billing", backends[2].port, id="billing-1")
-        proc = start_daemon(daemons, config, nginx)
+        # Not start_daemon: the file nginx refused is in place while `nginx -t` runs, and nginx
+        # must start from the one installed without billing.
+        proc = ConfpyProcess(config).start()
+        daemons.append(proc)
+        assert wait_until(lambda: f"installed {nginx.destination} (" in proc.output(), 15), proc.output()
+        nginx.start()
         assert settles(nginx, {"App server 1"}), proc.output()
         assert b"upstream billing {" not in nginx.destination.read_bytes()
         assert "quarantined service 'billing'" in proc.output()
