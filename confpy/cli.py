@@ -293,9 +293,17 @@ def run_main_job(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             file=sys.stderr,
         )
         return EXIT_NOT_RELOADED
-    if report.held:
+    if report.held or report.quarantined:
         for held in report.held:
             print(f"confpy: error: drop not applied: {held}", file=sys.stderr)
+        for left_out in report.quarantined:
+            print(f"confpy: error: left out {left_out.describe()}", file=sys.stderr)
+        if report.quarantined:
+            print(
+                f"confpy: error: nginx refused {len(report.quarantined)} upstream(s); everything else was installed "
+                "(exit 1)",
+                file=sys.stderr,
+            )
         return EXIT_FAILED
     return EXIT_OK
 

@@ -183,6 +183,12 @@ def _tags(value: object, label: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _service_names(value: object, label: str) -> frozenset[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f'{label}: must be a list of service names, e.g. ["auth.example.com"]')
+    return frozenset(value)
+
+
 def _go_bool_variable(raw: str, label: str) -> bool:
     try:
         return parse_go_bool(raw)
@@ -605,6 +611,14 @@ class TemplateConfig:
         doc="a service with no passing instance: `keep` renders its last known members (remembered in a state file, "
         "written once changes pause for a second, at most 5 s after a change, and at once when confpy stops or "
         "reloads its configuration, so a restart remembers them too); `render` gives the template the empty list",
+    )
+    dotted_upstreams: frozenset[str] = setting(
+        parse=_service_names,
+        default=[],
+        example='["auth.example.com"]',
+        doc="services whose name keeps its dots as its upstream name, on purpose: a dotted upstream name takes the "
+        "traffic the gateway's own config sends to that host (`proxy_pass http://auth.example.com;`), so by default a "
+        "service with a dot in its name is left out with a warning (see [templates.md](templates.md))",
     )
     wait: WaitConfig | None = setting(
         nested=WaitConfig, default=None, doc_default="`[wait]`", doc="per-template quiescence (`min`, `max`)"

@@ -8,6 +8,7 @@ produce these values; rendering and applying consume them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 import re
@@ -97,6 +98,9 @@ class ServiceInstance:
     weight: int = 1
     max_fails: int | None = None
     fail_timeout: str | None = None
+    # The IP the registry client resolved a host-name `address` to, off the loop, when it fetched
+    # it (live mode's balancer needs an IP; templates print `address`). None: not resolved.
+    ip: str | None = None
 
     @property
     def endpoint(self) -> SafeStr:
@@ -135,6 +139,7 @@ class ServiceInstance:
             "weight": self.weight,
             "max_fails": self.max_fails,
             "fail_timeout": self.fail_timeout,
+            **({"ip": self.ip} if self.ip else {}),
         }
 
     @classmethod
@@ -148,7 +153,7 @@ class ServiceInstance:
         name, sid, node, address = data["name"], data["id"], data["node"], data["address"]
         if not all(isinstance(text, str) for text in (name, sid, node, address)):
             raise ValueError("name, id, node or address is not a string")
-        return validated_instance(
+        instance = validated_instance(
             name=name,
             id=sid or name,
             node=node,
@@ -158,6 +163,12 @@ class ServiceInstance:
             meta=meta,
             weight=data.get("weight", 1),
         )
+        ip = data.get("ip")
+        if ip is None:
+            return instance
+        if not isinstance(ip, str) or is_hostname(ip):
+            raise ValueError("ip is not an IP address")
+        return dataclasses.replace(instance, ip=normalize_address(ip))
 
     def field_named(self, value: object) -> str | None:
         """Which of this instance's registry fields holds `value` (for error messages)."""
@@ -302,6 +313,18 @@ def without_unresolvable(view: HealthView, resolves: Callable[[str], bool]) -> H
         else:
             kept.append(instance)
     return HealthView(tuple(kept), tuple(rejected), view.unhealthy)
+
+
+def with_resolved(view: HealthView, addresses: Mapping[str, str]) -> HealthView:
+    """`without_unresolvable`, given each resolvable host name's address: the instances kept carry
+    it (`ServiceInstance.ip`), so nothing resolves the name again later."""
+    kept = without_unresolvable(view, addresses.__contains__)
+    if not addresses:
+        return kept
+    instances = tuple(
+        dataclasses.replace(i, ip=addresses[i.address]) if i.address in addresses else i for i in kept.instances
+    )
+    return HealthView(instances, kept.rejected, kept.unhealthy)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import asyncio
 import difflib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +27,12 @@ from confpy.apply.installer import ApplyReport, Change, Installer
 from confpy.apply.live import LiveHooks, LiveStatus, LiveSupervisor, lua_dir, state_bytes
 from confpy.apply.nginx import NginxChecker, NginxReloader, ReloadOutcome, check_candidates
 from confpy.config import Config, TemplateConfig
-from confpy.errors import RenderError
+from confpy.errors import CheckError, InstallError, RenderError
 from confpy.guard import decide, remembered_view, service_label, strictest
 from confpy.model import HealthView, Memory
 from confpy.registry.base import AnyDependency, Registry, ServiceHealth
 from confpy.render.datasource import DataSource
+from confpy.render.quarantine import Culprit, Quarantined, find_culprits, installed_holders
 from confpy.render.renderer import RenderResult, TemplateRenderer
 from confpy.timer import Timer
 
@@ -42,6 +43,11 @@ log = logging.getLogger(__name__)
 MAX_RESOLVE_ROUNDS = 10
 FETCH_CONCURRENCY = 32
 LOCK_TIMEOUT = 10.0
+# nginx -t names one error at a time: a sync leaves out at most this many refused upstreams, one
+# check each, before it fails as a whole (the next sync goes on from there).
+MAX_QUARANTINE_ROUNDS = 16
+
+Rerender = Callable[[TemplateConfig], "RenderResult | None"]
 
 
 @dataclass
@@ -56,6 +62,9 @@ class SyncReport:
     pushed: list[str] = field(default_factory=list)
     check_output: str = ""
     held: list[str] = field(default_factory=list)  # drops the shrink guard did not apply (--once)
+    # The renders installed: those given, or their renders again without the services nginx refused.
+    results: list[RenderResult] = field(default_factory=list)
+    quarantined: list[Quarantined] = field(default_factory=list)
 
     @property
     def not_reloaded(self) -> ReloadOutcome | None:
@@ -109,6 +118,11 @@ class SyncEngine:
             )
             for t in config.templates
         }
+        for renderer in self.renderers.values():
+            try:
+                renderer.left_out.holders = installed_holders(read_bytes(renderer.template.destination))
+            except InstallError:
+                pass  # unreadable: the install says so, naming the file
         self.reloader = NginxReloader(config.nginx)
         self.installer = Installer(NginxChecker(config.nginx), self.reloader, self.state)
         # What confpy last compared with or installed at each destination (and live state file):
@@ -273,13 +287,91 @@ class SyncEngine:
                 changes.append(Change(result.template, result.content, old))
         return changes, unchanged
 
-    async def install(self, results: Sequence[RenderResult], reason: str, check_stale: bool = True) -> SyncReport:
+    async def install(
+        self,
+        results: Sequence[RenderResult],
+        reason: str,
+        check_stale: bool = True,
+        rerender: Rerender | None = None,
+    ) -> SyncReport:
         """Install what changed as one transaction (caller holds the locks).
 
         With `check_stale`, an unchanged render still reloads nginx once when its workers are older
         than the installed file (a confpy killed between install and reload). The daemon asks for
         this at start-up only: right after its own reload, old workers would look stale.
+
+        With `rerender`, one bad registration does not block the others: when nginx refuses an
+        upstream a service's data made, that service is quarantined (left out until its data
+        changes), its template rendered again with `rerender` and the rest installed. The report's
+        `results` are the renders installed. A failure no upstream explains raises CheckError.
         """
+        results = list(results)
+        quarantined: list[tuple[Path, Quarantined]] = []
+        first: CheckError | None = None  # what nginx said of the renders as they came
+        try:
+            for round_ in range(MAX_QUARANTINE_ROUNDS + 1):
+                try:
+                    report = await self._install(results, reason, check_stale)
+                except CheckError as exc:
+                    culprits = find_culprits(
+                        str(exc), [(r.template.destination, r.content, r.upstreams) for r in results if r.content]
+                    )
+                    if rerender is None or not culprits or round_ == MAX_QUARANTINE_ROUNDS:
+                        if not quarantined:
+                            raise
+                        left_out = ", ".join(repr(held.service) for _, held in quarantined)
+                        raise CheckError(
+                            f"{first}; leaving out service {left_out} did not help, nginx then said: {exc}"
+                        ) from None
+                    first = first or exc
+                    quarantined.extend(self._quarantine(culprits))
+                    results = self._rerendered(results, {c.destination for c in culprits}, rerender, exc)
+                    continue
+                report.results = results
+                report.quarantined = [held for _, held in quarantined]
+                return report
+        except BaseException:
+            # Nothing was installed without them: this sync's quarantines go with it (the next one
+            # finds them again if they still are at fault).
+            for destination, held in quarantined:
+                self.renderers[destination].release(held)
+            raise
+        raise AssertionError("unreachable: the last round raises or returns")
+
+    def _quarantine(self, culprits: Sequence[Culprit]) -> list[tuple[Path, Quarantined]]:
+        held = []
+        for culprit in culprits:
+            renderer = self.renderers[culprit.destination]
+            held.append(
+                (
+                    culprit.destination,
+                    renderer.quarantine(culprit.service, culprit.upstream, culprit.reason, time.time()),
+                )
+            )
+            log.error(
+                "%s: quarantined service %r: %s; installing everything else without it (retried when its data changes)",
+                culprit.destination,
+                culprit.service,
+                culprit.reason,
+            )
+        return held
+
+    @staticmethod
+    def _rerendered(
+        results: list[RenderResult], destinations: set[Path], rerender: Rerender, cause: CheckError
+    ) -> list[RenderResult]:
+        again = []
+        for result in results:
+            if result.template.destination not in destinations:
+                again.append(result)
+                continue
+            fresh = rerender(result.template)
+            if fresh is None or fresh.content is None:
+                raise cause  # the render without the refused upstream failed: the sync fails as before
+            again.append(fresh)
+        return again
+
+    async def _install(self, results: Sequence[RenderResult], reason: str, check_stale: bool) -> SyncReport:
         report = SyncReport()
         if self.live is not None:
             await self.live.note(results)
@@ -426,7 +518,10 @@ class SyncEngine:
                 memories = self.load_memories()
                 guard = OnceGuard(self.config, memories) if guarded else None
                 results, indexes = await self.resolve(registry, data, memories, guard)
-                report = await self.install(results, "one-shot sync")
+                report = await self.install(
+                    results, "one-shot sync", rerender=lambda t: self.render(t, data, memories[t.destination])
+                )
+                results = report.results
                 try:
                     if self.live is not None:
                         report.pushed = await self.live.push()

@@ -344,3 +344,43 @@ def test_upstream_list_reads_live_members_from_nginx(lab: LiveLab) -> None:
         f"127.0.0.1:{lab.ports[0]}": True,
         f"127.0.0.1:{lab.ports[1]}": False,
     }
+
+
+def test_an_upstream_of_a_thousand_members_is_pushed_and_served(lab: LiveLab) -> None:
+    # 999 backup members (used only when no other is up; nothing listens on their ports) and one
+    # real one: every push carries a thousand members (~70 KB, past nginx's default 16 KB buffer).
+    for n in range(999):
+        lab.consul.api.register("web", 10 + n, id=f"spare-{n}", tags=["nginx", "backup"])
+    lab.register(1)
+    lab.start()
+    assert lab.settles({1})
+    reloads = lab.nginx.reload_count()
+    lab.register(2)
+    lab.deregister(1)  # a member swapped: pushed, no reload
+    assert lab.settles({2}), lab.confpy.output() if lab.confpy else ""
+    assert lab.confpy is not None and "pushed 1000 members to upstream web" in lab.confpy.output()
+    assert lab.nginx.reload_count() == reloads
+    status, served = lab.admin("GET", "/upstreams/web")
+    assert status == 200 and len(served["members"]) == 1000  # type: ignore[arg-type]
+
+
+def test_a_member_the_balancer_would_refuse_is_left_out_and_other_pushes_land(lab: LiveLab) -> None:
+    lab.register(1)
+    lab.register(2, name="api")
+    lab.start()
+    assert lab.settles({1}) and lab.settles({2}, path="/u/api/")
+    reloads = lab.nginx.reload_count()
+    # `api` sorts before `web`: a refused push of api's members used to stop web's.
+    lab.consul.api.register("api", lab.ports[2], id="api-3", Meta={"fail_timeout": "0s"})
+    lab.register(4)
+    assert lab.settles({1, 4}), lab.confpy.output() if lab.confpy else ""
+    assert lab.confpy is not None
+    assert wait_until(lambda: "left out of the live push: instance 'api-3'" in lab.confpy.output(), 10)
+    assert "fail_timeout 0s is not more than 0s" in lab.confpy.output()
+    assert lab.settles({2}, path="/u/api/")
+    assert "live push failed" not in lab.confpy.output()
+    assert lab.nginx.reload_count() == reloads
+    status_conn = http.client.HTTPConnection("127.0.0.1", lab.status_port, timeout=5)
+    status_conn.request("GET", "/status")
+    live = json.loads(status_conn.getresponse().read())["live"]["upstreams"]
+    assert "api-3" in live["api"]["left_out"][0] and len(live["api"]["members"]) == 1

@@ -4,6 +4,7 @@ slow callback, and live mode resolves members' host names off the loop."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import threading
@@ -31,7 +32,10 @@ LIVE_TEMPLATE = ROOT / "templates" / "nginx-upstreams-live.conf.j2"
 
 
 def _instances(service: str, ports: range, host: str = "127.0.0.1") -> tuple[ServiceInstance, ...]:
-    return tuple(ServiceInstance(service, f"{service}-{p}", "n1", host, p) for p in ports)
+    # As the registries answer (registry/resolve.py): a host name carries the address it resolved
+    # to, off the loop, when it was fetched.
+    ip = "127.0.0.1" if host == "localhost" else None
+    return tuple(ServiceInstance(service, f"{service}-{p}", "n1", host, p, ip=ip) for p in ports)
 
 
 class Registry:
@@ -149,7 +153,8 @@ def test_a_live_mode_cycle_at_300_services_never_holds_the_loop_nor_resolves_on_
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Live mode without nginx: members are noted, saved and their push found nginx not running;
-    every member has a host name (localhost), which the balancer needs as an IP."""
+    every member has a host name (localhost), which the balancer needs as an IP: the address the
+    registry's answer carries, never looked up on the loop."""
     caplog.set_level(logging.WARNING, logger="asyncio")
     on_loop = _loop_thread_lookups(monkeypatch)
     nginx = f'mode = "live"\nlive_listen = "unix:{tmp_path / "admin.sock"}"\nlive_token_file = "{tmp_path / "token"}"\n'
@@ -168,15 +173,16 @@ def test_a_live_mode_cycle_at_300_services_never_holds_the_loop_nor_resolves_on_
     assert _slow_callbacks(caplog) == []
 
 
-def test_live_members_host_names_are_resolved_in_the_loops_executor(
+def test_live_members_take_the_address_the_registry_resolved_and_never_resolve_on_the_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """In-process: LiveSupervisor.note resolves host names through the loop's resolver (a worker
-    thread, here answered by a stand-in), IP literals not at all, and only for changed upstreams."""
-    asked: list[tuple[str, bool]] = []
+    """In-process: LiveSupervisor.note resolves nothing (the registry's answer carries each host
+    name's address, resolved off the loop when it was fetched: registry/resolve.py); a host name
+    that came without one is left out, never looked up on the loop."""
+    asked: list[str] = []
 
     def resolver(host: Any, *args: Any, **kwargs: Any) -> Any:
-        asked.append((str(host), threading.current_thread() is threading.main_thread()))
+        asked.append(str(host))
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.7", 0))]
 
     monkeypatch.setattr(socket, "getaddrinfo", resolver)
@@ -188,15 +194,16 @@ def test_live_members_host_names_are_resolved_in_the_loops_executor(
     )
     supervisor = LiveSupervisor(config, StateStore(tmp_path / "state"), NginxReloader(config.nginx))
     template = TemplateConfig(source=LIVE_TEMPLATE, destination=tmp_path / "out.conf")
-    by_name = _instances("web", range(1, 3), "backend.internal") + _instances("web", range(3, 4))
+    resolved = tuple(dataclasses.replace(i, ip="192.0.2.7") for i in _instances("web", range(1, 3), "backend.internal"))
+    unresolved = _instances("web", range(5, 6), "elsewhere.internal")
+    by_name = resolved + unresolved + _instances("web", range(3, 4))
     result = RenderResult(template, b"", frozenset(), frozenset(), Memory(), live={"web": by_name})
 
     asyncio.run(supervisor.note([result]))
-    assert asked == [("backend.internal", False)], "one lookup, for the name, off the loop's thread"
+    assert asked == [], "no name is resolved on the loop"
     assert [(m.host, m.port) for m in supervisor.wanted["web"].members] == [
         ("127.0.0.1", 3),
         ("192.0.2.7", 1),
         ("192.0.2.7", 2),
     ]
-    asyncio.run(supervisor.note([result]))  # the same members: nothing to look up again
-    assert len(asked) == 1
+    assert any("elsewhere.internal" in why for why in supervisor.wanted["web"].left_out)

@@ -188,7 +188,8 @@ def test_numbers_and_quoted_values_pass(tmp_path: Path) -> None:
 
 def test_upstream_name_mapping() -> None:
     assert upstream_name_for("web") == "web"
-    assert upstream_name_for("api.v2_x-1") == "api.v2_x-1"
+    assert upstream_name_for("api-v2_x-1") == "api-v2_x-1"
+    assert upstream_name_for("api.v2_x-1", keep_dots=True) == "api.v2_x-1"  # dotted_upstreams lists it
     mapped = upstream_name_for("my service")
     assert mapped.startswith("my_service_") and len(mapped) == len("my_service_") + 8
     assert upstream_name_for("my service") == mapped  # deterministic

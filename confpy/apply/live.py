@@ -15,9 +15,8 @@ import logging
 import os
 import re
 import secrets
-import socket
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,50 +49,34 @@ class LivePushError(ConfpyError):
     """The admin API could not be reached or refused the members."""
 
 
+class LiveRefused(LivePushError):
+    """The admin API answered, and refused one upstream's members (the others are still pushed)."""
+
+
+class PartialPush(LivePushError):
+    """Some upstreams' members were refused; `pushed` names the ones that landed."""
+
+    def __init__(self, message: str, pushed: list[str]) -> None:
+        super().__init__(message)
+        self.pushed = pushed
+
+
 def lua_dir() -> Path:
     """Where confpy's Lua module is installed (a template variable for lua_package_path)."""
     return Path(confpy.__file__).resolve().parent / "lua"
 
 
-def is_ip_literal(address: str) -> bool:
-    return ":" in address or address.replace(".", "").isdigit()
+# confpy.lua's check_members, rule for rule: a member it would refuse is left out here, so one
+# member never gets a whole upstream's push refused.
+_LUA_IPV4 = re.compile(r"^(\d+)\.(\d+)\.(\d+)\.(\d+)$")
+_LUA_IPV6 = re.compile(r"^[0-9A-Fa-f:.]+$")
 
 
-class HostAddresses:
-    """The IPs of members' host names, which the balancer needs (host names were validated as
-    resolvable when fetched).
-
-    Resolved through the loop's resolver, in its executor: the system resolver may wait on DNS,
-    which must not stop the event loop. A name that does not resolve stays a name, as before.
-    """
-
-    def __init__(self) -> None:
-        self._known: dict[str, str] = {}
-
-    def ip(self, address: str) -> str:
-        """`address`'s IP as last resolved (an IP literal is its own)."""
-        return address if is_ip_literal(address) else self._known.get(address, address)
-
-    async def resolve(self, addresses: Iterable[str]) -> None:
-        """Resolve (again) the host names among `addresses`."""
-        names = sorted({a for a in addresses if not is_ip_literal(a)})
-        if not names:
-            return
-        loop = asyncio.get_running_loop()
-
-        async def one(name: str) -> str | None:
-            try:
-                async with asyncio.timeout(RESOLVE_TIMEOUT):
-                    found = await loop.getaddrinfo(name, None, type=socket.SOCK_STREAM)
-            except (OSError, UnicodeError, TimeoutError):
-                return None
-            return str(found[0][4][0]) if found else None
-
-        for name, ip in zip(names, await asyncio.gather(*(one(n) for n in names)), strict=True):
-            if ip is None:
-                self._known.pop(name, None)
-            else:
-                self._known[name] = ip
+def _lua_accepts_host(host: str) -> bool:
+    ipv4 = _LUA_IPV4.match(host)
+    if ipv4 is not None:
+        return all(int(part) <= 255 for part in ipv4.groups())
+    return ":" in host and _LUA_IPV6.match(host) is not None and len(host) <= 45
 
 
 @dataclass(frozen=True, order=True)
@@ -114,6 +97,20 @@ class LiveMember:
             data["backup"] = True
         return data
 
+    def problem(self) -> str | None:
+        """What confpy.lua's balancer would refuse in this member (its rules exactly); None: nothing."""
+        if not _lua_accepts_host(self.host):
+            return f"host {self.host!r} is not an IP address (a host name that did not resolve when it was fetched)"
+        if not 1 <= self.port <= 65535:
+            return f"port {self.port} is not from 1 to 65535"
+        if self.weight < 1:
+            return f"weight {self.weight} is not a positive integer"
+        if self.max_fails < 0:
+            return f"max_fails {self.max_fails} is negative"
+        if not self.fail_timeout > 0:
+            return f"fail_timeout {self.fail_timeout:g}s is not more than 0s (the live balancer needs a positive time)"
+        return None
+
 
 @dataclass(frozen=True)
 class LiveUpstream:
@@ -123,6 +120,8 @@ class LiveUpstream:
     version: str
     members: tuple[LiveMember, ...]
     balance: Mapping[str, Any] | None = None
+    # Instances left out (the balancer would refuse them), each with why: not pushed, not in `version`.
+    left_out: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"version": self.version, "members": [m.to_json() for m in self.members]}
@@ -130,20 +129,25 @@ class LiveUpstream:
             data["balance"] = dict(self.balance)
         return data
 
+    def status_json(self) -> dict[str, Any]:
+        """As /status shows it: what is pushed, and the members left out."""
+        data = self.to_json()
+        if self.left_out:
+            data["left_out"] = list(self.left_out)
+        return data
+
 
 NO_SETTINGS = UpstreamSettings()
 
 
-def live_member(
-    instance: ServiceInstance, settings: UpstreamSettings = NO_SETTINGS, ip: Callable[[str], str] = str
-) -> LiveMember:
+def live_member(instance: ServiceInstance, settings: UpstreamSettings = NO_SETTINGS) -> LiveMember:
     """An instance's member: its meta's max_fails/fail_timeout, else the upstream's KV settings, else
     nginx's defaults (max_fails=1, fail_timeout=10s); backup by tag or meta, or by KV `backup_tag`;
-    its host as `ip` gives it (`HostAddresses.ip`)."""
+    its host the IP the registry's answer resolved (a host name is resolved off the loop when fetched)."""
     max_fails = instance.max_fails if instance.max_fails is not None else settings.max_fails
     fail_timeout = instance.fail_timeout or settings.fail_timeout
     return LiveMember(
-        host=ip(instance.address),
+        host=instance.ip or instance.address,  # a host name was resolved (off the loop) when it was fetched
         port=instance.port,
         weight=instance.weight,
         max_fails=DEFAULT_MAX_FAILS if max_fails is None else max_fails,
@@ -152,16 +156,33 @@ def live_member(
     )
 
 
-def live_upstream(
-    instances: Sequence[ServiceInstance], settings: UpstreamSettings = NO_SETTINGS, ip: Callable[[str], str] = str
-) -> LiveUpstream:
-    members = tuple(sorted({live_member(i, settings, ip) for i in instances}))
+def live_upstream(instances: Sequence[ServiceInstance], settings: UpstreamSettings = NO_SETTINGS) -> LiveUpstream:
+    """The members to push; an instance the balancer would refuse (`LiveMember.problem`, or a second
+    member at one host and port) is left out and named in `left_out`, the others still pushed."""
+    valid: dict[LiveMember, ServiceInstance] = {}
+    left_out: list[str] = []
+    for instance in instances:
+        member = live_member(instance, settings)
+        problem = member.problem()
+        if problem is None:
+            valid.setdefault(member, instance)
+        else:
+            left_out.append(f"instance {instance.id!r} of {instance.name!r} ({instance.endpoint}): {problem}")
+    kept: dict[tuple[str, int], LiveMember] = {}
+    for member, instance in sorted(valid.items()):
+        first = kept.setdefault((member.host, member.port), member)
+        if first is not member:
+            left_out.append(
+                f"instance {instance.id!r} of {instance.name!r} ({instance.endpoint}): a second member at "
+                f"{format_endpoint(member.host, member.port)} with other parameters"
+            )
+    members = tuple(kept.values())
     balance = settings.balance_json()
     listed: list[Any] = [m.to_json() for m in members]
     if balance is not None:  # round-robin upstreams keep the digest they had before balance existed
         listed.append(balance)
     digest = hashlib.sha256(json.dumps(listed).encode()).hexdigest()[:16]
-    return LiveUpstream(digest, members, balance)
+    return LiveUpstream(digest, members, balance, tuple(left_out))
 
 
 ADMIN_TOKEN = re.compile(rb"[\x21-\x7e]{32,}")  # what nginx's side accepts, and one header can carry
@@ -288,7 +309,7 @@ class LiveAdmin:
         status, data = await self._request("PUT", f"/upstreams/{name}", upstream.to_json())
         if status != 200:
             error = data.get("error") if isinstance(data, dict) else data
-            raise LivePushError(f"live admin API refused the members of {name!r} ({status}): {error}")
+            raise LiveRefused(f"live admin API refused the members of {name!r} ({status}): {error}")
 
 
 def passive_unavailable(served: Mapping[str, Any]) -> dict[str, dict[str, float]]:
@@ -310,28 +331,17 @@ class LiveUpstreams:
     def __init__(self) -> None:
         self._cache: dict[str, tuple[tuple[ServiceInstance, ...], UpstreamSettings, LiveUpstream]] = {}
         self._json: dict[str, tuple[LiveUpstream, str]] = {}
-        self.hosts = HostAddresses()
-
-    def _stale(self, name: str, instances: tuple[ServiceInstance, ...], settings: UpstreamSettings) -> bool:
-        cached = self._cache.get(name)
-        return cached is None or cached[0] is not instances or cached[1] != settings
-
-    async def resolve(self, results: Sequence[RenderResult]) -> None:
-        """Resolve the host names of the members about to be computed (the upstreams that changed)."""
-        await self.hosts.resolve(
-            instance.address
-            for result in results
-            for name, instances in result.live.items()
-            if self._stale(name, instances, result.live_settings.get(name, NO_SETTINGS))
-            for instance in instances
-        )
 
     def get(
         self, name: str, instances: tuple[ServiceInstance, ...], settings: UpstreamSettings = NO_SETTINGS
     ) -> LiveUpstream:
-        if self._stale(name, instances, settings):
-            self._cache[name] = (instances, settings, live_upstream(instances, settings, self.hosts.ip))
-        return self._cache[name][2]
+        cached = self._cache.get(name)
+        if cached is None or cached[0] is not instances or cached[1] != settings:
+            upstream = live_upstream(instances, settings)
+            for why in upstream.left_out:
+                log.warning("upstream %s: left out of the live push: %s", name, why)
+            cached = self._cache[name] = (instances, settings, upstream)
+        return cached[2]
 
     def desired(self, result: RenderResult) -> dict[str, LiveUpstream]:
         """The members every live upstream of `result` should have (upstreams with none keep what nginx has)."""
@@ -367,22 +377,20 @@ class LiveUpstreams:
     def state_bytes(self, result: RenderResult) -> bytes:
         """A live template's member state file, as nginx's init_by_lua reads it: the bytes of
         `json.dumps({"upstreams": ..., "version": 1}, sort_keys=True)`, each upstream's part kept
-        from its last serialization (only changed upstreams are serialized again)."""
-        parts = [
-            json.dumps(name)
-            + ":"
-            + self.state_json(name, self.get(name, instances, result.live_settings.get(name, NO_SETTINGS)))
+        from its last serialization (only changed upstreams are serialized again); an upstream
+        whose every member was left out is not listed."""
+        listed = (
+            (name, self.get(name, instances, result.live_settings.get(name, NO_SETTINGS)))
             for name, instances in sorted(result.live.items())
             if instances
-        ]
+        )
+        parts = [json.dumps(name) + ":" + self.state_json(name, up) for name, up in listed if up.members]
         return ('{"upstreams":{' + ",".join(parts) + '},"version":1}\n').encode()
 
 
 async def state_bytes(result: RenderResult) -> bytes:
     """A live template's member state file (for `--dry-run`)."""
-    upstreams = LiveUpstreams()
-    await upstreams.resolve([result])
-    return upstreams.state_bytes(result)
+    return LiveUpstreams().state_bytes(result)
 
 
 @dataclass(frozen=True)
@@ -473,8 +481,8 @@ class LiveSupervisor:
 
     async def note(self, results: Sequence[RenderResult]) -> None:
         """Take each template's wanted members (a cycle may render only some templates: the
-        other templates' members are kept); their host names are resolved off the loop."""
-        await self.upstreams.resolve(results)
+        other templates' members are kept); host names were resolved (off the loop) with the
+        registry's answer."""
         touched: set[str] = set()
         everything = False
         for result in results:
@@ -529,6 +537,8 @@ class LiveSupervisor:
             return []
         try:
             return await self._push()
+        except PartialPush:
+            raise  # nginx answered: it runs
         except LivePushError:
             # Only now look for nginx's master (psutil): a push is the fast path, a failure is not.
             if not self.reloader.running():
@@ -543,14 +553,21 @@ class LiveSupervisor:
         if self.known is None or any(name not in self.known for name in names):
             self.known = await self.admin.versions()
         current = self.known
-        pushed = []
+        pushed: list[str] = []
+        refused: list[str] = []
+        refused_names: list[str] = []
         try:
             for name in names:
                 upstream = self.wanted[name]
                 if name not in current:
                     continue  # not in nginx's configuration yet: it arrives with the reload, members from the state file
                 if current[name] != upstream.version:
-                    await self.admin.put(name, upstream)
+                    try:
+                        await self.admin.put(name, upstream)
+                    except LiveRefused as exc:  # one upstream refused: the others are still pushed
+                        refused.append(str(exc))
+                        refused_names.append(name)
+                        continue
                     current[name] = upstream.version
                     pushed.append(name)
                     log.info(
@@ -562,7 +579,9 @@ class LiveSupervisor:
         except LivePushError:
             self.known = None
             raise
-        self._dirty = set()
+        self._dirty = set(refused_names)  # a refused upstream is tried again with the next push
+        if refused:
+            raise PartialPush("; ".join(refused), pushed)
         return pushed
 
     def pushed(self) -> None:
@@ -589,6 +608,10 @@ class LiveSupervisor:
         """Push now; on failure, remember the error and schedule a retry (never raises)."""
         try:
             names = await self.push()
+        except PartialPush as exc:
+            self.on_pushed(len(exc.pushed))
+            self.failed(exc)
+            return exc.pushed
         except LivePushError as exc:
             self.failed(exc)
             return []

@@ -31,7 +31,8 @@ from confpy.model import Memory
 from confpy.pipeline import SyncEngine
 from confpy.registry.base import Dependency, ServiceHealth
 from confpy.render.datasource import DataSource
-from confpy.render.renderer import RenderResult
+from confpy.render.quarantine import Quarantined
+from confpy.render.renderer import SKIPPED, RenderResult
 from confpy.retry import RetryPolicy
 from confpy.watch.watchset import WatchSet
 
@@ -57,6 +58,8 @@ class TemplateState:
     # The installed bytes, hashed only when /status asks (not on every change's path).
     content: bytes | None = field(default=None, repr=False)
     _checksum: tuple[bytes | None, str] | None = field(default=None, repr=False)
+    quarantined: tuple[Quarantined, ...] = ()
+    skipped: int = 0  # services the last render left out for their name (see upstream_mappable)
 
     @property
     def checksum(self) -> str:
@@ -227,7 +230,9 @@ class Cycles:
         if check_stale is None:
             check_stale = any(not self.templates[r.template.destination].installed_once for r in results)
         try:
-            report = await self.engine.install(results, reason, check_stale=check_stale)
+            report = await self.engine.install(
+                results, reason, check_stale=check_stale, rerender=lambda t: self._render(self.templates[t.destination])
+            )
         except CheckError as exc:
             self.metrics.check_failures.inc()
             self._sync_failed(results, exc, "check_failed", "nginx -t failed, the previous files were restored")
@@ -238,6 +243,9 @@ class Cycles:
             self._sync_failed(results, exc, "rollback", "install failed, the previous files stay")
             self.budget.settled()
             return
+        results = report.results
+        for held in report.quarantined:
+            self.timeline.record("quarantine", f"left out {held.describe()}")
         now = self.wall_clock()
         reloaded = report.apply is not None and report.apply.reload.reloaded
         for result in results:
@@ -245,10 +253,14 @@ class Cycles:
             state.installed_once = True
             state.last_error = ""
             state.kept = result.kept
+            state.quarantined = result.quarantined
+            state.skipped = sum(1 for warning in result.warnings if warning.startswith(SKIPPED))
             if result.content is not None:
                 state.content = result.content
             if reloaded and result.template.destination in report.changed:
                 state.last_reload = now
+        self.metrics.quarantined_upstreams.set(sum(len(t.quarantined) for t in self.templates.values()))
+        self.metrics.skipped_services.set(sum(t.skipped for t in self.templates.values()))
         self._note_reload(report.not_reloaded, reloaded)
         if reloaded:
             self.budget.reloaded(verdict)

@@ -97,6 +97,16 @@ class Metrics:
             ["service"],
             registry=r,
         )
+        self.quarantined_upstreams = Gauge(
+            "confpy_quarantined_upstreams",
+            "Services left out because nginx refused their upstream (retried when their data changes)",
+            registry=r,
+        )
+        self.skipped_services = Gauge(
+            "confpy_skipped_services",
+            "Services the last render left out for their name (a dot, no valid upstream name, a clash)",
+            registry=r,
+        )
         self.change_to_reload = Histogram(
             "confpy_change_to_reload_seconds",
             "Time from a change seen in the registry to nginx reloaded with it",

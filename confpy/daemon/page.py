@@ -66,6 +66,7 @@ PAGE = """<!doctype html>
     {% if deferred %}<li class="warn" id="deferred">{{ deferred }}</li>{% endif %}
     {% if not_reloaded %}<li class="warn">installed but not reloaded: {{ not_reloaded }}</li>{% endif %}
     {% if check_error %}<li class="error" id="check-error">last check: {{ check_error }}</li>{% endif %}
+    {% for held in quarantined %}<li class="error quarantined">quarantined (left out until its data changes): {{ held.describe() }}</li>{% endfor %}
   </ul>
 </section>
 <section id="upstreams">
@@ -173,7 +174,7 @@ th, td { text-align: left; padding: 3px 8px; border-bottom: 1px solid #eaeef2; v
 .warn { color: #9a6700; } .error { color: #cf222e; white-space: pre-wrap; }
 code { font-size: 12px; background: #eaeef2; padding: 0 3px; }
 svg.spark { vertical-align: middle; margin-left: 8px; }
-tr.event.check_failed td, tr.event.rollback td, tr.event.down td { color: #cf222e; }
+tr.event.check_failed td, tr.event.rollback td, tr.event.quarantine td, tr.event.down td { color: #cf222e; }
 tr.event.recovered td { color: #1a7f37; }
 """
 
@@ -288,6 +289,7 @@ class StatusPage:
             deferred=f"reload deferred {snapshot.budget.deferred_for:.0f} s: {snapshot.budget.deferred}"
             if snapshot.budget and snapshot.budget.deferred
             else "",
+            quarantined=[q for t in snapshot.templates for q in t.quarantined],
             check_error="" if snapshot.last_sync_ok else snapshot.last_sync_error,
             upstreams=self._upstreams(snapshot, _latencies(events)),
             waiting=snapshot.waiting_for_first_answer,

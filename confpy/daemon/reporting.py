@@ -58,6 +58,7 @@ def build_snapshot(
                 last_error=t.last_error,
                 dependencies=tuple(sorted(d.describe() for d in t.deps)),
                 kept=t.kept,
+                quarantined=t.quarantined,
             )
             for t in cycles.templates.values()
         ),

@@ -13,10 +13,15 @@ from confpy.daemon.budget import BudgetView
 from confpy.daemon.timeline import TimelineEvent
 from confpy.model import HealthView, ServiceInstance
 from confpy.registry.view import REGISTRY_NAMES, RegistryKind
+from confpy.render.quarantine import Quarantined
 
 
 def _timestamp(value: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value)) if value else None
+
+
+def quarantine_json(held: Quarantined) -> dict[str, Any]:
+    return {"service": held.service, "upstream": held.upstream, "reason": held.reason, "since": _timestamp(held.since)}
 
 
 @dataclass(frozen=True)
@@ -31,10 +36,12 @@ class TemplateStatus:
     last_error: str
     dependencies: tuple[str, ...]
     kept: tuple[str, ...] = ()
+    quarantined: tuple[Quarantined, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
             "kept": list(self.kept),
+            "quarantined": [quarantine_json(q) for q in self.quarantined],
             "source": self.source,
             "destination": self.destination,
             "checksum": self.checksum,
@@ -134,6 +141,8 @@ class StatusSnapshot:
             "cycles": self.cycles,
             "reload_budget": self.budget.to_json() if self.budget is not None else None,
             "templates": [t.to_json() for t in self.templates],
+            # Services left out because nginx refused their upstream (one bad registration does not block the rest).
+            "quarantined": [quarantine_json(q) for t in self.templates for q in t.quarantined],
             "timeline": [event.to_json() for event in self.timeline],
             "services": {
                 label: {
@@ -149,7 +158,7 @@ class StatusSnapshot:
             "live": {
                 "mode": self.mode,
                 "last_error": self.live.last_error if self.live else "",
-                "upstreams": {name: up.to_json() for name, up in self.live.upstreams.items()} if self.live else {},
+                "upstreams": {name: up.status_json() for name, up in self.live.upstreams.items()} if self.live else {},
                 "unavailable": {name: dict(members) for name, members in self.live.unavailable.items()}
                 if self.live
                 else {},

@@ -20,7 +20,7 @@ class TimelineEvent:
     """One event: when (Unix time), what kind, what happened, for which upstream (service label)."""
 
     at: float
-    kind: str  # "change", "reload", "check_failed", "rollback", "push", "consul_down"/"etcd_down", "consul_up"/"etcd_up", "recovered", "error"
+    kind: str  # "change", "reload", "check_failed", "quarantine", "rollback", "push", "consul_down"/"etcd_down", "consul_up"/"etcd_up", "recovered", "error"
     text: str
     subject: str = ""
     latency: float | None = None  # reloads: seconds from the first change to the reload

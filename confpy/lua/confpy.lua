@@ -435,6 +435,21 @@ local function audit(method, uri, detail)
     ngx.log(ngx.WARN, "confpy admin: ", method, " ", uri, " by ", peer, " (not confpy's own push): ", detail)
 end
 
+-- The request's body, whatever its size: in memory when it fits client_body_buffer_size (the live
+-- template sets it to client_max_body_size, 32 MB), else from the file nginx spooled it to.
+local function request_body()
+    ngx.req.read_body()
+    local data = ngx.req.get_body_data()
+    if data then return data end
+    local path = ngx.req.get_body_file()
+    if not path then return nil end
+    local file = io.open(path, "rb")
+    if not file then return nil end
+    data = file:read("*a")
+    file:close()
+    return data
+end
+
 function _M.admin()
     if not authorized() then
         return reply(401, { error = "a valid token is required: Authorization: Bearer <the token in confpy's token file>" })
@@ -457,8 +472,7 @@ function _M.admin()
     if not member then
         if method == "GET" then return reply(200, describe(name)) end
         if method ~= "PUT" then return reply(405, { error = "use GET or PUT" }) end
-        ngx.req.read_body()
-        local body = cjson.decode(ngx.req.get_body_data() or "")
+        local body = cjson.decode(request_body() or "")
         if type(body) ~= "table" then return reply(400, { error = "body must be JSON: {\"version\": ..., \"members\": [...]}" }) end
         local members, err = check_members(body.members)
         if not members then return reply(400, { error = err }) end
@@ -476,8 +490,7 @@ function _M.admin()
     local version, members = load(name)
     members = members or {}
     if method == "POST" then
-        ngx.req.read_body()
-        local body = cjson.decode(ngx.req.get_body_data() or "{}") or {}
+        local body = cjson.decode(request_body() or "{}") or {}
         local updated = {}
         for _, m in ipairs(members) do
             if not (m.host == host and m.port == port) then updated[#updated + 1] = m end

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -23,7 +22,7 @@ from urllib.parse import quote
 from confpy.config import ConsulConfig
 from confpy.durations import format_go_duration
 from confpy.errors import ConsulBadResponse, ConsulError, ConsulUnreachable
-from confpy.model import HealthView, KVPair, MemberHealth, is_hostname, without_unresolvable
+from confpy.model import HealthView, KVPair, MemberHealth
 from confpy.registry.base import (
     CatalogDatacenters,
     CatalogNode,
@@ -44,6 +43,7 @@ from confpy.registry.consul_decode import (
     service_tags_from_catalog,
     split_passing,
 )
+from confpy.registry.resolve import resolved_view
 from confpy.wire.client import HTTPClient, TransportError
 
 _MAX_ERROR_BODY = 300
@@ -337,21 +337,6 @@ def _raise_for_status(status: int, text: str, what: str) -> None:
     raise ConsulBadResponse(f"Consul answered {what} with {status} {_short(text)}", status=status, body=text)
 
 
-async def _resolvable(hosts: set[str], timeout: float) -> set[str]:
-    """The host names the system resolver knows (as nginx will need them to)."""
-    loop = asyncio.get_running_loop()
-
-    async def one(host: str) -> str | None:
-        try:
-            async with asyncio.timeout(timeout):
-                found = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError, TimeoutError):
-            return None
-        return host if found else None
-
-    return {host for host in await asyncio.gather(*(one(h) for h in sorted(hosts))) if host is not None}
-
-
 class ConsulRegistry:
     """Answers confpy's query kinds from Consul (the Registry protocol)."""
 
@@ -439,11 +424,7 @@ class ConsulRegistry:
             raise ConsulBadResponse(
                 f"Consul's answer for service {dep.service!r} has an unexpected shape: {exc}"
             ) from None
-        hosts = {i.address for i in view.instances if is_hostname(i.address)}
-        if hosts:
-            known = await _resolvable(hosts, self.client.config.timeout)
-            view = without_unresolvable(view, known.__contains__)
-        return new_index, view
+        return new_index, await resolved_view(view, self.client.config.timeout)
 
     async def catalog(
         self, dep: CatalogServices | CatalogServiceTags, index: int, wait: float, value: Callable[[Any], object]

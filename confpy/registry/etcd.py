@@ -25,6 +25,7 @@ from confpy.config import EtcdConfig
 from confpy.errors import RegistryError
 from confpy.model import HealthView, Interner, KVPair, RejectedInstance, ServiceInstance, validated_instance
 from confpy.registry.base import CatalogServices, Dependency, KVKey, KVTree, ServiceHealth
+from confpy.registry.resolve import resolved_view
 from confpy.wire.client import HTTPClient, TransportError
 
 _CHUNK = 65536
@@ -296,7 +297,10 @@ class EtcdRegistry:
         if index > 0:
             await self.client.watch(key, prefix, index + 1, wait)
         revision, pairs = await self.client.range(key, prefix)
-        return max(revision, 1), self._value(dep, key, pairs)
+        value = self._value(dep, key, pairs)
+        if isinstance(value, HealthView):
+            value = await resolved_view(value, self.client.config.timeout)
+        return max(revision, 1), value
 
     def _value(self, dep: Dependency, key: str, pairs: Sequence[tuple[str, str]]) -> object:
         if isinstance(dep, ServiceHealth):

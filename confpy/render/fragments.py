@@ -23,7 +23,7 @@ from confpy.model import Memory, ServiceInstance
 from confpy.registry.base import AnyDependency
 from confpy.render.datasource import DataSource
 from confpy.render.functions import UpstreamSettings
-from confpy.render.naming import upstream_clash
+from confpy.render.naming import upstream_clash, upstream_key
 
 # A loop with a memo redoes at most this many items, or an eighth of them, one by one; beyond
 # that, every item is checked (as fast, and it keeps the memo's bookkeeping simple).
@@ -183,10 +183,18 @@ class FragmentRecorder:
             fragment.warnings.append(text)
 
     def claim_upstream(self, name: str, service: str) -> None:
-        """`service` takes upstream `name`; another service claiming it is an error."""
+        """`service` takes upstream `name`; another service claiming it is an error. Names are
+        kept as nginx compares them (case-insensitively: `upstream Q` and `upstream q` clash)."""
+        name = upstream_key(name)
         self._claim(name, service)
         for fragment in self.recording:
             fragment.upstreams.append((name, service))
+
+    def uncacheable(self) -> None:
+        """What the fragments being rendered did depends on more than the data they read (a
+        quarantine, a rival service): they are rendered again every time."""
+        for fragment in self.recording:
+            fragment.complete = False
 
     def push_live(self, name: str, members: tuple[ServiceInstance, ...], settings: UpstreamSettings | None) -> None:
         """Live mode: an upstream's members (and its KV settings, when not the defaults) for the pusher."""

@@ -21,7 +21,7 @@ from confpy.registry.base import ServiceHealth
 # directive terminator, block braces, quotes, comments, variables or escapes.
 _UNSAFE_CHAR = re.compile(r"[^\x21-\x7e]|[;{}\"'#$\\]")
 _UPSTREAM_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-_NOT_UPSTREAM_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
+_NOT_UPSTREAM_CHARS = re.compile(r"[^A-Za-z0-9_-]+")  # a dot too: a mapped name never looks like a host
 
 
 def _describe_char(char: str) -> str:
@@ -121,22 +121,43 @@ def service_dependency(name: Any, tag: Any, dc: Any, passing: Any) -> ServiceHea
 
 
 @functools.lru_cache(maxsize=65536)
-def upstream_name_for(service: str) -> str:
+def upstream_name_for(service: str, keep_dots: bool = False) -> str:
     """The nginx upstream name for a service (documented in docs/templates.md).
 
-    A name made of letters, digits, `_`, `-` and `.` is kept as it is. Any other name has each
-    run of other characters replaced by `_` and gets `_` plus 8 hex digits of its SHA-1 appended,
-    so two different services never share an upstream by accident.
+    A name made of letters, digits, `_` and `-` is kept as it is (`web` -> `upstream web`). A name
+    with other characters has each run of characters other than those replaced by `_` (dots too)
+    and gets `_` plus 8 hex digits of its SHA-1 appended, so two different services never share an
+    upstream by accident.
+
+    A name of those characters and dots is refused unless `keep_dots` (the template's
+    `dotted_upstreams` lists it): `proxy_pass http://NAME;` picks an `upstream NAME` before DNS, so a service named
+    `auth.example.com` or `127.0.0.1` would take the traffic the gateway sends to that host. So is
+    `localhost`, a host every resolver knows.
     """
+    if "." in service and not keep_dots and _UPSTREAM_NAME.match(service):
+        raise UnsafeValueError(
+            f"service name {_preview(service)} contains a dot: as an upstream name it would take the traffic the "
+            f"gateway sends to host {_preview(service)} (proxy_pass http://NAME; prefers an upstream NAME over DNS); "
+            "list it in the template's dotted_upstreams to keep it on purpose"
+        )
+    if service.lower() == "localhost":
+        raise UnsafeValueError(
+            "service name 'localhost' would take the traffic the gateway sends to host localhost; rename the service"
+        )
     if _UPSTREAM_NAME.match(service):
         return SafeStr(service)
-    mapped = _NOT_UPSTREAM_CHARS.sub("_", service).strip("_.-")
+    mapped = _NOT_UPSTREAM_CHARS.sub("_", service).strip("_-")
     if not mapped:
         raise UnsafeValueError(
             f"service name {_preview(service)} maps to no valid nginx upstream name (it needs a letter or digit); rename the service"
         )
     digest = hashlib.sha1(service.encode("utf-8", "surrogatepass"), usedforsecurity=False).hexdigest()[:8]
     return SafeStr(f"{mapped[:100]}_{digest}")
+
+
+def upstream_key(name: str) -> str:
+    """What nginx compares upstream names by: `upstream Q` and `upstream q` are one upstream to it."""
+    return name.lower()
 
 
 def upstream_clash(name: str, first: str, second: str) -> UnsafeValueError:

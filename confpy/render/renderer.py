@@ -23,7 +23,18 @@ from confpy.registry.base import AnyDependency, CatalogServices
 from confpy.render.datasource import DataSource
 from confpy.render.fragments import RECORDER, Fragment, FragmentExtension, FragmentRecorder, LoopMemo
 from confpy.render.functions import RegistryFunctions, UpstreamSettings, parse_json, pending, to_json
-from confpy.render.naming import ServiceName, nginx_quote, nginx_safe, service_dependency, upstream_name_for
+from confpy.render.naming import (
+    ServiceName,
+    nginx_quote,
+    nginx_safe,
+    service_dependency,
+    upstream_key,
+    upstream_name_for,
+)
+from confpy.render.quarantine import Quarantined
+
+# The start of the warning for a service left out for its name (no safe upstream name, a clash).
+SKIPPED = "skipped: "
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,10 @@ class RenderResult:
     live_changed: frozenset[str] | None = None
     serial: int = 0
     live_base: int = 0
+    # Each upstream this render claimed (as nginx compares names, lower case) -> its service.
+    upstreams: Mapping[str, str] = field(default_factory=dict)
+    # The services left out because nginx refused their upstream (see `TemplateRenderer.quarantine`).
+    quarantined: tuple[Quarantined, ...] = ()
 
     @property
     def complete(self) -> bool:
@@ -72,9 +87,11 @@ class _TemplateFunctions:
         environ: Mapping[str, str],
         registry: str,
         listings: dict[CatalogServices, tuple[object, tuple[ServiceName, ...]]],
+        left_out: LeftOut,
     ) -> None:
         self.record = record
         self.template = template
+        self.left_out = left_out
         self.handed: list[tuple[ServiceInstance, ...]] = []
         self.names: list[tuple[str, ...]] = []
         self.listings = listings  # services(): each listing's names, kept
@@ -146,18 +163,95 @@ class _TemplateFunctions:
         self.record.push_live(name, members, given)
         return name
 
+    def _name_for(self, service: str) -> str:
+        return upstream_name_for(service, service in self.template.dotted_upstreams)
+
     def upstream_mappable(self, service: Any) -> bool:
+        """True when `service` gets an upstream: it has a name nginx cannot mistake for a host, no
+        other service of this render's listings has a better claim to that name, and nginx did not
+        refuse it (quarantine) with the data it has now."""
+        service = str(service)
         try:
-            upstream_name_for(str(service))
+            name = self._name_for(service)
         except UnsafeValueError as exc:
-            self.record.warn(f"skipped: {exc}")
+            self.record.warn(f"{SKIPPED}{exc}")
             return False
+        rival = self.left_out.rival(service, name, self.names, self._name_for)
+        if rival is not None:
+            self.record.uncacheable()
+            self.record.warn(
+                f"{SKIPPED}services {service!r} and {rival!r} both map to upstream {upstream_key(name)!r} (nginx "
+                f"compares upstream names case-insensitively); {rival!r} keeps it"
+            )
+            return False
+        held = self.left_out.quarantined.get(service)
+        if held is None:
+            return True
+        self.record.uncacheable()
+        # Read what it read, so its dependencies stay watched and a change is seen.
+        unchanged = all(self.record.lookup(dep)[1] is value for dep, value in held.reads.items())
+        if unchanged:
+            self.record.warn(f"quarantined: {held.describe()}; retried when its data changes")
+            return False
+        self.left_out.lift(service)
         return True
 
     def upstream_name(self, service: Any) -> str:
-        name = upstream_name_for(str(service))
+        name = self._name_for(str(service))
         self.record.claim_upstream(name, str(service))
         return name
+
+
+class LeftOut:
+    """Which services a renderer leaves out beyond bad names: those nginx refused (quarantined, until
+    their data changes), and those whose upstream name another service holds.
+
+    Two services whose names differ only in case (`Q`, `q`) map to one upstream for nginx. The
+    service that held the upstream at the last render keeps it, so a newcomer cannot take it over;
+    with none, the all-lower-case name, then the first in byte order.
+    """
+
+    def __init__(self) -> None:
+        self.quarantined: dict[str, Quarantined] = {}
+        self.holders: Mapping[str, str] = {}  # upstream key -> service, as the last complete render left them
+        self._rivals: tuple[object, dict[str, tuple[str, ...]]] | None = None
+        self.lifted: list[str] = []
+
+    def lift(self, service: str) -> None:
+        held = self.quarantined.pop(service, None)
+        if held is not None:
+            self.lifted.append(service)
+
+    def _by_key(self, listings: list[tuple[str, ...]], name_for: Callable[[str], str]) -> dict[str, tuple[str, ...]]:
+        """The upstream keys that several listed services map to (cached per listing)."""
+        if len(listings) == 1 and self._rivals is not None and self._rivals[0] is listings[0]:
+            return self._rivals[1]
+        groups: dict[str, set[str]] = {}
+        for names in listings:
+            for service in names:
+                try:
+                    key = upstream_key(name_for(service))
+                except UnsafeValueError:
+                    continue
+                groups.setdefault(key, set()).add(service)
+        shared = {key: tuple(sorted(group)) for key, group in groups.items() if len(group) > 1}
+        if len(listings) == 1:
+            self._rivals = (listings[0], shared)
+        return shared
+
+    def rival(
+        self, service: str, name: str, listings: list[tuple[str, ...]], name_for: Callable[[str], str]
+    ) -> str | None:
+        """The service that keeps `service`'s upstream name instead of it, if any."""
+        if not listings:
+            return None
+        key = upstream_key(name)
+        group = self._by_key(listings, name_for).get(key)
+        if group is None or service not in group:
+            return None
+        holder = self.holders.get(key)
+        winner = holder if holder in group else min(group, key=lambda s: (s != s.lower(), s))
+        return None if winner == service else winner
 
 
 @jinja2.pass_context
@@ -213,6 +307,7 @@ class TemplateRenderer:
         self._listings: dict[CatalogServices, tuple[object, tuple[ServiceName, ...]]] = {}
         self._serial = 0  # complete renders so far
         self._live_outside = True  # the last complete render had live effects outside loop memos
+        self.left_out = LeftOut()
         self.env.filters["nginx_quote"] = nginx_quote
         self.env.filters["to_json"] = to_json
         self.env.filters["parse_json"] = parse_json
@@ -240,8 +335,32 @@ class TemplateRenderer:
         if compiled is not self._compiled:  # an edited template: nothing cached is valid
             self._compiled, self._fragments, self._loops = compiled, {}, {}
         record = FragmentRecorder(data, remembered, self._fragments, self._loops)
-        ctx = _TemplateFunctions(record, self.template, self.environ, self.registry, self._listings)
-        return self._render(compiled, ctx, record)
+        ctx = _TemplateFunctions(record, self.template, self.environ, self.registry, self._listings, self.left_out)
+        result = self._render(compiled, ctx, record)
+        if result.complete:
+            self.left_out.holders = result.upstreams
+        return result
+
+    def quarantine(self, service: str, upstream: str, reason: str, since: float) -> Quarantined:
+        """Leave `service` out of the next renders until the data its block read changes: nginx
+        refused its upstream. Its cached text goes (it would be taken again)."""
+        reads: dict[AnyDependency, object] = {}
+        key = upstream_key(upstream)
+        for fragment in self._fragments.values():
+            if (key, service) in fragment.upstreams:
+                reads.update(
+                    (dep, value) for dep, value in fragment.reads.items() if not isinstance(dep, CatalogServices)
+                )
+        held = Quarantined(service, upstream, reason, reads, since)
+        self.left_out.quarantined[service] = held
+        self._fragments, self._loops = {}, {}
+        return held
+
+    def release(self, held: Quarantined) -> None:
+        """Undo `quarantine(...)` (the sync that quarantined it failed anyway)."""
+        if self.left_out.quarantined.get(held.service) is held:
+            del self.left_out.quarantined[held.service]
+            self._fragments, self._loops = {}, {}
 
     def _render(self, compiled: jinja2.Template, ctx: _TemplateFunctions, record: FragmentRecorder) -> RenderResult:
         more = ctx.functions
@@ -298,6 +417,8 @@ class TemplateRenderer:
             live_changed=live_changed,
             serial=self._serial,
             live_base=base,
+            upstreams=record.upstreams,
+            quarantined=tuple(self.left_out.quarantined.values()),
         )
 
     def _execute(
