@@ -20,7 +20,7 @@ from confpy.apply.installer import ApplyReport, Change, Installer
 from confpy.apply.live import LiveHooks, LiveStatus, LiveSupervisor, lua_dir, state_bytes
 from confpy.apply.nginx import NginxChecker, NginxReloader, ReloadOutcome, check_candidates
 from confpy.config import Config, TemplateConfig
-from confpy.errors import RenderError
+from confpy.errors import CheckError, RenderError
 from confpy.model import HealthView, Memory
 from confpy.registry.base import AnyDependency, Registry
 from confpy.render.datasource import DataSource
@@ -271,6 +271,16 @@ class SyncEngine:
     async def _reload_if_stale(self, destinations: list[Path]) -> ApplyReport | None:
         if not self.reloader.is_stale(destinations):
             return None
+        # Newer than nginx's workers: confpy may have been killed while `nginx -t` ran, leaving a
+        # file nobody checked. Check it before nginx loads it: a failure is a failed check (the
+        # running nginx keeps its configuration, the daemon retries and reports it).
+        try:
+            await self.installer.checker.check()
+        except CheckError as exc:
+            raise CheckError(
+                f"{', '.join(map(str, destinations))}: installed but never reloaded, and nginx refuses it "
+                f"(confpy was stopped during a check?); not reloading: {exc}"
+            ) from None
         outcome = await self.reloader.reload()
         if outcome.reloaded:
             log.info(

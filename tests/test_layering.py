@@ -36,7 +36,7 @@ PACKAGE = "confpy"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 LAYERS: dict[str, int] = {
-    "": 0, "errors": 0, "durations": 0, "builtin": 0, "model": 0, "wire": 0, "retry": 0, "timer": 0, "settings": 0,
+    "": 0, "errors": 0, "durations": 0, "boundedjson": 0, "builtin": 0, "model": 0, "wire": 0, "retry": 0, "timer": 0, "settings": 0,
     "config": 1, "config_doc": 1,
     "registry": 2,
     "watch": 3, "render": 3,

@@ -44,6 +44,10 @@ async def run_command(
         raise error(f"{what} `{label}`: command {cmd[0]!r} not found; install nginx or fix [nginx] {what}") from None
     except PermissionError:
         raise error(f"{what} `{label}`: {cmd[0]!r} is not executable by this user") from None
+    except OSError as exc:
+        # EMFILE, ENOMEM, ENOEXEC (a script without a shebang)...: the command did not run, so the
+        # files are unchecked: a failed check (rolled back, retried), never a crash of the daemon.
+        raise error(f"{what} `{label}`: cannot start {cmd[0]!r}: {exc.strerror or exc}") from None
     except TimeoutError:
         raise error(f"{what} `{label}` did not finish within {timeout:g}s and was killed") from None
     if status != 0:

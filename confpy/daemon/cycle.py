@@ -184,6 +184,7 @@ class Cycles:
         diff = self.watches.sync(wanted)
         for dep in diff.removed:
             self.data.forget(dep)
+            self.metrics.forget_service(dep.describe())
             log.info("stopped watching %s (no template uses it any more)", dep.describe())
 
     async def cycle(

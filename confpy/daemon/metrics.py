@@ -77,6 +77,11 @@ class Metrics:
             ["upstream", "member"],
             registry=r,
         )
+        self.watch_failures = Counter(
+            "confpy_watch_failures",
+            "Watches that failed with an unexpected error (each is restarted after a backoff)",
+            registry=r,
+        )
         self.last_sync = Gauge(
             "confpy_last_successful_sync_timestamp_seconds", "Unix time of the last successful sync", registry=r
         )
@@ -103,6 +108,12 @@ class Metrics:
         if rejected or service in self._rejected_series:
             self.invalid_instances.labels(service=service).set(rejected)
             self._rejected_series.add(service)
+
+    def forget_service(self, service: str) -> None:
+        """`service` is no longer watched: its confpy_invalid_instances series goes."""
+        if service in self._rejected_series:
+            self._rejected_series.discard(service)
+            self.invalid_instances.remove(service)
 
     def count_unavailable(self, paused: Mapping[str, Mapping[str, float]]) -> None:
         """confpy_live_member_unavailable: a series per paused member, removed when it is used again."""

@@ -10,7 +10,7 @@ from confpy.model import HealthView, ServiceInstance, memory_key
 from confpy.pipeline import SyncEngine
 from confpy.registry.base import ServiceHealth
 from confpy.registry.view import RegistryView
-from confpy.watch.watcher import RegistryHealth
+from confpy.watch.watcher import RegistryHealth, WatchFailures
 
 
 def kept_members(cycles: Cycles) -> dict[str, tuple[ServiceInstance, ...]]:
@@ -34,6 +34,7 @@ def build_snapshot(
     health: RegistryHealth,
     timeline: Timeline,
     now: float,
+    failures: WatchFailures | None = None,
 ) -> StatusSnapshot:
     services = {dep.describe(): value for dep, value in cycles.data.snapshot().items() if isinstance(value, HealthView)}
     retry = cycles.retry.state(now)
@@ -71,4 +72,5 @@ def build_snapshot(
         pid_file=str(config.nginx.pid_file),
         registry_down_since=health.down_since,
         kept_members=kept_members(cycles),
+        failing_watches=failures.describe() if failures is not None else "",
     )

@@ -427,11 +427,16 @@ local function authorized()
     return token ~= nil and given ~= nil and same(given, token)
 end
 
--- Who changed what: every change that is not confpy's own push goes to nginx's error log.
+-- Who changed what: every change goes to nginx's error log. X-Confpy-Push only lowers the level
+-- of confpy's own pushes (any token holder can send it, so it never hides a change: confpy also
+-- compares the members nginx serves with its own and restores them, see drift in live.py).
 local function audit(method, uri, detail)
-    if ngx.req.get_headers()["X-Confpy-Push"] == "1" then return end
     local peer = ngx.var.remote_addr
     if peer == nil or peer == "" or peer == "unix:" then peer = "a client of the Unix socket" end
+    if ngx.req.get_headers()["X-Confpy-Push"] == "1" then
+        ngx.log(ngx.INFO, "confpy admin: ", method, " ", uri, " by ", peer, " (marked as confpy's push): ", detail)
+        return
+    end
     ngx.log(ngx.WARN, "confpy admin: ", method, " ", uri, " by ", peer, " (not confpy's own push): ", detail)
 end
 

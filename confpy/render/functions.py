@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from confpy import boundedjson
 from confpy.errors import RenderError
 from confpy.model import KVPair, NodeInfo, NodeServices, SafeStr, ServiceInstance, ServiceTags, nginx_time_seconds
 from confpy.registry.base import (
@@ -315,6 +316,8 @@ def parse_json(text: Any) -> Any:
     if not isinstance(text, str):
         raise RenderError(f"parse_json needs a string, got {type(text).__name__}")
     try:
-        return json.loads(text)
+        return boundedjson.loads(text)
+    except boundedjson.JSONTooDeep as exc:
+        raise RenderError(f"parse_json: refused: {exc} (the value starts {text[:40]!r})") from None
     except ValueError as exc:
         raise RenderError(f"parse_json: not valid JSON ({exc})") from None

@@ -308,6 +308,7 @@ class TemplateRenderer:
         except jinja2.TemplateError as exc:
             line = _template_line(exc.__traceback__, self.template.source)
             raise RenderError(f"{self._where(line)}: {exc}") from None
-        except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError) as exc:
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError, RecursionError) as exc:
+            # RecursionError: a template (or a value it walks) nested too deep; a bad input, not a crash
             line = _template_line(exc.__traceback__, self.template.source)
             raise RenderError(f"{self._where(line)}: {type(exc).__name__}: {exc}") from None
