@@ -559,7 +559,13 @@ class LiveSupervisor:
             return
         drifted = self.drift(served)
         if drifted:
-            self.known = None  # push what differs, from what nginx really serves
+            # Push what differs, from what nginx really serves; a drifted upstream always (its
+            # version may be confpy's own, copied by whoever changed its members).
+            self.known = {
+                name: None if name in drifted else str(entry.get("version"))
+                for name, entry in served.items()
+                if isinstance(entry, dict)
+            }
             await self.push_or_schedule("restoring members changed behind confpy's back")
         unavailable = passive_unavailable(served)
         for name, members in unavailable.items():
