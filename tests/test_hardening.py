@@ -485,3 +485,24 @@ destination = "{tmp_path / "out.conf"}"
     with pytest.raises(CheckError, match="installed but never reloaded, and nginx refuses it"):
         run(lambda: engine._reload_if_stale([tmp_path / "out.conf"]))
     assert not reloads
+
+
+def test_a_consul_token_file_every_user_can_read_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from confpy.config import parse_config
+
+    token = tmp_path / "consul.token"
+    token.write_text("t0ken-value\n")
+    token.chmod(0o644)
+    config_path = tmp_path / "c.toml"
+    config_path.write_text(
+        f'[consul]\ntoken_file = "{token}"\n[state]\ndir = "{tmp_path}"\n'
+        f'[[template]]\nsource = "{tmp_path / "t.j2"}"\ndestination = "{tmp_path / "out.conf"}"\n'
+    )
+    (tmp_path / "t.j2").write_text("x\n")
+    config = parse_config(config_path.read_text(), config_path, {})
+    assert config.consul.token == "t0ken-value"
+    assert f"{token} is readable by every user" in caplog.text and "t0ken-value" not in caplog.text
+    caplog.clear()
+    token.chmod(0o600)
+    parse_config(config_path.read_text(), config_path, {})
+    assert "readable by every user" not in caplog.text
