@@ -51,6 +51,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+# Control characters (and Unicode's line breaks) written as escapes: a registry name or value
+# with a newline must not start a forged line in a text log (JSON logs escape them already).
+_CONTROLS = {
+    code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    for code in [*range(0x20), 0x7F, *range(0x80, 0xA0), 0x2028, 0x2029]
+    if code != 0x09  # a tab breaks no line
+}
+_CONTROLS.update({ord("\n"): "\\n", ord("\r"): "\\r"})
+
+
+class TextFormatter(logging.Formatter):
+    """One line per record: the message's control characters are escaped (a traceback, added
+    after the message, keeps its lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = record.message.translate(_CONTROLS)
+        return super().formatMessage(record)
+
+
 def stderr_is_journal(environ: Mapping[str, str]) -> bool:
     """systemd sets $JOURNAL_STREAM to DEVICE:INODE of the journal socket it gave us as stderr."""
     device, _, inode = environ.get("JOURNAL_STREAM", "").partition(":")
@@ -69,9 +88,9 @@ def setup_logging(level: str, log_format: str = "text", environ: Mapping[str, st
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     elif stderr_is_journal(os.environ if environ is None else environ):
-        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        handler.setFormatter(TextFormatter("%(levelname)s %(message)s"))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(message)s"))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
+import logging
 import os
 import re
 import shlex
@@ -40,6 +41,8 @@ LogFormat = Literal["text", "json"]
 SYSTEM_STATE_DIR = Path("/var/lib/confpy")
 
 Choice = TypeVar("Choice", bound=str)
+
+log = logging.getLogger(__name__)
 
 
 # --- the checks of one value (each raises ConfigError starting with the key's label) ------------
@@ -80,6 +83,13 @@ def _int_at_least(minimum: int, what: str) -> Parser[int]:
 _byte_count = _int_at_least(1, "a positive number of bytes")
 _byte_limit = _int_at_least(0, "a number of bytes (0 for no limit), not negative")
 _positive_int = _int_at_least(1, "at least 1")
+
+
+def _positive_count(value: object, label: str) -> int:
+    count = _int(value, label)
+    if count <= 0:
+        raise ConfigError(f"{label}: must be a positive whole number")
+    return count
 
 
 def _duration(value: object, label: str) -> float:
@@ -645,7 +655,21 @@ class StatusConfig:
         parse=_listen,
         default="",
         doc_default="empty (off)",
-        doc="`HOST:PORT` for the status page (`/`), `/health`, `/status` and `/metrics`; keep it on loopback",
+        doc="`HOST:PORT` for the status page (`/`), `/health`, `/status` and `/metrics`; keep it on loopback. On "
+        "loopback, requests whose `Host` header names another host are refused (DNS rebinding); an address beyond "
+        "loopback is accepted with a warning at start-up and on the page: anyone who reaches it reads the status",
+    )
+    max_connections: int = setting(
+        parse=_positive_count,
+        default=64,
+        doc="open connections the status listener serves at once (event streams included); past it a new "
+        "connection gets `503` and is closed, so local clients cannot exhaust confpy's file descriptors or loop",
+    )
+    max_subscribers: int = setting(
+        parse=_positive_count,
+        default=16,
+        doc="open status pages (`/events` streams) at once; the next one gets `503`. Each costs one comparison per "
+        "change, never a serialisation of the status",
     )
 
 
@@ -932,6 +956,13 @@ def _token_from_environment(environ: Mapping[str, str], values: dict[str, Any], 
 
 def _read_token_file(path: Path, origin: str) -> str:
     try:
+        if path.stat().st_mode & 0o004:
+            log.warning(
+                "%s: %s is readable by every user; the Consul token in it is not a secret any more: chmod 600 %s",
+                origin,
+                path,
+                path,
+            )
         return path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)

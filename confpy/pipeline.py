@@ -400,6 +400,16 @@ class SyncEngine:
     async def _reload_if_stale(self, destinations: list[Path]) -> ApplyReport | None:
         if not self.reloader.is_stale(destinations):
             return None
+        # Newer than nginx's workers: confpy may have been killed while `nginx -t` ran, leaving a
+        # file nobody checked. Check it before nginx loads it: a failure is a failed check (the
+        # running nginx keeps its configuration, the daemon retries and reports it).
+        try:
+            await self.installer.checker.check()
+        except CheckError as exc:
+            raise CheckError(
+                f"{', '.join(map(str, destinations))}: installed but never reloaded, and nginx refuses it "
+                f"(confpy was stopped during a check?); not reloading: {exc}"
+            ) from None
         outcome = await self.reloader.reload()
         if outcome.reloaded:
             log.info(

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,11 +50,15 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 
 
 def admin(
-    path: str, method: str = "GET", token: str | None = None, body: object = None
-) -> tuple[int, dict[str, object]]:
+    path: str,
+    method: str = "GET",
+    token: str | None = None,
+    body: object = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, Any]]:
     conn = UnixHTTPConnection(path)
     try:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        headers = {**({"Authorization": f"Bearer {token}"} if token else {}), **(headers or {})}
         conn.request(
             method,
             "/upstreams" if method == "GET" else "/upstreams/web",
@@ -112,8 +117,17 @@ def test_default_unix_socket_token_audit_and_drift(consul: ConsulUnderTest, tmp_
         assert wait_until(lambda: set(nginx.bodies(4)) == {"App server 1", "App server 2"}, 10), proc.output()
         assert 'confpy_live_drift_total{upstream="web"} 1.0' in http_get(base + "/metrics")[1]
         assert "web" in json.loads(http_get(base + "/status")[1])["live"]["drift"]
-        audit = [line for line in nginx.error_log.read_text().splitlines() if "confpy admin:" in line]
+        audit = [line for line in nginx.error_log.read_text().splitlines() if "not confpy's own push" in line]
         assert len(audit) == 1, audit  # confpy's own pushes are not audited as foreign
+        # The same with the header confpy marks its pushes with, and confpy's own version: still in
+        # nginx's log, and still drift (the members differ), restored.
+        version = admin(sock, token=token)[1]["web"]["version"]
+        forged = {"version": version, "members": [{"host": "127.0.0.1", "port": servers[0].port}]}
+        assert admin(sock, "PUT", token, forged, headers={"X-Confpy-Push": "1"})[0] == 200
+        marked = f"(marked as confpy's push): 1 members, version {version}"
+        assert wait_until(lambda: marked in nginx.error_log.read_text(), 5)
+        assert wait_until(lambda: "confpy's version" in proc.output() and "other members" in proc.output(), 15)
+        assert wait_until(lambda: set(nginx.bodies(4)) == {"App server 1", "App server 2"}, 10), proc.output()
         # `confpy upstream list` reads nginx's members through the same socket and token.
         listing = run_confpy("upstream", "list", "web", "--json", "-c", str(config), env=env)
         assert listing.returncode == 0, listing.stderr

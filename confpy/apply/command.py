@@ -15,8 +15,26 @@ import functools
 import os
 import signal
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
+
+# Secrets confpy reads from its environment that no child (`nginx -t`, a reload_cmd) needs: a
+# reload script that logs its environment, or a core dump of nginx, must not carry them.
+# (Addresses and CA paths are not secrets, but they are the registry's business, not nginx's: the
+# whole CONSUL_HTTP_* and ETCDCTL_* families go.)
+SECRET_VARIABLES = ("CONSUL_CLIENT_KEY", "CONSUL_CLIENT_CERT")
+SECRET_PREFIXES = ("CONSUL_HTTP_", "ETCDCTL_")
+
+
+def child_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`environ` (confpy's own by default) without the registry's credentials."""
+    source = os.environ if environ is None else environ
+    return {
+        name: value
+        for name, value in source.items()
+        if name not in SECRET_VARIABLES and not name.startswith(SECRET_PREFIXES)
+    }
+
 
 # How long to wait for a killed child to go: SIGKILL takes effect at once, unless the child is
 # stuck in the kernel (a hung NFS mount); then it is left to be reaped later, not waited for.
@@ -74,7 +92,11 @@ class _PidfdChild:
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
         try:
             self.proc = subprocess.Popen(
-                list(cmd), stdin=subprocess.DEVNULL, stdout=write_end, stderr=subprocess.STDOUT
+                list(cmd),
+                stdin=subprocess.DEVNULL,
+                stdout=write_end,
+                stderr=subprocess.STDOUT,
+                env=child_environment(),
             )
         except BaseException:
             os.close(read_end)
@@ -154,7 +176,11 @@ class _AsyncioChild:
     @classmethod
     async def start(cls, cmd: Sequence[str]) -> _AsyncioChild:
         proc = await asyncio.create_subprocess_exec(
-            *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+            *cmd,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=child_environment(),
         )
         return cls(proc)
 

@@ -132,10 +132,11 @@ def _fsync_folder(folder: Path) -> None:
 
 def fsync_folder(path: Path) -> None:
     """Make the renames into `path`'s folder durable (after `atomic_write(..., sync_folder=False)`)."""
+    folder = write_target(path).parent
     try:
-        _fsync_folder(path.parent)
+        _fsync_folder(folder)
     except OSError as exc:
-        raise InstallError(f"{path}: cannot sync its folder {path.parent} to disk ({exc.strerror})") from None
+        raise InstallError(f"{path}: cannot sync its folder {folder} to disk ({exc.strerror})") from None
 
 
 def _write_all(fd: int, pieces: Iterable[bytes], block: int = 65536) -> None:
@@ -156,6 +157,15 @@ def _write_block(fd: int, data: bytes | bytearray) -> None:
         view = view[written:]
 
 
+def write_target(path: Path) -> Path:
+    """The file a write to `path` replaces: `path` itself, or, when it is a symbolic link (a
+    `sites-enabled/x -> ../sites-available/x` layout), the file it points to, so the link stays a
+    link and the rename happens beside the real file (atomic in its folder)."""
+    if not path.is_symlink():
+        return path
+    return Path(os.path.realpath(path))
+
+
 def atomic_write(
     path: Path, data: bytes | Iterable[bytes], mode: int | None = None, *, sync_folder: bool = True
 ) -> None:
@@ -167,6 +177,7 @@ def atomic_write(
     itself survives a power cut. With `sync_folder=False` the caller calls `fsync_folder` itself
     (the installer does it while `nginx -t` runs, before any reload).
     """
+    path = write_target(path)
     final_mode = mode if mode is not None else (current_mode(path) or DEFAULT_MODE)
     tmp_name: str | None = None
     try:
@@ -223,6 +234,30 @@ def remove_leftover_temp_files(targets: Iterable[Path]) -> list[Path]:
     return removed
 
 
+def check_private_folder(folder: Path, what: str) -> None:
+    """A folder confpy keeps its own files in (backups, locks, the live state nginx's master loads as
+    root): InstallError when every user may write in it (anyone could plant a file or a link there),
+    a warning when its group may."""
+    try:
+        mode = stat.S_IMODE(folder.stat().st_mode)
+    except OSError as exc:
+        raise InstallError(f"{folder}: cannot inspect {what}: {exc.strerror}") from None
+    if mode & stat.S_IWOTH:
+        raise InstallError(
+            f"{folder}: {what} is writable by every user (mode {mode:04o}); anyone could replace confpy's files "
+            f"there: chmod o-w {folder} (0755 or 0700), or set [state] dir to a folder of confpy's own"
+        )
+    if mode & stat.S_IWGRP:
+        log.warning(
+            "%s: %s is writable by its group (mode %04o); members of that group can replace confpy's files: "
+            "chmod g-w %s unless that is intended",
+            folder,
+            what,
+            mode,
+            folder,
+        )
+
+
 class DestinationLock:
     """An exclusive flock for one destination, held for as long as a confpy process writes it.
 
@@ -238,8 +273,14 @@ class DestinationLock:
         """Take the lock if it is free (never blocks)."""
         if self._fd is None:
             try:
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                # O_NOFOLLOW: a symbolic link planted in the state folder must not make confpy (root)
+                # truncate and write whatever file it points to.
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
             except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise InstallError(
+                        f"{self.path}: the lock file is a symbolic link; refusing to follow it (remove it)"
+                    ) from None
                 raise InstallError(_explain(self.path, exc)) from None
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -333,6 +374,7 @@ class StateStore:
             ) from None
         if not os.access(self.state_dir, os.W_OK):
             raise InstallError(f"{self.state_dir}: the state directory is not writable by this user; set [state] dir")
+        check_private_folder(self.state_dir, "the state directory ([state] dir)")
 
     def migrate(self, destination: Path) -> list[str]:
         """Move what confpy 0.1 kept beside `destination` into the state directory (once).

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -192,6 +193,7 @@ def ensure_admin_token(path: Path) -> None:
     """Create the admin API's token (random, mode 0600) unless it exists; kept across restarts so a
     running nginx, which read it at its last start or reload, keeps accepting confpy."""
     if path.exists():
+        check_token_mode(path)
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,15 +206,43 @@ def ensure_admin_token(path: Path) -> None:
         token.write(secrets.token_hex(32) + "\n")
 
 
+def check_token_mode(path: Path) -> None:
+    """The admin token moves production traffic: LivePushError when other users may read it, or
+    anyone but its owner may change it."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError as exc:
+        raise LivePushError(f"cannot inspect the live admin API's token {path}: {exc.strerror}") from None
+    if mode & (stat.S_IROTH | stat.S_IWOTH | stat.S_IWGRP):
+        raise LivePushError(
+            f"the live admin API's token {path} is readable or writable by other users (mode {mode:04o}); whoever "
+            f"reads it can move production traffic: chmod 600 {path} (or remove it and confpy makes a new one)"
+        )
+
+
 def ensure_socket_dir(listen: str) -> None:
     """A Unix socket's folder, mode 0700: nginx's master (root) creates the socket there with mode
     0666, so the folder is what keeps everyone but root (confpy) out."""
     if not listen.startswith("unix:"):
         return
     folder = Path(listen[5:]).parent
+    if folder.is_dir():
+        # Not ours (it may be /run or /tmp): its mode stays as the system set it.
+        mode = stat.S_IMODE(folder.stat().st_mode)
+        if mode & (stat.S_IXOTH | stat.S_IXGRP):
+            log.warning(
+                "the live admin socket's folder %s is open to other users (mode %04o): any local user can reach "
+                "the admin API and only its token keeps them out; use a folder of confpy's own, e.g. "
+                'live_listen = "unix:/run/confpy/admin.sock" (created mode 0700)',
+                folder,
+                mode,
+            )
+        return
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        os.chmod(folder, 0o700)
+        folder.mkdir(parents=True, mode=0o700)
+        os.chmod(folder, 0o700)  # mkdir's mode is masked by the umask
+    except FileExistsError:
+        return  # created meanwhile by someone else: not ours either
     except OSError as exc:
         raise LivePushError(f"{folder}: cannot prepare the admin socket's folder: {exc.strerror}") from None
 
@@ -310,6 +340,27 @@ class LiveAdmin:
         if status != 200:
             error = data.get("error") if isinstance(data, dict) else data
             raise LiveRefused(f"live admin API refused the members of {name!r} ({status}): {error}")
+
+
+def wanted_members(upstream: LiveUpstream) -> frozenset[tuple[str, int, int, bool]]:
+    """What drift detection compares of confpy's members: address, weight, backup."""
+    return frozenset((m.host, m.port, m.weight, m.backup) for m in upstream.members)
+
+
+def served_members(members: object) -> frozenset[tuple[str, int, int, bool]] | None:
+    """The same of the members nginx's admin API reports (None when they are not a list of objects)."""
+    if not isinstance(members, list):
+        return None
+    out = set()
+    for m in members:
+        if not isinstance(m, dict):
+            return None
+        out.add((str(m.get("host")), _as_int(m.get("port")), _as_int(m.get("weight", 1)), m.get("backup") is True))
+    return frozenset(out)
+
+
+def _as_int(value: object) -> int:
+    return int(value) if isinstance(value, int | float) else -1
 
 
 def passive_unavailable(served: Mapping[str, Any]) -> dict[str, dict[str, float]]:
@@ -651,7 +702,13 @@ class LiveSupervisor:
             return
         drifted = self.drift(served)
         if drifted:
-            self.known = None  # push what differs, from what nginx really serves
+            # Push what differs, from what nginx really serves; a drifted upstream always (its
+            # version may be confpy's own, copied by whoever changed its members).
+            self.known = {
+                name: None if name in drifted else str(entry.get("version"))
+                for name, entry in served.items()
+                if isinstance(entry, dict)
+            }
             await self.push_or_schedule("restoring members changed behind confpy's back")
         if served is self._passive_of:
             unavailable = self.unavailable  # the very answer as last time (see LiveAdmin._request)
@@ -677,17 +734,23 @@ class LiveSupervisor:
         for name, wanted in sorted(self.wanted.items()):
             entry = served.get(name)
             version = entry.get("version") if isinstance(entry, dict) else None
-            if version is None or version == wanted.version:
+            if version is None:
                 continue
             members = entry.get("members") if isinstance(entry, dict) else None
             count = len(members) if isinstance(members, list) else 0
+            if version == wanted.version:
+                # The version is only a label a client sends: someone holding the token can send
+                # confpy's own with other members. The members themselves must match too.
+                if served_members(members) == wanted_members(wanted):
+                    continue
+                why = f"confpy's version {version} but {count} other members"
+            else:
+                why = f"version {version} ({count} members), not the {wanted.version} confpy pushed"
             log.warning(
-                "drift: upstream %s in nginx has version %s (%d members), not the %s confpy pushed; someone changed it "
-                "through the admin API (see nginx's error log); restoring",
+                "drift: upstream %s in nginx has %s; someone changed it through the admin API (see nginx's error "
+                "log); restoring",
                 name,
-                version,
-                count,
-                wanted.version,
+                why,
             )
             self.drift_events[name] = self.clock_wall()
             self.on_drift(name)

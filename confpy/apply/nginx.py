@@ -44,8 +44,12 @@ async def run_command(
         raise error(f"{what} `{label}`: command {cmd[0]!r} not found; install nginx or fix [nginx] {what}") from None
     except PermissionError:
         raise error(f"{what} `{label}`: {cmd[0]!r} is not executable by this user") from None
-    except TimeoutError:
+    except TimeoutError:  # an OSError too: before the clause below
         raise error(f"{what} `{label}` did not finish within {timeout:g}s and was killed") from None
+    except OSError as exc:
+        # EMFILE, ENOMEM, ENOEXEC (a script without a shebang)...: the command did not run, so the
+        # files are unchecked: a failed check (rolled back, retried), never a crash of the daemon.
+        raise error(f"{what} `{label}`: cannot start {cmd[0]!r}: {exc.strerror or exc}") from None
     if status != 0:
         raise error(f"{what} `{label}` failed (exit {status}): {summarize_nginx_output(output)}")
     return output
@@ -191,8 +195,10 @@ class VerifiedMaster:
 
     def alive(self) -> bool:
         """False once the process has exited (its pidfd turns readable, reaped or not)."""
-        readable, _, _ = select.select([self.pidfd], [], [], 0)
-        return not readable
+        # poll, not select: past a thousand watches the pidfd's number is above select's 1024
+        poller = select.poll()
+        poller.register(self.pidfd, select.POLLIN)
+        return not poller.poll(0)
 
     def close(self) -> None:
         os.close(self.pidfd)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from confpy.apply.draining import Draining
+from confpy.apply.draining import Draining, DrainingReader
 from confpy.config import NginxConfig
 from confpy.daemon.metrics import Metrics
 
@@ -178,6 +178,19 @@ class _MetricsHooks(BudgetHooks):
 def metrics_hooks(metrics: Metrics) -> BudgetHooks:
     """The budget's reports as confpy_nginx_draining_*, confpy_reloads_deferred_total, ..."""
     return _MetricsHooks(metrics)
+
+
+def budget_for(
+    nginx: NginxConfig, metrics: Metrics, clock: Callable[[], float], wall_clock: Callable[[], float]
+) -> ReloadBudget:
+    """The reload budget of `[nginx]`, reading nginx's processes and reporting to `metrics`."""
+    return ReloadBudget(
+        BudgetLimits.of(nginx),
+        DrainingReader(nginx.pid_file, wall_clock).read,
+        clock,
+        wall_clock,
+        metrics_hooks(metrics),
+    )
 
 
 class ReloadBudget:

@@ -16,17 +16,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from confpy.apply.draining import DrainingReader
 from confpy.apply.files import read_bytes
 from confpy.apply.nginx import ReloadOutcome
 from confpy.config import Config, GuardConfig, TemplateConfig
-from confpy.daemon.budget import RERUN_REASON, BudgetLimits, ReloadBudget, Verdict, metrics_hooks
+from confpy.daemon.budget import RERUN_REASON, Verdict, budget_for
 from confpy.daemon.metrics import Metrics
 from confpy.daemon.quiescence import Quiescence
 from confpy.daemon.timeline import Timeline
 from confpy.daemon.timers import RELOAD_RECHECK_INTERVAL, Readiness, StateSaveTimer, SyncRetry
 from confpy.errors import CheckError, ConfpyError, RenderError
-from confpy.guard import GuardHooks, ShrinkGuard, release_dependency, strictest
+from confpy.guard import ShrinkGuard, release_dependency, strictest
 from confpy.model import Memory
 from confpy.pipeline import SyncEngine
 from confpy.registry.base import Dependency, ServiceHealth
@@ -67,6 +66,16 @@ class TemplateState:
             digest = "" if self.content is None else "sha256:" + hashlib.sha256(self.content).hexdigest()
             self._checksum = (self.content, digest)
         return self._checksum[1]
+
+
+def freeze_what_startup_built() -> None:
+    """What start-up built (the modules, the watches, a thousand services' data) stays for the
+    daemon's life: out of the collector's sight, a full collection no longer walks it, which
+    otherwise lands in the middle of a later change's render. Only the young generations are
+    collected first: a full collection here would itself hold the loop (15 ms at 300 services,
+    more in debug mode), and what the older one holds has survived collections already."""
+    gc.collect(1)
+    gc.freeze()
 
 
 class Cycles:
@@ -110,13 +119,7 @@ class Cycles:
             RetryPolicy(SYNC_RETRY_INITIAL, RELOAD_RECHECK_INTERVAL),
         )
         # A deferral is not a failure: the budget, not `retry`, runs what waits.
-        self.budget = ReloadBudget(
-            BudgetLimits.of(config.nginx),
-            DrainingReader(config.nginx.pid_file, wall_clock).read,
-            clock,
-            wall_clock,
-            metrics_hooks(metrics),
-        )
+        self.budget = budget_for(config.nginx, metrics, clock, wall_clock)
         self.budget.rerun = self.run_deferred
         # `confpy upstream release`'s key (guard.py), watched only while a drop is held: no cost and
         # no KV permission needed otherwise.
@@ -128,18 +131,16 @@ class Cycles:
             self._guard_for,
             lambda dep, value, why: self.store(dep, value, why),
             clock,
-            GuardHooks(
-                outcome=lambda outcome: metrics.guard_holds.labels(outcome=outcome).inc(),
-                held=metrics.guard_held.set,
-            ),
+            metrics.guard_hooks(),
         )
 
     # --- the shrink guard ------------------------------------------------------------------
 
     def _guard_for(self, dep: ServiceHealth) -> GuardConfig:
         """The shrink guard of a service: the strictest of the templates using it (guard.py)."""
-        using = (self.config.guard_for(s.config) for s in self.templates.values() if dep in s.deps)
-        return strictest(using) or self.config.guard
+        return strictest(self.config.guard_for(s.config) for s in self.templates.values() if dep in s.deps) or (
+            self.config.guard
+        )
 
     def watch_release(self) -> None:
         """A drop is held: watch the release key from now on."""
@@ -206,6 +207,7 @@ class Cycles:
             self.data.forget(dep)
             if isinstance(dep, ServiceHealth):
                 self.guard.forget(dep)
+            self.metrics.forget_service(dep.describe())
             log.info("stopped watching %s (no template uses it any more)", dep.describe())
 
     async def cycle(
@@ -330,14 +332,7 @@ class Cycles:
         if all(t.installed_once for t in self.templates.values()):
             if not self.frozen:
                 self.frozen = True
-                # What start-up built (the modules, the watches, a thousand services' data) stays
-                # for the daemon's life: out of the collector's sight, a full collection no longer
-                # walks it, which otherwise lands in the middle of a later change's render. Only
-                # the young generations are collected first: a full collection here would itself
-                # hold the loop (15 ms at 300 services, more in debug mode), and what the older
-                # one holds has survived collections already.
-                gc.collect(1)
-                gc.freeze()
+                freeze_what_startup_built()
             self.readiness.ready(in_sync)
 
     def _note_reload(self, skipped: ReloadOutcome | None, reloaded: bool) -> None:

@@ -35,6 +35,7 @@ from confpy.daemon.events import (
     drop_registry_events,
 )
 from confpy.daemon.intake import TEMPLATE_SUFFIXES, Intake
+from confpy.daemon.limits import FileBudget, raise_open_file_limit
 from confpy.daemon.metrics import Metrics
 from confpy.daemon.reporting import build_snapshot
 from confpy.daemon.signals import run_until_stopped
@@ -52,7 +53,7 @@ from confpy.registry.view import registry_view
 from confpy.render.datasource import DataSource
 from confpy.retry import Backoff
 from confpy.timer import Timer, earliest, run_due
-from confpy.watch.watcher import FirstFetches, RegistryHealth, Sleep, Watcher, WatchSettings
+from confpy.watch.watcher import FirstFetches, RegistryHealth, Sleep, Watcher, WatchFailures, WatchSettings
 from confpy.watch.watchset import WatchSet
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class Daemon:
         self.readiness = Readiness(self.notifier)
         self.status_server: StatusServer | None = None
         self.observer = TemplateObserver()
+        self.files = FileBudget(raise_open_file_limit())
         self._locks = AsyncExitStack()
         self._configure(config)
 
@@ -131,6 +133,10 @@ class Daemon:
         )
         self.data = DataSource()
         self.first_fetches = FirstFetches(FIRST_FETCH_CONCURRENCY)
+        self.watch_failures = WatchFailures(
+            on_failure=lambda dep, exc: self.metrics.watch_failures.inc(),
+            on_change=lambda: self.events.put_nowait(RegistryEvent()),  # the loop turns: /health follows
+        )
         self.jitter = random.Random()
         self.watches = WatchSet(self._new_watcher)
         self.probe: asyncio.Task[None] | None = None
@@ -183,6 +189,7 @@ class Daemon:
             sleep=self.sleep,
             first_fetches=self.first_fetches,
             jitter=self.jitter,
+            failures=self.watch_failures,
         )
 
     def _on_value(self, dep: Dependency, value: object, index: int) -> None:
@@ -243,7 +250,14 @@ class Daemon:
         """The immutable status the HTTP side reads (same loop: built when asked, then kept)."""
         if self._snapshot is None:
             self._snapshot = build_snapshot(
-                self.config, self.registry_view, self.cycles_, self.engine, self.health, self.timeline, self.clock()
+                self.config,
+                self.registry_view,
+                self.cycles_,
+                self.engine,
+                self.health,
+                self.timeline,
+                self.clock(),
+                self.watch_failures,
             )
         return self._snapshot
 
@@ -314,7 +328,7 @@ class Daemon:
 
     async def _main(self) -> None:
         if self.config.status.listen:
-            self.status_server = StatusServer(self.config.status.listen, lambda: self.snapshot, self.metrics)
+            self.status_server = StatusServer(self.config.status, lambda: self.snapshot, self.metrics)
             await self.status_server.start()
         try:
             await self._start()
@@ -336,6 +350,7 @@ class Daemon:
                         self._handle(event)
                     event = self.events.get_nowait() if not self.events.empty() else None
                 await run_due(self.timers(watchdog), self.clock())
+                self.files.check(len(self.watches))
         finally:
             await self._stop()
             if self.status_server is not None:

@@ -13,6 +13,7 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, generate_latest
 
 from confpy import __version__
+from confpy.guard import GuardHooks
 from confpy.registry.view import RegistryKind
 
 
@@ -88,6 +89,11 @@ class Metrics:
         )
         for outcome in ("applied", "withdrawn"):
             self.guard_holds.labels(outcome=outcome)  # both series exist from the start, at 0
+        self.watch_failures = Counter(
+            "confpy_watch_failures",
+            "Watches that failed with an unexpected error (each is restarted after a backoff)",
+            registry=r,
+        )
         self.last_sync = Gauge(
             "confpy_last_successful_sync_timestamp_seconds", "Unix time of the last successful sync", registry=r
         )
@@ -150,6 +156,12 @@ class Metrics:
             self.invalid_instances.labels(service=service).set(rejected)
             self._rejected_series.add(service)
 
+    def forget_service(self, service: str) -> None:
+        """`service` is no longer watched: its confpy_invalid_instances series goes."""
+        if service in self._rejected_series:
+            self._rejected_series.discard(service)
+            self.invalid_instances.remove(service)
+
     def count_unavailable(self, paused: Mapping[str, Mapping[str, float]]) -> None:
         """confpy_live_member_unavailable: a series per paused member, removed when it is used again."""
         now = {(name, member) for name, members in paused.items() for member in members}
@@ -183,6 +195,12 @@ class Metrics:
     def set_registry_up(self, up: bool) -> None:
         self.registry_up.labels(registry=self.registry_kind).set(1 if up else 0)
         self.consul_up.set(1 if up else 0)
+
+    def guard_hooks(self) -> GuardHooks:
+        """What the shrink guard reports: confpy_guard_holds_total{outcome}, confpy_guard_held_upstreams."""
+        return GuardHooks(
+            outcome=lambda outcome: self.guard_holds.labels(outcome=outcome).inc(), held=self.guard_held.set
+        )
 
     def render_text(self) -> bytes:
         return generate_latest(self.registry)

@@ -11,9 +11,11 @@ outputs are hostile by default here too.
 
 from __future__ import annotations
 
-import dataclasses
+import html
+import os
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +51,7 @@ PAGE = """<!doctype html>
   <p id="reason">{{ reason }}</p>
   <p class="small">as of {{ now }} &middot; {{ mode }} mode &middot; {{ cycles }} cycles &middot;
     <a href="/status">/status</a> &middot; <a href="/metrics">/metrics</a> &middot; <a href="/health">/health</a></p>
+  {% if warning %}<p id="exposed">warning: {{ warning }}</p>{% endif %}
 </header>
 <main>
 <section id="registry" class="{{ registry_kind }}">
@@ -80,17 +83,9 @@ PAGE = """<!doctype html>
     <table>
       <thead><tr><th>member</th><th>weight</th><th>health</th><th>nginx</th><th>node / id</th><th>meta</th></tr></thead>
       <tbody>
-      {% for m in up.members %}
-        <tr class="member"><td class="endpoint">{{ m.endpoint }}</td><td>{{ m.weight }}</td>
-          <td><span class="badge {{ 'ok' if m.health == 'passing' else 'degraded' if m.health in ('warning', 'kept', 'held') else 'failing' }}">{{ m.health }}</span>
-            {% if m.output %}<span class="small">{{ m.output }}</span>{% endif %}</td>
-          <td>{% if m.serving is none %}?{% elif m.serving %}<span class="badge ok">serving</span>{% else %}<span class="badge degraded">not yet</span>{% endif %}
-            {% if m.paused %}<span class="badge failing">paused by nginx (failed requests)</span>{% endif %}</td>
-          <td>{{ m.node }} / {{ m.id }}</td>
-          <td>{% for k, v in m.meta %}<code>{{ k }}={{ v }}</code> {% endfor %}</td></tr>
-      {% else %}
+      {% if up.members %}{{ up.members }}{% else %}
         <tr><td colspan="6">no instance</td></tr>
-      {% endfor %}
+      {% endif %}
       {% for r in up.rejected %}
         <tr class="rejected"><td colspan="6"><span class="badge failing">left out</span> {{ r }}</td></tr>
       {% endfor %}
@@ -196,7 +191,7 @@ class MemberRow:
 class UpstreamView:
     upstream: str
     label: str
-    members: tuple[MemberRow, ...]
+    members: markupsafe.Markup  # the table's rows (empty: no member)
     rejected: tuple[str, ...]
     kept: bool
     latencies: tuple[float, ...]
@@ -255,16 +250,85 @@ def sparkline(values: tuple[float, ...]) -> markupsafe.Markup:
     return svg.format(width, height, title, title, bars)
 
 
+def _health_badge(health: str) -> str:
+    return "ok" if health == "passing" else "degraded" if health in ("warning", "kept", "held") else "failing"
+
+
+_SERVING = {
+    None: "?",
+    True: '<span class="badge ok">serving</span>',
+    False: '<span class="badge degraded">not yet</span>',
+}
+
+
+def _row_parts(m: MemberRow) -> tuple[str, str]:
+    """A member's row, escaped, less its `nginx` cell: (before it, after it)."""
+    esc = html.escape
+    output = f'<span class="small">{esc(m.output)}</span>' if m.output else ""
+    meta = "".join(f"<code>{esc(k)}={esc(v)}</code> " for k, v in m.meta)
+    head = (
+        f'<tr class="member"><td class="endpoint">{esc(m.endpoint)}</td><td>{m.weight}</td>\n'
+        f'<td><span class="badge {_health_badge(m.health)}">{esc(m.health)}</span>\n{output}</td>\n'
+    )
+    return head, f"<td>{esc(m.node)} / {esc(m.id)}</td>\n<td>{meta}</td></tr>\n"
+
+
+def _nginx_cell(serving: bool | None, paused: bool) -> str:
+    pause = '<span class="badge failing">paused by nginx (failed requests)</span>' if paused else ""
+    return f"<td>{_SERVING[serving]}\n{pause}</td>\n"
+
+
+def member_rows(members: tuple[MemberRow, ...]) -> markupsafe.Markup:
+    """Members' table rows, every registry value escaped (written here, not by the template's
+    loop: at ten thousand members these rows are the page's cost)."""
+    rows = []
+    for m in members:
+        head, tail = _row_parts(m)
+        rows.append(head + _nginx_cell(m.serving, m.paused) + tail)
+    return markupsafe.Markup("".join(rows))  # noqa: S704 - every value in the rows went through html.escape
+
+
+class _RowCache:
+    """Each passing instance's escaped row parts, kept while the instance (an immutable value the
+    registry view keeps until its service changes) is on the page: a page at 10k members escapes
+    only what changed since the last one. Entries not used by a page are dropped after it."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[ServiceInstance, str, str, str]] = {}
+        self._used: dict[int, tuple[ServiceInstance, str, str, str]] = {}
+        self.built = 0  # rows escaped anew (what a test counts)
+
+    def parts(self, instance: ServiceInstance) -> tuple[str, str, str]:
+        """(endpoint, head, tail) of `instance`'s row."""
+        key = id(instance)
+        entry = self._entries.get(key)
+        if entry is None or entry[0] is not instance:
+            endpoint = str(instance.endpoint)
+            row = MemberRow(
+                endpoint, instance.weight, instance.node, instance.id, tuple(sorted(instance.meta.items())), None, False
+            )
+            entry = (instance, endpoint, *_row_parts(row))
+            self.built += 1
+        self._used[key] = entry
+        return entry[1], entry[2], entry[3]
+
+    def page_done(self) -> None:
+        self._entries, self._used = self._used, {}
+
+
 class StatusPage:
     """Renders the page from a snapshot; reads the installed files to tell what nginx serves."""
 
-    def __init__(self, version: str) -> None:
+    def __init__(self, version: str, warning: str = "") -> None:
         self.version = version
+        self.warning = warning  # shown in the header (a status listener reachable beyond this host)
         env = jinja2.Environment(
             autoescape=True, trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined
         )
         env.globals["sparkline"] = sparkline
         self.template = env.from_string(PAGE)
+        self.rows = _RowCache()
+        self.served = _ServedEndpoints()
 
     def render(self, snapshot: StatusSnapshot) -> str:
         state, reason = snapshot.state()
@@ -273,6 +337,7 @@ class StatusPage:
             state=state,
             reason=reason,
             version=self.version,
+            warning=self.warning,
             now=_clock(time.time()),
             mode=snapshot.mode,
             cycles=snapshot.cycles,
@@ -291,7 +356,7 @@ class StatusPage:
             else "",
             quarantined=[q for t in snapshot.templates for q in t.quarantined],
             check_error="" if snapshot.last_sync_ok else snapshot.last_sync_error,
-            upstreams=self._upstreams(snapshot, _latencies(events)),
+            upstreams=self._upstreams_once(snapshot, _latencies(events)),
             waiting=snapshot.waiting_for_first_answer,
             templates=[
                 {
@@ -308,8 +373,14 @@ class StatusPage:
             ],
         )
 
+    def _upstreams_once(self, snapshot: StatusSnapshot, latencies: Mapping[str, list[float]]) -> list[UpstreamView]:
+        try:
+            return self._upstreams(snapshot, latencies)
+        finally:
+            self.rows.page_done()
+
     def _upstreams(self, snapshot: StatusSnapshot, latencies: Mapping[str, list[float]]) -> list[UpstreamView]:
-        installed = "\n".join(_read(Path(t.destination)) for t in snapshot.templates)
+        installed = self.served.of([t.destination for t in snapshot.templates])
         kept = {label for t in snapshot.templates for label in t.kept}
         held = {str(h["service"]): h for h in snapshot.guard_held}
         views = []
@@ -320,13 +391,11 @@ class StatusPage:
             except UnsafeValueError:
                 upstream = name
             hold = held.get(label)
-            members = self._members(snapshot, upstream, view, installed, snapshot.kept_members.get(label, ()))
-            if hold is not None:
-                losing, until = set(hold["losing"]), _clock(hold["applies_at"])
-                why = f"dropped by the registry; kept by the shrink guard until {until}"
-                members = tuple(
-                    dataclasses.replace(m, health="held", output=why) if m.endpoint in losing else m for m in members
-                )
+            losing = frozenset(str(e) for e in hold["losing"]) if hold is not None else frozenset()
+            until = _clock(hold["applies_at"]) if hold is not None else ""
+            members = self._members(
+                snapshot, upstream, view, installed, snapshot.kept_members.get(label, ()), losing, until
+            )
             views.append(
                 UpstreamView(
                     upstream=upstream,
@@ -343,14 +412,16 @@ class StatusPage:
             )
         return views
 
-    @staticmethod
     def _members(
+        self,
         snapshot: StatusSnapshot,
         upstream: str,
         view: HealthView,
-        installed: str,
+        installed: frozenset[str] | None,
         kept: tuple[ServiceInstance, ...] = (),
-    ) -> tuple[MemberRow, ...]:
+        losing: frozenset[str] = frozenset(),
+        held_until: str = "",
+    ) -> markupsafe.Markup:
         live = snapshot.live
         pushed: set[str] | None = None
         paused: Mapping[str, float] = {}
@@ -363,13 +434,20 @@ class StatusPage:
             """Whether nginx has this member now: pushed (live mode), or in the installed file."""
             if pushed is not None:
                 return endpoint in pushed
-            return f"server {endpoint} " in installed if installed else None
+            return endpoint in installed if installed is not None else None
 
+        html_rows = []
+        # The shrink guard holds a drop: the members the registry dropped stay, marked `held`.
         rows = [
             MemberRow(str(i.endpoint), i.weight, i.node, i.id, tuple(sorted(i.meta.items())), served(str(i.endpoint)),
-                      str(i.endpoint) in paused)
-            for i in view.instances
+                      False, "held", f"dropped by the registry; kept by the shrink guard until {held_until}")
+            for i in view.instances if str(i.endpoint) in losing
         ]  # fmt: skip
+        for i in view.instances:
+            if str(i.endpoint) in losing:
+                continue
+            endpoint, head, tail = self.rows.parts(i)
+            html_rows.append(head + _nginx_cell(served(endpoint), endpoint in paused) + tail)
         # on_empty = "keep": the last known members, which nginx still has.
         rows += [
             MemberRow(str(i.endpoint), i.weight, i.node, i.id, tuple(sorted(i.meta.items())), served(str(i.endpoint)),
@@ -381,7 +459,44 @@ class StatusPage:
             MemberRow(m.endpoint, m.weight, m.node, m.id, (), served(m.endpoint), False, m.status, m.output)
             for m in view.unhealthy
         ]
-        return tuple(rows)
+        passing = markupsafe.Markup("".join(html_rows))  # noqa: S704 - the cached parts are escaped (_row_parts)
+        return passing + member_rows(tuple(rows))
+
+
+SERVER_LINE = re.compile(r"\bserver\s+(\S+?);?\s")
+
+
+class _ServedEndpoints:
+    """Every `server HOST:PORT` in the installed files, as a set, so the page costs time linear in
+    the members (not members x file size); searched again only when a file changed (its size,
+    modification time or inode), not on every page."""
+
+    def __init__(self) -> None:
+        self._key: tuple[tuple[str, int, int, int], ...] | None = None
+        self._served: frozenset[str] | None = None
+        self.searches = 0
+
+    def of(self, destinations: Sequence[str]) -> frozenset[str] | None:
+        """None when there is no installed file to read."""
+        key = tuple(_signature(path) for path in destinations)
+        if key != self._key:
+            texts = [_read(Path(path)) for path in destinations]
+            self.searches += 1
+            self._served = (
+                frozenset(match.group(1) for text in texts for match in SERVER_LINE.finditer(text))
+                if any(texts)
+                else None
+            )
+            self._key = key
+        return self._served
+
+
+def _signature(path: str) -> tuple[str, int, int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (path, -1, -1, -1)
+    return (path, st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def _read(path: Path) -> str:

@@ -10,7 +10,7 @@ from confpy.model import HealthView, ServiceInstance, memory_key
 from confpy.pipeline import SyncEngine
 from confpy.registry.base import ServiceHealth
 from confpy.registry.view import RegistryView
-from confpy.watch.watcher import RegistryHealth
+from confpy.watch.watcher import RegistryHealth, WatchFailures
 
 
 def kept_members(cycles: Cycles) -> dict[str, tuple[ServiceInstance, ...]]:
@@ -34,6 +34,7 @@ def build_snapshot(
     health: RegistryHealth,
     timeline: Timeline,
     now: float,
+    failures: WatchFailures | None = None,
 ) -> StatusSnapshot:
     services = {dep.describe(): value for dep, value in cycles.data.snapshot().items() if isinstance(value, HealthView)}
     retry = cycles.retry.state(now)
@@ -76,4 +77,5 @@ def build_snapshot(
         sync_retry_in=max(0.0, retry.retry_in) if retry is not None else None,
         budget=cycles.budget.view(),
         guard_held=cycles.guard.status(now, cycles.wall_clock()),
+        failing_watches=failures.describe() if failures is not None else "",
     )

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -80,11 +83,18 @@ class StatusSnapshot:
     budget: BudgetView | None = None
     # The shrink guard's held drops (guard.py `HeldDrop.to_json`): service, members it would lose, when it applies.
     guard_held: tuple[Mapping[str, Any], ...] = ()
+    failing_watches: str = ""  # the watches that failed unexpectedly and wait to restart
 
     @property
     def registry_name(self) -> str:
         """`Consul` or `etcd`, as the page and /health write it."""
         return REGISTRY_NAMES[self.registry_kind]
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A short digest of everything /status shows: computed once per snapshot, however many
+        status pages ask (each event stream compares it on every tick)."""
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
 
     def state(self) -> tuple[str, str]:
         """The page's header: ("ok" | "degraded" | "failing", why). Failing: nginx refused the last
@@ -101,6 +111,8 @@ class StatusSnapshot:
         """/health: OK when the last sync succeeded and the registry is reachable."""
         if not self.registry_reachable:
             return False, f"{self.registry_name} unreachable: {self.registry_error}"
+        if self.failing_watches:
+            return False, f"watch failing: {self.failing_watches}"
         if self.waiting_for_first_answer:
             return False, f"starting: waiting for {self.registry_name}'s first answer"
         if not self.last_sync_ok:
@@ -131,6 +143,7 @@ class StatusSnapshot:
         return {
             "registry": registry,
             **(consul if self.registry_kind == "consul" else {}),
+            "failing_watches": self.failing_watches,
             "last_sync_ok": self.last_sync_ok,
             "last_sync_error": "" if self.last_sync_ok else self.last_sync_error,
             "sync_retry": None

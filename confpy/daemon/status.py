@@ -8,7 +8,7 @@ so a request never sees a half-updated state and nothing is shared across thread
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import ipaddress
 import json
 import logging
 from collections.abc import AsyncGenerator, Callable
@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator, Callable
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from confpy import __version__
-from confpy.config import split_host_port
+from confpy.config import StatusConfig, is_loopback_listen, split_host_port
 from confpy.daemon.metrics import Metrics
 from confpy.daemon.page import CSP, SCRIPT, STYLE, StatusPage
 from confpy.daemon.snapshot import StatusSnapshot
@@ -33,11 +33,21 @@ SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-
 class StatusServer:
     """Serves the daemon's snapshot and metrics on `[status] listen`, on the running loop."""
 
-    def __init__(self, listen: str, snapshot: Callable[[], StatusSnapshot], metrics: Metrics) -> None:
-        self.listen = listen
+    def __init__(self, listen: str | StatusConfig, snapshot: Callable[[], StatusSnapshot], metrics: Metrics) -> None:
+        config = listen if isinstance(listen, StatusConfig) else StatusConfig(listen=listen)
+        self.listen = config.listen
         self.snapshot = snapshot
         self.metrics = metrics
-        self.page = StatusPage(__version__)
+        self.max_subscribers = config.max_subscribers
+        self.subscribers = 0
+        self.loopback = is_loopback_listen(self.listen)
+        self.exposure = (
+            ""
+            if self.loopback
+            else f"the status listener {self.listen} is reachable beyond this host: anyone who reaches it reads "
+            "every service, member and error confpy knows; bind [status] listen to 127.0.0.1 or ::1"
+        )
+        self.page = StatusPage(__version__, warning=self.exposure)
         self.closing = asyncio.Event()
         routes: dict[str, Handler] = {
             "/": self._page,
@@ -48,7 +58,25 @@ class StatusServer:
             "/status": self._status,
             "/metrics": self._metrics,
         }
-        self._server = HTTPServer(routes, self._not_found, f"confpy/{__version__}")
+        self._server = HTTPServer(
+            routes,
+            self._not_found,
+            f"confpy/{__version__}",
+            max_connections=config.max_connections,
+            allowed_hosts=self._host_allowed if self.loopback else None,
+        )
+
+    def _host_allowed(self, host: str) -> bool:
+        """On loopback, only this host's own names: a browser sent here by a rebound DNS name sends
+        that name, and is refused (it must not read /status from a page on another site)."""
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        name = name.strip("[]").lower()
+        if name in ("localhost", split_host_port(self.listen)[0].strip("[]").lower()) or name.endswith(".localhost"):
+            return True
+        try:
+            return ipaddress.ip_address(name).is_loopback
+        except ValueError:
+            return False
 
     async def start(self) -> None:
         host, port = split_host_port(self.listen)
@@ -57,6 +85,8 @@ class StatusServer:
         except OSError as exc:
             raise ConfigError(f"[status] listen = {self.listen!r}: cannot listen: {exc.strerror}") from None
         log.info("status page on http://%s/ (and /health, /status, /metrics)", self.listen)
+        if self.exposure:
+            log.warning("%s", self.exposure)
 
     async def stop(self) -> None:
         self.closing.set()  # event streams end within one poll, so the server stops at once
@@ -71,28 +101,38 @@ class StatusServer:
 
     async def _events(self, request: Request) -> Reply:
         """Server-Sent Events: `data: <fingerprint>` whenever what the page shows changed."""
+        if self.subscribers >= self.max_subscribers:
+            return Reply(
+                503,
+                f"busy: {self.max_subscribers} status pages are open already ([status] max_subscribers)\n".encode(),
+                headers={"Retry-After": "30", **SECURITY_HEADERS},
+            )
         return Reply(
             content_type="text/event-stream",
             headers={"Cache-Control": "no-store", **SECURITY_HEADERS},
-            stream=self._event_stream(),
+            stream=self._event_stream(request.gone),
         )
 
-    async def _event_stream(self) -> AsyncGenerator[bytes, None]:
-        last, quiet = "", 0.0
-        while not self.closing.is_set():
-            fingerprint = hashlib.sha256(json.dumps(self.snapshot().to_json(), sort_keys=True).encode()).hexdigest()[
-                :16
-            ]
-            if fingerprint != last:
-                yield f"data: {fingerprint}\n\n".encode()
-                last, quiet = fingerprint, 0.0
-            elif quiet >= EVENTS_KEEPALIVE:
-                yield b": still here\n\n"  # proxies drop silent connections
-                quiet = 0.0
-            try:
-                await asyncio.wait_for(self.closing.wait(), EVENTS_POLL)
-            except TimeoutError:
-                quiet += EVENTS_POLL
+    async def _event_stream(self, gone: Callable[[], bool] = lambda: False) -> AsyncGenerator[bytes, None]:
+        # Counted from here (the answer's head is sent) until the stream ends, however it ends.
+        self.subscribers += 1
+        try:
+            last, quiet = "", 0.0
+            while not self.closing.is_set() and not gone():
+                # One fingerprint per snapshot, shared by every subscriber: cached on the value.
+                fingerprint = self.snapshot().fingerprint
+                if fingerprint != last:
+                    yield f"data: {fingerprint}\n\n".encode()
+                    last, quiet = fingerprint, 0.0
+                elif quiet >= EVENTS_KEEPALIVE:
+                    yield b": still here\n\n"  # proxies drop silent connections
+                    quiet = 0.0
+                try:
+                    await asyncio.wait_for(self.closing.wait(), EVENTS_POLL)
+                except TimeoutError:
+                    quiet += EVENTS_POLL
+        finally:
+            self.subscribers -= 1
 
     async def _script(self, request: Request) -> Reply:
         return Reply(body=SCRIPT.encode(), content_type="text/javascript; charset=utf-8", headers=SECURITY_HEADERS)

@@ -109,6 +109,10 @@ local function store(name, version, members, balance)
         ok, err = dict:set("b:" .. name, cjson.encode(balance))
         if not ok then return nil, err end
     end
+    -- "g:NAME" counts stores: no client sets it, so members stored under a version someone copied
+    -- (confpy's own, say) still refresh every worker's cache, and so does confpy's restore after.
+    ok, err = dict:incr("g:" .. name, 1, 0)
+    if not ok then return nil, err end
     return dict:set("v:" .. name, version)
 end
 
@@ -166,7 +170,8 @@ local function peers_for(name)
     local version = dict:get("v:" .. name)
     if not version then return nil end
     local cached = cache[name]
-    if cached and cached.version == version then return cached end
+    local generation = dict:get("g:" .. name)
+    if cached and cached.version == version and cached.generation == generation then return cached end
     local members = cjson.decode(dict:get("m:" .. name) or "")
     if type(members) ~= "table" then return nil end
     local peers = {}
@@ -176,7 +181,7 @@ local function peers_for(name)
                      backup = m.backup == true, down = m.down == true }
     end
     local balance = cjson.decode(dict:get("b:" .. name) or "") or { method = "round_robin" }
-    cached = { version = version, peers = peers, balance = balance }
+    cached = { version = version, generation = generation, peers = peers, balance = balance }
     cache[name] = cached
     return cached
 end
@@ -427,11 +432,16 @@ local function authorized()
     return token ~= nil and given ~= nil and same(given, token)
 end
 
--- Who changed what: every change that is not confpy's own push goes to nginx's error log.
+-- Who changed what: every change goes to nginx's error log. X-Confpy-Push only lowers the level
+-- of confpy's own pushes (any token holder can send it, so it never hides a change: confpy also
+-- compares the members nginx serves with its own and restores them, see drift in live.py).
 local function audit(method, uri, detail)
-    if ngx.req.get_headers()["X-Confpy-Push"] == "1" then return end
     local peer = ngx.var.remote_addr
     if peer == nil or peer == "" or peer == "unix:" then peer = "a client of the Unix socket" end
+    if ngx.req.get_headers()["X-Confpy-Push"] == "1" then
+        ngx.log(ngx.NOTICE, "confpy admin: ", method, " ", uri, " by ", peer, " (marked as confpy's push): ", detail)
+        return
+    end
     ngx.log(ngx.WARN, "confpy admin: ", method, " ", uri, " by ", peer, " (not confpy's own push): ", detail)
 end
 

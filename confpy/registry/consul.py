@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
+from confpy import boundedjson
 from confpy.config import ConsulConfig
 from confpy.durations import format_go_duration
 from confpy.errors import ConsulBadResponse, ConsulError, ConsulUnreachable
@@ -45,6 +47,8 @@ from confpy.registry.consul_decode import (
 )
 from confpy.registry.resolve import resolved_view
 from confpy.wire.client import HTTPClient, TransportError
+
+log = logging.getLogger(__name__)
 
 _MAX_ERROR_BODY = 300
 DATACENTERS_POLL = 60.0
@@ -77,6 +81,11 @@ def ssl_context(config: ConsulConfig) -> ssl.SSLContext | None:
     if config.scheme != "https":
         return None
     if not config.verify:
+        log.warning(
+            "TLS verification of Consul at %s is off ([consul] verify = false or CONSUL_HTTP_SSL_VERIFY=false): "
+            "anyone on the path can impersonate Consul and decide what nginx serves; set ca_file instead",
+            config.address,
+        )
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -318,7 +327,9 @@ def _json_body(status: int, body: bytes, what: str) -> Any:
 
 def _decode_json(text: str, what: str) -> Any:
     try:
-        return json.loads(text)
+        return boundedjson.loads(text, max_depth=None)
+    except boundedjson.JSONTooDeep as exc:
+        raise ConsulBadResponse(f"Consul's answer to {what} is refused: {exc}") from None
     except ValueError:
         raise ConsulBadResponse(f"Consul's answer to {what} is not valid JSON: {_short(text)}") from None
 

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from confpy import boundedjson
 from confpy.config import EtcdConfig
 from confpy.errors import RegistryError
 from confpy.model import HealthView, Interner, KVPair, RejectedInstance, ServiceInstance, validated_instance
@@ -137,7 +138,9 @@ class EtcdClient:
                 continue
             self._current = number
             try:
-                data = json.loads(raw or b"{}")
+                data = boundedjson.loads(raw or b"{}", max_depth=None)
+            except boundedjson.JSONTooDeep as exc:
+                raise EtcdError(f"etcd's answer to {what} is refused: {exc}") from None
             except ValueError:
                 raise EtcdError(f"etcd's answer to {what} is not JSON: {raw[:200]!r}") from None
             if status != 200:
@@ -172,7 +175,7 @@ class EtcdClient:
                     async for line in response.lines():
                         if not line.strip():
                             continue
-                        result = json.loads(line).get("result") or {}
+                        result = boundedjson.loads(line, max_depth=None).get("result") or {}
                         if result.get("compact_revision") not in (None, "0", 0):
                             return "compacted"
                         if result.get("canceled"):
@@ -225,7 +228,9 @@ class EtcdRegistration:
     def decode(cls, value: str, default_tags: Sequence[str] = ("nginx",)) -> EtcdRegistration:
         """Read one registration; ValueError names what is wrong with the value."""
         try:
-            data = json.loads(value)
+            data = boundedjson.loads(value)
+        except boundedjson.JSONTooDeep as exc:
+            raise ValueError(f'value is refused: {exc} (want {{"Addr": "host:port", "Metadata": {{...}}}})') from None
         except ValueError:
             raise ValueError('value is not JSON: want {"Addr": "host:port"}') from None
         if not isinstance(data, Mapping) or not isinstance(data.get("Addr"), str):

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from confpy import boundedjson
 from confpy.errors import RenderError
 from confpy.model import KVPair, NodeInfo, NodeServices, SafeStr, ServiceInstance, ServiceTags, nginx_time_seconds
 from confpy.registry.base import (
@@ -198,6 +199,15 @@ class RegistryFunctions:
         self.warn = warn
         self.environ = environ
         self.registry = registry
+        self.kv_handed: list[tuple[KVPair, ...]] = []  # searched only to name a refused value's key
+
+    def key_of(self, value: str) -> str | None:
+        """The KV key whose value this render handed out as `value` (None when none did)."""
+        for pairs in self.kv_handed:
+            for pair in pairs:
+                if pair.value is value or pair.value == value:
+                    return pair.path
+        return None
 
     def consul_only(self, what: str) -> None:
         """Nodes and datacenters are Consul's: another registry says so at render time."""
@@ -215,6 +225,7 @@ class RegistryFunctions:
                 f"key({path!r}): {self.registry}'s KV has no such key; use key_or_default() for an optional one"
             )
         assert isinstance(value, KVPair)
+        self.kv_handed.append((value,))
         return value.value
 
     def key_or_default(self, path: Any, default: Any) -> Any:
@@ -222,6 +233,7 @@ class RegistryFunctions:
         if not found or value is None:
             return default
         assert isinstance(value, KVPair)
+        self.kv_handed.append((value,))
         return value.value
 
     def _tree(self, prefix: Any, what: str) -> tuple[KVPair, ...] | None:
@@ -229,6 +241,7 @@ class RegistryFunctions:
         if not found:
             return None
         assert isinstance(value, tuple)
+        self.kv_handed.append(value)
         return value
 
     def ls(self, prefix: Any) -> list[KVPair]:
@@ -310,11 +323,22 @@ def to_json(value: Any) -> str:
         raise RenderError(f"to_json: {exc}") from None
 
 
+class RefusedValueError(RenderError):
+    """A registry value a template function refuses (JSON nested too deep); `value` is that text,
+    so the render can name the key it came from."""
+
+    def __init__(self, message: str, value: str) -> None:
+        super().__init__(message)
+        self.value = value
+
+
 def parse_json(text: Any) -> Any:
     """`| parse_json`: a JSON value (e.g. a KV value that holds JSON)."""
     if not isinstance(text, str):
         raise RenderError(f"parse_json needs a string, got {type(text).__name__}")
     try:
-        return json.loads(text)
+        return boundedjson.loads(text)
+    except boundedjson.JSONTooDeep as exc:
+        raise RefusedValueError(f"parse_json: refused: {exc} (the value starts {text[:40]!r})", text) from None
     except ValueError as exc:
         raise RenderError(f"parse_json: not valid JSON ({exc})") from None

@@ -22,7 +22,7 @@ from confpy.model import HealthView, Memory, ServiceInstance, ServiceTags, memor
 from confpy.registry.base import AnyDependency, CatalogServices
 from confpy.render.datasource import DataSource
 from confpy.render.fragments import RECORDER, Fragment, FragmentExtension, FragmentRecorder, LoopMemo
-from confpy.render.functions import RegistryFunctions, UpstreamSettings, parse_json, pending, to_json
+from confpy.render.functions import RefusedValueError, RegistryFunctions, UpstreamSettings, parse_json, pending, to_json
 from confpy.render.naming import (
     ServiceName,
     nginx_quote,
@@ -436,6 +436,11 @@ class TemplateRenderer:
             origin = ctx.origin_of(exc.value) if exc.value is not None else None
             prefix = f"{origin}: " if origin else ""
             raise UnsafeValueError(f"{self._where(line)}: {prefix}{exc.message}", exc.value) from None
+        except RefusedValueError as exc:
+            line = _template_line(exc.__traceback__, self.template.source)
+            key = ctx.functions.key_of(exc.value)
+            prefix = f"the value of key {key!r}: " if key else ""
+            raise RenderError(f"{self._where(line)}: {prefix}{exc.message}") from None
         except RenderError as exc:
             line = _template_line(exc.__traceback__, self.template.source)
             raise type(exc)(f"{self._where(line)}: {exc.message}") from None
@@ -449,6 +454,7 @@ class TemplateRenderer:
         except jinja2.TemplateError as exc:
             line = _template_line(exc.__traceback__, self.template.source)
             raise RenderError(f"{self._where(line)}: {exc}") from None
-        except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError) as exc:
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError, RecursionError) as exc:
+            # RecursionError: a template (or a value it walks) nested too deep; a bad input, not a crash
             line = _template_line(exc.__traceback__, self.template.source)
             raise RenderError(f"{self._where(line)}: {type(exc).__name__}: {exc}") from None

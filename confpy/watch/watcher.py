@@ -135,6 +135,53 @@ class RegistryHealth:
             self.on_change()
 
 
+class WatchFailures:
+    """The watches whose loop failed with something other than a registry error (a bug, a value
+    no decoder expected): each is logged with its dependency, counted through `on_failure`, and
+    restarted after a backoff; /health is not OK while one is failing (`failing`)."""
+
+    def __init__(
+        self,
+        on_failure: Callable[[Dependency, BaseException], None] | None = None,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.on_failure = on_failure
+        self.on_change = on_change
+        self.failing: dict[Dependency, str] = {}
+
+    def failed(self, dep: Dependency, exc: BaseException, retry_in: float) -> None:
+        first = dep not in self.failing
+        self.failing[dep] = f"{type(exc).__name__}: {exc}"[:300]
+        log.error(
+            "the watch of %s failed: %s; restarting it in %.1fs (nginx keeps what it has)",
+            dep.describe(),
+            self.failing[dep],
+            retry_in,
+            exc_info=exc if first else None,  # the traceback once, not on every retry
+        )
+        if self.on_failure is not None:
+            self.on_failure(dep, exc)
+        if first and self.on_change is not None:
+            self.on_change()
+
+    def recovered(self, dep: Dependency) -> None:
+        if self.failing.pop(dep, None) is not None:
+            log.info("the watch of %s works again", dep.describe())
+            if self.on_change is not None:
+                self.on_change()
+
+    def forget(self, dep: Dependency) -> None:
+        """`dep` is no longer watched: its failure no longer counts."""
+        if self.failing.pop(dep, None) is not None and self.on_change is not None:
+            self.on_change()
+
+    def describe(self) -> str:
+        """The failing watches, for /health (empty when none)."""
+        return "; ".join(
+            f"{dep.describe()}: {why}" for dep, why in sorted(self.failing.items(), key=lambda i: i[0].describe())
+        )
+
+
 @dataclass(frozen=True)
 class WatchSettings:
     """How a watcher polls."""
@@ -170,6 +217,7 @@ class Watcher:
         sleep: Sleep = asyncio.sleep,
         first_fetches: FirstFetches | None = None,
         jitter: random.Random | None = None,
+        failures: WatchFailures | None = None,
     ) -> None:
         self.dep = dep
         self.registry = registry
@@ -188,6 +236,7 @@ class Watcher:
         self._task: asyncio.Task[None] | None = None
         # One generator shared by a daemon's watchers: each Random holds 2.5 KB of state.
         self.random = jitter or random.Random()
+        self.failures = failures or WatchFailures()
 
     def expect_first(self) -> None:
         """Count this watcher's first query as still to come (done by `start`; earlier by a
@@ -208,6 +257,7 @@ class Watcher:
     def stop(self) -> None:
         """Cancel the task: an in-flight query is abandoned and its answer never reported."""
         self._first_made()
+        self.failures.forget(self.dep)
         if self._task is not None:
             self._task.cancel()
 
@@ -280,8 +330,24 @@ class Watcher:
         return True
 
     async def run(self) -> None:
+        """Poll forever. Registry errors are retried inside `poll_once`; anything else (a value no
+        decoder expected, a bug) must not end the watch silently: it is reported, backed off with
+        the one retry policy and the loop starts again from a fresh query."""
+        crashes = 0
         while True:
-            await self.poll_once()
+            try:
+                await self.poll_once()
+            except Exception as exc:  # noqa: BLE001 - supervised: any failure restarts the watch
+                self._first_made()
+                crashes += 1
+                delay = self.backoff(crashes)
+                self.failures.failed(self.dep, exc, delay)
+                self.index = 0  # the query starts anew: a fresh answer, whatever went wrong mid-way
+                await self.sleep(delay)
+                continue
+            if crashes:
+                crashes = 0
+                self.failures.recovered(self.dep)
             # Let the daemon act first on what has arrived (render, install, start `nginx -t` or
             # push) before this task spends CPU on sending its next query: that query only waits.
             await asyncio.sleep(0)

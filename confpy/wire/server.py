@@ -26,6 +26,9 @@ class Request:
     path: str
     query: str
     headers: Headers
+    # True once the client closed its end: a long answer (an event stream) ends then, instead of
+    # holding its slot until its next write fails.
+    gone: Callable[[], bool] = lambda: False
 
 
 @dataclass(frozen=True)
@@ -45,10 +48,24 @@ Handler = Callable[[Request], Awaitable[Reply]]
 class HTTPServer:
     """Serves `routes` (exact paths, GET and HEAD); anything else goes to `fallback`."""
 
-    def __init__(self, routes: Mapping[str, Handler], fallback: Handler, server_name: str) -> None:
+    def __init__(
+        self,
+        routes: Mapping[str, Handler],
+        fallback: Handler,
+        server_name: str,
+        *,
+        max_connections: int | None = None,
+        allowed_hosts: Callable[[str], bool] | None = None,
+    ) -> None:
         self.routes = dict(routes)
         self.fallback = fallback
         self.server_name = server_name.encode()
+        # Bounds against a local client: connections past `max_connections` get a 503 and are
+        # closed at once; a request whose Host header `allowed_hosts` refuses gets a 421 (a page
+        # on another site that made the browser's DNS point its name at this listener).
+        self.max_connections = max_connections
+        self.allowed_hosts = allowed_hosts
+        self.refused = 0
         self._server: asyncio.Server | None = None
         # Every connection's task, and those in the middle of an answer (which stop() lets finish).
         self._open: dict[asyncio.StreamWriter, asyncio.Task[None]] = {}
@@ -77,12 +94,26 @@ class HTTPServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._open[writer] = task
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
+        if self.max_connections is not None and len(self._open) >= self.max_connections:
+            self.refused += 1
+            # Answered before reading the request (h11 cannot answer one it has not read): a
+            # raw response, and the connection closed.
+            body = f"busy: {self.max_connections} connections open already; try again later\n".encode()
+            writer.write(
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                b"Connection: close\r\nRetry-After: 5\r\nContent-Length: "
+                + str(len(body)).encode()
+                + b"\r\n\r\n"
+                + body
+            )
+            writer.close()
+            return
+        self._open[writer] = task
         try:
             while True:
                 try:
-                    request = await self._next_request(conn, reader)
+                    request = await self._next_request(conn, reader, writer)
                 except TimeoutError:
                     return
                 if request is None:
@@ -104,7 +135,9 @@ class HTTPServer:
             self._busy.discard(writer)
             writer.close()  # sends what is still buffered, then closes
 
-    async def _next_request(self, conn: h11.Connection, reader: asyncio.StreamReader) -> Request | None:
+    async def _next_request(
+        self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> Request | None:
         """The next request on this connection (its body read and ignored), or None at its end.
 
         TimeoutError when the connection idles past KEEPALIVE_TIMEOUT or a started request takes
@@ -126,11 +159,20 @@ class HTTPServer:
             elif isinstance(event, h11.EndOfMessage) and head is not None:
                 target = head.target.decode("latin-1")
                 path, _, query = target.partition("?")
-                return Request(head.method.decode("ascii", "replace"), path, query, Headers(head.headers))
+                return Request(
+                    head.method.decode("ascii", "replace"),
+                    path,
+                    query,
+                    Headers(head.headers),
+                    lambda: reader.at_eof() or writer.transport.is_closing(),
+                )
             elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 return None
 
     async def _answer(self, request: Request) -> Reply:
+        host = request.headers.get("host")
+        if self.allowed_hosts is not None and host is not None and not self.allowed_hosts(host):
+            return Reply(421, f"misdirected request: Host {host[:100]!r} is not this listener\n".encode())
         handler = self.routes.get(request.path)
         if handler is None:
             return await self.fallback(request)
