@@ -709,6 +709,8 @@ class LiveSupervisor:
                 for name, entry in served.items()
                 if isinstance(entry, dict)
             }
+            if self._dirty is not None:
+                self._dirty.update(drifted)  # the push walks only what changed: these did, in nginx
             await self.push_or_schedule("restoring members changed behind confpy's back")
         if served is self._passive_of:
             unavailable = self.unavailable  # the very answer as last time (see LiveAdmin._request)

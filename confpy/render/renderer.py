@@ -7,7 +7,7 @@ so the set of queries confpy runs (and watches) is exactly what the templates us
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -202,6 +202,10 @@ class _TemplateFunctions:
         return name
 
 
+def _same_objects(first: Sequence[object], second: Sequence[object]) -> bool:
+    return len(first) == len(second) and all(a is b for a, b in zip(first, second, strict=True))
+
+
 class LeftOut:
     """Which services a renderer leaves out beyond bad names: those nginx refused (quarantined, until
     their data changes), and those whose upstream name another service holds.
@@ -214,7 +218,7 @@ class LeftOut:
     def __init__(self) -> None:
         self.quarantined: dict[str, Quarantined] = {}
         self.holders: Mapping[str, str] = {}  # upstream key -> service, as the last complete render left them
-        self._rivals: tuple[object, dict[str, tuple[str, ...]]] | None = None
+        self._rivals: tuple[tuple[tuple[str, ...], ...], dict[str, tuple[str, ...]]] | None = None
         self.lifted: list[str] = []
 
     def lift(self, service: str) -> None:
@@ -223,8 +227,9 @@ class LeftOut:
             self.lifted.append(service)
 
     def _by_key(self, listings: list[tuple[str, ...]], name_for: Callable[[str], str]) -> dict[str, tuple[str, ...]]:
-        """The upstream keys that several listed services map to (cached per listing)."""
-        if len(listings) == 1 and self._rivals is not None and self._rivals[0] is listings[0]:
+        """The upstream keys that several listed services map to (cached per set of listings: a
+        template that lists the catalog twice, as the live one does, asks once per service)."""
+        if self._rivals is not None and _same_objects(self._rivals[0], listings):
             return self._rivals[1]
         groups: dict[str, set[str]] = {}
         for names in listings:
@@ -235,8 +240,7 @@ class LeftOut:
                     continue
                 groups.setdefault(key, set()).add(service)
         shared = {key: tuple(sorted(group)) for key, group in groups.items() if len(group) > 1}
-        if len(listings) == 1:
-            self._rivals = (listings[0], shared)
+        self._rivals = (tuple(listings), shared)
         return shared
 
     def rival(
