@@ -66,6 +66,7 @@ class StatusSnapshot:
     registry_down_since: float | None = None
     kept_members: Mapping[str, tuple[ServiceInstance, ...]] = field(default_factory=dict)
     registry_kind: RegistryKind = "consul"
+    state_save_error: str = ""  # confpy's state files cannot be written (retried; nginx is not affected)
 
     @property
     def registry_name(self) -> str:
@@ -75,7 +76,8 @@ class StatusSnapshot:
     def state(self) -> tuple[str, str]:
         """The page's header: ("ok" | "degraded" | "failing", why). Failing: nginx refused the last
         sync's files (or it failed otherwise); degraded: nginx still serves good files but something
-        needs attention (the registry unreachable, a reload skipped, live pushes failing, still starting)."""
+        needs attention (the registry unreachable, a reload skipped, live pushes failing, still starting,
+        the state files unwritable)."""
         ok, reason = self.health()
         if ok:
             return "ok", f"all is well: nginx serves what {self.registry_name} says"
@@ -84,7 +86,7 @@ class StatusSnapshot:
         return "degraded", reason
 
     def health(self) -> tuple[bool, str]:
-        """/health: OK when the last sync succeeded and the registry is reachable."""
+        """/health: OK when the last sync succeeded, the registry is reachable and the state files are saved."""
         if not self.registry_reachable:
             return False, f"{self.registry_name} unreachable: {self.registry_error}"
         if self.waiting_for_first_answer:
@@ -95,6 +97,8 @@ class StatusSnapshot:
             return False, f"files installed but nginx not reloaded: {self.not_reloaded}"
         if self.live is not None and self.live.last_error:
             return False, f"live push failing: {self.live.last_error}"
+        if self.state_save_error:
+            return False, self.state_save_error
         return True, "ok"
 
     def to_json(self) -> dict[str, Any]:
@@ -121,6 +125,7 @@ class StatusSnapshot:
             "last_sync_error": "" if self.last_sync_ok else self.last_sync_error,
             "pending": list(self.pending),
             "not_reloaded": self.not_reloaded,
+            "state_save_error": self.state_save_error,
             "cycles": self.cycles,
             "templates": [t.to_json() for t in self.templates],
             "timeline": [event.to_json() for event in self.timeline],
