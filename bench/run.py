@@ -1,8 +1,8 @@
 """confpy's benchmarks: each prints its figures and the command line that produced them.
 
-    python bench/run.py [propagation|churn|coalescing|scale|fleet|drain|all] [--changes N] [--seconds S]
+    python bench/run.py [propagation|churn|coalescing|scale|fleet|drain|soak|all] [--changes N] [--seconds S]
                         [--rounds R] [--registry etcd] [--by-hand-serial] [--services N] [--instances N]
-                        [--mode reload|live] [--gateways N]
+                        [--mode reload|live] [--gateways N] [--download-seconds S] [--minutes N]
 
 Everything runs on 127.0.0.1: dev-consul, nginx (backends are nginx `return 200` servers, so the
 backends are never the bottleneck), confpy as a real daemon. Loops are bounded in count and time.
@@ -948,6 +948,108 @@ def bench_fleet(gateways: int, changes: int, registry: str = "consul") -> None:
             world.stop()
 
 
+# The soak's target: RSS growth over the last 15 minutes of a 30-minute run under 256 KB (issue 31),
+# scaled to the run's length: under 256 KB * (N / 30) over the last half of an N-minute run.
+SOAK_TARGET_KB = 256.0
+SOAK_TARGET_MINUTES = 30
+SOAK_CHANGE_INTERVAL = 0.2
+
+
+@dataclass(frozen=True)
+class SoakSample:
+    """The confpy process each minute of the soak."""
+
+    minute: float
+    changes: int
+    reloads: int
+    rss_kb: int
+    threads: int
+    fds: int
+
+
+def flatness(first_half: list[int], last: list[int]) -> str:
+    """Flat: the last samples never exceed the first half's highest (a descriptor or thread in
+    flight at a sample, e.g. a registry connection being replaced, is not growth)."""
+    low, high = min(first_half, default=0), max(first_half, default=0)
+    verdict = "flat" if max(last) <= high else "NOT flat"
+    return f"{verdict} ({low}-{high} in the first half, {min(last)}-{max(last)} at the end)"
+
+
+def soak_verdict(samples: list[SoakSample], minutes: int) -> str:
+    """RSS growth over the run's last half against the target scaled to its length."""
+    last = samples[-1]
+    half = min(samples, key=lambda s: abs(s.minute - last.minute / 2))
+    growth = last.rss_kb - half.rss_kb
+    target = SOAK_TARGET_KB * minutes / SOAK_TARGET_MINUTES
+    scaled = "" if minutes == SOAK_TARGET_MINUTES else f" (256 KB per 30 minutes scaled to {minutes} minutes)"
+    reloads = last.reloads - half.reloads
+    per_reload = f", {growth * 1024 / reloads:.0f} bytes per reload" if reloads else ""
+    verdict = "PASS" if growth < target else "FAIL"
+    threads = flatness([s.threads for s in samples if s.minute < half.minute], [s.threads for s in samples[-3:]])
+    fds = flatness([s.fds for s in samples if s.minute < half.minute], [s.fds for s in samples[-3:]])
+    return (
+        f"RSS {half.rss_kb} KB at minute {half.minute:.0f} -> {last.rss_kb} KB at minute {last.minute:.0f}: "
+        f"{growth:+d} KB over the last half ({reloads} reloads{per_reload}); target < {target:.0f} KB{scaled}: "
+        f"{verdict}; threads {threads}, file descriptors {fds}"
+    )
+
+
+def bench_soak(minutes: int) -> None:
+    header(
+        f"5. Soak: reload mode, one registry change every {SOAK_CHANGE_INTERVAL * 1000:.0f} ms for {minutes} minutes, "
+        "real nginx and dev-consul; the confpy process each minute"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        world = World(Path(tmp), apps_apart=True)
+        try:
+            for n in (1, 2, 3):
+                world.register(n)
+            world.start()
+            first_seen(world.nginx.port, "App server 3")
+            assert world.confpy is not None and world.confpy.proc is not None
+            proc = psutil.Process(world.confpy.proc.pid)
+            reloads_before = world.nginx.reload_count()
+            samples: list[SoakSample] = []
+            print(f"  {'minute':>6} {'changes':>7} {'reloads':>7} {'RSS KB':>8} {'threads':>7} {'fds':>4}")
+
+            def sample(minute: float, changes: int) -> None:
+                s = SoakSample(
+                    minute,
+                    changes,
+                    world.nginx.reload_count() - reloads_before,
+                    proc.memory_info().rss // 1024,
+                    proc.num_threads(),
+                    proc.num_fds(),
+                )
+                samples.append(s)
+                print(
+                    f"  {s.minute:>6.0f} {s.changes:>7} {s.reloads:>7} {s.rss_kb:>8} {s.threads:>7} {s.fds:>4}",
+                    flush=True,
+                )
+
+            started = time.monotonic()
+            sample(0, 0)
+            changes = 0
+            total = int(minutes * 60 / SOAK_CHANGE_INTERVAL)  # bounded in count and (below) in time
+            while changes < total and time.monotonic() < started + minutes * 60 + 60:
+                if changes % 2 == 0:
+                    world.register(4)
+                else:
+                    world.deregister(4)
+                changes += 1
+                if proc.status() == psutil.STATUS_ZOMBIE or world.confpy.proc.poll() is not None:
+                    raise RuntimeError(f"confpy exited during the soak:\n{world.confpy.output()[-2000:]}")
+                if changes % int(60 / SOAK_CHANGE_INTERVAL) == 0:
+                    sample((time.monotonic() - started) / 60, changes)
+                time.sleep(max(0.0, started + changes * SOAK_CHANGE_INTERVAL - time.monotonic()))
+            time.sleep(2)  # the last change's reload
+            if samples[-1].changes != changes:
+                sample((time.monotonic() - started) / 60, changes)
+            print(f"  {soak_verdict(samples, minutes)}")
+        finally:
+            world.stop()
+
+
 def at_least_one(text: str) -> int:
     """argparse type: a whole number of at least 1 (no count or duration of a benchmark can be zero)."""
     try:
@@ -965,10 +1067,7 @@ def main() -> int:
         "which",
         nargs="?",
         default="all",
-        choices=["propagation", "churn", "coalescing", "scale", "fleet", "drain", "all"],
-    )
-    parser.add_argument(
-        "--mode", choices=["reload", "live"], default="reload", help="scale: reload mode (nginx -t) or live mode"
+        choices=["propagation", "churn", "coalescing", "scale", "fleet", "drain", "soak", "all"],
     )
     parser.add_argument("--gateways", type=at_least_one, default=20, help="fleet: daemons following one registry")
     parser.add_argument(
@@ -994,6 +1093,9 @@ def main() -> int:
     parser.add_argument(
         "--download-seconds", type=at_least_one, default=30, help="drain: how long each slow download lasts (30)"
     )
+    parser.add_argument(
+        "--minutes", type=at_least_one, default=30, help="soak: minutes of one change every 200 ms (default 30)"
+    )
     parser.add_argument("--services", type=at_least_one, default=1000)
     parser.add_argument("--instances", type=at_least_one, default=10)
     args = parser.parse_args()
@@ -1011,6 +1113,8 @@ def main() -> int:
         bench_fleet(args.gateways, min(args.changes, 20), args.registry)
     if args.which in ("drain", "all"):
         bench_drain(args.seconds if args.which == "drain" else 60, args.download_seconds)
+    if args.which == "soak":  # not in "all": it runs for --minutes
+        bench_soak(args.minutes)
     return 0
 
 

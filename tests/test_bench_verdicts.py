@@ -97,3 +97,21 @@ def test_the_propagation_verdict_tells_margin_noise_and_real_excess_apart(bench:
     )
     assert "NOT met" in bench.propagation_verdict(slower(1.40), theirs, paired=True)
     assert bench.propagation_verdict(slower(1.19), theirs, paired=True).startswith("1.19x (95% interval ")
+
+
+def test_the_soak_verdict_judges_the_last_half_against_the_target_scaled_to_the_run(bench: ModuleType) -> None:
+    def run(rss: list[int], fds: list[int], minutes: int) -> str:
+        return bench.soak_verdict(
+            [bench.SoakSample(m, m * 300, m * 299, r, 5, f) for m, (r, f) in enumerate(zip(rss, fds, strict=True))],
+            minutes,
+        )
+
+    flat = run([35000] * 7, [13, 16, 15, 16, 15, 15, 15], 6)
+    assert (
+        "+0 KB over the last half" in flat
+        and "target < 51 KB (256 KB per 30 minutes scaled to 6 minutes): PASS" in flat
+    )
+    assert "file descriptors flat" in flat, "a connection in flight at one sample is not growth"
+    growing = run([35000 + 20 * m for m in range(31)], [13] * 15 + [14] * 16, 30)
+    assert "+300 KB over the last half" in growing and "target < 256 KB: FAIL" in growing
+    assert "file descriptors NOT flat" in growing and "threads flat" in growing

@@ -8,9 +8,11 @@ dependency, and gunicorn's arbiter tests).
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import re
+import tracemalloc
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ import pytest
 
 import confpy.apply.nginx as nginx_module
 import confpy.registry.consul as consul_module
+import confpy.render.datasource as datasource_module
 from confpy.apply.live import LivePushError, read_admin_token
 from confpy.config import WaitConfig, parse_config
 from confpy.daemon.loop import NGINX_START_SETTLE, STATE_SAVE_MAX_DELAY, STATE_SAVE_QUIET, Daemon
@@ -30,6 +33,7 @@ from confpy.model import HealthView
 from confpy.registry.base import CatalogServices, Dependency, ServiceHealth
 from confpy.registry.consul_decode import health_view_from_entries
 from confpy.render.datasource import DataSource
+from confpy.timer import run_due
 from confpy.watch.watcher import FirstFetches, RegistryHealth, Watcher, WatchSettings, next_index
 from confpy.watch.watchset import WatchSet
 
@@ -481,6 +485,49 @@ def test_remembered_members_are_written_after_the_sync_and_at_once_on_stop(tmp_p
         assert f"server 127.0.0.1:{n + 1};" in (tmp_path / "out.conf").read_text() and len(ports(state)) == n
         await daemon._stop()  # stopping writes what is pending
         assert len(ports(state)) == n + 1
+
+    run(scenario)
+
+
+def test_nothing_the_daemon_holds_grows_with_every_reload(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 31's soak, in-process: once every bounded structure is full (the change log made
+    small here so that a few hundred cycles pass its bound), more reloads allocate nothing that
+    stays: what confpy's own code holds after 300 more reloads is no more than before them."""
+    monkeypatch.setattr(datasource_module, "CHANGE_LOG", 64)
+    confpy_code = str(Path(datasource_module.__file__).parent.parent / "*")
+
+    async def scenario() -> None:
+        registry, clock = FakeRegistry(), FakeClock()
+        daemon = _daemon(tmp_path, WEB, registry, clock, wait_min="0s", nginx_extra='reload_cmd = "true"')
+        registry.set(ServiceHealth("web"), _view(1, 2, 3))
+        await daemon._start()
+
+        async def reloads(count: int) -> None:
+            for n in range(count):
+                registry.set(ServiceHealth("web"), _view(1, 2, 3, 4) if n % 2 == 0 else _view(1, 2, 3))
+                await _drain(daemon)
+                await daemon._run_due()
+                clock.now += 0.2  # a change every 200 ms, as the soak: state saves and retries run too
+                await run_due(daemon.timers(), clock.now)
+                assert daemon.snapshot.last_sync_ok
+
+        def held() -> int:
+            gc.collect()
+            snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, confpy_code)])
+            return sum(stat.size for stat in snapshot.statistics("filename"))
+
+        await reloads(200)  # fills the change log, the timeline, the metrics' label sets
+        tracemalloc.start()
+        try:
+            await reloads(100)
+            before, reloaded = held(), daemon.metrics.reloads._value.get()
+            await reloads(300)
+            after = held()
+            assert daemon.metrics.reloads._value.get() - reloaded == 300, "every change was one reload"
+        finally:
+            tracemalloc.stop()
+        await daemon._stop()
+        assert after - before <= 300 * 8, f"{after - before} bytes more after 300 reloads"
 
     run(scenario)
 

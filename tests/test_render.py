@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import random
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import confpy.render.datasource as datasource_module
 from confpy.config import TemplateConfig
 from confpy.errors import RenderError, UnsafeValueError
 from confpy.model import KVPair, Memory
@@ -412,6 +414,36 @@ def test_the_data_source_names_what_changed_until_its_log_runs_out() -> None:
         data.set(api, health_view_from_entries("api", [entry("a", port, name="api")]))
     assert data.changed_since(middle) is None, "older than the log: everything must be checked"
     assert data.changed_since(data.generation - 1) == {api}
+
+    # the log's edge: a render CHANGE_LOG changes behind is still told what changed, one more is not
+    edge = data.generation - CHANGE_LOG
+    assert data.changed_since(edge) == {api} and data.changed_since(edge - 1) is None
+    assert data.changed_since(data.generation + 1) is None, "a generation it never reached: check everything"
+
+
+def _data_source_bytes(data: DataSource, changes: int) -> int:
+    """What the data source's own code holds after `changes` more changes of one dependency."""
+    dep = ServiceHealth("api")
+    values = [health_view_from_entries("api", [entry("a", port, name="api")]) for port in (1, 2)]
+    tracemalloc.start()
+    try:
+        for n in range(changes):
+            data.set(dep, values[n % 2])
+        snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, datasource_module.__file__)])
+    finally:
+        tracemalloc.stop()
+    return sum(stat.size for stat in snapshot.statistics("filename"))
+
+
+def test_the_data_sources_change_log_stops_growing_at_its_bound() -> None:
+    """Issue 31's soak: the log grew with every reload until it held CHANGE_LOG entries; it holds
+    one reference per change, so past the bound nothing grows however many changes follow."""
+    data = DataSource()
+    full = _data_source_bytes(data, CHANGE_LOG)
+    assert len(data._changes) == CHANGE_LOG
+    later = _data_source_bytes(data, 3 * CHANGE_LOG)
+    assert len(data._changes) == CHANGE_LOG and later <= full
+    assert full < CHANGE_LOG * 16, f"{full} bytes for {CHANGE_LOG} changes: more than a reference each"
 
 
 def test_what_a_redone_fragment_stops_reading_is_no_longer_a_dependency(tmp_path: Path) -> None:

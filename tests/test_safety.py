@@ -27,7 +27,7 @@ from confpy.apply.installer import Change, Installer
 from confpy.config import TemplateConfig, load_config
 from confpy.dev.lab import BackendServer, ConfpyProcess, NginxInstance, wait_until, write_config
 from confpy.errors import CheckError, InstallError, RenderError
-from confpy.model import Memory, without_unresolvable
+from confpy.model import Memory, ServiceInstance, without_unresolvable
 from confpy.pipeline import SyncEngine
 from confpy.registry.base import CatalogServices, KVTree, ServiceHealth
 from confpy.registry.consul import ConsulClient, ConsulRegistry
@@ -566,3 +566,19 @@ def test_a_check_that_cannot_start_leaves_the_backup_as_it_was(tmp_path: Path) -
         asyncio.run(installer.apply([Change(template, b"new\n", b"old\n")]))
     assert (tmp_path / "up.conf").read_bytes() == b"old\n"
     assert _state_files(installer) == {backup.name: b"older\n"}
+
+
+def test_the_state_stores_encodings_hold_only_what_the_last_save_wrote(tmp_path: Path) -> None:
+    """Services that come and go: the cache of their encodings does not keep every name it saw."""
+    store = files.StateStore(tmp_path / "state")
+    store.prepare()
+    destination = tmp_path / "out.conf"
+    steady = (ServiceInstance("web", "web-1", "n1", "127.0.0.1", 8001),)
+    for n in range(200):
+        passing = (ServiceInstance(f"svc{n}", f"svc{n}-1", "n1", "127.0.0.1", 9000 + n),)
+        store.save(destination, Memory(members={"web": steady, f"svc{n}": passing}))
+    assert set(store._encoded[destination]) == {"web", "svc199"}
+    encoded = store._encoded[destination]["web"][1]
+    store.save(destination, Memory(members={"web": steady}))
+    assert store._encoded[destination]["web"][1] is encoded, "an unchanged service is not encoded again"
+    assert '"svc199"' not in store.path_for(destination).read_text()

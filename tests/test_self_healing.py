@@ -52,9 +52,12 @@ def _start(
     nginx: NginxInstance,
     backends: list[BackendServer],
     daemons: list[ConfpyProcess],
+    extra: str = "",
 ) -> tuple[ConfpyProcess, int]:
     status = free_port()
-    config = write_config(tmp_path / "c.toml", consul.url, nginx, SHIPPED_TEMPLATE, status=f"127.0.0.1:{status}")
+    config = write_config(
+        tmp_path / "c.toml", consul.url, nginx, SHIPPED_TEMPLATE, status=f"127.0.0.1:{status}", extra=extra
+    )
     register_backends(consul.api, backends[:2])
     proc = start_daemon(daemons, config, nginx)
     assert settles(nginx, TWO), proc.output()
@@ -179,3 +182,61 @@ def test_sighup_during_the_backoff_retries_at_once(
     assert "SIGHUP: re-read" in proc.output()
     installs = [line for line in proc.output().splitlines() if "installed " in line and "bytes;" in line]
     assert len(installs) == 2 and installs[-1].endswith("bytes; first data)"), installs
+
+
+def _remembered_ports(state_dir: Path) -> set[int]:
+    files = [p for p in state_dir.glob("*.json") if not p.name.endswith(".live.json")]
+    assert len(files) == 1, files
+    members = json.loads(files[0].read_text())["members"]
+    return {item["port"] for items in members.values() for item in items}
+
+
+def test_state_that_cannot_be_saved_is_surfaced_and_saved_once_the_dir_is_writable(
+    tmp_path: Path,
+    consul: ConsulUnderTest,
+    nginx: NginxInstance,
+    backends: list[BackendServer],
+    daemons: list[ConfpyProcess],
+    mounted: list[Path],
+) -> None:
+    # No backup: with one, the install itself writes into the state dir and fails as a sync
+    # (retried like the tests above); here only the remembered members, saved later, wait.
+    proc, status = _start(tmp_path, consul, nginx, backends, daemons, extra="backup = false")
+    state_dir = tmp_path / "confpy-state"  # write_config's [state] dir
+    assert wait_until(lambda: _remembered_ports(state_dir) == {b.port for b in backends[:2]}, 15), proc.output()
+    _mount(mounted, "--bind", str(state_dir), str(state_dir))
+    subprocess.run(["mount", "-o", "remount,ro,bind", str(state_dir)], check=True)
+    consul.api.register("web", backends[2].port, id="web-3")
+    assert settles(nginx, ALL), "the change is installed: only confpy's own files wait"
+    assert wait_until(lambda: _retrying(status, "cannot save confpy's state files"), 15), (
+        _health(status),
+        proc.output(),
+    )
+    assert "read-only" in _health(status)[1].lower(), _health(status)
+    body = json.loads(http_get(f"http://127.0.0.1:{status}/status")[1])
+    assert "cannot save confpy's state files" in body["state_save_error"] and body["last_sync_ok"] is True
+    assert _remembered_ports(state_dir) == {b.port for b in backends[:2]}
+    subprocess.run(["umount", str(state_dir)], check=True)  # writable again: no registry change, no signal
+    mounted.clear()
+    assert wait_until(lambda: _remembered_ports(state_dir) == {b.port for b in backends}, 30), proc.output()
+    assert wait_until(lambda: _health(status)[0] == 200, 10), _health(status)
+    assert json.loads(http_get(f"http://127.0.0.1:{status}/status")[1])["state_save_error"] == ""
+    assert proc.output().count("cannot save confpy's state files") == 1, "logged once, not per attempt"
+    assert "state files saved again after" in proc.output()
+    assert proc.proc is not None and proc.proc.poll() is None, "the daemon never stopped"
+
+
+def test_an_unwritable_state_dir_at_start_up_exits_1_naming_it(
+    tmp_path: Path, consul: ConsulUnderTest, nginx: NginxInstance, mounted: list[Path]
+) -> None:
+    config = write_config(tmp_path / "c.toml", consul.url, nginx, SHIPPED_TEMPLATE)
+    state_dir = tmp_path / "confpy-state"
+    state_dir.mkdir()
+    _mount(mounted, "--bind", str(state_dir), str(state_dir))
+    subprocess.run(["mount", "-o", "remount,ro,bind", str(state_dir)], check=True)
+    proc = ConfpyProcess(config).start()
+    assert proc.proc is not None
+    code = proc.proc.wait(30)
+    proc.stop()
+    assert code == 1, proc.output()
+    assert str(state_dir) in proc.output(), proc.output()

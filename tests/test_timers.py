@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from dataclasses import replace
 
 import pytest
 
+from confpy.daemon.snapshot import StatusSnapshot
 from confpy.daemon.systemd import SystemdNotifier
 from confpy.daemon.timers import (
     STATE_SAVE_MAX_DELAY,
@@ -110,6 +112,33 @@ def test_a_failed_state_save_keeps_what_is_pending_and_retries_with_backoff(capl
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "read-only file system" in errors[0], "logged once, not per attempt"
     assert any("saved again after 3 failed attempts" in r.getMessage() for r in caplog.records)
+
+
+def test_a_failing_state_save_is_surfaced_on_health_until_it_is_written() -> None:
+    clock, failing = Clock(), [True]
+
+    def save() -> None:
+        if failing[0]:
+            raise InstallError("cannot write /var/lib/confpy/x.json: read-only file system")
+
+    timer = StateSaveTimer(save, clock)
+    timer.backoff.rng = NoJitter()
+    assert timer.failing(clock.now) == ""
+    timer.synced(clock.now)
+    clock.now += STATE_SAVE_QUIET
+    asyncio.run(timer.on_timer(clock.now))
+    clock.now += 0.4
+    said = timer.failing(clock.now)
+    assert said.startswith("cannot save confpy's state files (read at the next restart): cannot write /var/lib")
+    assert said.endswith("; retrying in 1 s (attempt 2)")
+    healthy = StatusSnapshot("fake://registry", True, "", False, True, "")
+    ok, reason = replace(healthy, state_save_error=said).health()
+    assert (ok, reason) == (False, said) and healthy.health() == (True, "ok")
+    assert replace(healthy, state_save_error=said).state() == ("degraded", said), "nginx is not affected"
+    failing[0] = False
+    clock.now += 1
+    asyncio.run(timer.on_timer(clock.now))
+    assert timer.failing(clock.now) == "" and timer.next_deadline() is None
 
 
 def test_the_watchdog_pings_every_interval_and_readiness_is_sent_once() -> None:

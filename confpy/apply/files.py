@@ -341,7 +341,9 @@ class StateStore:
         self.state_dir = state_dir
         # Each service's members as JSON, reused while the member tuple is the same object: a
         # change to one service of a thousand re-encodes one service, not the whole catalog.
-        self._encoded: dict[str, tuple[tuple[ServiceInstance, ...], bytes]] = {}
+        # Per destination, only what its last save wrote: a service gone from it is dropped
+        # (kept, a fleet whose services come and go grew this with every name it ever had).
+        self._encoded: dict[Path, dict[str, tuple[tuple[ServiceInstance, ...], bytes]]] = {}
 
     def _flat(self, destination: Path) -> str:
         return str(destination).strip("/").replace("/", "_")
@@ -433,14 +435,17 @@ class StateStore:
         file is megabytes, and building it whole on every save raised the daemon's memory."""
         path = self.path_for(destination)
         parts = [b'{"destination":' + json.dumps(str(destination)).encode() + b',"members":{']
+        previous = self._encoded.get(destination, {})
+        encodings: dict[str, tuple[tuple[ServiceInstance, ...], bytes]] = {}
         for number, (key, items) in enumerate(sorted(memory.members.items())):
-            cached = self._encoded.get(key)
+            cached = previous.get(key)
             if cached is None or cached[0] is not items:
                 encoded = json.dumps([i.to_json() for i in items], sort_keys=True, separators=(",", ":")).encode()
                 cached = (items, encoded)
-                self._encoded[key] = cached
+            encodings[key] = cached
             parts.append(b"," if number else b"")
             parts.append(json.dumps(key).encode() + b":")
             parts.append(cached[1])
         parts.append(b'},"version":1}\n')
+        self._encoded[destination] = encodings
         atomic_write(path, parts, 0o644)

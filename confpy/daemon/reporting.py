@@ -69,6 +69,7 @@ def build_snapshot(
         pending=tuple(sorted(str(key) for key in cycles.quiescence.waiting())),
         cycles=cycles.cycles,
         not_reloaded=cycles.not_reloaded,
+        state_save_error=cycles.saver.failing(now),
         timeline=timeline.events(),
         pid_file=str(config.nginx.pid_file),
         registry_down_since=health.down_since,

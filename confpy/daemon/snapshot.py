@@ -84,6 +84,7 @@ class StatusSnapshot:
     # The shrink guard's held drops (guard.py `HeldDrop.to_json`): service, members it would lose, when it applies.
     guard_held: tuple[Mapping[str, Any], ...] = ()
     failing_watches: str = ""  # the watches that failed unexpectedly and wait to restart
+    state_save_error: str = ""  # confpy's state files cannot be written (retried; nginx is not affected)
 
     @property
     def registry_name(self) -> str:
@@ -99,7 +100,8 @@ class StatusSnapshot:
     def state(self) -> tuple[str, str]:
         """The page's header: ("ok" | "degraded" | "failing", why). Failing: nginx refused the last
         sync's files (or it failed otherwise); degraded: nginx still serves good files but something
-        needs attention (the registry unreachable, a reload skipped, live pushes failing, still starting)."""
+        needs attention (the registry unreachable, a reload skipped, live pushes failing, still starting,
+        the state files unwritable)."""
         ok, reason = self.health()
         if ok:
             return "ok", f"all is well: nginx serves what {self.registry_name} says"
@@ -108,7 +110,7 @@ class StatusSnapshot:
         return "degraded", reason
 
     def health(self) -> tuple[bool, str]:
-        """/health: OK when the last sync succeeded and the registry is reachable."""
+        """/health: OK when the last sync succeeded, the registry is reachable and the state files are saved."""
         if not self.registry_reachable:
             return False, f"{self.registry_name} unreachable: {self.registry_error}"
         if self.failing_watches:
@@ -121,6 +123,8 @@ class StatusSnapshot:
             return False, f"files installed but nginx not reloaded: {self.not_reloaded}"
         if self.live is not None and self.live.last_error:
             return False, f"live push failing: {self.live.last_error}"
+        if self.state_save_error:
+            return False, self.state_save_error
         return True, "ok"
 
     def to_json(self) -> dict[str, Any]:
@@ -151,6 +155,7 @@ class StatusSnapshot:
             else {"attempt": self.sync_attempt, "retry_in_s": round(self.sync_retry_in, 1)},
             "pending": list(self.pending),
             "not_reloaded": self.not_reloaded,
+            "state_save_error": self.state_save_error,
             "cycles": self.cycles,
             "reload_budget": self.budget.to_json() if self.budget is not None else None,
             "templates": [t.to_json() for t in self.templates],

@@ -87,6 +87,13 @@ class StateSaveTimer:
         self.save_at = self.unsaved_since = None
         return True
 
+    def failing(self, now: float) -> str:
+        """What /health says while saves fail ("" when they do not): the error and the next retry."""
+        if not self.error:
+            return ""
+        retry_in = self.save_at - now if self.save_at is not None else 0.0
+        return f"{self.error}; {RetryState(self.backoff.failures + 1, retry_in).describe()}"
+
 
 class WatchdogTimer:
     """WATCHDOG=1 to systemd every `interval` seconds (half of WatchdogSec), when it asked for it."""
