@@ -1069,6 +1069,9 @@ def main() -> int:
         default="all",
         choices=["propagation", "churn", "coalescing", "scale", "fleet", "drain", "soak", "all"],
     )
+    parser.add_argument(
+        "--mode", choices=["reload", "live"], default="reload", help="scale: reload mode (nginx -t) or live mode"
+    )
     parser.add_argument("--gateways", type=at_least_one, default=20, help="fleet: daemons following one registry")
     parser.add_argument(
         "--changes", type=at_least_one, default=100, help="propagation: membership changes per mode (default 100)"
