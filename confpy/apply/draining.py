@@ -102,10 +102,27 @@ def unique_memory(proc: psutil.Process) -> int:
         return 0
 
 
+def children_of(master: psutil.Process) -> list[psutil.Process]:
+    """The master's children, from the kernel's own list of them (`/proc/PID/task/PID/children`:
+    one small read) where it has one; else through psutil, which reads every process on the
+    machine to find them. This runs before every reload, on the path of a change."""
+    try:
+        listed = Path(f"/proc/{master.pid}/task/{master.pid}/children").read_text()
+    except OSError:
+        return list(master.children())
+    children = []
+    for pid in listed.split():
+        try:
+            children.append(psutil.Process(int(pid)))
+        except psutil.Error:
+            continue  # exited meanwhile
+    return children
+
+
 def read_workers(master: psutil.Process) -> list[Worker]:
     """The master's worker processes (current and draining); those that vanish meanwhile are left out."""
     workers = []
-    for child in master.children():
+    for child in children_of(master):
         try:
             title = " ".join(child.cmdline())
             if "worker process" not in title:
